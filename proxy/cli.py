@@ -1,0 +1,138 @@
+"""Command line: argument parsing, printing and exit codes; the work is done elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import (
+    DEFAULT_CONFIG_YAML,
+    Config,
+    ConfigError,
+    default_config,
+    load_config,
+    parse_duration,
+)
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+
+DEFAULT_CONFIG_PATH = Path("config/turnout.yaml")
+
+
+def parse_duration_arg(value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="turnout",
+        description="A reverse proxy that moves live traffic between a blue and a green pool.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("-c", "--config", help="config file (default: config/turnout.yaml if present)")
+
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("-c", "--config", required=True, help="config file to validate")
+
+    up = sub.add_parser("upstream", help="run a small sample service for demos and load tests")
+    up.add_argument("--name", required=True, help="name it reports (e.g. blue)")
+    up.add_argument("--port", type=int, required=True)
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--error-rate", type=float, default=0.0, help="share of requests that fail")
+    up.add_argument("--error-status", type=int, default=500)
+    up.add_argument("--latency", type=parse_duration_arg, default=0.0, help="e.g. 50ms")
+
+    demo = sub.add_parser("demo", help="self-contained demo of a cutover under live traffic")
+    demo.add_argument("--bad-green", action="store_true", help="green fails a share of requests")
+    demo.add_argument("--duration", type=parse_duration_arg, default=12.0, help="e.g. 20s")
+    return parser
+
+
+def resolve_config(path: str | None) -> tuple[Config, str | None]:
+    if path is not None:
+        return load_config(path), path
+    if DEFAULT_CONFIG_PATH.is_file():
+        return load_config(DEFAULT_CONFIG_PATH), str(DEFAULT_CONFIG_PATH)
+    return default_config(), None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: {len(exc.errors)} error(s)", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.config}: ok")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .app import run_proxy
+
+    try:
+        config, path = resolve_config(args.config)
+    except ConfigError as exc:
+        print(f"turnout: bad config {args.config or DEFAULT_CONFIG_PATH}:", file=sys.stderr)
+        for err in exc.errors:
+            print(f"  {err}", file=sys.stderr)
+        return EXIT_USAGE
+    if path is None:
+        print("turnout: no config file given and config/turnout.yaml not found;")
+        print("using the built-in default:")
+        print(DEFAULT_CONFIG_YAML.rstrip())
+    else:
+        print(f"turnout: using config {path}")
+    return run_proxy(config, path)
+
+
+def cmd_upstream(args: argparse.Namespace) -> int:
+    from .sample import SampleSettings, run
+
+    if not 0.0 <= args.error_rate <= 1.0:
+        print("turnout upstream: --error-rate must be within 0..1", file=sys.stderr)
+        return EXIT_USAGE
+    settings = SampleSettings(
+        name=args.name,
+        error_rate=args.error_rate,
+        latency=args.latency,
+        error_status=args.error_status,
+    )
+    try:
+        run(settings, args.host, args.port)
+    except OSError as exc:
+        print(f"turnout upstream: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(bad_green=args.bad_green, duration=args.duration)
+
+
+COMMANDS = {"run": cmd_run, "check": cmd_check, "upstream": cmd_upstream, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,555 @@
+"""One client request and its journey to an upstream and back (the hot path)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from . import headers as h
+from .headers import RawHeaders
+from .routing import PoolName, parse_override
+from .upstream import BadResponse, ConnectError, Upstream, UpstreamConnection
+
+if TYPE_CHECKING:
+    from .server import ClientConnection
+
+# A request body up to this size is kept so that the request can be retried elsewhere.
+RETRY_BODY_LIMIT = 65536
+
+
+class Outcome(Enum):
+    OK = "ok"
+    CONNECT_ERROR = "connect_error"
+    BAD_RESPONSE = "bad_response"
+    TIMEOUT = "timeout"
+    RESET = "reset"  # the upstream closed before any response byte
+    CUT = "cut"  # the response body was cut short after it had started
+    RETRY_STATUS = "retry_status"
+    CLIENT_GONE = "client_gone"
+
+
+class Exchange:
+    """State of one request; callbacks from both connections meet here."""
+
+    __slots__ = (
+        "body_done",
+        "body_size",
+        "buffered",
+        "buffered_size",
+        "chunked",
+        "client",
+        "conn",
+        "content_length",
+        "detail",
+        "error",
+        "expect_continue",
+        "forward_head",
+        "head_timer",
+        "host",
+        "keep_alive",
+        "method",
+        "no_body",
+        "outcome",
+        "override",
+        "request_headers",
+        "resp_chunked",
+        "resp_close",
+        "resp_until_close",
+        "response_started",
+        "retry_status",
+        "reused_conn",
+        "status",
+        "sticky_key",
+        "target",
+        "upgrade",
+        "upgrade_rest",
+        "upstream",
+        "version",
+        "waiter",
+        "websocket",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        method: bytes,
+        target: bytes,
+        version: str,
+        headers: RawHeaders,
+        keep_alive: bool,
+    ) -> None:
+        self.client = client
+        self.method = method
+        self.target = target
+        self.version = version
+        self.request_headers = headers
+        self.keep_alive = keep_alive
+        self.error: tuple[int, str] | None = None
+        self.detail = ""
+        self.host: bytes | None = None
+        self.chunked = False
+        self.content_length = 0
+        self.expect_continue = False
+        self.upgrade = False
+        self.websocket = False
+        self.upgrade_rest: list[bytes] | None = None
+        self.override: PoolName | None = None
+        self.sticky_key: bytes | None = None
+        self.forward_head: bytes | None = None
+        self.no_body = method == b"HEAD"
+        # Body chunks received so far, kept while they fit the retry limit.
+        self.buffered: list[bytes] | None = []
+        self.buffered_size = 0
+        self.body_size = 0
+        self.body_done = False
+        self.conn: UpstreamConnection | None = None
+        self.upstream: Upstream | None = None
+        self.waiter: asyncio.Future[Outcome] | None = None
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.outcome = Outcome.OK
+        self.status = 0
+        self.retry_status = 0
+        self.response_started = False
+        self.resp_chunked = False
+        self.resp_close = False
+        self.resp_until_close = False
+        self.reused_conn = False
+        self._inspect_headers()
+
+    # request side ------------------------------------------------------------
+
+    def _inspect_headers(self) -> None:
+        """One pass over the request head: framing checks and the values routing needs."""
+        router = self.client.proxy.router
+        override_name = router.override_header
+        sticky_header = router.sticky_header
+        cookie: bytes | None = None
+        sticky_value: bytes | None = None
+        te_seen = False
+        for name, value in self.request_headers:
+            lname = name.lower()
+            if lname == b"host":
+                if self.host is not None:
+                    self.error = (400, "duplicate Host header")
+                    return
+                self.host = value
+            elif lname == b"transfer-encoding":
+                if te_seen or not h.valid_transfer_encoding(value):
+                    self.error = (400, "unsupported or ambiguous Transfer-Encoding")
+                    return
+                te_seen = True
+                self.chunked = True
+            elif lname == b"content-length":
+                self.content_length = int(value)
+            elif lname == b"expect":
+                if value.strip().lower() == b"100-continue":
+                    self.expect_continue = True
+                else:
+                    self.error = (417, "unsupported Expect")
+                    return
+            elif lname == b"upgrade":
+                self.upgrade = True
+                self.websocket = value.strip().lower() == b"websocket"
+            elif lname == override_name:
+                self.override = parse_override(value)
+            elif lname == b"cookie":
+                cookie = value if cookie is None else cookie + b"; " + value
+            elif lname == sticky_header:
+                sticky_value = value
+        if self.host is None and self.version == "1.1":
+            self.error = (400, "missing Host header")
+            return
+        if te_seen and self.version == "1.0":
+            self.error = (400, "Transfer-Encoding in an HTTP/1.0 request")
+            return
+        if router.sticky_cookie is not None or sticky_value is not None:
+            self.sticky_key = router.sticky_key(cookie, sticky_value)
+
+    def feed_body(self, data: bytes) -> None:
+        self.body_size += len(data)
+        buffered = self.buffered
+        conn = self.conn
+        if buffered is not None:
+            self.buffered_size += len(data)
+            if self.buffered_size <= RETRY_BODY_LIMIT or conn is None:
+                buffered.append(data)
+                if conn is None and self.buffered_size > RETRY_BODY_LIMIT:
+                    # Not attached yet: hold the client until an upstream takes the body.
+                    self.client.pause_reading(self.client.PAUSE_BODY)
+            else:
+                self.buffered = None
+        if conn is not None:
+            conn.write(h.chunk(data) if self.chunked else data)
+
+    def end_body(self) -> None:
+        self.body_done = True
+        conn = self.conn
+        if conn is not None:
+            if self.chunked:
+                conn.write(h.CHUNK_END)
+            self._start_head_timer()
+
+    def body_error(self, detail: str) -> None:
+        """The client's request body was malformed mid-stream: the upstream gets a cut
+        request (it cannot take it for complete) and the client a 400."""
+        if self.error is None:
+            self.error = (400, detail)
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.abort()
+        if not self.response_started:
+            self.client.send_error(self, 400, "bad_request", detail)
+        else:
+            self.client.abort()
+        self._finish_attempt(Outcome.CLIENT_GONE)
+
+    def retriable(self) -> bool:
+        settings = self.client.proxy.settings
+        return self.method in settings.retry_methods and self.buffered is not None
+
+    def _build_forward_head(self) -> bytes:
+        client = self.client
+        named = h.hop_names(self.request_headers)
+        parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
+        xff: bytes | None = None
+        via: bytes | None = None
+        for name, value in self.request_headers:
+            lname = name.lower()
+            if lname in h.HOP_BY_HOP or lname == b"expect":
+                continue
+            if named is not None and lname in named:
+                continue
+            if lname == b"x-forwarded-for":
+                xff = value if xff is None else xff + b", " + value
+                continue
+            if lname == b"via":
+                via = value if via is None else via + b", " + value
+                continue
+            if lname == b"x-forwarded-proto" or lname == b"x-forwarded-host":
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        if self.host is None and self.upstream is not None:
+            parts += (b"Host: ", self.upstream.host_header, b"\r\n")
+        peer = client.peer_ip
+        parts += (b"X-Forwarded-For: ", peer if xff is None else xff + b", " + peer, b"\r\n")
+        parts += (b"X-Forwarded-Proto: ", client.scheme, b"\r\n")
+        if self.host is not None:
+            parts += (b"X-Forwarded-Host: ", self.host, b"\r\n")
+        parts += (b"Via: ", h.VIA if via is None else via + b", " + h.VIA, b"\r\n")
+        if self.websocket:
+            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+        elif self.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif self.content_length or self.method in (b"POST", b"PUT", b"PATCH"):
+            parts += (b"Content-Length: ", b"%d" % self.content_length, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    # the coroutine -------------------------------------------------------------
+
+    async def run(self) -> None:
+        client = self.client
+        try:
+            if self.error is not None:
+                if not self.response_started:
+                    client.send_error(self, self.error[0], "bad_request", self.error[1])
+                return
+            await self._forward()
+        except Exception as exc:
+            client.proxy.log.exception("unexpected error while forwarding")
+            if not self.response_started:
+                client.send_error(self, 500, "internal_error", type(exc).__name__)
+            else:
+                client.abort()
+        finally:
+            client.exchange_finished(self)
+
+    async def _forward(self) -> None:
+        proxy = self.client.proxy
+        router = proxy.router
+        pool = router.choose_pool(self.override, self.sticky_key)
+        settings = proxy.settings
+        attempts_left = settings.retry_attempts
+        exclude: Upstream | None = None
+        while True:
+            upstream = router.pick(pool, exclude)
+            if upstream is None:
+                self.client.send_error(
+                    self, 503, "no_upstream", f"no upstream available in pool {pool} or its peer"
+                )
+                return
+            upstream.in_flight += 1
+            upstream.requests += 1
+            try:
+                outcome = await self._attempt(upstream)
+            finally:
+                upstream.in_flight -= 1
+            if outcome is Outcome.OK or outcome is Outcome.CLIENT_GONE:
+                return
+            if outcome is Outcome.RESET and self.reused_conn and self.buffered is not None:
+                # A pooled connection closed by the upstream just as it was reused: the
+                # request never reached it, so a fresh connection to the same upstream is safe.
+                exclude = None
+                pool = upstream.pool
+                self._reset_attempt()
+                continue
+            upstream.failures += 1
+            if outcome is Outcome.CUT:
+                return
+            if (
+                attempts_left > 0
+                and self.retriable()
+                and outcome in settings.retry_outcomes
+                and router.pick(upstream.pool, upstream) is not None
+            ):
+                attempts_left -= 1
+                exclude = upstream
+                pool = upstream.pool
+                self._reset_attempt()
+                continue
+            self._send_failure(outcome, upstream)
+            return
+
+    def _send_failure(self, outcome: Outcome, upstream: Upstream) -> None:
+        if outcome is Outcome.TIMEOUT:
+            status, err = 504, "upstream_timeout"
+        else:
+            status, err = 502, "bad_gateway"
+        self.client.send_error(
+            self, status, err, self.detail or outcome.value, upstream.pool, upstream.key
+        )
+
+    def _reset_attempt(self) -> None:
+        self.conn = None
+        self.outcome = Outcome.OK
+        self.detail = ""
+
+    async def _attempt(self, upstream: Upstream) -> Outcome:
+        self.upstream = upstream
+        proxy = self.client.proxy
+        conn = upstream.pop_idle()
+        if conn is None:
+            try:
+                conn = await upstream.connect(proxy.settings.connect_timeout)
+            except ConnectError as exc:
+                self.detail = f"connect to {upstream.url} failed: {exc}"
+                return Outcome.CONNECT_ERROR
+            if self.client.closed or self.error is not None:
+                conn.close()
+                return Outcome.CLIENT_GONE
+        self.reused_conn = conn.reused
+        conn.reused = True
+        if self.forward_head is None:
+            self.forward_head = self._build_forward_head()
+        self.waiter = proxy.loop.create_future()
+        self.conn = conn
+        conn.start(self, self.forward_head, self.no_body)
+        if self.buffered:
+            chunked = self.chunked
+            for data in self.buffered:
+                conn.write(h.chunk(data) if chunked else data)
+            if self.buffered_size > RETRY_BODY_LIMIT:
+                self.buffered = None
+        self.client.resume_reading(self.client.PAUSE_BODY)
+        if self.body_done:
+            if self.chunked:
+                conn.write(h.CHUNK_END)
+            self._start_head_timer()
+        elif self.expect_continue and self.version == "1.1":
+            self.expect_continue = False
+            self.client.write(h.CONTINUE_100)
+        if self.client.write_paused:
+            conn.pause_reading()
+        try:
+            return await self.waiter
+        finally:
+            self.waiter = None
+            timer = self.head_timer
+            if timer is not None:
+                timer.cancel()
+                self.head_timer = None
+            if self.conn is conn and conn.sink is self:
+                conn.detach()
+
+    def _start_head_timer(self) -> None:
+        if self.head_timer is None and not self.response_started:
+            proxy = self.client.proxy
+            self.head_timer = proxy.loop.call_later(
+                proxy.settings.response_headers_timeout, self._head_timeout
+            )
+
+    def _head_timeout(self) -> None:
+        self.head_timer = None
+        conn = self.conn
+        if conn is not None and not self.response_started:
+            conn.detach()
+            timeout = self.client.proxy.settings.response_headers_timeout
+            self.detail = f"no response headers within {timeout:g}s"
+            self._finish_attempt(Outcome.TIMEOUT)
+
+    def _finish_attempt(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(outcome)
+
+    # upstream callbacks ------------------------------------------------------
+
+    def upstream_head(
+        self,
+        conn: UpstreamConnection,
+        status: int,
+        reason: bytes,
+        headers: RawHeaders,
+    ) -> None:
+        timer = self.head_timer
+        if timer is not None:
+            timer.cancel()
+            self.head_timer = None
+        if status == 101 and not self.websocket:
+            self._upstream_error(conn, Outcome.BAD_RESPONSE, "101 to a request without upgrade")
+            return
+        settings = self.client.proxy.settings
+        if (
+            status in settings.retry_statuses
+            and self.retriable()
+            and self.upstream is not None
+            and self.client.proxy.router.pick(self.upstream.pool, self.upstream) is not None
+        ):
+            self.retry_status = status
+            self.detail = f"upstream answered {status}"
+            conn.detach()
+            self._finish_attempt(Outcome.RETRY_STATUS)
+            return
+        self.status = status
+        self.response_started = True
+        self.client.write(self._response_head(conn, status, reason, headers))
+
+    def _response_head(
+        self,
+        conn: UpstreamConnection,
+        status: int,
+        reason: bytes,
+        headers: RawHeaders,
+    ) -> bytes:
+        client = self.client
+        named = h.hop_names(headers)
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason or h.reason(status))]
+        length: bytes | None = None
+        te = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname in h.HOP_BY_HOP:
+                if lname == b"content-length":
+                    length = value
+                elif lname == b"transfer-encoding":
+                    te = True
+                continue
+            if named is not None and lname in named:
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"Via: ", h.VIA, b"\r\n")
+        close = client.closing or not self.keep_alive or not self.body_done
+        if status == 101:
+            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+            parts.append(b"\r\n")
+            return b"".join(parts)
+        no_body = self.no_body or status in (204, 304)
+        self.resp_until_close = length is None and not te and not no_body
+        if no_body:
+            if length is not None:
+                parts += (b"Content-Length: ", length, b"\r\n")
+            conn.no_body = True
+        elif length is not None and not te:
+            parts += (b"Content-Length: ", length, b"\r\n")
+        elif self.version == "1.1":
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+            self.resp_chunked = True
+        else:
+            # An HTTP/1.0 client learns where the body ends when the connection closes.
+            close = True
+        if close:
+            self.resp_close = True
+            parts.append(b"Connection: close\r\n")
+        elif self.version == "1.0":
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def upstream_body(self, data: bytes) -> None:
+        if self.response_started:
+            self.client.write(h.chunk(data) if self.resp_chunked else data)
+
+    def upstream_done(self, conn: UpstreamConnection) -> None:
+        if self.resp_chunked:
+            self.client.write(h.CHUNK_END)
+        upstream = conn.upstream
+        reusable = self.body_done and conn.should_keep_alive()
+        self.conn = None
+        upstream.release(conn, reusable, self.client.proxy.loop.time())
+        self._finish_attempt(Outcome.OK)
+
+    def upstream_failed(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        if self.response_started:
+            if exc is None and self.resp_until_close:
+                # A close-delimited body ends when the upstream closes.
+                if self.resp_chunked:
+                    self.client.write(h.CHUNK_END)
+                self.conn = None
+                conn.close()
+                self._finish_attempt(Outcome.OK)
+                return
+            # Never let a cut body look complete: cut the client's connection too.
+            self.client.abort()
+            self._upstream_error(conn, Outcome.CUT, "response body cut short by the upstream")
+            return
+        if isinstance(exc, BadResponse):
+            self._upstream_error(conn, Outcome.BAD_RESPONSE, f"invalid response: {exc}")
+        else:
+            reason = str(exc) if exc is not None else "connection closed"
+            self._upstream_error(conn, Outcome.RESET, f"upstream closed: {reason}")
+
+    def _upstream_error(self, conn: UpstreamConnection, outcome: Outcome, detail: str) -> None:
+        self.detail = detail
+        self.conn = None
+        conn.detach()
+        self._finish_attempt(outcome)
+
+    def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        if not (self.websocket and self.status == 101):
+            self._upstream_error(conn, Outcome.BAD_RESPONSE, "unexpected protocol switch")
+            return
+        self.client.start_tunnel(self, conn, rest)
+
+    def upstream_pause(self) -> None:
+        self.client.pause_reading(self.client.PAUSE_UPSTREAM)
+
+    def upstream_resume(self) -> None:
+        self.client.resume_reading(self.client.PAUSE_UPSTREAM)
+
+    def tunnel_closed(self) -> None:
+        self._finish_attempt(Outcome.OK)
+
+    # client side events ------------------------------------------------------
+
+    def client_lost(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.detach()
+        self._finish_attempt(Outcome.CLIENT_GONE)
+
+    def error_body(self, status: int, error: str, detail: str, pool: str, upstream: str) -> bytes:
+        payload: dict[str, object] = {"error": error, "status": status, "detail": detail}
+        if pool:
+            payload["pool"] = pool
+        if upstream:
+            payload["upstream"] = upstream
+        return json.dumps(payload).encode() + b"\n"
+
+    def __repr__(self) -> str:
+        target = self.target.decode("latin-1")
+        return f"<Exchange {self.method.decode()} {target} status={self.status}>"

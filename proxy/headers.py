@@ -1,0 +1,88 @@
+"""Header rules of the data path: hop-by-hop filtering, framing checks, prepared bytes."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import TypeAlias
+
+RawHeaders: TypeAlias = list[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1 plus the legacy names proxies meet in the wild. Framing headers
+# (content-length, transfer-encoding) are rewritten by the proxy, never copied.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+    }
+)
+
+# Headers whose values name further hop-by-hop headers.
+NAMING_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+
+MAX_TARGET = 8192
+MAX_HEAD = 32768
+MAX_HEADERS = 100
+MAX_RESPONSE_HEAD = 65536
+
+CRLF = b"\r\n"
+CHUNK_END = b"0\r\n\r\n"
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+VIA = b"1.1 turnout"
+
+
+def connection_tokens(value: bytes, into: set[bytes]) -> None:
+    """Add the lower-cased tokens of a Connection-like header value to `into`."""
+    for token in value.split(b","):
+        token = token.strip().lower()
+        if token:
+            into.add(token)
+
+
+def header_name_token(value: bytes) -> bool:
+    """Whether a Keep-Alive value item is a header name (`timeout=5` is not)."""
+    return b"=" not in value
+
+
+def hop_names(headers: RawHeaders) -> set[bytes] | None:
+    """Extra header names declared hop-by-hop by Connection/Keep-Alive/Proxy-Connection."""
+    named: set[bytes] | None = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname in NAMING_HEADERS:
+            tokens: set[bytes] = set()
+            connection_tokens(value, tokens)
+            tokens = {t for t in tokens if header_name_token(t)} - HOP_BY_HOP
+            if tokens:
+                named = tokens if named is None else named | tokens
+    return named
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of chunked transfer coding."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+_REASONS = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
+
+
+def reason(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
+
+
+def status_line(status: int, version: bytes = b"1.1") -> bytes:
+    return b"HTTP/%b %d %b\r\n" % (version, status, reason(status))
+
+
+def valid_transfer_encoding(value: bytes) -> bool:
+    """Only a single plain `chunked` coding is accepted from clients; anything else is
+    either unsupported or an obfuscation attempt (request smuggling)."""
+    return value.strip().lower() == b"chunked"

@@ -1,0 +1,88 @@
+"""The routing snapshot read by the data path: pools, eligible candidates, balancer."""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+from .balancer import Balancer, make_balancer
+from .routing import PoolName, SplitSpreader, cookie_value, sticky_bucket, sticky_is_green
+from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .config import Config
+
+POOLS: tuple[PoolName, PoolName] = ("blue", "green")
+OTHER: dict[PoolName, PoolName] = {"blue": "green", "green": "blue"}
+
+
+class Router:
+    """Chooses a pool for a request, then an upstream inside it (failing over when empty).
+
+    The candidate tuples hold only upstreams that may take new requests; they are rebuilt by
+    `refresh()` when an upstream's health or drain state changes, never per request.
+    """
+
+    __slots__ = (
+        "balancer",
+        "candidates",
+        "override_header",
+        "pools",
+        "spreader",
+        "sticky_cookie",
+        "sticky_header",
+    )
+
+    def __init__(
+        self,
+        config: Config,
+        pools: dict[PoolName, tuple[Upstream, ...]],
+        spreader: SplitSpreader,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.pools = pools
+        self.spreader = spreader
+        self.balancer: Balancer[Any] = make_balancer(config.balancer, rng or random.Random())
+        self.override_header = config.override_header.lower().encode("latin-1")
+        sticky = config.sticky
+        self.sticky_cookie = sticky.cookie.encode("latin-1") if sticky.cookie else None
+        self.sticky_header = sticky.header.lower().encode("latin-1") if sticky.header else None
+        self.candidates: dict[PoolName, tuple[Upstream, ...]] = {"blue": (), "green": ()}
+        self.refresh()
+
+    def refresh(self) -> None:
+        for name in POOLS:
+            self.candidates[name] = tuple(
+                u for u in self.pools[name] if u.healthy and not u.draining
+            )
+
+    def choose_pool(self, override: PoolName | None, sticky_key: bytes | None) -> PoolName:
+        if override is not None:
+            return override
+        if sticky_key is not None:
+            bucket = sticky_bucket(sticky_key)
+            return "green" if sticky_is_green(bucket, self.spreader.split) else "blue"
+        return "green" if self.spreader.next_is_green() else "blue"
+
+    def sticky_key(self, cookie: bytes | None, header: bytes | None) -> bytes | None:
+        if self.sticky_cookie is not None and cookie is not None:
+            value = cookie_value(cookie, self.sticky_cookie)
+            if value:
+                return value
+        return header or None
+
+    def pick(self, pool: PoolName, exclude: Upstream | None = None) -> Upstream | None:
+        upstream: Upstream | None = self.balancer.pick(self.candidates[pool], exclude)
+        if upstream is None:
+            upstream = self.balancer.pick(self.candidates[OTHER[pool]], exclude)
+        return upstream
+
+    def upstreams(self) -> list[Upstream]:
+        return [u for name in POOLS for u in self.pools[name]]
+
+    def __repr__(self) -> str:
+        return (
+            f"<Router split={self.spreader.split:g} blue={len(self.candidates['blue'])}/"
+            f"{len(self.pools['blue'])} green={len(self.candidates['green'])}/"
+            f"{len(self.pools['green'])}>"
+        )

@@ -1,0 +1,347 @@
+"""Client-facing HTTP/1.1 connections: parsing, pipelining, flow control, tunnels."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from . import headers as h
+from .exchange import Exchange
+
+if TYPE_CHECKING:
+    from .runtime import Proxy
+    from .upstream import UpstreamConnection
+
+
+class HeadError(Exception):
+    """The request head broke a limit; carries the status to answer with."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection; runs its requests one at a time, in order."""
+
+    PAUSE_PIPELINE = 1
+    PAUSE_BODY = 2
+    PAUSE_UPSTREAM = 4
+    PAUSE_TUNNEL = 8
+
+    __slots__ = (
+        "active",
+        "closed",
+        "closing",
+        "deadline",
+        "head_size",
+        "headers",
+        "parser",
+        "parsing",
+        "paused",
+        "peer_ip",
+        "pipeline",
+        "proxy",
+        "scheme",
+        "transport",
+        "tunnel",
+        "tunnel_exchange",
+        "url",
+        "write_paused",
+    )
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.parsing: Exchange | None = None
+        self.active: Exchange | None = None
+        self.pipeline: deque[Exchange] = deque()
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.paused = 0
+        self.write_paused = False
+        self.closing = False
+        self.closed = False
+        self.deadline = 0.0
+        self.tunnel: UpstreamConnection | None = None
+        self.tunnel_exchange: Exchange | None = None
+        self.peer_ip = b""
+        self.scheme = b"http"
+
+    # asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer_ip = str(peer[0]).encode("latin-1")
+        proxy = self.proxy
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = b"https"
+        proxy.connections.add(self)
+        # Until a whole request head has arrived the client has request_headers to send it.
+        self.deadline = proxy.loop.time() + proxy.settings.request_headers_timeout
+        if proxy.shutting_down:
+            self.closing = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.proxy.connections.discard(self)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            tunnel.close()
+        for ex in (self.active, self.tunnel_exchange):
+            if ex is not None:
+                ex.client_lost()
+        self.pipeline.clear()
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.write(data)
+            return
+        ex = self.tunnel_exchange
+        if ex is not None and ex.upgrade_rest is not None:
+            # The upgrade is not confirmed yet; hold what the client sent meanwhile.
+            ex.upgrade_rest.append(data)
+            self.pause_reading(self.PAUSE_TUNNEL)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._on_upgrade(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, HeadError):
+                self._reject(cause.status, cause.detail)
+            else:
+                self._reject(400, str(exc) or "malformed request")
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.active
+        if ex is not None and ex.conn is not None:
+            ex.conn.pause_reading()
+        if self.tunnel is not None:
+            self.tunnel.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.active
+        if ex is not None and ex.conn is not None:
+            ex.conn.resume_reading()
+        if self.tunnel is not None:
+            self.tunnel.resume_reading()
+
+    # httptools callbacks ------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.head_size = 0
+        proxy = self.proxy
+        self.deadline = proxy.loop.time() + proxy.settings.request_headers_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > h.MAX_TARGET:
+            raise HeadError(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.parsing is not None:
+            return  # trailers of a chunked body are not forwarded
+        self.head_size += len(name) + len(value) + 4
+        headers = self.headers
+        headers.append((name, value))
+        if self.head_size > h.MAX_HEAD or len(headers) > h.MAX_HEADERS:
+            raise HeadError(431, "request header fields too large")
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        self.deadline = 0.0
+        ex = Exchange(
+            self,
+            parser.get_method(),
+            self.url,
+            parser.get_http_version(),
+            self.headers,
+            parser.should_keep_alive(),
+        )
+        self.parsing = ex
+        if self.active is None:
+            self.active = ex
+            self.proxy.loop.create_task(ex.run())
+        else:
+            self.pipeline.append(ex)
+            self.pause_reading(self.PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.feed_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        if ex is not None:
+            self.parsing = None
+            ex.end_body()
+
+    # upgrades -----------------------------------------------------------------
+
+    def _on_upgrade(self, rest: bytes) -> None:
+        ex = self.parsing or self.active
+        self.parsing = None
+        if ex is None or self.parser.get_method() == b"CONNECT":
+            self._reject(405, "CONNECT is not supported by a reverse proxy")
+            return
+        # The parser stops at an upgrade; this connection serves nothing after it.
+        self.closing = True
+        if ex.websocket:
+            ex.upgrade_rest = [rest] if rest else []
+            self.tunnel_exchange = ex
+        elif ex.chunked or ex.content_length:
+            ex.error = (400, "an upgrade request with a body is not supported")
+        else:
+            # Other upgrades (h2c and the like) are not relayed: forward as a plain request.
+            ex.upgrade = False
+        if not ex.body_done:
+            ex.end_body()
+
+    def start_tunnel(self, ex: Exchange, conn: UpstreamConnection, rest: bytes) -> None:
+        """Both sides agreed to switch protocols: from now on bytes pass through as they are."""
+        transport = self.transport
+        if transport is None or self.closed:
+            conn.close()
+            ex.tunnel_closed()
+            return
+        conn.sink = None
+        conn.tunnel = transport
+        self.tunnel = conn
+        if rest:
+            transport.write(rest)
+        pending = ex.upgrade_rest or []
+        ex.upgrade_rest = None
+        for data in pending:
+            conn.write(data)
+        self.resume_reading(self.PAUSE_TUNNEL)
+        self.proxy.tunnels.add(self)
+
+    # flow control -------------------------------------------------------------
+
+    def pause_reading(self, reason: int) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    # responses ----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.write(data)
+
+    def send_error(
+        self,
+        ex: Exchange,
+        status: int,
+        error: str,
+        detail: str,
+        pool: str = "",
+        upstream: str = "",
+    ) -> None:
+        body = ex.error_body(status, error, detail, pool, upstream)
+        close = self.closing or not ex.keep_alive or not ex.body_done or status == 400
+        extra = b"Retry-After: 1\r\n" if status == 503 else b""
+        head = b"%bContent-Type: application/json\r\nContent-Length: %d\r\n%b%b\r\n" % (
+            h.status_line(status),
+            len(body),
+            extra,
+            b"Connection: close\r\n" if close else b"",
+        )
+        ex.response_started = True
+        ex.status = status
+        if close:
+            ex.resp_close = True
+        self.write(head + (b"" if ex.no_body else body))
+
+    def _reject(self, status: int, detail: str) -> None:
+        """Answer a request the parser refused, then close: the stream is out of step."""
+        self.closing = True
+        self.pause_reading(self.PAUSE_PIPELINE)
+        ex = self.parsing
+        if ex is not None and ex is self.active and not ex.body_done:
+            ex.body_error(detail)
+            return
+        if self.active is not None:
+            return  # the request being served finishes, then the connection closes
+        body = b'{"error": "bad_request", "status": %d, "detail": "%b"}\n' % (
+            status,
+            detail.replace('"', "'").encode("latin-1", "replace"),
+        )
+        self.write(
+            b"%bContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%b" % (h.status_line(status), len(body), body)
+        )
+        self.close()
+
+    def exchange_finished(self, ex: Exchange) -> None:
+        if ex is self.tunnel_exchange:
+            self.tunnel_exchange = None
+            self.proxy.tunnels.discard(self)
+            self.close()
+        self.active = None
+        if self.closed:
+            return
+        if ex.resp_close or self.closing or not ex.keep_alive or ex.error is not None:
+            self.close()
+            return
+        if self.pipeline:
+            nxt = self.pipeline.popleft()
+            self.active = nxt
+            if not self.pipeline:
+                self.resume_reading(self.PAUSE_PIPELINE)
+            self.proxy.loop.create_task(nxt.run())
+            return
+        proxy = self.proxy
+        self.deadline = proxy.loop.time() + proxy.settings.idle_timeout
+
+    def close(self) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.close()
+
+    def abort(self) -> None:
+        transport = self.transport
+        if transport is not None and not self.closed:
+            transport.abort()
+
+    def expire(self, now: float) -> None:
+        """Called by the proxy's tick: idle keep-alive or a trickling request head."""
+        if self.active is None and self.deadline and now >= self.deadline:
+            if self.url or self.head_size:
+                self._reject(408, "request head not received in time")
+            else:
+                self.close()
+
+    def shutdown(self) -> None:
+        """Stop after the current request; an idle connection closes now."""
+        self.closing = True
+        if self.active is None and self.tunnel is None:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "tunnel" if self.tunnel else ("busy" if self.active else "idle")
+        return f"<ClientConnection {self.peer_ip.decode()} {state} pipeline={len(self.pipeline)}>"

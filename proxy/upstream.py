@@ -1,0 +1,344 @@
+"""Live per-upstream state and the pooled keep-alive connections to it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
+
+import httptools
+
+from .headers import MAX_RESPONSE_HEAD, RawHeaders
+from .routing import PoolName
+
+if TYPE_CHECKING:
+    from .config import UpstreamConfig
+
+
+class ConnectError(Exception):
+    """The upstream could not be reached (refused, unreachable, timed out, TLS failure)."""
+
+
+class BadResponse(Exception):
+    """The upstream answered with something that is not valid HTTP/1.1."""
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection reports to while it serves one exchange."""
+
+    def upstream_head(
+        self,
+        conn: UpstreamConnection,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None: ...
+    def upstream_body(self, data: bytes) -> None: ...
+    def upstream_done(self, conn: UpstreamConnection) -> None: ...
+    def upstream_failed(self, conn: UpstreamConnection, exc: Exception | None) -> None: ...
+    def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None: ...
+    def upstream_pause(self) -> None: ...
+    def upstream_resume(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSnapshot:
+    pool: str
+    index: int
+    url: str
+    weight: int
+    healthy: bool
+    draining: bool
+    in_flight: int
+    idle_connections: int
+    requests: int
+    failures: int
+
+
+class Upstream:
+    """One endpoint of a pool: its live counters and its idle connection pool."""
+
+    __slots__ = (
+        "connections",
+        "draining",
+        "failures",
+        "healthy",
+        "host",
+        "host_header",
+        "idle",
+        "in_flight",
+        "index",
+        "pool",
+        "port",
+        "requests",
+        "url",
+        "weight",
+    )
+
+    def __init__(
+        self, pool: PoolName, index: int, url: str, host: str, port: int, weight: int
+    ) -> None:
+        self.pool = pool
+        self.index = index
+        self.url = url
+        self.host = host
+        self.port = port
+        self.host_header = f"{host}:{port}".encode("latin-1")
+        self.weight = weight
+        self.in_flight = 0
+        self.requests = 0
+        self.failures = 0
+        self.healthy = True
+        self.draining = False
+        # LIFO: the most recently used connection is the least likely to have been
+        # closed by the upstream's own keep-alive timeout.
+        self.idle: deque[UpstreamConnection] = deque()
+        self.connections: set[UpstreamConnection] = set()
+
+    @classmethod
+    def from_config(cls, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream:
+        return cls(pool, index, cfg.url, cfg.host, cfg.port, cfg.weight)
+
+    @property
+    def key(self) -> str:
+        return f"{self.pool}/{self.index}"
+
+    def pop_idle(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def connect(self, timeout: float) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self), self.host, self.port
+                )
+        except TimeoutError as exc:
+            raise ConnectError(f"connect timeout after {timeout:g}s") from exc
+        except OSError as exc:
+            raise ConnectError(exc.strerror or str(exc)) from exc
+        return conn
+
+    def release(self, conn: UpstreamConnection, reusable: bool, now: float) -> None:
+        if reusable and not conn.closed and not self.draining:
+            conn.idle_since = now
+            self.idle.append(conn)
+        else:
+            conn.close()
+
+    def close_idle(self, older_than: float | None = None) -> int:
+        """Close pooled connections idle since before `older_than` (all when None)."""
+        closed = 0
+        keep: deque[UpstreamConnection] = deque()
+        for conn in self.idle:
+            if older_than is None or conn.idle_since < older_than:
+                conn.close()
+                closed += 1
+            else:
+                keep.append(conn)
+        self.idle = keep
+        return closed
+
+    def snapshot(self) -> UpstreamSnapshot:
+        return UpstreamSnapshot(
+            pool=self.pool,
+            index=self.index,
+            url=self.url,
+            weight=self.weight,
+            healthy=self.healthy,
+            draining=self.draining,
+            in_flight=self.in_flight,
+            idle_connections=len(self.idle),
+            requests=self.requests,
+            failures=self.failures,
+        )
+
+    def __repr__(self) -> str:
+        state = "draining" if self.draining else ("up" if self.healthy else "down")
+        return (
+            f"<Upstream {self.key} {self.url} w={self.weight} {state} "
+            f"in_flight={self.in_flight} idle={len(self.idle)}>"
+        )
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to an upstream, serving one exchange at a time."""
+
+    __slots__ = (
+        "closed",
+        "got_bytes",
+        "head_size",
+        "headers",
+        "idle_since",
+        "no_body",
+        "parser",
+        "reason",
+        "reused",
+        "sink",
+        "transport",
+        "tunnel",
+        "upstream",
+    )
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.sink: ResponseSink | None = None
+        self.tunnel: asyncio.Transport | None = None
+        self.headers: RawHeaders = []
+        self.reason = b""
+        self.head_size = 0
+        self.closed = False
+        self.reused = False
+        self.no_body = False
+        self.got_bytes = False
+        self.idle_since = 0.0
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.upstream.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.upstream.connections.discard(self)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.close()
+            return
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink.upstream_failed(self, exc)
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.write(data)
+            return
+        if self.sink is None:
+            # Bytes on an idle connection: the upstream is out of step; never reuse it.
+            self.close()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            sink = self.sink
+            if sink is not None:
+                sink.upstream_upgraded(self, data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            self._fail(BadResponse(str(exc.__cause__ or exc)))
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_pause()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_resume()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.head_size = 0
+        self.reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > MAX_RESPONSE_HEAD:
+            raise BadResponse("response head too large")
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return  # interim responses are consumed here; the proxy answers 100-continue itself
+        sink = self.sink
+        if sink is not None:
+            sink.upstream_head(self, status, self.reason, self.headers)
+            if self.no_body and self.sink is not None:
+                # A response to HEAD has no body whatever its headers say; llhttp cannot
+                # be told, so this message ends here and a fresh parser takes the next one.
+                self.parser = httptools.HttpResponseParser(self)
+                self._done()
+
+    def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self.parser.get_status_code() < 200:
+            return
+        self._done()
+
+    # helpers
+
+    def _done(self) -> None:
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink.upstream_done(self)
+
+    def _fail(self, exc: Exception) -> None:
+        sink = self.sink
+        self.sink = None
+        self.close()
+        if sink is not None:
+            sink.upstream_failed(self, exc)
+
+    def start(self, sink: ResponseSink, head: bytes, no_body: bool) -> None:
+        """Begin one exchange: send the request head; the body follows via write()."""
+        self.sink = sink
+        self.no_body = no_body
+        self.got_bytes = False
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def should_keep_alive(self) -> bool:
+        return bool(self.parser.should_keep_alive())
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def detach(self) -> None:
+        """Forget the current exchange (it ended early); the connection cannot be reused."""
+        self.sink = None
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("busy" if self.sink is not None else "idle")
+        return f"<UpstreamConnection {self.upstream.key} {state}>"

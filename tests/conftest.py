@@ -1,0 +1,129 @@
+"""Shared fixtures: real sample upstreams and the real proxy, all on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.config import parse_config
+from proxy.runtime import Proxy
+from proxy.sample import SampleSettings, start
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Sample:
+    """A running sample upstream."""
+
+    settings: SampleSettings
+    port: int
+    runner: web.AppRunner
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+@dataclass
+class Stack:
+    """Blue and green sample upstreams behind a running proxy."""
+
+    proxy: Proxy
+    blue: list[Sample]
+    green: list[Sample]
+    session: aiohttp.ClientSession
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.proxy.port}"
+
+
+SampleFactory = Callable[[str], Awaitable[Sample]]
+ProxyFactory = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def sample() -> AsyncIterator[SampleFactory]:
+    runners: list[web.AppRunner] = []
+
+    async def make(name: str, **kwargs: Any) -> Sample:
+        settings = SampleSettings(name=name, **kwargs)
+        runner, port = await start(settings, HOST, 0)
+        runners.append(runner)
+        return Sample(settings, port, runner)
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()
+
+
+def proxy_config(blue: list[str], green: list[str], **overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "listen": {"host": HOST, "port": 0},
+        "pools": {
+            "blue": {"upstreams": [{"url": u} for u in blue]},
+            "green": {"upstreams": [{"url": u} for u in green]},
+        },
+    }
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture
+async def make_proxy() -> AsyncIterator[ProxyFactory]:
+    proxies: list[Proxy] = []
+
+    async def make(data: dict[str, Any], seed: int = 1) -> Proxy:
+        proxy = Proxy(parse_config(data), rng=random.Random(seed))
+        await proxy.start()
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        await proxy.shutdown(timeout=1.0)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        yield s
+
+
+@pytest.fixture
+async def stack(
+    sample: SampleFactory, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> Stack:
+    """One blue and one green upstream, split 0 (all blue)."""
+    blue = await sample("blue")
+    green = await sample("green")
+    proxy = await make_proxy(proxy_config([blue.url], [green.url]))
+    return Stack(proxy, [blue], [green], session)
+
+
+async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0) -> bytes:
+    """Send raw bytes to the proxy and read until it closes the connection."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(read_timeout):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until `predicate()` holds, checking on every loop turn; fail after `timeout`."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
