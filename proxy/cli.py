@@ -24,8 +24,9 @@ DEFAULT_CONFIG_PATH = Path("config/turnout.yaml")
 
 
 def parse_duration_arg(value: str) -> float:
+    """A duration on the command line: `20`, `20s`, `1m`, `250ms`."""
     try:
-        return parse_duration(value)
+        return parse_duration(float(value) if value.replace(".", "", 1).isdigit() else value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 

@@ -1,0 +1,346 @@
+"""Side-by-side benchmark: direct, Turnout, and (when installed) nginx and HAProxy as proxies.
+
+    python -m loadtests.bench                      # 3 rounds x 10 s, 100 B, 64 and 256 connections
+    python -m loadtests.bench --sizes 100,16384,1048576 --rounds 3
+    python -m loadtests.bench --extra naive="python ../shared/bench/naive_proxy.py --port {port} \
+        --upstream {blue}=90 --upstream {green}=10"
+
+Needs wrk (apt-get install wrk). The upstream is nginx serving fixed bodies when nginx is
+installed (apt-get install nginx), else Turnout's sample upstream (much slower, so the
+proxies' ratios to "direct" then say little). HAProxy is measured when installed
+(apt-get install haproxy). This script installs nothing. Every proxy runs as one process
+pinned to core 1; wrk and the upstream share core 0. Rounds are interleaved and medians
+reported; quote the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+HOST = "127.0.0.1"
+PROXY_CORE = "1"
+LOAD_CORE = "0"
+SIZES = {100: "b100", 16384: "b16k", 1048576: "b1m"}
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    rss_mib: float = 0.0
+
+
+def free_port() -> int:
+    # The benchmark starts third-party servers that need a port number up front.
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with suppress(OSError), socket.create_connection((HOST, port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {HOST}:{port} after {timeout}s")
+
+
+def find_tool(name: str) -> str | None:
+    path = shutil.which(name)
+    if path is None and Path("/usr/sbin", name).exists():
+        path = str(Path("/usr/sbin", name))
+    return path
+
+
+def pinned(core: str, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", core, *argv] if shutil.which("taskset") else argv
+
+
+@contextmanager
+def process(argv: list[str], port: int, core: str) -> Iterator[subprocess.Popen[bytes]]:
+    log = open(os.devnull, "wb") if os.environ.get("BENCH_QUIET", "1") == "1" else None  # noqa: SIM115
+    proc = subprocess.Popen(pinned(core, argv), stdout=log, stderr=log)
+    try:
+        wait_port(port)
+        yield proc
+    finally:
+        proc.terminate()
+        if proc.poll() not in (None, 0, -15):
+            print(f"{argv[0]} exited with {proc.returncode}", file=sys.stderr)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def nginx_upstream_conf(root: Path, ports: list[int], tmp: Path) -> str:
+    listens = "\n".join(f"    listen {HOST}:{p} reuseport;" for p in ports)
+    return f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx-up.pid;
+error_log {tmp}/nginx-up.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/ptemp;
+  fastcgi_temp_path {tmp}/f; uwsgi_temp_path {tmp}/u; scgi_temp_path {tmp}/s;
+  server {{
+{listens}
+    root {root};
+    location /healthz {{ return 200 "ok"; }}
+  }}
+}}
+"""
+
+
+def nginx_proxy_conf(port: int, blue: int, green: int, tmp: Path) -> str:
+    return f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx-proxy.pid;
+error_log {tmp}/nginx-proxy.err warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path {tmp}/pbody;
+  proxy_temp_path {tmp}/pptemp;
+  fastcgi_temp_path {tmp}/pf; uwsgi_temp_path {tmp}/pu; scgi_temp_path {tmp}/ps;
+  upstream app {{
+    server {HOST}:{blue} weight=90;
+    server {HOST}:{green} weight=10;
+    keepalive 512;
+  }}
+  server {{
+    listen {HOST}:{port};
+    location / {{
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"""
+
+
+def haproxy_conf(port: int, blue: int, green: int) -> str:
+    return f"""
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend fe
+  bind {HOST}:{port}
+  default_backend app
+backend app
+  balance roundrobin
+  server blue {HOST}:{blue} weight 90
+  server green {HOST}:{green} weight 10
+"""
+
+
+def turnout_conf(port: int, blue: int, green: int) -> str:
+    return f"""
+listen: {{host: {HOST}, port: {port}}}
+admin: {{host: {HOST}, port: 0}}
+pools:
+  blue: {{upstreams: [{{url: "http://{HOST}:{blue}"}}]}}
+  green: {{upstreams: [{{url: "http://{HOST}:{green}"}}]}}
+split: 10
+"""
+
+
+WRK_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+WRK_PCT = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+WRK_ERR = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)|Socket errors:.*?(\d+) timeout", re.S)
+UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(url: str, connections: int, duration: int) -> Result:
+    argv = pinned(LOAD_CORE, ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url])
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    rps_match = WRK_RPS.search(out)
+    pct = {m.group(1): float(m.group(2)) * UNIT_MS[m.group(3)] for m in WRK_PCT.finditer(out)}
+    errors = sum(int(g) for m in WRK_ERR.finditer(out) for g in m.groups() if g)
+    return Result(
+        rps=float(rps_match.group(1)) if rps_match else 0.0,
+        p50_ms=pct.get("50", 0.0),
+        p99_ms=pct.get("99", 0.0),
+        errors=errors,
+    )
+
+
+def peak_rss_mib(pid: int) -> float:
+    with suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    ap.add_argument("--connections", default="64,256")
+    ap.add_argument("--sizes", default="100", help="response sizes: 100,16384,1048576")
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="NAME=COMMAND, another proxy; {port}, {blue}, {green} are substituted",
+    )
+    args = ap.parse_args(argv)
+    if not shutil.which("wrk"):
+        print("wrk not found: apt-get install wrk", file=sys.stderr)
+        return 2
+    conns = [int(c) for c in args.connections.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",")]
+    for size in sizes:
+        if size not in SIZES:
+            print(f"--sizes: choose among {sorted(SIZES)}", file=sys.stderr)
+            return 2
+    with tempfile.TemporaryDirectory(prefix="turnout-bench-") as tmpname:
+        tmp = Path(tmpname)
+        return run(args, conns, sizes, tmp)
+
+
+def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path) -> int:
+    # nginx's workers run as an unprivileged user: the files must be readable by anyone.
+    tmp.chmod(0o755)
+    root = tmp / "www"
+    root.mkdir(mode=0o755)
+    for size, name in SIZES.items():
+        (root / name).write_bytes(b"x" * size)
+    blue, green = free_port(), free_port()
+    nginx = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    haproxy = shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+    )
+    targets: dict[str, tuple[list[str], int] | None] = {"direct": None}
+    port = free_port()
+    (tmp / "turnout.yaml").write_text(turnout_conf(port, blue, green))
+    turnout_cmd = [sys.executable, "-m", "proxy", "run", "-c", str(tmp / "turnout.yaml")]
+    targets["turnout"] = (turnout_cmd, port)
+    if nginx:
+        port = free_port()
+        (tmp / "nginx-proxy.conf").write_text(nginx_proxy_conf(port, blue, green, tmp))
+        targets["nginx"] = ([nginx, "-c", str(tmp / "nginx-proxy.conf")], port)
+    else:
+        print("nginx not installed (apt-get install nginx): skipped", file=sys.stderr)
+    if haproxy:
+        port = free_port()
+        (tmp / "haproxy.cfg").write_text(haproxy_conf(port, blue, green))
+        targets["haproxy"] = ([haproxy, "-f", str(tmp / "haproxy.cfg")], port)
+    else:
+        print("haproxy not installed (apt-get install haproxy): skipped", file=sys.stderr)
+    for spec in args.extra:
+        name, _, cmd = spec.partition("=")
+        port = free_port()
+        argv = shlex.split(
+            cmd.format(port=port, blue=f"http://{HOST}:{blue}", green=f"http://{HOST}:{green}")
+        )
+        targets[name] = (argv, port)
+
+    if nginx:
+        (tmp / "nginx-up.conf").write_text(nginx_upstream_conf(root, [blue, green], tmp))
+        upstream_cmds = [([nginx, "-c", str(tmp / "nginx-up.conf")], blue)]
+        paths = {size: "/" + name for size, name in SIZES.items()}
+    else:
+        upstream_cmds = [
+            ([sys.executable, "-m", "proxy", "upstream", "--name", n, "--port", str(p)], p)
+            for n, p in (("blue", blue), ("green", green))
+        ]
+        paths = {size: f"/bytes/{size}" for size in SIZES}
+
+    results: dict[tuple[str, int, int], list[Result]] = {}
+    with (
+        process(upstream_cmds[0][0], upstream_cmds[0][1], LOAD_CORE),
+        process(*upstream_cmds[1], LOAD_CORE) if len(upstream_cmds) > 1 else nullcontext(),
+    ):
+        for rnd in range(args.rounds):
+            for name, spec in targets.items():
+                ctx = process(spec[0], spec[1], PROXY_CORE) if spec else nullcontext()
+                with ctx as proc:
+                    port = spec[1] if spec else blue
+                    for size in sizes:
+                        for c in conns:
+                            url = f"http://{HOST}:{port}{paths[size]}"
+                            res = wrk(url, c, args.duration)
+                            if isinstance(proc, subprocess.Popen):
+                                res.rss_mib = peak_rss_mib(proc.pid)
+                            results.setdefault((name, size, c), []).append(res)
+                            print(
+                                f"round {rnd + 1} {name:>8} {size:>8}B c={c:<4} "
+                                f"{res.rps:9.0f} req/s p50 {res.p50_ms:6.2f} ms "
+                                f"p99 {res.p99_ms:6.2f} ms",
+                                file=sys.stderr,
+                                flush=True,
+                            )
+    report(results, list(targets), sizes, conns)
+    return 0
+
+
+def report(
+    results: dict[tuple[str, int, int], list[Result]],
+    names: list[str],
+    sizes: list[int],
+    conns: list[int],
+) -> None:
+    def med(name: str, size: int, c: int) -> Result:
+        rs = results[(name, size, c)]
+        return Result(
+            rps=statistics.median(r.rps for r in rs),
+            p50_ms=statistics.median(r.p50_ms for r in rs),
+            p99_ms=statistics.median(r.p99_ms for r in rs),
+            errors=sum(r.errors for r in rs),
+            rss_mib=max(r.rss_mib for r in rs),
+        )
+
+    print(
+        "| target | size | conns | req/s | p50 ms | p99 ms | errors | peak RSS MiB | turnout/this |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size in sizes:
+        for c in conns:
+            t = med("turnout", size, c)
+            for name in names:
+                r = med(name, size, c)
+                ratio = t.rps / r.rps if r.rps else 0.0
+                print(
+                    f"| {name} | {size} | {c} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
+                    f"{r.errors} | {r.rss_mib:.0f} | {ratio:.2f} |"
+                )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,730 @@
+"""Configuration: immutable pydantic models, durations, YAML loading and the built-in default.
+
+Every model is frozen and forbids unknown keys; sequences are tuples. A bad configuration
+is refused as a whole with one :class:`ConfigError` that lists every problem with its YAML
+path (``rollout.steps[2]: must be > 25``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable
+from itertools import pairwise
+from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+__all__ = [
+    "DEFAULT_CONFIG_YAML",
+    "AccessLogConfig",
+    "AdminConfig",
+    "BreakerConfig",
+    "Config",
+    "ConfigError",
+    "DrainConfig",
+    "GateConfig",
+    "HealthCheckConfig",
+    "LimitsConfig",
+    "ListenConfig",
+    "PoolConfig",
+    "PoolsConfig",
+    "RetriesConfig",
+    "RolloutConfig",
+    "StickyConfig",
+    "TLSListen",
+    "ThresholdConfig",
+    "TimeoutsConfig",
+    "UpstreamConfig",
+    "UpstreamTLS",
+    "default_config",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]
+
+
+class ConfigError(Exception):
+    """A configuration was refused; ``errors`` holds every problem as ``path: message``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+Loc = tuple[int | str, ...]
+Problems = list[tuple[Loc, str]]
+
+
+def _problems_error(
+    title: str, problems: Problems, earlier: ValidationError | None = None
+) -> ValidationError:
+    """One ValidationError holding pydantic's `earlier` errors and our own `problems`."""
+    details = [
+        InitErrorDetails(type=e["type"], loc=e["loc"], input=e["input"], ctx=e.get("ctx", {}))
+        for e in (earlier.errors() if earlier is not None else ())
+    ]
+    details += [
+        InitErrorDetails(
+            type=PydanticCustomError("turnout", "{message}", {"message": message}),
+            loc=loc,
+            input=None,
+        )
+        for loc, message in problems
+    ]
+    return ValidationError.from_exception_data(title, details)
+
+
+def _validate_also(
+    title: str, handler: Callable[[Any], Any], value: Any, problems: Problems
+) -> Any:
+    """Run pydantic's validation of `value`, then report its errors together with `problems`.
+
+    The cross-field `problems` are found on the raw input, so they are reported even when
+    items or sibling fields have errors of their own (pydantic skips "after" validators then).
+    """
+    try:
+        result = handler(value)
+    except ValidationError as exc:
+        raise _problems_error(title, problems, exc) from None
+    if problems:
+        raise _problems_error(title, problems)
+    return result
+
+
+# --- scalar types --------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
+_DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``250ms``, ``2s``, ``1.5s``, ``1m``, ``1h``, ``1m30s`` or a bare number."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}: expected e.g. 250ms, 2s, 1m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.startswith("-") and _DURATION.fullmatch(text[1:]):
+            raise ValueError(f"invalid duration {value!r}: must not be negative")
+        if not _DURATION.fullmatch(text):
+            raise ValueError(
+                f"invalid duration {value!r}: expected a number with a unit ms, s, m or h "
+                "(e.g. 250ms, 2s, 1.5s, 1m)"
+            )
+        seconds = sum(
+            float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART.findall(text)
+        )
+    else:
+        raise ValueError(f"invalid duration {value!r}: expected e.g. 250ms, 2s, 1m")
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {value!r}: must be finite")
+    if seconds < 0:
+        raise ValueError(f"invalid duration {value!r}: must not be negative")
+    return seconds
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"duration {value!r} must be > 0")
+    return seconds
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {_describe(value)}")
+    return value
+
+
+def _header_token(value: object) -> str:
+    text = _string(value)
+    if not _TOKEN.fullmatch(text):
+        raise ValueError(f"{text!r} is not a valid header name")
+    return text
+
+
+def _readable_file(value: object) -> str:
+    text = _string(value)
+    if not text:
+        raise ValueError("must be a file path, not empty")
+    path = os.path.expanduser(text)
+    if not os.path.exists(path):
+        raise ValueError(f"file not found: {text}")
+    if not os.path.isfile(path):
+        raise ValueError(f"not a regular file: {text}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"file not readable: {text}")
+    return path
+
+
+def _url_path(value: object) -> str:
+    text = _string(value)
+    if not text.startswith("/") or any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} must be a path starting with '/', without spaces")
+    return text
+
+
+def _tls_version(value: object) -> object:
+    # YAML reads an unquoted 1.2 as a float.
+    if isinstance(value, float) and not isinstance(value, bool):
+        return {1.2: "1.2", 1.3: "1.3"}.get(value, value)
+    return value
+
+
+def _log_target(value: object) -> str:
+    # YAML 1.1 readers (yaml.safe_load) turn a bare `off` into False.
+    if value is False:
+        return "off"
+    text = _string(value)
+    if not text:
+        raise ValueError("must be stdout, stderr, off or a file path, not empty")
+    return text
+
+
+def _method(value: object) -> str:
+    text = _string(value)
+    if not _TOKEN.fullmatch(text):
+        raise ValueError(f"{text!r} is not a valid HTTP method")
+    return text.upper()
+
+
+def _retry_on(value: object) -> object:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 500 <= value <= 599:
+            return value
+        raise ValueError(f"status {value} is not a 5xx status (500..599)")
+    if value in ("connect_error", "timeout"):
+        return value
+    raise ValueError(f"must be connect_error, timeout or a status 500..599, not {_describe(value)}")
+
+
+def _upstream_url(value: object) -> str:
+    _split_url(_string(value))
+    return str(value)
+
+
+def _split_url(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an upstream URL, or ValueError saying what is wrong."""
+    if not url or any(c.isspace() for c in url):
+        raise ValueError(f"invalid url {url!r}: empty or contains spaces")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid url {url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"invalid url {url!r}: must be http://host:port or https://host:port")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"invalid url {url!r}: must not contain user info")
+    if not parts.hostname:
+        raise ValueError(f"invalid url {url!r}: no host")
+    if parts.path not in ("", "/"):
+        raise ValueError(f"invalid url {url!r}: must not have a path ({parts.path!r})")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ValueError(f"invalid url {url!r}: must not have a query or fragment")
+    if port == 0:
+        raise ValueError(f"invalid url {url!r}: port must be 1..65535")
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    return scheme, parts.hostname, port
+
+
+Port = Annotated[int, Strict(), Field(ge=0, le=65535)]
+Host = Annotated[str, Strict(), Field(min_length=1)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
+FilePath = Annotated[str, BeforeValidator(_readable_file)]
+HeaderName = Annotated[str, BeforeValidator(_header_token)]
+UrlPath = Annotated[str, BeforeValidator(_url_path)]
+Ratio = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
+Step = Annotated[float, Strict(), Field(gt=0, le=100, allow_inf_nan=False)]
+Method = Annotated[str, BeforeValidator(_method)]
+RetryOn = Annotated[Literal["connect_error", "timeout"] | int, BeforeValidator(_retry_on)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+class TLSListen(_Model):
+    """Server-side TLS of a listener (the proxy port or the admin port)."""
+
+    cert: FilePath
+    key: FilePath
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
+
+
+class ListenConfig(_Model):
+    """Where clients connect."""
+
+    host: Host = "0.0.0.0"
+    port: Port = 8080
+    max_connections: Annotated[int, Strict(), Field(gt=0)] = 10000
+    tls: TLSListen | None = None
+
+
+class AdminConfig(_Model):
+    """The admin API listener; the token is read from the environment variable `token_env`."""
+
+    host: Host = "127.0.0.1"
+    port: Port = 9901
+    token_env: Annotated[str, Strict(), Field(min_length=1)] = "TURNOUT_ADMIN_TOKEN"
+    tls: TLSListen | None = None
+
+
+class AccessLogConfig(_Model):
+    """JSON-lines access log: `to` is stdout, stderr, off or a file path."""
+
+    to: Annotated[str, BeforeValidator(_log_target)] = "off"
+    sample: Ratio = 1.0
+
+
+class UpstreamConfig(_Model):
+    """One upstream endpoint of a pool."""
+
+    url: Annotated[str, BeforeValidator(_upstream_url)]
+    weight: Annotated[int, Strict(), Field(ge=1, le=1000)] = 1
+
+    _scheme: str = PrivateAttr(default="http")
+    _host: str = PrivateAttr(default="")
+    _port: int = PrivateAttr(default=0)
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._scheme, self._host, self._port = _split_url(self.url)
+
+    @property
+    def scheme(self) -> str:
+        return self._scheme
+
+    @property
+    def host(self) -> str:
+        """The host name or address; an IPv6 address comes without brackets."""
+        return self._host
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+
+class UpstreamTLS(_Model):
+    """Client-side TLS towards a pool's https:// upstreams (a CA, and a client pair for mTLS)."""
+
+    ca: FilePath | None = None
+    cert: FilePath | None = None
+    key: FilePath | None = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _cert_and_key_together(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        problems: Problems = []
+        if isinstance(data, dict):
+            has_cert, has_key = data.get("cert") is not None, data.get("key") is not None
+            if has_cert and not has_key:
+                problems.append((("key",), "required when cert is given"))
+            if has_key and not has_cert:
+                problems.append((("cert",), "required when key is given"))
+        result: Self = _validate_also(cls.__name__, handler, data, problems)
+        return result
+
+
+class PoolConfig(_Model):
+    """A named group of upstreams."""
+
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    tls: UpstreamTLS | None = None
+
+    @field_validator("upstreams", mode="wrap")
+    @classmethod
+    def _no_duplicates(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        seen: dict[tuple[str, str, int], int] = {}
+        problems: Problems = []
+        for index, item in enumerate(value if isinstance(value, list | tuple) else ()):
+            url = item.get("url") if isinstance(item, dict) else None
+            try:
+                key = _split_url(url) if isinstance(url, str) else None
+            except ValueError:
+                key = None
+            if key is None:
+                continue
+            if key in seen:
+                problems.append(((index, "url"), f"duplicate of upstreams[{seen[key]}]"))
+            else:
+                seen[key] = index
+        return _validate_also("upstreams", handler, value, problems)
+
+
+class PoolsConfig(_Model):
+    """The two pools: blue and green."""
+
+    blue: PoolConfig
+    green: PoolConfig
+
+
+class StickyConfig(_Model):
+    """Hash a cookie or a header so a client stays on one pool (the cookie wins)."""
+
+    cookie: HeaderName | None = None
+    header: HeaderName | None = None
+
+
+class TimeoutsConfig(_Model):
+    """Timeouts towards upstreams, and for a client's request head."""
+
+    connect: PositiveDuration = 2.0
+    response_headers: PositiveDuration = 30.0
+    idle: PositiveDuration = 60.0
+    request_headers: PositiveDuration = 10.0
+
+
+class LimitsConfig(_Model):
+    """Per-upstream admission: in-flight limit, bounded queue, optional rate (requests/s)."""
+
+    max_in_flight: Annotated[int, Strict(), Field(ge=1)] = 256
+    queue: Annotated[int, Strict(), Field(ge=0)] = 512
+    queue_timeout: PositiveDuration = 1.0
+    rate: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] | None = None
+
+
+class BreakerConfig(_Model):
+    """Per-upstream circuit breaker."""
+
+    consecutive_failures: Annotated[int, Strict(), Field(ge=1)] = 5
+    failure_ratio: Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)] = 0.5
+    min_requests: Annotated[int, Strict(), Field(ge=1)] = 20
+    window: PositiveDuration = 10.0
+    open_for: PositiveDuration = 5.0
+    half_open_requests: Annotated[int, Strict(), Field(ge=1)] = 3
+
+
+class HealthCheckConfig(_Model):
+    """Active health checks of every upstream."""
+
+    path: UrlPath = "/healthz"
+    interval: PositiveDuration = 2.0
+    timeout: PositiveDuration = 1.0
+    healthy_after: Annotated[int, Strict(), Field(ge=1)] = 2
+    unhealthy_after: Annotated[int, Strict(), Field(ge=1)] = 3
+
+
+class RetriesConfig(_Model):
+    """Which failed requests are retried, how often, within which budget."""
+
+    attempts: Annotated[int, Strict(), Field(ge=0, le=10)] = 2
+    budget: Ratio = 0.2
+    methods: tuple[Method, ...] = ("GET", "HEAD", "OPTIONS")
+    on: tuple[RetryOn, ...] = ("connect_error", 502, 503, 504)
+
+    @field_validator("methods", "on")
+    @classmethod
+    def _dedupe(cls, items: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(dict.fromkeys(items))
+
+
+class DrainConfig(_Model):
+    """How long draining connections (e.g. WebSockets) get before they are closed."""
+
+    timeout: Duration = 30.0
+
+
+class ThresholdConfig(_Model):
+    """Limits green must stay within for an adaptive rollout to advance."""
+
+    max_error_rate: Ratio = 0.01
+    max_p99: PositiveDuration = 0.5
+    max_p99_ratio: Annotated[float, Strict(), Field(ge=1, allow_inf_nan=False)] = 1.5
+    min_requests: Annotated[int, Strict(), Field(ge=1)] = 50
+
+
+class GateConfig(_Model):
+    """Checked on every green upstream before each rollout step."""
+
+    path: UrlPath = "/healthz"
+    expect_status: Annotated[int, Strict(), Field(ge=100, le=599)] = 200
+
+
+class RolloutConfig(_Model):
+    """How a rollout moves the split from the stable pool to the candidate."""
+
+    strategy: Literal["eager", "lazy", "adaptive"] = "adaptive"
+    steps: Annotated[tuple[Step, ...], Field(min_length=1)] = (1.0, 5.0, 25.0, 50.0, 100.0)
+    interval: Duration = 10.0
+    threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    fallback: Literal["rollback", "pause"] = "rollback"
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+    @field_validator("steps", mode="wrap")
+    @classmethod
+    def _increasing_to_100(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        items = list(value) if isinstance(value, list | tuple) else []
+        # Order is checked between items that are valid on their own; the others have errors.
+        valid = [
+            (index, float(step))
+            for index, step in enumerate(items)
+            if isinstance(step, int | float) and not isinstance(step, bool) and 0 < step <= 100
+        ]
+        problems: Problems = [
+            ((index,), f"must be > {previous:g}")
+            for (_, previous), (index, step) in pairwise(valid)
+            if step <= previous
+        ]
+        if valid and valid[-1][0] == len(items) - 1 and valid[-1][1] != 100:
+            problems.append(((len(items) - 1,), "the last step must be 100"))
+        return _validate_also("steps", handler, value, problems)
+
+
+class Config(_Model):
+    """The whole configuration of one Turnout process: an immutable snapshot."""
+
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
+    pools: PoolsConfig
+    split: Annotated[float, Strict(), Field(ge=0, le=100, allow_inf_nan=False)] = 0.0
+    balancer: Literal["round_robin", "random", "least_request"] = "least_request"
+    sticky: StickyConfig = Field(default_factory=StickyConfig)
+    override_header: HeaderName = "X-Turnout-Pool"
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
+    retries: RetriesConfig = Field(default_factory=RetriesConfig)
+    drain: DrainConfig = Field(default_factory=DrainConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+
+    @model_validator(mode="after")
+    def _listeners_apart(self) -> Self:
+        listen, admin = self.listen, self.admin
+        wildcard = ("0.0.0.0", "::")
+        same_host = listen.host == admin.host or listen.host in wildcard or admin.host in wildcard
+        if listen.port != 0 and listen.port == admin.port and same_host:
+            problem = (("admin", "port"), f"same as listen.port ({listen.port})")
+            raise _problems_error("Config", [problem])
+        return self
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+_TYPE_MESSAGES = {
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "literal_error": "must be {expected}",
+}
+_BOUND_MESSAGES = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+
+
+def _format_loc(loc: Loc) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else part
+    return path or "(top level)"
+
+
+def _number(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _messages(error: Any) -> Problems:
+    loc: Loc = tuple(error["loc"])
+    kind: str = error["type"]
+    ctx: dict[str, Any] = error.get("ctx") or {}
+    if kind == "missing":
+        return [(loc, "required")]
+    if kind == "extra_forbidden":
+        return [(loc, "unknown key")]
+    if kind == "value_error":
+        return [(loc, str(ctx.get("error")))]
+    if kind == "turnout":
+        return [(loc, str(error["msg"]))]
+    if kind in _TYPE_MESSAGES:
+        message = _TYPE_MESSAGES[kind].format(**ctx)
+        return [(loc, f"{message}, not {_describe(error.get('input'))}")]
+    if kind in _BOUND_MESSAGES:
+        key, op = _BOUND_MESSAGES[kind]
+        return [(loc, f"must be {op} {_number(ctx[key])}")]
+    if kind in ("too_short", "string_too_short") and ctx.get("min_length") == 1:
+        return [(loc, "must not be empty")]
+    if kind == "finite_number":
+        return [(loc, "must be a finite number")]
+    return [(loc, str(error["msg"]).removeprefix("Value error, "))]
+
+
+def _error_lines(exc: ValidationError) -> list[str]:
+    return [
+        f"{_format_loc(loc)}: {message}"
+        for error in exc.errors()
+        for loc, message in _messages(error)
+    ]
+
+
+# --- parsing and loading -----------------------------------------------------------------------
+
+
+def _string_keys(value: object, path: tuple[object, ...] = ()) -> object:
+    """A copy of parsed YAML whose mapping keys are all strings, so every key gets a path.
+
+    YAML 1.1 readers turn the key ``on`` into True; under ``retries`` it means ``on``.
+    """
+    if isinstance(value, dict):
+        out: dict[str, object] = {}
+        for key, item in value.items():
+            if key is True and path == ("retries",) and "on" not in value:
+                name = "on"
+            elif isinstance(key, bool) or key is None:
+                name = {True: "true", False: "false", None: "null"}[key]
+            else:
+                name = str(key)
+            out[name] = _string_keys(item, (*path, name))
+        return out
+    if isinstance(value, list | tuple):
+        return [_string_keys(item, (*path, index)) for index, item in enumerate(value)]
+    return value
+
+
+def parse_config(data: object) -> Config:
+    """Validate already-parsed YAML data; ConfigError lists every problem with its path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"(top level): must be a mapping, not {_describe(data)}"])
+    try:
+        return Config.model_validate(_string_keys(data))
+    except ValidationError as exc:
+        raise ConfigError(_error_lines(exc)) from None
+
+
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans (only true/false, so `off` stays a string); duplicate keys refused."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKeyError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str, source: str) -> object:
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        if isinstance(exc, _DuplicateKeyError):
+            raise ConfigError([f"{where}: {exc.problem}"]) from None
+        problem = exc.problem or exc.context or "cannot parse"
+        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: invalid YAML: {exc}"]) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML configuration file."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{source}: not UTF-8 text: {exc.reason}"]) from None
+    data = _load_yaml(text, source)
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError([f"{source}: top level must be a mapping, not {_describe(data)}"])
+    return parse_config(data)
+
+
+DEFAULT_CONFIG_YAML = """\
+# Turnout built-in default configuration: used when no -c FILE is given and
+# config/turnout.yaml does not exist. Every key left out takes its default.
+listen:
+  host: 0.0.0.0
+  port: 8080
+admin:
+  host: 127.0.0.1
+  port: 9901
+pools:
+  blue:
+    upstreams:
+      - url: http://127.0.0.1:9001
+  green:
+    upstreams:
+      - url: http://127.0.0.1:9002
+"""
+
+
+def default_config() -> Config:
+    """The built-in default configuration (DEFAULT_CONFIG_YAML)."""
+    return parse_config(_load_yaml(DEFAULT_CONFIG_YAML, "<built-in default>"))
