@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .client import add_client_commands
 from .config import (
     DEFAULT_CONFIG_YAML,
     Config,
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="self-contained demo of a cutover under live traffic")
     demo.add_argument("--bad-green", action="store_true", help="green fails a share of requests")
     demo.add_argument("--duration", type=parse_duration_arg, default=12.0, help="e.g. 20s")
+
+    add_client_commands(sub)
     return parser
 
 
@@ -129,8 +132,9 @@ COMMANDS = {"run": cmd_run, "check": cmd_check, "upstream": cmd_upstream, "demo"
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    func = COMMANDS.get(args.command) or args.func
     try:
-        return COMMANDS[args.command](args)
+        return int(func(args))
     except KeyboardInterrupt:
         return EXIT_RUNTIME
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from . import headers as h
 from .headers import RawHeaders
+from .router import OTHER
 from .routing import PoolName, parse_override
 from .upstream import BadResponse, ConnectError, Upstream, UpstreamConnection
 
@@ -34,6 +35,7 @@ class Exchange:
     """State of one request; callbacks from both connections meet here."""
 
     __slots__ = (
+        "attempts_left",
         "body_done",
         "body_size",
         "buffered",
@@ -59,10 +61,12 @@ class Exchange:
         "resp_until_close",
         "response_started",
         "retry_status",
+        "retry_to",
         "reused_conn",
         "status",
         "sticky_key",
         "target",
+        "tried",
         "upgrade",
         "upgrade_rest",
         "upstream",
@@ -111,6 +115,9 @@ class Exchange:
         self.outcome = Outcome.OK
         self.status = 0
         self.retry_status = 0
+        self.attempts_left = 0
+        self.tried: tuple[Upstream, ...] = ()
+        self.retry_to: Upstream | None = None
         self.response_started = False
         self.resp_chunked = False
         self.resp_close = False
@@ -122,6 +129,14 @@ class Exchange:
 
     def _inspect_headers(self) -> None:
         """One pass over the request head: framing checks and the values routing needs."""
+        if self.method == b"CONNECT":
+            # A reverse proxy opens no tunnels to arbitrary hosts (the parser also stops here).
+            self.error = (405, "CONNECT is not supported by a reverse proxy")
+            return
+        if self.version != "1.1" and self.version != "1.0":
+            # llhttp also accepts 0.9 and 2.0 request lines; neither can be relayed as HTTP/1.1.
+            self.error = (505, f"HTTP/{self.version} is not supported")
+            return
         router = self.client.proxy.router
         override_name = router.override_header
         sticky_header = router.sticky_header
@@ -238,7 +253,8 @@ class Exchange:
         parts += (b"X-Forwarded-Proto: ", client.scheme, b"\r\n")
         if self.host is not None:
             parts += (b"X-Forwarded-Host: ", self.host, b"\r\n")
-        parts += (b"Via: ", h.VIA if via is None else via + b", " + h.VIA, b"\r\n")
+        ours = h.VIA if self.version == "1.1" else h.VIA_10
+        parts += (b"Via: ", ours if via is None else via + b", " + ours, b"\r\n")
         if self.websocket:
             parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
         elif self.chunked:
@@ -255,7 +271,8 @@ class Exchange:
         try:
             if self.error is not None:
                 if not self.response_started:
-                    client.send_error(self, self.error[0], "bad_request", self.error[1])
+                    status, detail = self.error
+                    client.send_error(self, status, h.error_name(status), detail)
                 return
             await self._forward()
         except Exception as exc:
@@ -272,10 +289,9 @@ class Exchange:
         router = proxy.router
         pool = router.choose_pool(self.override, self.sticky_key)
         settings = proxy.settings
-        attempts_left = settings.retry_attempts
-        exclude: Upstream | None = None
+        self.attempts_left = settings.retry_attempts
+        upstream = router.pick(pool)
         while True:
-            upstream = router.pick(pool, exclude)
             if upstream is None:
                 self.client.send_error(
                     self, 503, "no_upstream", f"no upstream available in pool {pool} or its peer"
@@ -292,26 +308,38 @@ class Exchange:
             if outcome is Outcome.RESET and self.reused_conn and self.buffered is not None:
                 # A pooled connection closed by the upstream just as it was reused: the
                 # request never reached it, so a fresh connection to the same upstream is safe.
-                exclude = None
-                pool = upstream.pool
                 self._reset_attempt()
                 continue
             upstream.failures += 1
             if outcome is Outcome.CUT:
                 return
-            if (
-                attempts_left > 0
-                and self.retriable()
-                and outcome in settings.retry_outcomes
-                and router.pick(upstream.pool, upstream) is not None
-            ):
-                attempts_left -= 1
-                exclude = upstream
-                pool = upstream.pool
+            if outcome is Outcome.RETRY_STATUS:
+                retry_to = self.retry_to  # chosen when the answer's head was seen
+            elif outcome in settings.retry_outcomes:
+                retry_to = self._retry_target(upstream)
+            else:
+                retry_to = None
+            if retry_to is not None:
+                self.attempts_left -= 1
+                upstream = retry_to
                 self._reset_attempt()
                 continue
             self._send_failure(outcome, upstream)
             return
+
+    def _retry_target(self, failed: Upstream) -> Upstream | None:
+        """Where a retry would go, or None when none may be made: another upstream of the
+        failed one's pool, else of the other pool, never one this request has tried."""
+        if self.attempts_left <= 0 or not self.retriable():
+            return None
+        tried = self.tried = (*self.tried, failed)
+        router = self.client.proxy.router
+        upstream = router.pick(failed.pool, failed)
+        if upstream is None or upstream in tried:
+            upstream = router.pick(OTHER[failed.pool], failed)
+            if upstream in tried:
+                upstream = None
+        return upstream
 
     def _send_failure(self, outcome: Outcome, upstream: Upstream) -> None:
         if outcome is Outcome.TIMEOUT:
@@ -326,6 +354,7 @@ class Exchange:
         self.conn = None
         self.outcome = Outcome.OK
         self.detail = ""
+        self.retry_to = None
 
     async def _attempt(self, upstream: Upstream) -> Outcome:
         self.upstream = upstream
@@ -412,13 +441,13 @@ class Exchange:
         if status == 101 and not self.websocket:
             self._upstream_error(conn, Outcome.BAD_RESPONSE, "101 to a request without upgrade")
             return
-        settings = self.client.proxy.settings
         if (
-            status in settings.retry_statuses
-            and self.retriable()
+            status in self.client.proxy.settings.retry_statuses
             and self.upstream is not None
-            and self.client.proxy.router.pick(self.upstream.pool, self.upstream) is not None
+            and (retry_to := self._retry_target(self.upstream)) is not None
         ):
+            # Swallowed only when a retry will be made; the last answer reaches the client.
+            self.retry_to = retry_to
             self.retry_status = status
             self.detail = f"upstream answered {status}"
             conn.detach()

@@ -32,11 +32,15 @@ MAX_TARGET = 8192
 MAX_HEAD = 32768
 MAX_HEADERS = 100
 MAX_RESPONSE_HEAD = 65536
+# Raw bytes of a request head still arriving: the limits above plus the request line and
+# whitespace. httptools holds a header's pieces until the header ends; this bounds that.
+MAX_HEAD_BYTES = MAX_TARGET + MAX_HEAD + 1024
 
 CRLF = b"\r\n"
 CHUNK_END = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 VIA = b"1.1 turnout"
+VIA_10 = b"1.0 turnout"  # Via names the protocol version the message was received with
 
 
 def connection_tokens(value: bytes, into: set[bytes]) -> None:
@@ -76,6 +80,11 @@ _REASONS = {s.value: s.phrase.encode("latin-1") for s in HTTPStatus}
 
 def reason(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
+
+
+def error_name(status: int) -> str:
+    """The `error` of the proxy's own JSON error body for a client error: `request_timeout`."""
+    return reason(status).decode("latin-1").lower().replace(" ", "_").replace("-", "_")
 
 
 def status_line(status: int, version: bytes = b"1.1") -> bytes:

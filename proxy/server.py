@@ -38,8 +38,10 @@ class ClientConnection(asyncio.Protocol):
         "closed",
         "closing",
         "deadline",
+        "head_bytes",
         "head_size",
         "headers",
+        "in_head",
         "parser",
         "parsing",
         "paused",
@@ -64,6 +66,9 @@ class ClientConnection(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
+        # Raw bytes of the head being received, counted while in_head (first byte to its end).
+        self.head_bytes = 0
+        self.in_head = False
         self.paused = 0
         self.write_paused = False
         self.closing = False
@@ -113,16 +118,40 @@ class ClientConnection(asyncio.Protocol):
             ex.upgrade_rest.append(data)
             self.pause_reading(self.PAUSE_TUNNEL)
             return
+        in_head = self.in_head
+        if in_head:
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._on_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
-            cause = exc.__cause__
+            # httptools re-raises a callback's exception as the context of its own error.
+            cause = exc.__context__
             if isinstance(cause, HeadError):
                 self._reject(cause.status, cause.detail)
             else:
                 self._reject(400, str(exc) or "malformed request")
+        else:
+            # Still inside the head that was under way: all of `data` belongs to it. A header
+            # that never ends reaches no callback, so its size is bounded here.
+            if in_head and self.in_head and self.head_bytes > h.MAX_HEAD_BYTES:
+                self._reject(431, "request header fields too large")
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed: a request it sent in full still gets its response."""
+        ex = self.active
+        if (
+            ex is None
+            or not ex.body_done
+            or self.parsing is not None
+            or self.tunnel is not None
+            or self.tunnel_exchange is not None
+        ):
+            return None  # nothing complete to answer: close now
+        if not self.pipeline:
+            self.closing = True
+        return True  # keep the transport open for the response
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -146,6 +175,8 @@ class ClientConnection(asyncio.Protocol):
         self.url = b""
         self.headers = []
         self.head_size = 0
+        self.head_bytes = 0
+        self.in_head = True
         proxy = self.proxy
         self.deadline = proxy.loop.time() + proxy.settings.request_headers_timeout
 
@@ -166,6 +197,7 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         self.deadline = 0.0
+        self.in_head = False
         ex = Exchange(
             self,
             parser.get_method(),
@@ -280,6 +312,7 @@ class ClientConnection(asyncio.Protocol):
     def _reject(self, status: int, detail: str) -> None:
         """Answer a request the parser refused, then close: the stream is out of step."""
         self.closing = True
+        self.deadline = 0.0  # answered once; the tick must not answer again while it closes
         self.pause_reading(self.PAUSE_PIPELINE)
         ex = self.parsing
         if ex is not None and ex is self.active and not ex.body_done:
@@ -287,7 +320,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.active is not None:
             return  # the request being served finishes, then the connection closes
-        body = b'{"error": "bad_request", "status": %d, "detail": "%b"}\n' % (
+        body = b'{"error": "%b", "status": %d, "detail": "%b"}\n' % (
+            h.error_name(status).encode("latin-1"),
             status,
             detail.replace('"', "'").encode("latin-1", "replace"),
         )
@@ -331,7 +365,7 @@ class ClientConnection(asyncio.Protocol):
     def expire(self, now: float) -> None:
         """Called by the proxy's tick: idle keep-alive or a trickling request head."""
         if self.active is None and self.deadline and now >= self.deadline:
-            if self.url or self.head_size:
+            if self.in_head:
                 self._reject(408, "request head not received in time")
             else:
                 self.close()

@@ -50,6 +50,7 @@ class UpstreamSnapshot:
     weight: int
     healthy: bool
     draining: bool
+    drained: bool
     in_flight: int
     idle_connections: int
     requests: int
@@ -61,6 +62,7 @@ class Upstream:
 
     __slots__ = (
         "connections",
+        "drained",
         "draining",
         "failures",
         "healthy",
@@ -91,6 +93,7 @@ class Upstream:
         self.failures = 0
         self.healthy = True
         self.draining = False
+        self.drained = False
         # LIFO: the most recently used connection is the least likely to have been
         # closed by the upstream's own keep-alive timeout.
         self.idle: deque[UpstreamConnection] = deque()
@@ -153,6 +156,7 @@ class Upstream:
             weight=self.weight,
             healthy=self.healthy,
             draining=self.draining,
+            drained=self.drained,
             in_flight=self.in_flight,
             idle_connections=len(self.idle),
             requests=self.requests,
@@ -176,6 +180,7 @@ class UpstreamConnection(asyncio.Protocol):
         "head_size",
         "headers",
         "idle_since",
+        "keep_alive",
         "no_body",
         "parser",
         "reason",
@@ -200,6 +205,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.no_body = False
         self.got_bytes = False
         self.idle_since = 0.0
+        self.keep_alive = False
 
     # asyncio.Protocol
 
@@ -236,7 +242,8 @@ class UpstreamConnection(asyncio.Protocol):
             if sink is not None:
                 sink.upstream_upgraded(self, data[exc.args[0] :])
         except httptools.HttpParserError as exc:
-            self._fail(BadResponse(str(exc.__cause__ or exc)))
+            # httptools re-raises a callback's exception as the context of its own error.
+            self._fail(BadResponse(str(exc.__context__ or exc)))
 
     def pause_writing(self) -> None:
         if self.sink is not None:
@@ -268,6 +275,8 @@ class UpstreamConnection(asyncio.Protocol):
             return  # interim responses are consumed here; the proxy answers 100-continue itself
         sink = self.sink
         if sink is not None:
+            # Read now: the parser of a bodiless response is replaced before the exchange ends.
+            self.keep_alive = bool(self.parser.should_keep_alive())
             sink.upstream_head(self, status, self.reason, self.headers)
             if self.no_body and self.sink is not None:
                 # A response to HEAD has no body whatever its headers say; llhttp cannot
@@ -313,7 +322,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def should_keep_alive(self) -> bool:
-        return bool(self.parser.should_keep_alive())
+        return self.keep_alive
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
