@@ -8,39 +8,70 @@ import signal
 
 import uvloop
 
+from .admin import AdminSetupError
 from .config import Config
+from .control import ControlError
 from .runtime import Proxy
 
 log = logging.getLogger("turnout")
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
+EXIT_USAGE = 2
 
 
 async def serve(config: Config, config_path: str | None) -> int:
     loop = asyncio.get_running_loop()
     proxy = Proxy(config, config_path=config_path)
+    listen, admin = config.listen, config.admin
+    try:
+        admin_port = await proxy.start_admin()
+    except AdminSetupError as exc:
+        print(f"turnout: refusing to start: {exc}", flush=True)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"turnout: cannot listen on {admin.host}:{admin.port}: {exc.strerror or exc}")
+        await proxy.shutdown(timeout=0)
+        return EXIT_RUNTIME
     try:
         port = await proxy.start()
     except OSError as exc:
-        listen = config.listen
         print(f"turnout: cannot listen on {listen.host}:{listen.port}: {exc.strerror or exc}")
+        await proxy.shutdown(timeout=0)
         return EXIT_RUNTIME
-    print(f"turnout: proxy listening on http://{config.listen.host}:{port}", flush=True)
+    print(f"turnout: proxy listening on http://{listen.host}:{port}", flush=True)
+    print(f"turnout: admin API on http://{admin.host}:{admin_port}", flush=True)
     stop = asyncio.Event()
     signals = 0
 
-    def on_signal() -> None:
+    def on_stop() -> None:
         nonlocal signals
         signals += 1
         if signals > 1:
             log.warning("second signal: exiting at once")
             for conn in list(proxy.connections):
                 conn.abort()
+            for tunnel in list(proxy.tunnels):
+                tunnel.abort()
         stop.set()
 
+    async def reload() -> None:
+        try:
+            await proxy.control.reload(by="SIGHUP")
+            log.info("reloaded %s", config_path)
+        except ControlError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc.detail)
+
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     print("turnout: shutting down, draining requests in flight", flush=True)
     await proxy.shutdown()

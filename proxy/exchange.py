@@ -8,13 +8,21 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from . import headers as h
+from .admission import Shed
 from .headers import RawHeaders
 from .router import OTHER
 from .routing import PoolName, parse_override
 from .upstream import BadResponse, ConnectError, Upstream, UpstreamConnection
 
 if TYPE_CHECKING:
+    from .runtime import Proxy
     from .server import ClientConnection
+
+SHED_DETAIL = {
+    "queue_full": "the upstream's in-flight limit and queue are full",
+    "queue_timeout": "waited in the upstream's queue longer than limits.queue_timeout",
+    "rate_limited": "the upstream's rate limit (limits.rate) is exhausted",
+}
 
 # A request body up to this size is kept so that the request can be retried elsewhere.
 RETRY_BODY_LIMIT = 65536
@@ -55,14 +63,18 @@ class Exchange:
         "no_body",
         "outcome",
         "override",
+        "pool",
         "request_headers",
+        "rescue_from",
         "resp_chunked",
         "resp_close",
         "resp_until_close",
         "response_started",
+        "retries",
         "retry_status",
         "retry_to",
         "reused_conn",
+        "started",
         "status",
         "sticky_key",
         "target",
@@ -116,6 +128,10 @@ class Exchange:
         self.status = 0
         self.retry_status = 0
         self.attempts_left = 0
+        self.retries = 0
+        self.rescue_from: PoolName | None = None
+        self.pool: PoolName | None = None
+        self.started = client.proxy.loop.time()
         self.tried: tuple[Upstream, ...] = ()
         self.retry_to: Upstream | None = None
         self.response_started = False
@@ -282,28 +298,73 @@ class Exchange:
             else:
                 client.abort()
         finally:
+            client.proxy.record_response(self)
             client.exchange_finished(self)
 
     async def _forward(self) -> None:
         proxy = self.client.proxy
         router = proxy.router
         pool = router.choose_pool(self.override, self.sticky_key)
-        settings = proxy.settings
-        self.attempts_left = settings.retry_attempts
-        upstream = router.pick(pool)
+        self.pool = pool
+        self.attempts_left = proxy.settings.retry_attempts
+        budget = proxy.retry_budget
+        budget.request_started()
+        try:
+            await self._attempts(proxy, router.pick_admissible(pool))
+        finally:
+            budget.request_finished()
+            for _ in range(self.retries):
+                budget.end_retry()
+
+    async def _attempts(self, proxy: Proxy, upstream: Upstream | None) -> None:
+        loop = proxy.loop
         while True:
             if upstream is None:
+                pool = self.pool or ""
                 self.client.send_error(
-                    self, 503, "no_upstream", f"no upstream available in pool {pool} or its peer"
+                    self,
+                    503,
+                    "no_upstream",
+                    f"no healthy upstream in pool {pool} or the other pool",
+                    pool,
                 )
                 return
-            upstream.in_flight += 1
+            breaker = upstream.breaker
+            if not breaker.acquire():
+                # Opened, or out of half-open trial slots, since the candidates were built.
+                self.tried = (*self.tried, upstream)
+                upstream = self._untried(upstream)
+                continue
+            epoch = breaker.epoch
+            admission = upstream.admission
+            try:
+                if not admission.try_enter():
+                    await admission.enter()
+            except Shed as exc:
+                breaker.release(None, epoch=epoch)
+                self.client.send_error(
+                    self, 503, exc.reason, SHED_DETAIL[exc.reason], upstream.pool, upstream.key
+                )
+                return
+            except BaseException:
+                breaker.release(None, epoch=epoch)
+                raise
+            # The slot and the breaker verdict are settled in `finally`, after the body ended.
+            verdict: bool | None = None
             upstream.requests += 1
+            started = loop.time()
             try:
                 outcome = await self._attempt(upstream)
+                verdict = self._verdict(outcome)
             finally:
-                upstream.in_flight -= 1
+                admission.leave()
+                breaker.release(verdict, epoch=epoch)
+            if verdict is not None:
+                error = not verdict or self.status >= 500
+                proxy.record_outcome(upstream.pool, error, loop.time() - started)
             if outcome is Outcome.OK or outcome is Outcome.CLIENT_GONE:
+                if outcome is Outcome.OK and self.rescue_from not in (None, upstream.pool):
+                    proxy.rescued += 1
                 return
             if outcome is Outcome.RESET and self.reused_conn and self.buffered is not None:
                 # A pooled connection closed by the upstream just as it was reused: the
@@ -315,30 +376,67 @@ class Exchange:
                 return
             if outcome is Outcome.RETRY_STATUS:
                 retry_to = self.retry_to  # chosen when the answer's head was seen
-            elif outcome in settings.retry_outcomes:
-                retry_to = self._retry_target(upstream)
+            elif outcome in proxy.settings.retry_outcomes:
+                retry_to = self._retry_target(upstream, outcome.value)
             else:
                 retry_to = None
             if retry_to is not None:
-                self.attempts_left -= 1
                 upstream = retry_to
                 self._reset_attempt()
                 continue
             self._send_failure(outcome, upstream)
             return
 
-    def _retry_target(self, failed: Upstream) -> Upstream | None:
-        """Where a retry would go, or None when none may be made: another upstream of the
-        failed one's pool, else of the other pool, never one this request has tried."""
+    def _verdict(self, outcome: Outcome) -> bool | None:
+        """The outcome as the breaker sees it: True ok, False failure, None not the
+        upstream's doing."""
+        if outcome is Outcome.OK:
+            return self.status not in self.client.proxy.settings.breaker_statuses
+        if outcome is Outcome.CLIENT_GONE:
+            return None
+        if outcome is Outcome.RESET and self.reused_conn:
+            return None
+        return False
+
+    def _untried(self, failed: Upstream) -> Upstream | None:
+        """Any available upstream not tried yet, own pool first (a rare path: the breaker
+        refused a pick made from fresh candidates)."""
+        candidates = self.client.proxy.router.candidates
+        for pool in (failed.pool, OTHER[failed.pool]):
+            for upstream in candidates[pool]:
+                if upstream not in self.tried:
+                    return upstream
+        return None
+
+    def _retry_target(self, failed: Upstream, reason: str) -> Upstream | None:
+        """Where a retry would go, or None when none may be made. A failed candidate request
+        goes to the stable pool (a shielded canary); otherwise another upstream of the same
+        pool first, then the other pool; never one this request has tried, and only within
+        the retry budget."""
         if self.attempts_left <= 0 or not self.retriable():
             return None
-        tried = self.tried = (*self.tried, failed)
-        router = self.client.proxy.router
-        upstream = router.pick(failed.pool, failed)
-        if upstream is None or upstream in tried:
-            upstream = router.pick(OTHER[failed.pool], failed)
-            if upstream in tried:
-                upstream = None
+        proxy = self.client.proxy
+        self.tried = (*self.tried, failed)
+        stable = proxy.stable
+        if failed.pool != stable:
+            upstream = self._pick_untried(stable, failed)
+        else:
+            upstream = self._pick_untried(failed.pool, failed) or self._pick_untried(
+                OTHER[failed.pool], failed
+            )
+        if upstream is None or not proxy.retry_budget.try_begin_retry():
+            return None
+        self.retries += 1
+        self.attempts_left -= 1
+        if failed.pool != stable:
+            self.rescue_from = failed.pool
+        proxy.pool_stats[failed.pool].retried(reason)
+        return upstream
+
+    def _pick_untried(self, pool: PoolName, failed: Upstream) -> Upstream | None:
+        upstream = self.client.proxy.router.pick_in(pool, failed)
+        if upstream is None or upstream in self.tried:
+            return None
         return upstream
 
     def _send_failure(self, outcome: Outcome, upstream: Upstream) -> None:
@@ -444,7 +542,7 @@ class Exchange:
         if (
             status in self.client.proxy.settings.retry_statuses
             and self.upstream is not None
-            and (retry_to := self._retry_target(self.upstream)) is not None
+            and (retry_to := self._retry_target(self.upstream, f"status_{status}")) is not None
         ):
             # Swallowed only when a retry will be made; the last answer reaches the client.
             self.retry_to = retry_to

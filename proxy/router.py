@@ -52,9 +52,7 @@ class Router:
 
     def refresh(self) -> None:
         for name in POOLS:
-            self.candidates[name] = tuple(
-                u for u in self.pools[name] if u.healthy and not u.draining
-            )
+            self.candidates[name] = tuple(u for u in self.pools[name] if u.available)
 
     def choose_pool(self, override: PoolName | None, sticky_key: bytes | None) -> PoolName:
         if override is not None:
@@ -72,9 +70,25 @@ class Router:
         return header or None
 
     def pick(self, pool: PoolName, exclude: Upstream | None = None) -> Upstream | None:
+        """An upstream of `pool`, else of the other pool (failover)."""
         upstream: Upstream | None = self.balancer.pick(self.candidates[pool], exclude)
         if upstream is None:
             upstream = self.balancer.pick(self.candidates[OTHER[pool]], exclude)
+        return upstream
+
+    def pick_in(self, pool: PoolName, exclude: Upstream | None = None) -> Upstream | None:
+        """An upstream of `pool` only."""
+        upstream: Upstream | None = self.balancer.pick(self.candidates[pool], exclude)
+        return upstream
+
+    def pick_admissible(self, pool: PoolName) -> Upstream | None:
+        """Like pick(), but an upstream whose in-flight limit and queue are full is passed
+        over for another one when there is one."""
+        upstream = self.pick(pool)
+        if upstream is not None and upstream.admission.full:
+            other = self.pick(pool, upstream)
+            if other is not None and not other.admission.full:
+                return other
         return upstream
 
     def upstreams(self) -> list[Upstream]:

@@ -7,18 +7,35 @@ import logging
 import random
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from .config import Config
+from aiohttp import web
+
+from .admission import Admission
+from .analysis import PoolWindow, WindowFigures
+from .breaker import Breaker, BreakerState
+from .config import Config, UpstreamConfig
+from .control import Change, Control
+from .events import EventBus
 from .exchange import Outcome
-from .router import POOLS, Router
+from .health import HealthChecker
+from .metrics import Metrics
+from .retry import RetryBudget
+from .rollout import RolloutController, RolloutSnapshot
+from .router import OTHER, POOLS, Router
 from .routing import PoolName, SplitSpreader
 from .server import ClientConnection
+from .stats import Histogram, PoolStats
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
 
 log = logging.getLogger("turnout")
 
 TICK = 0.5
 BACKLOG = 4096
+ROLLBACK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +50,9 @@ class Settings:
     retry_methods: frozenset[bytes]
     retry_statuses: frozenset[int]
     retry_outcomes: frozenset[Outcome]
+    breaker_statuses: frozenset[int]
     drain_timeout: float
+    max_connections: int
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
@@ -44,6 +63,7 @@ class Settings:
             outcomes.add(Outcome.CONNECT_ERROR)
         if "timeout" in r.on:
             outcomes.add(Outcome.TIMEOUT)
+        statuses = frozenset(x for x in r.on if isinstance(x, int))
         return cls(
             connect_timeout=t.connect,
             response_headers_timeout=t.response_headers,
@@ -51,24 +71,18 @@ class Settings:
             idle_timeout=t.idle,
             retry_attempts=r.attempts,
             retry_methods=frozenset(m.encode("ascii") for m in r.methods),
-            retry_statuses=frozenset(x for x in r.on if isinstance(x, int)),
+            retry_statuses=statuses,
             retry_outcomes=frozenset(outcomes),
+            # The upstream's own 5xx answers that count as breaker failures: those the
+            # operator also treats as retriable (502/503/504 by default).
+            breaker_statuses=statuses,
             drain_timeout=config.drain.timeout,
+            max_connections=config.listen.max_connections,
         )
-
-
-def build_pools(config: Config) -> dict[PoolName, tuple[Upstream, ...]]:
-    pools: dict[PoolName, tuple[Upstream, ...]] = {}
-    for name in POOLS:
-        pool_cfg = getattr(config.pools, name)
-        pools[name] = tuple(
-            Upstream.from_config(name, i, u) for i, u in enumerate(pool_cfg.upstreams)
-        )
-    return pools
 
 
 class Proxy:
-    """Owns the listener, the routing state and every client connection."""
+    """Owns the listeners, the routing state and every client connection."""
 
     def __init__(
         self, config: Config, *, config_path: str | None = None, rng: random.Random | None = None
@@ -78,17 +92,162 @@ class Proxy:
         self.log = log
         self.loop = asyncio.get_running_loop()
         self.settings = Settings.from_config(config)
+        self.rng = rng or random.Random()
         self.spreader = SplitSpreader(config.split)
-        self.router = Router(config, build_pools(config), self.spreader, rng)
+        # The pool that holds the traffic; it flips at each promotion.
+        self.stable: PoolName = "green" if config.split == 100.0 else "blue"
+        self.events = EventBus()
+        self._refresh_pending = False
+        self.router = Router(config, self._build_pools(config), self.spreader, self.rng)
+        self.control = Control(self)
+        self.health = self._health_checker(config)
+        self.retry_budget = RetryBudget(config.retries.budget)
+        self.pool_stats: dict[PoolName, PoolStats] = {p: PoolStats() for p in POOLS}
+        self.windows: dict[PoolName, PoolWindow] = {p: self._window(config) for p in POOLS}
+        self.unrouted: dict[str, dict[int, int]] = {}
+        self.rescued = 0
+        self.rollback_seconds = Histogram(ROLLBACK_BUCKETS)
+        self.rollout = RolloutController(self)
+        self.metrics = Metrics(self)
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[ClientConnection] = set()
         self.shutting_down = False
         self.server: asyncio.Server | None = None
+        self.admin_runner: web.AppRunner | None = None
+        self.admin_port = 0
         self._tick_task: asyncio.Task[None] | None = None
         self.port = 0
 
+    # construction --------------------------------------------------------------
+
+    @staticmethod
+    def _window(config: Config) -> PoolWindow:
+        return PoolWindow(span=max(60.0, 3 * config.rollout.interval), bucket=0.25)
+
+    def _build_pools(self, config: Config) -> dict[PoolName, tuple[Upstream, ...]]:
+        return {
+            name: tuple(
+                self.new_upstream(name, i, u)
+                for i, u in enumerate(getattr(config.pools, name).upstreams)
+            )
+            for name in POOLS
+        }
+
+    def new_upstream(self, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream:
+        b = self.config.breaker
+        limits = self.config.limits
+        upstream = Upstream(pool, index, cfg.url, cfg.host, cfg.port, cfg.weight)
+        key = f"{pool}/{index}"
+
+        def on_transition(old: BreakerState, new: BreakerState, reason: str) -> None:
+            self.request_refresh()
+            self.events.publish(
+                "breaker",
+                upstream=key,
+                url=cfg.url,
+                before=old.value,
+                after=new.value,
+                reason=reason,
+            )
+
+        upstream.breaker = Breaker(
+            consecutive_failures=b.consecutive_failures,
+            failure_ratio=b.failure_ratio,
+            min_requests=b.min_requests,
+            window=b.window,
+            open_for=b.open_for,
+            half_open_requests=b.half_open_requests,
+            clock=self.loop.time,
+            max_open_for=max(b.open_for, min(60.0, 8 * b.open_for)),
+            on_transition=on_transition,
+        )
+        upstream.admission = Admission(
+            max_in_flight=limits.max_in_flight,
+            queue=limits.queue,
+            queue_timeout=limits.queue_timeout,
+            rate=limits.rate,
+            loop=self.loop,
+        )
+        return upstream
+
+    def _health_checker(self, config: Config) -> HealthChecker:
+        hc = config.health_check
+        return HealthChecker(
+            path=hc.path,
+            interval=hc.interval,
+            timeout=hc.timeout,
+            healthy_after=hc.healthy_after,
+            unhealthy_after=hc.unhealthy_after,
+            on_change=self._on_health_change,
+        )
+
+    # seams for control, health and the breaker ----------------------------------
+
+    def request_refresh(self) -> None:
+        """Rebuild the candidate tuples soon (once, however many changes arrive)."""
+        if not self._refresh_pending:
+            self._refresh_pending = True
+            self.loop.call_soon(self._refresh)
+
+    def _refresh(self) -> None:
+        self._refresh_pending = False
+        self.router.refresh()
+
+    def _on_health_change(self, upstream: Upstream, healthy: bool, reason: str) -> None:
+        self.router.refresh()
+        self.events.publish(
+            "health", upstream=upstream.key, url=upstream.url, healthy=healthy, reason=reason
+        )
+
+    def watch(self, upstream: Upstream) -> None:
+        """Start health-checking an upstream; it takes traffic after its first passing check."""
+        self.health.watch(upstream, cold=True)
+
+    def unwatch(self, upstream: Upstream) -> None:
+        self.health.unwatch(upstream)
+
+    def apply(self, config: Config, pools: dict[PoolName, tuple[Upstream, ...]]) -> None:
+        """Swap configuration and routing snapshot; requests in flight keep the old ones."""
+        self.config = config
+        self.settings = Settings.from_config(config)
+        self.router = Router(config, pools, self.spreader, self.rng)
+
+    def set_split(self, split: float) -> None:
+        self.spreader.set_split(split)
+
+    # what the data path reports --------------------------------------------------
+
+    def record_outcome(self, pool: PoolName, error: bool, latency: float) -> None:
+        self.windows[pool].record(self.loop.time(), error, latency)
+        if error and pool != self.stable:
+            self.rollout.candidate_failed()
+
+    def record_response(self, ex: Exchange) -> None:
+        status = ex.status
+        if not status:
+            return
+        upstream = ex.upstream
+        if upstream is not None:
+            codes = upstream.codes
+            codes[status] = codes.get(status, 0) + 1
+        else:
+            unrouted = self.unrouted.setdefault(ex.pool or "", {})
+            unrouted[status] = unrouted.get(status, 0) + 1
+        if ex.pool is not None:
+            pool = upstream.pool if upstream is not None else ex.pool
+            self.pool_stats[pool].duration.observe(self.loop.time() - ex.started)
+
+    def figures(self, pool: PoolName, since: float | None = None) -> WindowFigures:
+        return self.windows[pool].figures(self.loop.time(), since)
+
+    # lifecycle -------------------------------------------------------------------
+
     async def start(self, sock: socket.socket | None = None) -> int:
-        """Start listening (on `sock` when given, else on listen.host:port); returns the port."""
+        """Check every upstream once, then listen (on `sock` when given, else on
+        listen.host:port); returns the port."""
+        for upstream in self.router.upstreams():
+            self.watch(upstream)
+        await self.health.first_round(self.config.health_check.timeout + 0.5)
         listen = self.config.listen
         if sock is None:
             self.server = await self.loop.create_server(
@@ -106,6 +265,19 @@ class Proxy:
         self._tick_task = self.loop.create_task(self._tick())
         return self.port
 
+    async def start_admin(self) -> int:
+        """Start the admin API listener; returns its port."""
+        from .admin import admin_token, build_admin_app
+
+        admin = self.config.admin
+        app = build_admin_app(self, admin_token(self))
+        self.admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.admin_runner.setup()
+        site = web.TCPSite(self.admin_runner, admin.host, admin.port, reuse_address=True)
+        await site.start()
+        self.admin_port = int(self.admin_runner.addresses[0][1])
+        return self.admin_port
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK)
@@ -113,16 +285,25 @@ class Proxy:
             for conn in list(self.connections):
                 conn.expire(now)
             idle_before = now - self.settings.idle_timeout
+            refresh = False
             for upstream in self.router.upstreams():
                 if upstream.idle:
                     upstream.close_idle(idle_before)
-
-    def set_split(self, split: float) -> None:
-        self.spreader.set_split(split)
+                # Reading the state moves an open breaker whose time is up to half-open.
+                if upstream.breaker.state is BreakerState.HALF_OPEN and (
+                    upstream not in self.router.candidates[upstream.pool]
+                ):
+                    refresh = True
+            if refresh:
+                self.router.refresh()
 
     @property
     def in_flight(self) -> int:
         return sum(u.in_flight for u in self.router.upstreams())
+
+    @property
+    def candidate(self) -> PoolName:
+        return OTHER[self.stable]
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, let requests in flight finish (bounded), then close everything."""
@@ -137,19 +318,76 @@ class Proxy:
         deadline = self.loop.time() + timeout
         while self.connections and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
+        for conn in list(self.tunnels):
+            conn.going_away()
         for conn in list(self.connections):
-            conn.abort()
+            if conn.tunnel is None:
+                conn.abort()
         if self._tick_task is not None:
             self._tick_task.cancel()
+        await self.rollout.close()
+        await self.control.close()
+        await self.health.close()
         for upstream in self.router.upstreams():
             upstream.close_idle()
             for uconn in list(upstream.connections):
                 uconn.close()
         if self.server is not None:
             await self.server.wait_closed()
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+
+    # views -----------------------------------------------------------------------
+
+    def rollout_snapshot(self) -> RolloutSnapshot:
+        return self.rollout.snapshot()
+
+    async def rollout_action(self, action: str, data: dict[str, Any], by: str) -> Change:
+        return await self.rollout.action(action, data, by)
+
+    def status(self) -> dict[str, Any]:
+        router = self.router
+        green = self.spreader.split
+        listen = self.config.listen
+        pools: dict[str, Any] = {}
+        for name in POOLS:
+            pools[name] = {
+                "available": len(router.candidates[name]),
+                "upstreams": [_upstream_status(u) for u in router.pools[name]],
+            }
+        return {
+            "split": {"green": green, "blue": 100.0 - green},
+            "stable": self.stable,
+            "candidate": self.candidate,
+            "config": self.config_path,
+            "listen": f"{listen.host}:{self.port or listen.port}",
+            "ramp": self.control.ramp_status(),
+            "pools": pools,
+            "rollout": self.rollout.status(),
+            "connections": len(self.connections),
+            "rescued": self.rescued,
+        }
 
     def __repr__(self) -> str:
         return (
             f"<Proxy port={self.port} connections={len(self.connections)} "
-            f"in_flight={self.in_flight} {self.router!r}>"
+            f"in_flight={self.in_flight} stable={self.stable} {self.router!r}>"
         )
+
+
+def _upstream_status(u: Upstream) -> dict[str, Any]:
+    snap = u.snapshot()
+    return {
+        "index": snap.index,
+        "url": snap.url,
+        "weight": snap.weight,
+        "state": snap.state,
+        "healthy": snap.healthy,
+        "draining": snap.draining,
+        "drained": snap.drained,
+        "breaker": snap.breaker,
+        "in_flight": snap.in_flight,
+        "queued": snap.queued,
+        "requests": snap.requests,
+        "failures": snap.failures,
+    }

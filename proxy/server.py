@@ -16,6 +16,19 @@ if TYPE_CHECKING:
     from .upstream import UpstreamConnection
 
 
+# WebSocket close frames with status 1001 (RFC 6455 §5.5.1, §7.4.1); frames a client sends
+# are masked, so the one towards the upstream carries a mask (of zeros, which is allowed).
+WS_GOING_AWAY_TO_CLIENT = b"\x88\x02\x03\xe9"
+WS_GOING_AWAY_TO_UPSTREAM = b"\x88\x82\x00\x00\x00\x00\x03\xe9"
+
+
+_BUSY = b'{"error": "max_connections", "detail": "listen.max_connections reached"}\n'
+TOO_MANY_CONNECTIONS = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%b" % (len(_BUSY), _BUSY)
+)
+
+
 class HeadError(Exception):
     """The request head broke a limit; carries the status to answer with."""
 
@@ -49,6 +62,7 @@ class ClientConnection(asyncio.Protocol):
         "pipeline",
         "proxy",
         "scheme",
+        "task",
         "transport",
         "tunnel",
         "tunnel_exchange",
@@ -78,6 +92,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_exchange: Exchange | None = None
         self.peer_ip = b""
         self.scheme = b"http"
+        self.task: asyncio.Task[None] | None = None
 
     # asyncio.Protocol ---------------------------------------------------------
 
@@ -89,6 +104,12 @@ class ClientConnection(asyncio.Protocol):
         proxy = self.proxy
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = b"https"
+        if len(proxy.connections) >= proxy.settings.max_connections:
+            # Refused at once rather than queued: the client learns to back off.
+            self.transport.write(TOO_MANY_CONNECTIONS)
+            self.transport.close()
+            self.closed = True
+            return
         proxy.connections.add(self)
         # Until a whole request head has arrived the client has request_headers to send it.
         self.deadline = proxy.loop.time() + proxy.settings.request_headers_timeout
@@ -209,7 +230,7 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = ex
         if self.active is None:
             self.active = ex
-            self.proxy.loop.create_task(ex.run())
+            self.task = self.proxy.loop.create_task(ex.run())
         else:
             self.pipeline.append(ex)
             self.pause_reading(self.PAUSE_PIPELINE)
@@ -347,7 +368,7 @@ class ClientConnection(asyncio.Protocol):
             self.active = nxt
             if not self.pipeline:
                 self.resume_reading(self.PAUSE_PIPELINE)
-            self.proxy.loop.create_task(nxt.run())
+            self.task = self.proxy.loop.create_task(nxt.run())
             return
         proxy = self.proxy
         self.deadline = proxy.loop.time() + proxy.settings.idle_timeout
@@ -369,6 +390,16 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(408, "request head not received in time")
             else:
                 self.close()
+
+    def going_away(self) -> None:
+        """Close a WebSocket tunnel politely: 1001 "going away" to both ends, then close."""
+        tunnel = self.tunnel
+        if tunnel is None:
+            return
+        self.write(WS_GOING_AWAY_TO_CLIENT)
+        tunnel.write(WS_GOING_AWAY_TO_UPSTREAM)
+        tunnel.close()
+        self.close()
 
     def shutdown(self) -> None:
         """Stop after the current request; an idle connection closes now."""

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
+from .admission import Admission
+from .breaker import Breaker, BreakerState
 from .headers import MAX_RESPONSE_HEAD, RawHeaders
 from .routing import PoolName
 
-if TYPE_CHECKING:
-    from .config import UpstreamConfig
+DEFAULT_BREAKER: dict[str, Any] = {
+    "consecutive_failures": 5,
+    "failure_ratio": 0.5,
+    "min_requests": 20,
+    "window": 10.0,
+    "open_for": 5.0,
+    "half_open_requests": 3,
+}
+DEFAULT_LIMITS: dict[str, Any] = {"max_in_flight": 256, "queue": 512, "queue_timeout": 1.0}
 
 
 class ConnectError(Exception):
@@ -48,10 +58,13 @@ class UpstreamSnapshot:
     index: int
     url: str
     weight: int
+    state: str
     healthy: bool
     draining: bool
     drained: bool
+    breaker: str
     in_flight: int
+    queued: int
     idle_connections: int
     requests: int
     failures: int
@@ -61,6 +74,9 @@ class Upstream:
     """One endpoint of a pool: its live counters and its idle connection pool."""
 
     __slots__ = (
+        "admission",
+        "breaker",
+        "codes",
         "connections",
         "drained",
         "draining",
@@ -69,7 +85,6 @@ class Upstream:
         "host",
         "host_header",
         "idle",
-        "in_flight",
         "index",
         "pool",
         "port",
@@ -79,7 +94,16 @@ class Upstream:
     )
 
     def __init__(
-        self, pool: PoolName, index: int, url: str, host: str, port: int, weight: int
+        self,
+        pool: PoolName,
+        index: int,
+        url: str,
+        host: str,
+        port: int,
+        weight: int,
+        *,
+        breaker: Breaker | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.pool = pool
         self.index = index
@@ -88,9 +112,13 @@ class Upstream:
         self.port = port
         self.host_header = f"{host}:{port}".encode("latin-1")
         self.weight = weight
-        self.in_flight = 0
+        self.breaker = breaker or Breaker(**DEFAULT_BREAKER, clock=time.monotonic)
+        self.admission = admission or Admission(**DEFAULT_LIMITS)
         self.requests = 0
         self.failures = 0
+        # Final status codes answered from this upstream: plain ints bumped by the data
+        # path, read by /metrics at scrape time.
+        self.codes: dict[int, int] = {}
         self.healthy = True
         self.draining = False
         self.drained = False
@@ -99,9 +127,28 @@ class Upstream:
         self.idle: deque[UpstreamConnection] = deque()
         self.connections: set[UpstreamConnection] = set()
 
-    @classmethod
-    def from_config(cls, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream:
-        return cls(pool, index, cfg.url, cfg.host, cfg.port, cfg.weight)
+    @property
+    def in_flight(self) -> int:
+        return self.admission.in_flight
+
+    @property
+    def available(self) -> bool:
+        """May take new requests (the breaker is asked again at pick time)."""
+        return self.healthy and not self.draining and self.breaker.state is not BreakerState.OPEN
+
+    def state_name(self) -> str:
+        if self.drained:
+            return "drained"
+        if self.draining:
+            return "draining"
+        if not self.healthy:
+            return "down"
+        state = self.breaker.state
+        if state is BreakerState.OPEN:
+            return "breaker_open"
+        if state is BreakerState.HALF_OPEN:
+            return "breaker_half_open"
+        return "up"
 
     @property
     def key(self) -> str:
@@ -154,19 +201,21 @@ class Upstream:
             index=self.index,
             url=self.url,
             weight=self.weight,
+            state=self.state_name(),
             healthy=self.healthy,
             draining=self.draining,
             drained=self.drained,
+            breaker=self.breaker.state.value,
             in_flight=self.in_flight,
+            queued=self.admission.queued,
             idle_connections=len(self.idle),
             requests=self.requests,
             failures=self.failures,
         )
 
     def __repr__(self) -> str:
-        state = "draining" if self.draining else ("up" if self.healthy else "down")
         return (
-            f"<Upstream {self.key} {self.url} w={self.weight} {state} "
+            f"<Upstream {self.key} {self.url} w={self.weight} {self.state_name()} "
             f"in_flight={self.in_flight} idle={len(self.idle)}>"
         )
 

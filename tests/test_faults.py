@@ -15,13 +15,24 @@ from typing import Any
 import aiohttp
 import httptools
 import pytest
-from conftest import HOST, ProxyFactory, SampleFactory, proxy_config, raw_request
+from conftest import HOST, ProxyFactory, Sample, SampleFactory, proxy_config, raw_request
 
 from proxy.runtime import Proxy
 
 MiB = 1024 * 1024
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+# Health checks far apart, so that an upstream stopped after the proxy started still looks
+# healthy and the data path meets the dead port itself.
+SLOW_CHECKS: dict[str, Any] = {"health_check": {"interval": "60s"}}
+
+
+async def stop(upstream: Sample) -> str:
+    """Stop a sample upstream that passed its first health check; returns its URL."""
+    await upstream.runner.cleanup()
+    return upstream.url
 
 
 @pytest.fixture
@@ -197,9 +208,10 @@ async def test_connect_failure_is_502_naming_the_pool(
     make_proxy: ProxyFactory,
     session: aiohttp.ClientSession,
 ) -> None:
-    dead = dead_url()
+    doomed = await sample("doomed")
     green = await sample("green")
-    proxy = await make_proxy(proxy_config([dead], [green.url], **NO_RETRIES))
+    proxy = await make_proxy(proxy_config([doomed.url], [green.url], **NO_RETRIES, **SLOW_CHECKS))
+    dead = await stop(doomed)
     async with session.get(url_of(proxy) + "/anything") as resp:
         assert resp.status == 502
         assert resp.content_type == "application/json"
@@ -397,11 +409,13 @@ async def test_get_is_retried_on_another_upstream(
     make_proxy: ProxyFactory,
     session: aiohttp.ClientSession,
 ) -> None:
+    doomed = await sample("doomed")
     blue = await sample("blue")
     green = await sample("green")
     proxy = await make_proxy(
-        proxy_config([dead_url(), blue.url], [green.url], balancer="round_robin")
+        proxy_config([doomed.url, blue.url], [green.url], balancer="round_robin", **SLOW_CHECKS)
     )
+    await stop(doomed)
     for i in range(10):
         async with session.get(url_of(proxy) + f"/r/{i}") as resp:
             assert resp.status == 200
@@ -418,11 +432,13 @@ async def test_post_is_not_retried(
     make_proxy: ProxyFactory,
     session: aiohttp.ClientSession,
 ) -> None:
+    doomed = await sample("doomed")
     blue = await sample("blue")
     green = await sample("green")
     proxy = await make_proxy(
-        proxy_config([dead_url(), blue.url], [green.url], balancer="round_robin")
+        proxy_config([doomed.url, blue.url], [green.url], balancer="round_robin", **SLOW_CHECKS)
     )
+    await stop(doomed)
     answered: dict[int, list[Any]] = {200: [], 502: []}
     for _ in range(4):
         async with session.post(url_of(proxy) + "/sink", data=b"payload") as resp:

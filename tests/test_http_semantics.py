@@ -78,6 +78,9 @@ class _Collector:
         self.done.append(self.current)
 
 
+HEALTHY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
 class RawUpstream:
     """A tiny HTTP/1.1 upstream on asyncio streams: counts connections, records requests and
     answers each complete request with `answer(seen)` (None: never answer; a reply carrying
@@ -113,12 +116,20 @@ class RawUpstream:
         if task is not None:
             self._tasks.add(task)
         collector = _Collector()
+        received = 0
+        probe = False
         try:
             while data := await reader.read(65536):
+                received += len(data)
                 self.received += len(data)
                 collector.parser.feed_data(data)
                 done, collector.done = collector.done, []
                 for seen in done:
+                    if seen.target == b"/healthz":
+                        # The proxy's health checker: answered, never counted.
+                        probe = True
+                        writer.write(HEALTHY)
+                        return
                     self.requests.append(seen)
                     reply = self.answer(seen)
                     if reply is not None:
@@ -128,7 +139,11 @@ class RawUpstream:
         except (httptools.HttpParserError, ConnectionError):
             pass
         finally:
-            self.closed += 1
+            if probe:
+                self.connections -= 1
+                self.received -= received
+            else:
+                self.closed += 1
             self._writers.discard(writer)
             writer.close()
 
@@ -758,7 +773,7 @@ def refused_url() -> Iterator[str]:
         yield f"http://{HOST}:{sock.getsockname()[1]}"
 
 
-async def test_no_upstream_reachable_is_502_with_json(
+async def test_no_healthy_upstream_is_a_fast_503_with_json(
     make_proxy: ProxyFactory, clients: ClientFactory, refused_url: str
 ) -> None:
     proxy = await make_proxy(proxy_config([refused_url], []))
@@ -767,12 +782,13 @@ async def test_no_upstream_reachable_is_502_with_json(
         resp = await client.request(
             method + b" /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"
         )
-        assert resp.status == 502
+        assert resp.status == 503
+        assert resp.value(b"retry-after") is not None
         assert resp.value(b"content-type") == b"application/json"
         body = resp.json()
         assert {"error", "detail", "pool"} <= body.keys()
+        assert body["error"] == "no_upstream"
         assert body["pool"] == "blue"
-        assert "connect" in body["detail"]
         assert len(resp.body) < 512
 
 

@@ -88,8 +88,12 @@ async def test_upstream_messages_and_close_reach_the_client(
         await ws.close(code=4000, message=b"bye")
         return ws
 
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
     app = web.Application()
     app.router.add_get("/talk", talker)
+    app.router.add_get("/healthz", healthz)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:

@@ -1,0 +1,274 @@
+"""The admin API: JSON over HTTP, bearer-token auth, validation, an audit line per mutation."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from .config import parse_duration
+from .control import Change, ControlError
+
+if TYPE_CHECKING:
+    from .runtime import Proxy
+
+audit_log = logging.getLogger("turnout.audit")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy")
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+SSE_HEARTBEAT = 15.0
+MAX_BODY = 65536
+
+
+class AdminSetupError(Exception):
+    """The admin listener must not start as configured."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_token(proxy: Proxy) -> str | None:
+    admin = proxy.config.admin
+    token = os.environ.get(admin.token_env) or None
+    if token is None and not is_loopback(admin.host):
+        raise AdminSetupError(
+            f"the admin API would listen on {admin.host}, which is not loopback, without a token: "
+            f"set {admin.token_env} or listen on 127.0.0.1"
+        )
+    return token
+
+
+def json_error(status: int, error: str, detail: Any = None) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status)
+
+
+def who(request: web.Request) -> str:
+    peer = request.remote or "unknown"
+    return f"token@{peer}" if request.get("authenticated") else peer
+
+
+def audit(request: web.Request, change: Change) -> None:
+    audit_log.info(
+        "%s",
+        json.dumps(
+            {
+                "audit": True,
+                "who": who(request),
+                "what": change.what,
+                "request": f"{request.method} {request.path}",
+                "before": change.before,
+                "after": change.after,
+            },
+            default=str,
+        ),
+    )
+
+
+def make_middleware(token: str | None) -> Middleware:
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is not None and request.path not in OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode("latin-1", "replace")
+            if not hmac.compare_digest(given, expected):
+                return json_error(401, "unauthorized", "missing or wrong bearer token")
+            request["authenticated"] = True
+        try:
+            return await handler(request)
+        except ControlError as exc:
+            return json_error(exc.status, exc.error, exc.detail)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            detail = f"{request.method} {request.path}: {exc.reason}"
+            return json_error(exc.status, exc.reason.lower(), detail)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            logging.getLogger("turnout").exception("admin handler failed")
+            return json_error(500, "internal error", "see the proxy log")
+
+    return middleware
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise ControlError(400, "body too large", f"at most {MAX_BODY} bytes")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise ControlError(400, "body too large", f"at most {MAX_BODY} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ControlError(400, "malformed JSON", str(exc)) from exc
+    if not isinstance(data, dict):
+        raise ControlError(400, "malformed request", "the body must be a JSON object")
+    return data
+
+
+def allow_keys(data: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ControlError(400, "unknown field", f"unknown field(s): {', '.join(unknown)}")
+
+
+def number(data: dict[str, Any], key: str) -> float:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ControlError(400, f"invalid {key}", f"{key} must be a number, not {value!r}")
+    return float(value)
+
+
+def index_of(request: web.Request) -> int:
+    raw = request.match_info["index"]
+    if not raw.isdigit():
+        raise ControlError(404, "unknown upstream", f"index must be a whole number, not {raw!r}")
+    return int(raw)
+
+
+class AdminAPI:
+    """Handlers of the admin API over one running proxy."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.control = proxy.control
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        candidates = self.proxy.router.candidates
+        ready = any(candidates[p] for p in candidates)
+        body = {"ready": ready, "available": {p: len(c) for p, c in candidates.items()}}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.proxy.status(), dumps=lambda o: json.dumps(o, default=str))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body, content_type = self.proxy.metrics.exposition()
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = content_type
+        return resp
+
+    async def put_split(self, request: web.Request) -> web.Response:
+        data = await read_json(request)
+        allow_keys(data, {"green", "over"})
+        if "green" not in data:
+            raise ControlError(400, "missing field", "green is required (0..100)")
+        green = number(data, "green")
+        over: float | None = None
+        if data.get("over") is not None:
+            try:
+                over = parse_duration(data["over"])
+            except ValueError as exc:
+                raise ControlError(400, "invalid over", str(exc)) from exc
+        change = self.control.set_split(green, over, by=who(request))
+        audit(request, change)
+        return web.json_response({"split": change.after, "before": change.before})
+
+    async def add_upstream(self, request: web.Request) -> web.Response:
+        data = await read_json(request)
+        allow_keys(data, {"url", "weight"})
+        if "url" not in data:
+            raise ControlError(400, "missing field", "url is required")
+        change = await self.control.add_upstream(
+            request.match_info["pool"], data["url"], data.get("weight", 1)
+        )
+        audit(request, change)
+        return web.json_response({"added": change.after, "what": change.what}, status=201)
+
+    async def remove_upstream(self, request: web.Request) -> web.Response:
+        change = self.control.remove_upstream(
+            request.match_info["pool"], index_of(request), by=who(request)
+        )
+        audit(request, change)
+        return web.json_response({"removing": change.before, "what": change.what}, status=202)
+
+    async def drain(self, request: web.Request) -> web.Response:
+        pool, index = request.match_info["pool"], index_of(request)
+        action = request.match_info["action"]
+        if action == "drain":
+            change = self.control.drain(pool, index, by=who(request))
+        else:
+            change = self.control.undrain(pool, index, by=who(request))
+        audit(request, change)
+        return web.json_response({"what": change.what, "before": change.before, **change.after})
+
+    async def reload(self, request: web.Request) -> web.Response:
+        change = await self.control.reload(by=who(request))
+        audit(request, change)
+        return web.json_response({"reloaded": True, "before": change.before, "after": change.after})
+
+    async def rollout(self, request: web.Request) -> web.Response:
+        data = await read_json(request)
+        change = await self.proxy.rollout_action(request.match_info["action"], data, who(request))
+        audit(request, change)
+        return web.json_response(
+            {"what": change.what, "before": change.before, "after": change.after}
+        )
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await resp.prepare(request)
+        replay_raw = request.query.get("replay", "0")
+        replay = int(replay_raw) if replay_raw.isdigit() else 0
+        stream = self.proxy.events.subscribe(replay=replay)
+        await resp.write(b": turnout events\n\n")
+        while True:
+            try:
+                async with asyncio.timeout(SSE_HEARTBEAT):
+                    event = await anext(stream)
+            except TimeoutError:
+                await resp.write(b": keep-alive\n\n")
+                continue
+            except StopAsyncIteration:
+                break
+            await resp.write(
+                f"id: {event.seq}\nevent: {event.kind}\ndata: {event.to_json()}\n\n".encode()
+            )
+        return resp
+
+
+def build_admin_app(proxy: Proxy, token: str | None) -> web.Application:
+    app = web.Application(middlewares=[make_middleware(token)], client_max_size=MAX_BODY)
+    app[PROXY_KEY] = proxy
+    api = AdminAPI(proxy)
+    r = app.router
+    r.add_get("/healthz", api.healthz)
+    r.add_get("/readyz", api.readyz)
+    r.add_get("/status", api.status)
+    r.add_get("/metrics", api.metrics)
+    r.add_get("/events", api.events)
+    r.add_put("/split", api.put_split)
+    r.add_post("/reload", api.reload)
+    r.add_post("/rollout/{action:start|pause|resume|promote|rollback|abort}", api.rollout)
+    r.add_post("/pools/{pool}/upstreams", api.add_upstream)
+    r.add_delete("/pools/{pool}/upstreams/{index}", api.remove_upstream)
+    r.add_post("/pools/{pool}/upstreams/{index}/{action:drain|undrain}", api.drain)
+    return app

@@ -1,0 +1,315 @@
+"""The single writer of routing state: split and ramps, drains, upstreams, reload."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .config import Config, ConfigError, UpstreamConfig, load_config
+from .router import POOLS
+from .routing import PoolName
+from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .runtime import Proxy
+
+RAMP_TICK = 0.1
+DRAIN_POLL = 0.05
+
+
+class ControlError(Exception):
+    """A request the control layer refuses; `status` is the HTTP status the admin API uses."""
+
+    def __init__(self, status: int, error: str, detail: Any = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What a mutation did, for the audit log and the admin API's answer."""
+
+    what: str
+    before: Any
+    after: Any
+
+
+class Control:
+    """Every change to routing state goes through here, one synchronous step at a time."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.events = proxy.events
+        self._ramp: asyncio.Task[None] | None = None
+        self._ramp_target: float | None = None
+        self._drains: dict[Upstream, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A background task that is kept referenced until it ends, and cancelled at close."""
+        task = self.proxy.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # split -----------------------------------------------------------------
+
+    @property
+    def split(self) -> float:
+        return self.proxy.spreader.split
+
+    def set_split(self, green: float, over: float | None = None, *, by: str = "operator") -> Change:
+        if not 0.0 <= green <= 100.0:
+            raise ControlError(400, "split out of range", "green must be within 0..100")
+        if over is not None and over < 0:
+            raise ControlError(400, "invalid ramp", "over must not be negative")
+        before = self.split
+        self._cancel_ramp()
+        if over:
+            self._ramp_target = green
+            self._ramp = self.proxy.loop.create_task(self._run_ramp(before, green, over, by))
+            self.events.publish("ramp", start=before, target=green, over=over, by=by)
+        else:
+            self._apply_split(green, by)
+        return Change("split", {"green": before}, {"green": green, "over": over})
+
+    def _apply_split(self, green: float, by: str) -> None:
+        before = self.split
+        self.proxy.set_split(green)
+        if before != green:
+            self.events.publish("split", before=before, after=green, by=by)
+            if green == 0.0:
+                self._drain_pool_connections("green")
+            elif green == 100.0:
+                self._drain_pool_connections("blue")
+
+    def ramp_status(self) -> dict[str, Any] | None:
+        if self._ramp is None or self._ramp_target is None:
+            return None
+        return {"target": self._ramp_target}
+
+    def _cancel_ramp(self) -> None:
+        if self._ramp is not None and not self._ramp.done():
+            self._ramp.cancel()
+        self._ramp = None
+        self._ramp_target = None
+
+    async def _run_ramp(self, start: float, target: float, over: float, by: str) -> None:
+        loop = self.proxy.loop
+        began = loop.time()
+        while True:
+            progress = min(1.0, (loop.time() - began) / over)
+            value = start + (target - start) * progress
+            self.proxy.set_split(round(value, 3))
+            if progress >= 1.0:
+                break
+            await asyncio.sleep(RAMP_TICK)
+        self._ramp = None
+        self._ramp_target = None
+        self.proxy.set_split(target)
+        self.events.publish("split", before=start, after=target, by=by, ramp=over)
+        if target in (0.0, 100.0):
+            self._drain_pool_connections("green" if target == 0.0 else "blue")
+
+    def _drain_pool_connections(self, pool: PoolName) -> None:
+        """A pool that gets no new requests keeps no idle connections, and no busy ones past
+        drain.timeout."""
+        for upstream in self.proxy.router.pools[pool]:
+            upstream.close_idle()
+        self._spawn(self._expire_pool(pool))
+
+    async def _expire_pool(self, pool: PoolName) -> None:
+        loop = self.proxy.loop
+        deadline = loop.time() + self.proxy.settings.drain_timeout
+        while loop.time() < deadline:
+            if not any(u.in_flight for u in self.proxy.router.pools[pool]):
+                break
+            await asyncio.sleep(DRAIN_POLL)
+        split = self.split
+        if (pool == "green" and split == 0.0) or (pool == "blue" and split == 100.0):
+            for upstream in self.proxy.router.pools[pool]:
+                upstream.close_idle()
+                for conn in list(upstream.connections):
+                    conn.abort()
+
+    # upstreams ---------------------------------------------------------------
+
+    def upstream(self, pool: str, index: int) -> Upstream:
+        if pool not in POOLS:
+            raise ControlError(404, "unknown pool", f"pool must be blue or green, not {pool!r}")
+        ups = self.proxy.router.pools[pool]
+        if not 0 <= index < len(ups):
+            raise ControlError(
+                404, "unknown upstream", f"pool {pool} has {len(ups)} upstream(s); no index {index}"
+            )
+        return ups[index]
+
+    def drain(self, pool: str, index: int, *, by: str = "operator") -> Change:
+        upstream = self.upstream(pool, index)
+        before = upstream.draining
+        if not before:
+            upstream.draining = True
+            upstream.drained = False
+            self.proxy.router.refresh()
+            upstream.close_idle()
+            self.events.publish("drain", upstream=upstream.key, url=upstream.url, by=by)
+            self._drains[upstream] = self._spawn(self._finish_drain(upstream))
+        return Change(f"drain {upstream.key}", {"draining": before}, {"draining": True})
+
+    def undrain(self, pool: str, index: int, *, by: str = "operator") -> Change:
+        upstream = self.upstream(pool, index)
+        before = upstream.draining
+        if before:
+            task = self._drains.pop(upstream, None)
+            if task is not None:
+                task.cancel()
+            upstream.draining = False
+            upstream.drained = False
+            self.proxy.router.refresh()
+            self.events.publish("undrain", upstream=upstream.key, url=upstream.url, by=by)
+        return Change(f"undrain {upstream.key}", {"draining": before}, {"draining": False})
+
+    async def _finish_drain(self, upstream: Upstream) -> None:
+        loop = self.proxy.loop
+        timeout = self.proxy.settings.drain_timeout
+        deadline = loop.time() + timeout
+        while upstream.in_flight and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL)
+        forced = upstream.in_flight
+        upstream.close_idle()
+        for conn in list(upstream.connections):
+            conn.abort()
+        upstream.drained = True
+        self._drains.pop(upstream, None)
+        self.events.publish("drained", upstream=upstream.key, url=upstream.url, cut_requests=forced)
+
+    async def add_upstream(self, pool: str, url: object, weight: object = 1) -> Change:
+        if pool not in POOLS:
+            raise ControlError(404, "unknown pool", f"pool must be blue or green, not {pool!r}")
+        try:
+            cfg = UpstreamConfig.model_validate({"url": url, "weight": weight})
+        except ValueError as exc:
+            raise ControlError(400, "invalid upstream", _pydantic_detail(exc)) from exc
+        router = self.proxy.router
+        name: PoolName = pool
+        for existing in router.pools[name]:
+            if (existing.host, existing.port) == (cfg.host, cfg.port):
+                raise ControlError(
+                    409, "duplicate upstream", f"{cfg.url} is already {existing.key}"
+                )
+        upstream = self.proxy.new_upstream(name, len(router.pools[name]), cfg)
+        router.pools[name] = (*router.pools[name], upstream)
+        self.proxy.watch(upstream)
+        router.refresh()
+        self.events.publish("upstream_added", upstream=upstream.key, url=upstream.url)
+        return Change(f"add {upstream.key}", None, {"url": upstream.url, "weight": upstream.weight})
+
+    def remove_upstream(self, pool: str, index: int, *, by: str = "operator") -> Change:
+        upstream = self.upstream(pool, index)
+        if not upstream.draining:
+            self.drain(pool, index, by=by)
+        self._spawn(self._remove_when_drained(upstream))
+        return Change(
+            f"remove {upstream.key}", {"url": upstream.url}, {"removed_after_drain": True}
+        )
+
+    async def _remove_when_drained(self, upstream: Upstream) -> None:
+        task = self._drains.get(upstream)
+        if task is not None:
+            await asyncio.shield(task)
+        self._forget(upstream)
+        self.events.publish("upstream_removed", upstream=upstream.key, url=upstream.url)
+
+    def _forget(self, upstream: Upstream) -> None:
+        router = self.proxy.router
+        pool = upstream.pool
+        if upstream not in router.pools[pool]:
+            return
+        remaining = tuple(u for u in router.pools[pool] if u is not upstream)
+        for i, u in enumerate(remaining):
+            u.index = i
+        router.pools[pool] = remaining
+        self.proxy.unwatch(upstream)
+        router.refresh()
+
+    # reload ------------------------------------------------------------------
+
+    async def reload(self, *, by: str = "operator") -> Change:
+        path = self.proxy.config_path
+        if path is None:
+            raise ControlError(409, "no config file", "running on the built-in default")
+        try:
+            config = await asyncio.to_thread(load_config, path)
+        except ConfigError as exc:
+            self.events.publish("reload_failed", path=path, errors=exc.errors, by=by)
+            raise ControlError(400, "invalid config", exc.errors) from exc
+        before = self._config_summary(self.proxy.config)
+        self.apply_config(config)
+        after = self._config_summary(config)
+        self.events.publish("reload", path=path, by=by)
+        return Change("reload", before, after)
+
+    def apply_config(self, config: Config) -> None:
+        """Swap in a validated configuration in one synchronous step."""
+        proxy = self.proxy
+        old = proxy.config
+        old_router = proxy.router
+        pools: dict[PoolName, tuple[Upstream, ...]] = {}
+        removed: list[Upstream] = []
+        added: list[Upstream] = []
+        for name in POOLS:
+            current = {(u.host, u.port): u for u in old_router.pools[name]}
+            kept: list[Upstream] = []
+            for i, cfg in enumerate(getattr(config.pools, name).upstreams):
+                upstream = current.pop((cfg.host, cfg.port), None)
+                if upstream is None:
+                    upstream = proxy.new_upstream(name, i, cfg)
+                    added.append(upstream)
+                else:
+                    upstream.index = i
+                    upstream.weight = cfg.weight
+                    upstream.url = cfg.url
+                kept.append(upstream)
+            removed.extend(current.values())
+            pools[name] = tuple(kept)
+        proxy.apply(config, pools)
+        if config.split != old.split:
+            self._cancel_ramp()
+            self._apply_split(config.split, "reload")
+        for upstream in added:
+            proxy.watch(upstream)
+        for upstream in removed:
+            self._retire(upstream)
+
+    def _retire(self, upstream: Upstream) -> None:
+        """An upstream that left the configuration: no new requests, the rest finish."""
+        upstream.draining = True
+        upstream.close_idle()
+        self.proxy.unwatch(upstream)
+        self._spawn(self._finish_drain(upstream))
+
+    @staticmethod
+    def _config_summary(config: Config) -> dict[str, Any]:
+        return {name: [u.url for u in getattr(config.pools, name).upstreams] for name in POOLS} | {
+            "balancer": config.balancer
+        }
+
+    async def close(self) -> None:
+        self._cancel_ramp()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _pydantic_detail(exc: ValueError) -> Any:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return [
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in errors()
+        ]
+    return str(exc)

@@ -1,0 +1,170 @@
+"""Prometheus exposition: one registry per proxy, every series read from live objects at
+scrape time so the data path only bumps plain integers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from .router import POOLS
+
+if TYPE_CHECKING:
+    from .runtime import Proxy
+
+UPSTREAM_STATES = ("up", "down", "draining", "drained", "breaker_open", "breaker_half_open")
+ROLLOUT_STATES = (
+    "idle",
+    "progressing",
+    "paused",
+    "insufficient_data",
+    "promoted",
+    "rolled_back",
+    "aborted",
+)
+
+
+class ProxyCollector(Collector):
+    """Reads the proxy's live state on every scrape."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        proxy = self.proxy
+        upstreams = proxy.router.upstreams()
+        requests = CounterMetricFamily(
+            "turnout_requests",
+            "Requests answered, by pool, upstream and status code",
+            labels=("pool", "upstream", "code"),
+        )
+        for u in upstreams:
+            for code, count in sorted(u.codes.items()):
+                requests.add_metric((u.pool, u.url, str(code)), count)
+        for pool, codes in proxy.unrouted.items():
+            for code, count in sorted(codes.items()):
+                requests.add_metric((pool, "", str(code)), count)
+        yield requests
+
+        duration = HistogramMetricFamily(
+            "turnout_request_duration_seconds",
+            "Time from request head to the end of the response, by pool",
+            labels=("pool",),
+        )
+        for pool in POOLS:
+            snap = proxy.pool_stats[pool].duration.snapshot()
+            duration.add_metric(
+                (pool,),
+                [(_le(bound), count) for bound, count in snap.buckets],
+                snap.sum,
+            )
+        yield duration
+
+        in_flight = GaugeMetricFamily(
+            "turnout_upstream_in_flight",
+            "Requests in flight per upstream",
+            labels=("pool", "upstream"),
+        )
+        state = GaugeMetricFamily(
+            "turnout_upstream_state",
+            "1 for the state each upstream is in",
+            labels=("pool", "upstream", "state"),
+        )
+        shed = CounterMetricFamily(
+            "turnout_shed",
+            "Requests refused by the proxy itself, by reason",
+            labels=("pool", "upstream", "reason"),
+        )
+        for u in upstreams:
+            in_flight.add_metric((u.pool, u.url), u.in_flight)
+            current = u.state_name()
+            for name in UPSTREAM_STATES:
+                state.add_metric((u.pool, u.url, name), 1.0 if name == current else 0.0)
+            adm = u.admission.snapshot()
+            shed.add_metric((u.pool, u.url, "queue_full"), adm.shed_queue_full)
+            shed.add_metric((u.pool, u.url, "queue_timeout"), adm.shed_queue_timeout)
+            shed.add_metric((u.pool, u.url, "rate_limited"), adm.shed_rate_limited)
+        yield in_flight
+        yield state
+        yield shed
+
+        split = GaugeMetricFamily(
+            "turnout_split_percent",
+            "Share of new requests sent to each pool",
+            labels=("pool",),
+        )
+        green = proxy.spreader.split
+        split.add_metric(("green",), green)
+        split.add_metric(("blue",), 100.0 - green)
+        yield split
+
+        retries = CounterMetricFamily(
+            "turnout_retries",
+            "Retries by pool of the failed attempt and reason",
+            labels=("pool", "reason"),
+        )
+        for pool in POOLS:
+            for reason, count in sorted(proxy.pool_stats[pool].retries.items()):
+                retries.add_metric((pool, reason), count)
+        yield retries
+
+        draining = GaugeMetricFamily(
+            "turnout_draining_connections",
+            "Client connections being drained (closing after their request)",
+            labels=("pool",),
+        )
+        for pool in POOLS:
+            draining.add_metric(
+                (pool,),
+                sum(u.in_flight for u in upstreams if u.pool == pool and u.draining),
+            )
+        yield draining
+
+        rollout = proxy.rollout_snapshot()
+        yield GaugeMetricFamily(
+            "turnout_rollout_step",
+            "Index of the current rollout step (0 when idle)",
+            value=rollout.step,
+        )
+        rstate = GaugeMetricFamily(
+            "turnout_rollout_state", "1 for the rollout's current state", labels=("state",)
+        )
+        for name in ROLLOUT_STATES:
+            rstate.add_metric((name,), 1.0 if name == rollout.state else 0.0)
+        yield rstate
+        yield CounterMetricFamily(
+            "turnout_rescued",
+            "Candidate failures answered by the stable pool",
+            value=proxy.rescued,
+        )
+        rb = proxy.rollback_seconds.snapshot()
+        rollback = HistogramMetricFamily(
+            "turnout_rollback_seconds",
+            "Time from the first failed candidate outcome to split 0",
+        )
+        rollback.add_metric((), [(_le(b), c) for b, c in rb.buckets], rb.sum)
+        yield rollback
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+class Metrics:
+    """The proxy's registry and its exposition."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ProxyCollector(proxy))
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

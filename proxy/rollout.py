@@ -1,0 +1,379 @@
+"""The rollout controller: timers and I/O around the pure strategies and analysis."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from .analysis import ErrorTest, LatencyTest, WindowFigures
+from .control import Change, ControlError
+from .health import probe
+from .strategy import Decision, StepState, Verdict, analysed_steps, decide_adaptive
+
+if TYPE_CHECKING:
+    from .runtime import Proxy
+
+TICK = 0.1
+# A candidate failure asks for an evaluation this soon (not on every failure: at most one
+# pending), so a broken candidate is caught well within a second.
+FAILURE_EVAL_DELAY = 0.02
+GATE_RECHECK = 1.0
+STRATEGIES = ("eager", "lazy", "adaptive")
+
+
+class RolloutState(StrEnum):
+    IDLE = "idle"
+    PROGRESSING = "progressing"
+    PAUSED = "paused"
+    INSUFFICIENT_DATA = "insufficient_data"
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+
+
+ACTIVE = frozenset({RolloutState.PROGRESSING, RolloutState.INSUFFICIENT_DATA})
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutSnapshot:
+    state: str
+    step: int
+    strategy: str
+
+
+class RolloutController:
+    """Drives one rollout at a time from the stable pool to the candidate."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.state = RolloutState.IDLE
+        self.strategy: str = proxy.config.rollout.strategy
+        self.step: StepState | None = None
+        self.steps: tuple[float, ...] = ()
+        self.reason = "no rollout started"
+        self.last_figures: dict[str, Any] = {}
+        self.first_failure: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._eval_pending = False
+        self._gate_ok_at = -1.0
+        self._error_test: ErrorTest | None = None
+        self._latency_test: LatencyTest | None = None
+
+    # views -------------------------------------------------------------------
+
+    @property
+    def candidate_share(self) -> float:
+        split = self.proxy.spreader.split
+        return split if self.proxy.candidate == "green" else 100.0 - split
+
+    def snapshot(self) -> RolloutSnapshot:
+        return RolloutSnapshot(
+            self.state.value, self.step.index + 1 if self.step else 0, self.strategy
+        )
+
+    def status(self) -> dict[str, Any]:
+        proxy = self.proxy
+        since = self.step.started_at if self.step is not None else None
+        return {
+            "strategy": self.strategy,
+            "state": self.state.value,
+            "step": self.step.index + 1 if self.step else 0,
+            "steps": list(self.steps or proxy.config.rollout.steps),
+            "candidate_share": self.candidate_share,
+            "reason": self.reason,
+            "windows": {p: _window_dict(proxy.figures(p, since)) for p in ("blue", "green")},
+        }
+
+    def __repr__(self) -> str:
+        return f"<RolloutController {self.strategy} {self.state.value} step={self.snapshot().step}>"
+
+    # operator actions --------------------------------------------------------
+
+    async def action(self, action: str, data: dict[str, Any], by: str) -> Change:
+        before = {"state": self.state.value, "split": self.proxy.spreader.split}
+        if action == "start":
+            unknown = set(data) - {"strategy"}
+            if unknown:
+                raise ControlError(400, "unknown field", sorted(unknown))
+            strategy = data.get("strategy", self.proxy.config.rollout.strategy)
+            if strategy not in STRATEGIES:
+                raise ControlError(400, "invalid strategy", f"one of {', '.join(STRATEGIES)}")
+            self.start(strategy, by)
+        elif data:
+            raise ControlError(400, "unexpected body", f"{action} takes no fields")
+        elif action == "pause":
+            self._require(ACTIVE, "pause")
+            self._set_state(RolloutState.PAUSED, f"paused by {by}", by)
+        elif action == "resume":
+            self._require({RolloutState.PAUSED}, "resume")
+            if self.step is not None:
+                self.step = StepState(self.step.index, self.proxy.loop.time(), self.step.split)
+            self._set_state(RolloutState.PROGRESSING, f"resumed by {by}", by)
+        elif action == "promote":
+            self.promote(f"promoted by {by}", by)
+        elif action == "rollback":
+            self.rollback(f"rolled back by {by}", by)
+        elif action == "abort":
+            self._require(ACTIVE | {RolloutState.PAUSED}, "abort")
+            self._set_state(RolloutState.ABORTED, f"aborted by {by}; the split stays", by)
+        else:
+            raise ControlError(404, "unknown action", action)
+        after = {"state": self.state.value, "split": self.proxy.spreader.split}
+        return Change(f"rollout {action}", before, after)
+
+    def _require(self, states: frozenset[RolloutState] | set[RolloutState], verb: str) -> None:
+        if self.state not in states:
+            raise ControlError(409, f"cannot {verb}", f"the rollout is {self.state.value}")
+
+    def start(self, strategy: str, by: str) -> None:
+        if self.state in ACTIVE or self.state is RolloutState.PAUSED:
+            raise ControlError(409, "rollout in progress", f"the rollout is {self.state.value}")
+        proxy = self.proxy
+        if not proxy.router.pools[proxy.candidate]:
+            raise ControlError(
+                409, "no candidate", f"the candidate pool {proxy.candidate} has no upstreams"
+            )
+        cfg = proxy.config.rollout
+        self.strategy = strategy
+        self.steps = tuple(cfg.steps)
+        self.step = None
+        self.first_failure = None
+        self._gate_ok_at = -1.0
+        self._error_test = ErrorTest(
+            cfg.threshold.max_error_rate, alpha=0.01, steps=analysed_steps(cfg.steps)
+        )
+        self._latency_test = LatencyTest(
+            cfg.threshold.max_p99,
+            cfg.threshold.max_p99_ratio,
+            alpha=0.01,
+            steps=analysed_steps(cfg.steps),
+        )
+        self._set_state(
+            RolloutState.PROGRESSING,
+            f"{strategy} rollout from {proxy.stable} to {proxy.candidate} started by {by}",
+            by,
+        )
+        if self._task is None or self._task.done():
+            self._task = proxy.loop.create_task(self._run())
+
+    def promote(self, reason: str, by: str) -> None:
+        proxy = self.proxy
+        self._set_share(100.0, by)
+        old = proxy.stable
+        proxy.stable = proxy.candidate
+        self.step = None
+        self._set_state(
+            RolloutState.PROMOTED, f"{reason}: {proxy.stable} is now stable", by, previous=old
+        )
+
+    def rollback(self, reason: str, by: str, figures: dict[str, Any] | None = None) -> None:
+        self._set_share(0.0, by)
+        if self.first_failure is not None:
+            self.proxy.rollback_seconds.observe(self.proxy.loop.time() - self.first_failure)
+        self.step = None
+        self._set_state(RolloutState.ROLLED_BACK, reason, by, figures=figures)
+
+    # data path seam ----------------------------------------------------------
+
+    def candidate_failed(self) -> None:
+        """A candidate outcome failed: remember when the first one came, evaluate soon."""
+        if self.state not in ACTIVE:
+            return
+        if self.first_failure is None:
+            self.first_failure = self.proxy.loop.time()
+        if self.strategy == "adaptive" and not self._eval_pending:
+            self._eval_pending = True
+            self.proxy.loop.call_later(FAILURE_EVAL_DELAY, self._evaluate_soon)
+
+    def _evaluate_soon(self) -> None:
+        self._eval_pending = False
+        if self.state in ACTIVE and self.step is not None:
+            self._evaluate_adaptive(gate_ok=True, breach_only=True)
+
+    # the loop ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while self.state in ACTIVE or self.state is RolloutState.PAUSED:
+            if self.state in ACTIVE:
+                if self.strategy == "adaptive":
+                    await self._tick_adaptive()
+                elif self.strategy == "eager":
+                    await self._tick_eager()
+                elif self.candidate_share >= 100.0:
+                    self.promote("the operator shifted all traffic to the candidate", "lazy")
+            await asyncio.sleep(TICK)
+
+    async def _tick_eager(self) -> None:
+        proxy = self.proxy
+        upstreams = proxy.router.pools[proxy.candidate]
+        if not all(u.healthy for u in upstreams):
+            self._note("waiting for every candidate upstream to pass its health check")
+            return
+        if not await self._gate():
+            return
+        self.promote("eager: every candidate upstream healthy and through the gate", "eager")
+
+    async def _tick_adaptive(self) -> None:
+        if self.step is None:
+            first = self.steps[0]
+            if not await self._gate():
+                return
+            self._enter_step(0, first)
+            return
+        decision = self._evaluate_adaptive(gate_ok=True)
+        if decision is not None and decision.verdict in (Verdict.ADVANCE, Verdict.PROMOTE):
+            if not await self._gate():
+                return
+            self._act(decision)
+
+    def _evaluate_adaptive(self, *, gate_ok: bool, breach_only: bool = False) -> Decision | None:
+        step = self.step
+        if step is None or self._error_test is None:
+            return None
+        proxy = self.proxy
+        cfg = proxy.config.rollout
+        candidate = proxy.figures(proxy.candidate, step.started_at)
+        stable = proxy.figures(proxy.stable, step.started_at)
+        decision = decide_adaptive(
+            now=proxy.loop.time(),
+            step=step,
+            steps=self.steps,
+            interval=cfg.interval,
+            threshold=cfg.threshold,
+            candidate=candidate,
+            stable=stable,
+            error_test=self._error_test,
+            gate_ok=gate_ok,
+            latency_test=self._latency_test,
+        )
+        self.last_figures = decision.figures
+        if decision.verdict is Verdict.BREACH:
+            self._breach(decision)
+            return None
+        if breach_only:
+            return None
+        if decision.verdict is Verdict.INSUFFICIENT_DATA:
+            if self.state is not RolloutState.INSUFFICIENT_DATA:
+                self._set_state(RolloutState.INSUFFICIENT_DATA, decision.reason, "analysis")
+            return None
+        if self.state is RolloutState.INSUFFICIENT_DATA:
+            self._set_state(RolloutState.PROGRESSING, decision.reason, "analysis")
+        if decision.verdict is Verdict.HOLD:
+            self.reason = decision.reason
+            return None
+        return decision
+
+    def _act(self, decision: Decision) -> None:
+        step = self.step
+        assert step is not None
+        if decision.verdict is Verdict.PROMOTE or decision.next_split in (None, 100.0):
+            if self.candidate_share < 100.0 and step.index + 1 < len(self.steps):
+                self._enter_step(step.index + 1, 100.0)
+                return
+            self.promote(decision.reason, "analysis")
+            return
+        self._enter_step(step.index + 1, decision.next_split)
+
+    def _enter_step(self, index: int, share: float) -> None:
+        proxy = self.proxy
+        self._set_share(share, "analysis")
+        self.step = StepState(index, proxy.loop.time(), share)
+        self.reason = f"step {index + 1} of {len(self.steps)}: {share:g}% on {proxy.candidate}"
+        proxy.events.publish(
+            "rollout_step",
+            step=index + 1,
+            share=share,
+            candidate=proxy.candidate,
+            split=proxy.spreader.split,
+            figures=self.last_figures,
+        )
+
+    def _breach(self, decision: Decision) -> None:
+        fallback = self.proxy.config.rollout.fallback
+        self.proxy.events.publish(
+            "breach", reason=decision.reason, fallback=fallback, figures=decision.figures
+        )
+        if fallback == "rollback":
+            self.rollback(f"breach: {decision.reason}", "analysis", decision.figures)
+        else:
+            self._set_state(RolloutState.PAUSED, f"breach: {decision.reason}", "analysis")
+
+    async def _gate(self) -> bool:
+        proxy = self.proxy
+        now = proxy.loop.time()
+        if now - self._gate_ok_at < GATE_RECHECK:
+            return True
+        gate = proxy.config.rollout.gate
+        timeout = proxy.config.health_check.timeout
+        upstreams = proxy.router.pools[proxy.candidate]
+        results = await asyncio.gather(
+            *(
+                probe(u.host, u.port, gate.path, timeout, u.host_header.decode("latin-1"))
+                for u in upstreams
+            )
+        )
+        for upstream, result in zip(upstreams, results, strict=True):
+            if result.detail != str(gate.expect_status):
+                self._note(
+                    f"gate failed on {upstream.key}: {gate.path} answered {result.detail}, "
+                    f"expected {gate.expect_status}"
+                )
+                return False
+        self._gate_ok_at = now
+        return True
+
+    # helpers -----------------------------------------------------------------
+
+    def _set_share(self, share: float, by: str) -> None:
+        proxy = self.proxy
+        green = share if proxy.candidate == "green" else 100.0 - share
+        proxy.control.set_split(green, by=by)
+
+    def _note(self, reason: str) -> None:
+        if reason != self.reason:
+            self.reason = reason
+            self.proxy.events.publish("rollout_note", reason=reason)
+
+    def _set_state(
+        self,
+        state: RolloutState,
+        reason: str,
+        by: str,
+        *,
+        figures: dict[str, Any] | None = None,
+        previous: str | None = None,
+    ) -> None:
+        before = self.state
+        self.state = state
+        self.reason = reason
+        data: dict[str, Any] = {
+            "before": before.value,
+            "after": state.value,
+            "reason": reason,
+            "by": by,
+            "strategy": self.strategy,
+            "split": self.proxy.spreader.split,
+            "stable": self.proxy.stable,
+        }
+        if figures:
+            data["figures"] = figures
+        if previous is not None:
+            data["previous_stable"] = previous
+        self.proxy.events.publish("rollout", **data)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _window_dict(figures: WindowFigures) -> dict[str, Any]:
+    return {
+        "requests": figures.requests,
+        "errors": figures.errors,
+        "error_rate": figures.error_rate,
+        "p50_ms": None if figures.p50 is None else round(figures.p50 * 1000, 3),
+        "p99_ms": None if figures.p99 is None else round(figures.p99 * 1000, 3),
+    }
