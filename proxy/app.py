@@ -11,6 +11,14 @@ import uvloop
 from .admin import AdminSetupError
 from .config import Config
 from .control import ControlError
+from .handover import (
+    READY,
+    HandoverError,
+    HandoverServer,
+    Inherited,
+    default_path,
+    request_takeover,
+)
 from .runtime import Proxy
 
 log = logging.getLogger("turnout")
@@ -20,12 +28,20 @@ EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 
 
-async def serve(config: Config, config_path: str | None) -> int:
+async def serve(
+    config: Config,
+    config_path: str | None,
+    *,
+    handover_path: str | None = None,
+    inherited: Inherited | None = None,
+) -> int:
     loop = asyncio.get_running_loop()
     proxy = Proxy(config, config_path=config_path)
     listen, admin = config.listen, config.admin
+    if inherited is not None:
+        proxy.restore(inherited.state)
     try:
-        admin_port = await proxy.start_admin()
+        admin_port = await proxy.start_admin(inherited.admin_socket if inherited else None)
     except AdminSetupError as exc:
         print(f"turnout: refusing to start: {exc}", flush=True)
         return EXIT_USAGE
@@ -34,11 +50,16 @@ async def serve(config: Config, config_path: str | None) -> int:
         await proxy.shutdown(timeout=0)
         return EXIT_RUNTIME
     try:
-        port = await proxy.start()
+        port = await proxy.start(inherited.proxy_socket if inherited else None)
     except OSError as exc:
         print(f"turnout: cannot listen on {listen.host}:{listen.port}: {exc.strerror or exc}")
         await proxy.shutdown(timeout=0)
         return EXIT_RUNTIME
+    if inherited is not None:
+        # We serve: the old process may stop accepting and drain.
+        inherited.channel.sendall(READY)
+        inherited.channel.close()
+        print("turnout: took the listening sockets over from the running process", flush=True)
     print(f"turnout: proxy listening on http://{listen.host}:{port}", flush=True)
     print(f"turnout: admin API on http://{admin.host}:{admin_port}", flush=True)
     stop = asyncio.Event()
@@ -72,12 +93,46 @@ async def serve(config: Config, config_path: str | None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    handover = HandoverServer(
+        handover_path or default_path(listen.host, port),
+        proxy.listening_sockets,
+        proxy.handover_state,
+        stop.set,
+    )
+    await start_handover(handover)
     await stop.wait()
+    await handover.close()
     print("turnout: shutting down, draining requests in flight", flush=True)
     await proxy.shutdown()
     return EXIT_OK
 
 
-def run_proxy(config: Config, config_path: str | None) -> int:
+async def start_handover(handover: HandoverServer) -> None:
+    """Listen for a successor; right after a takeover the old process may still hold the path
+    for a moment, so try for a while."""
+    for _ in range(50):
+        try:
+            await handover.start()
+            return
+        except HandoverError:
+            await asyncio.sleep(0.1)
+    log.warning("hot restart unavailable: %s stays taken", handover.path)
+
+
+def run_proxy(
+    config: Config,
+    config_path: str | None,
+    *,
+    takeover: bool = False,
+    handover_path: str | None = None,
+) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return uvloop.run(serve(config, config_path))
+    inherited = None
+    if takeover:
+        path = handover_path or default_path(config.listen.host, config.listen.port)
+        try:
+            inherited = request_takeover(path)
+        except HandoverError as exc:
+            print(f"turnout: cannot take over: {exc}", flush=True)
+            return EXIT_RUNTIME
+    return uvloop.run(serve(config, config_path, handover_path=handover_path, inherited=inherited))

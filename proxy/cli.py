@@ -42,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("-c", "--config", help="config file (default: config/turnout.yaml if present)")
+    run.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing one port (default 1)"
+    )
+    run.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take the listening sockets over from a running turnout (hot restart)",
+    )
+    run.add_argument(
+        "--takeover-socket",
+        metavar="PATH",
+        help="UNIX socket for hot restarts (default: derived from listen host and port)",
+    )
 
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("-c", "--config", required=True, help="config file to validate")
@@ -98,7 +111,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(DEFAULT_CONFIG_YAML.rstrip())
     else:
         print(f"turnout: using config {path}")
-    return run_proxy(config, path)
+    if args.workers != 1:
+        print("turnout: --workers other than 1 is not available yet", file=sys.stderr)
+        return EXIT_USAGE
+    return run_proxy(config, path, takeover=args.takeover, handover_path=args.takeover_socket)
 
 
 def cmd_upstream(args: argparse.Namespace) -> int:

@@ -38,6 +38,21 @@ BACKLOG = 4096
 ROLLBACK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; the proxy owns it so that it can hand it to a successor."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Values the hot path reads, prepared once per configuration."""
@@ -114,6 +129,8 @@ class Proxy:
         self.shutting_down = False
         self.server: asyncio.Server | None = None
         self.admin_runner: web.AppRunner | None = None
+        self.listen_socket: socket.socket | None = None
+        self.admin_socket: socket.socket | None = None
         self.admin_port = 0
         self._tick_task: asyncio.Task[None] | None = None
         self.port = 0
@@ -243,40 +260,51 @@ class Proxy:
     # lifecycle -------------------------------------------------------------------
 
     async def start(self, sock: socket.socket | None = None) -> int:
-        """Check every upstream once, then listen (on `sock` when given, else on
-        listen.host:port); returns the port."""
+        """Check every upstream once, then listen (on `sock` when given, e.g. inherited from
+        the process this one replaces, else on listen.host:port); returns the port."""
         for upstream in self.router.upstreams():
             self.watch(upstream)
         await self.health.first_round(self.config.health_check.timeout + 0.5)
         listen = self.config.listen
         if sock is None:
-            self.server = await self.loop.create_server(
-                lambda: ClientConnection(self),
-                listen.host,
-                listen.port,
-                backlog=BACKLOG,
-                reuse_address=True,
-            )
-        else:
-            self.server = await self.loop.create_server(
-                lambda: ClientConnection(self), sock=sock, backlog=BACKLOG
-            )
-        self.port = self.server.sockets[0].getsockname()[1]
+            sock = bind_listener(listen.host, listen.port)
+        self.listen_socket = sock
+        self.server = await self.loop.create_server(
+            lambda: ClientConnection(self), sock=sock, backlog=BACKLOG
+        )
+        self.port = sock.getsockname()[1]
         self._tick_task = self.loop.create_task(self._tick())
         return self.port
 
-    async def start_admin(self) -> int:
+    async def start_admin(self, sock: socket.socket | None = None) -> int:
         """Start the admin API listener; returns its port."""
         from .admin import admin_token, build_admin_app
 
         admin = self.config.admin
         app = build_admin_app(self, admin_token(self))
+        if sock is None:
+            sock = bind_listener(admin.host, admin.port)
+        self.admin_socket = sock
         self.admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.admin_runner.setup()
-        site = web.TCPSite(self.admin_runner, admin.host, admin.port, reuse_address=True)
-        await site.start()
-        self.admin_port = int(self.admin_runner.addresses[0][1])
+        await web.SockSite(self.admin_runner, sock).start()
+        self.admin_port = sock.getsockname()[1]
         return self.admin_port
+
+    def listening_sockets(self) -> list[socket.socket]:
+        """The listeners a successor takes over: the proxy's first, then the admin API's."""
+        return [s for s in (self.listen_socket, self.admin_socket) if s is not None]
+
+    def handover_state(self) -> dict[str, Any]:
+        return {"split": self.spreader.split, "stable": self.stable}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take over the routing state of the process this one replaces."""
+        split = state.get("split")
+        if isinstance(split, int | float) and 0.0 <= split <= 100.0:
+            self.set_split(float(split))
+        if state.get("stable") in POOLS:
+            self.stable = state["stable"]
 
     async def _tick(self) -> None:
         while True:
@@ -313,10 +341,11 @@ class Proxy:
         timeout = self.settings.drain_timeout if timeout is None else timeout
         if self.server is not None:
             self.server.close()
-        for conn in list(self.connections):
-            conn.shutdown()
         deadline = self.loop.time() + timeout
         while self.connections and self.loop.time() < deadline:
+            now = self.loop.time()
+            for conn in list(self.connections):
+                conn.shutdown(now)
             await asyncio.sleep(0.05)
         for conn in list(self.tunnels):
             conn.going_away()

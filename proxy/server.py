@@ -29,6 +29,10 @@ TOO_MANY_CONNECTIONS = (
 )
 
 
+# At shutdown, how long a keep-alive connection must have been idle before it is closed.
+SHUTDOWN_IDLE_GRACE = 0.5
+
+
 class HeadError(Exception):
     """The request head broke a limit; carries the status to answer with."""
 
@@ -54,6 +58,7 @@ class ClientConnection(asyncio.Protocol):
         "head_bytes",
         "head_size",
         "headers",
+        "idle_since",
         "in_head",
         "parser",
         "parsing",
@@ -93,6 +98,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer_ip = b""
         self.scheme = b"http"
         self.task: asyncio.Task[None] | None = None
+        self.idle_since = 0.0
 
     # asyncio.Protocol ---------------------------------------------------------
 
@@ -111,6 +117,7 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             return
         proxy.connections.add(self)
+        self.idle_since = proxy.loop.time()
         # Until a whole request head has arrived the client has request_headers to send it.
         self.deadline = proxy.loop.time() + proxy.settings.request_headers_timeout
         if proxy.shutting_down:
@@ -371,7 +378,8 @@ class ClientConnection(asyncio.Protocol):
             self.task = self.proxy.loop.create_task(nxt.run())
             return
         proxy = self.proxy
-        self.deadline = proxy.loop.time() + proxy.settings.idle_timeout
+        self.idle_since = proxy.loop.time()
+        self.deadline = self.idle_since + proxy.settings.idle_timeout
 
     def close(self) -> None:
         transport = self.transport
@@ -401,10 +409,17 @@ class ClientConnection(asyncio.Protocol):
         tunnel.close()
         self.close()
 
-    def shutdown(self) -> None:
-        """Stop after the current request; an idle connection closes now."""
+    def shutdown(self, now: float) -> None:
+        """Stop after the current request. An idle connection closes once it has been idle
+        for SHUTDOWN_IDLE_GRACE: a client that is about to reuse it (its request may be on the
+        wire already) is answered, with `Connection: close`, rather than cut."""
         self.closing = True
-        if self.active is None and self.tunnel is None:
+        if (
+            self.active is None
+            and self.tunnel is None
+            and not self.in_head
+            and now - self.idle_since >= SHUTDOWN_IDLE_GRACE
+        ):
             self.close()
 
     def __repr__(self) -> str:
