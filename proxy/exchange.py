@@ -61,6 +61,7 @@ class Exchange:
         "keep_alive",
         "method",
         "no_body",
+        "out",
         "outcome",
         "override",
         "pool",
@@ -139,6 +140,7 @@ class Exchange:
         self.resp_close = False
         self.resp_until_close = False
         self.reused_conn = False
+        self.out: list[bytes] = []
         self._inspect_headers()
 
     # request side ------------------------------------------------------------
@@ -553,7 +555,8 @@ class Exchange:
             return
         self.status = status
         self.response_started = True
-        self.client.write(self._response_head(conn, status, reason, headers))
+        # Held until the end of this read: head and body then leave in one write.
+        self.out.append(self._response_head(conn, status, reason, headers))
 
     def _response_head(
         self,
@@ -608,11 +611,19 @@ class Exchange:
 
     def upstream_body(self, data: bytes) -> None:
         if self.response_started:
-            self.client.write(h.chunk(data) if self.resp_chunked else data)
+            self.out.append(h.chunk(data) if self.resp_chunked else data)
+
+    def flush(self) -> None:
+        """Write what this read of the upstream produced, in one system call."""
+        out = self.out
+        if out:
+            self.client.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def upstream_done(self, conn: UpstreamConnection) -> None:
         if self.resp_chunked:
-            self.client.write(h.CHUNK_END)
+            self.out.append(h.CHUNK_END)
+        self.flush()
         upstream = conn.upstream
         reusable = self.body_done and conn.should_keep_alive()
         self.conn = None
@@ -624,7 +635,8 @@ class Exchange:
             if exc is None and self.resp_until_close:
                 # A close-delimited body ends when the upstream closes.
                 if self.resp_chunked:
-                    self.client.write(h.CHUNK_END)
+                    self.out.append(h.CHUNK_END)
+                self.flush()
                 self.conn = None
                 conn.close()
                 self._finish_attempt(Outcome.OK)
@@ -646,6 +658,7 @@ class Exchange:
         self._finish_attempt(outcome)
 
     def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        self.flush()
         if not (self.websocket and self.status == 101):
             self._upstream_error(conn, Outcome.BAD_RESPONSE, "unexpected protocol switch")
             return

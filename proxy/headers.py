@@ -43,30 +43,22 @@ VIA = b"1.1 turnout"
 VIA_10 = b"1.0 turnout"  # Via names the protocol version the message was received with
 
 
-def connection_tokens(value: bytes, into: set[bytes]) -> None:
-    """Add the lower-cased tokens of a Connection-like header value to `into`."""
-    for token in value.split(b","):
-        token = token.strip().lower()
-        if token:
-            into.add(token)
-
-
-def header_name_token(value: bytes) -> bool:
-    """Whether a Keep-Alive value item is a header name (`timeout=5` is not)."""
-    return b"=" not in value
+# Lengths of the names in NAMING_HEADERS: most headers are passed over without lower().
+_NAMING_LENGTHS = frozenset(len(n) for n in NAMING_HEADERS)
 
 
 def hop_names(headers: RawHeaders) -> set[bytes] | None:
-    """Extra header names declared hop-by-hop by Connection/Keep-Alive/Proxy-Connection."""
+    """Extra header names declared hop-by-hop by Connection/Keep-Alive/Proxy-Connection
+    (`Keep-Alive: timeout=5` items are parameters, not names); None when there are none."""
     named: set[bytes] | None = None
     for name, value in headers:
-        lname = name.lower()
-        if lname in NAMING_HEADERS:
-            tokens: set[bytes] = set()
-            connection_tokens(value, tokens)
-            tokens = {t for t in tokens if header_name_token(t)} - HOP_BY_HOP
-            if tokens:
-                named = tokens if named is None else named | tokens
+        if len(name) in _NAMING_LENGTHS and name.lower() in NAMING_HEADERS:
+            for item in value.split(b","):
+                token = item.strip().lower()
+                if token and token not in HOP_BY_HOP and b"=" not in token:
+                    if named is None:
+                        named = set()
+                    named.add(token)
     return named
 
 
