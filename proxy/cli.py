@@ -16,6 +16,7 @@ from .config import (
     load_config,
     parse_duration,
 )
+from .tls import tls_problems
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -85,7 +86,10 @@ def resolve_config(path: str | None) -> tuple[Config, str | None]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     try:
-        load_config(args.config)
+        config = load_config(args.config)
+        problems = tls_problems(config)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         print(f"{args.config}: {len(exc.errors)} error(s)", file=sys.stderr)
         for err in exc.errors:
@@ -100,6 +104,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         config, path = resolve_config(args.config)
+        problems = tls_problems(config)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         print(f"turnout: bad config {args.config or DEFAULT_CONFIG_PATH}:", file=sys.stderr)
         for err in exc.errors:

@@ -8,12 +8,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, ConfigError, UpstreamConfig, load_config
+from .health import probe
 from .router import POOLS
 from .routing import PoolName
-from .upstream import Upstream
+from .tls import tls_problems
+from .upstream import ResponseSink, Upstream, UpstreamConnection
 
 if TYPE_CHECKING:
     from .runtime import Proxy
+    from .server import ClientConnection
+
+# An upstream endpoint of a configuration: pool, host, port.
+Endpoint = tuple[PoolName, str, int]
 
 RAMP_TICK = 0.1
 DRAIN_POLL = 0.05
@@ -117,24 +123,39 @@ class Control:
 
     def _drain_pool_connections(self, pool: PoolName) -> None:
         """A pool that gets no new requests keeps no idle connections, and no busy ones past
-        drain.timeout."""
+        drain.timeout. Only what is in flight when its share reaches 0 is timed: a request
+        sent there later (override header, failover) is not the split change's to end."""
+        busy: set[ResponseSink] = set()
         for upstream in self.proxy.router.pools[pool]:
             upstream.close_idle()
-        self._spawn(self._expire_pool(pool))
+            busy.update(conn.sink for conn in upstream.connections if conn.sink is not None)
+        tunnels = {c for c in self.proxy.tunnels if _tunnel_pool(c) == pool}
+        self._spawn(self._expire_pool(pool, busy, tunnels))
 
-    async def _expire_pool(self, pool: PoolName) -> None:
+    async def _expire_pool(
+        self, pool: PoolName, busy: set[ResponseSink], tunnels: set[ClientConnection]
+    ) -> None:
         loop = self.proxy.loop
         deadline = loop.time() + self.proxy.settings.drain_timeout
-        while loop.time() < deadline:
-            if not any(u.in_flight for u in self.proxy.router.pools[pool]):
-                break
+
+        def pending() -> list[UpstreamConnection]:
+            return [
+                conn
+                for upstream in self.proxy.router.pools[pool]
+                for conn in upstream.connections
+                if conn.sink is not None and conn.sink in busy
+            ]
+
+        while loop.time() < deadline and (pending() or any(_tunnel_pool(c) for c in tunnels)):
             await asyncio.sleep(DRAIN_POLL)
         split = self.split
         if (pool == "green" and split == 0.0) or (pool == "blue" and split == 100.0):
+            for client in tunnels:
+                client.going_away()
+            for conn in pending():
+                conn.abort()
             for upstream in self.proxy.router.pools[pool]:
                 upstream.close_idle()
-                for conn in list(upstream.connections):
-                    conn.abort()
 
     # upstreams ---------------------------------------------------------------
 
@@ -181,8 +202,13 @@ class Control:
             await asyncio.sleep(DRAIN_POLL)
         forced = upstream.in_flight
         upstream.close_idle()
+        # WebSocket tunnels end politely (1001 to both ends); anything else left is cut.
+        for client in list(self.proxy.tunnels):
+            if client.tunnel is not None and client.tunnel.upstream is upstream:
+                client.going_away()
         for conn in list(upstream.connections):
-            conn.abort()
+            if not conn.closed:
+                conn.abort()
         upstream.drained = True
         self._drains.pop(upstream, None)
         self.events.publish("drained", upstream=upstream.key, url=upstream.url, cut_requests=forced)
@@ -230,10 +256,16 @@ class Control:
         if upstream not in router.pools[pool]:
             return
         remaining = tuple(u for u in router.pools[pool] if u is not upstream)
+        self.proxy.unwatch(upstream)
+        renumbered = [u for i, u in enumerate(remaining) if u.index != i]
+        # The health checker knows an upstream by its key (pool/index): follow the new one.
+        for u in renumbered:
+            self.proxy.unwatch(u)
         for i, u in enumerate(remaining):
             u.index = i
         router.pools[pool] = remaining
-        self.proxy.unwatch(upstream)
+        for u in renumbered:
+            self.proxy.watch(u, cold=False)
         router.refresh()
 
     # reload ------------------------------------------------------------------
@@ -247,20 +279,45 @@ class Control:
         except ConfigError as exc:
             self.events.publish("reload_failed", path=path, errors=exc.errors, by=by)
             raise ControlError(400, "invalid config", exc.errors) from exc
+        problems = tls_problems(config)
+        if problems:
+            self.events.publish("reload_failed", path=path, errors=problems, by=by)
+            raise ControlError(400, "invalid config", problems)
+        warm = await self._probe_added(config)
         before = self._config_summary(self.proxy.config)
-        self.apply_config(config)
+        self.apply_config(config, warm)
         after = self._config_summary(config)
         self.events.publish("reload", path=path, by=by)
         return Change("reload", before, after)
 
-    def apply_config(self, config: Config) -> None:
-        """Swap in a validated configuration in one synchronous step."""
+    async def _probe_added(self, config: Config) -> set[Endpoint]:
+        """Check once, before the swap, each upstream the configuration adds. One that passes
+        takes traffic from the swap on: replacing a pool's upstreams leaves no moment in which
+        the pool has none and its requests fail over to the other pool."""
+        router = self.proxy.router
+        hc = config.health_check
+        added: list[Endpoint] = []
+        for name in POOLS:
+            current = {(u.host, u.port) for u in router.pools[name]}
+            for cfg in getattr(config.pools, name).upstreams:
+                if (cfg.host, cfg.port) not in current:
+                    added.append((name, cfg.host, cfg.port))
+        results = await asyncio.gather(
+            *(probe(host, port, hc.path, hc.timeout, f"{host}:{port}") for _, host, port in added)
+        )
+        return {endpoint for endpoint, result in zip(added, results, strict=True) if result.ok}
+
+    def apply_config(self, config: Config, warm: set[Endpoint] | None = None) -> None:
+        """Swap in a validated configuration in one synchronous step; added upstreams start
+        out of rotation until their first passing check, except those in `warm` (checked
+        just before)."""
         proxy = self.proxy
         old = proxy.config
         old_router = proxy.router
         pools: dict[PoolName, tuple[Upstream, ...]] = {}
         removed: list[Upstream] = []
         added: list[Upstream] = []
+        renumbered: list[Upstream] = []
         for name in POOLS:
             current = {(u.host, u.port): u for u in old_router.pools[name]}
             kept: list[Upstream] = []
@@ -270,18 +327,27 @@ class Control:
                     upstream = proxy.new_upstream(name, i, cfg)
                     added.append(upstream)
                 else:
+                    if upstream.index != i:
+                        # Health checks know it by its key (pool/index): follow the new one.
+                        proxy.unwatch(upstream)
+                        renumbered.append(upstream)
                     upstream.index = i
                     upstream.weight = cfg.weight
                     upstream.url = cfg.url
                 kept.append(upstream)
             removed.extend(current.values())
             pools[name] = tuple(kept)
+        for upstream in removed:
+            proxy.unwatch(upstream)
         proxy.apply(config, pools)
         if config.split != old.split:
             self._cancel_ramp()
             self._apply_split(config.split, "reload")
+        warm = warm or set()
         for upstream in added:
-            proxy.watch(upstream)
+            proxy.watch(upstream, cold=(upstream.pool, upstream.host, upstream.port) not in warm)
+        for upstream in renumbered:
+            proxy.watch(upstream, cold=False)
         for upstream in removed:
             self._retire(upstream)
 
@@ -303,6 +369,14 @@ class Control:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _tunnel_pool(client: ClientConnection) -> PoolName | None:
+    """The pool of the upstream a client's WebSocket tunnel goes to (None once it ended)."""
+    tunnel = client.tunnel
+    if tunnel is None or client.closed:
+        return None
+    return tunnel.upstream.pool
 
 
 def _pydantic_detail(exc: ValueError) -> Any:

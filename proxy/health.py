@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
@@ -71,7 +72,14 @@ def _timeout_detail(timeout: float) -> str:
     return f"timeout after {timeout:g}s"
 
 
-async def probe(host: str, port: int, path: str, timeout: float, host_header: str) -> ProbeResult:
+async def probe(
+    host: str,
+    port: int,
+    path: str,
+    timeout: float,
+    host_header: str,
+    tls: ssl.SSLContext | None = None,
+) -> ProbeResult:
     """One GET over a fresh connection; ok iff the status is 200..399. Reads only the head."""
     if any(c in "\r\n" for c in path + host_header):
         raise ValueError("path and host header must not contain CR or LF")
@@ -83,7 +91,13 @@ async def probe(host: str, port: int, path: str, timeout: float, host_header: st
     try:
         async with asyncio.timeout(timeout):
             try:
-                reader, writer = await asyncio.open_connection(host, port, limit=MAX_PROBE_HEAD)
+                reader, writer = await asyncio.open_connection(
+                    host,
+                    port,
+                    limit=MAX_PROBE_HEAD,
+                    ssl=tls,
+                    server_hostname=host if tls is not None else None,
+                )
             except ConnectionRefusedError:
                 return ProbeResult(False, "connect refused")
             except OSError as exc:
@@ -180,6 +194,7 @@ class HealthChecker:
             self.path,
             self.timeout,
             upstream.host_header.decode("latin-1"),
+            upstream.ssl,
         )
 
     # control

@@ -81,6 +81,7 @@ class RolloutController:
             "state": self.state.value,
             "step": self.step.index + 1 if self.step else 0,
             "steps": list(self.steps or proxy.config.rollout.steps),
+            "split": proxy.spreader.split,
             "candidate_share": self.candidate_share,
             "reason": self.reason,
             "windows": {p: _window_dict(proxy.figures(p, since)) for p in ("blue", "green")},
@@ -112,8 +113,10 @@ class RolloutController:
                 self.step = StepState(self.step.index, self.proxy.loop.time(), self.step.split)
             self._set_state(RolloutState.PROGRESSING, f"resumed by {by}", by)
         elif action == "promote":
+            self._require(ACTIVE | {RolloutState.PAUSED}, "promote")
             self.promote(f"promoted by {by}", by)
         elif action == "rollback":
+            self._require(ACTIVE | {RolloutState.PAUSED}, "roll back")
             self.rollback(f"rolled back by {by}", by)
         elif action == "abort":
             self._require(ACTIVE | {RolloutState.PAUSED}, "abort")
@@ -140,6 +143,7 @@ class RolloutController:
         self.steps = tuple(cfg.steps)
         self.step = None
         self.first_failure = None
+        self.last_figures = {}
         self._gate_ok_at = -1.0
         self._error_test = ErrorTest(
             cfg.threshold.max_error_rate, alpha=0.01, steps=analysed_steps(cfg.steps)
@@ -158,14 +162,18 @@ class RolloutController:
         if self._task is None or self._task.done():
             self._task = proxy.loop.create_task(self._run())
 
-    def promote(self, reason: str, by: str) -> None:
+    def promote(self, reason: str, by: str, figures: dict[str, Any] | None = None) -> None:
         proxy = self.proxy
         self._set_share(100.0, by)
         old = proxy.stable
         proxy.stable = proxy.candidate
         self.step = None
         self._set_state(
-            RolloutState.PROMOTED, f"{reason}: {proxy.stable} is now stable", by, previous=old
+            RolloutState.PROMOTED,
+            f"{reason}: {proxy.stable} is now stable",
+            by,
+            figures=figures,
+            previous=old,
         )
 
     def rollback(self, reason: str, by: str, figures: dict[str, Any] | None = None) -> None:
@@ -256,10 +264,17 @@ class RolloutController:
             return None
         if decision.verdict is Verdict.INSUFFICIENT_DATA:
             if self.state is not RolloutState.INSUFFICIENT_DATA:
-                self._set_state(RolloutState.INSUFFICIENT_DATA, decision.reason, "analysis")
+                self._set_state(
+                    RolloutState.INSUFFICIENT_DATA,
+                    decision.reason,
+                    "analysis",
+                    figures=decision.figures,
+                )
             return None
         if self.state is RolloutState.INSUFFICIENT_DATA:
-            self._set_state(RolloutState.PROGRESSING, decision.reason, "analysis")
+            self._set_state(
+                RolloutState.PROGRESSING, decision.reason, "analysis", figures=decision.figures
+            )
         if decision.verdict is Verdict.HOLD:
             self.reason = decision.reason
             return None
@@ -272,7 +287,7 @@ class RolloutController:
             if self.candidate_share < 100.0 and step.index + 1 < len(self.steps):
                 self._enter_step(step.index + 1, 100.0)
                 return
-            self.promote(decision.reason, "analysis")
+            self.promote(decision.reason, "analysis", decision.figures)
             return
         self._enter_step(step.index + 1, decision.next_split)
 
@@ -280,6 +295,8 @@ class RolloutController:
         proxy = self.proxy
         self._set_share(share, "analysis")
         self.step = StepState(index, proxy.loop.time(), share)
+        # Each step is a fresh test; a rollback is timed from the first failure it judged.
+        self.first_failure = None
         self.reason = f"step {index + 1} of {len(self.steps)}: {share:g}% on {proxy.candidate}"
         proxy.events.publish(
             "rollout_step",
@@ -310,7 +327,7 @@ class RolloutController:
         upstreams = proxy.router.pools[proxy.candidate]
         results = await asyncio.gather(
             *(
-                probe(u.host, u.port, gate.path, timeout, u.host_header.decode("latin-1"))
+                probe(u.host, u.port, gate.path, timeout, u.host_header.decode("latin-1"), u.ssl)
                 for u in upstreams
             )
         )

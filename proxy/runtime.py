@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from .router import OTHER, POOLS, Router
 from .routing import PoolName, SplitSpreader
 from .server import ClientConnection
 from .stats import Histogram, PoolStats
+from .tls import ListenerTLS, client_context, server_context
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -41,7 +43,10 @@ ROLLBACK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 def bind_listener(host: str, port: int) -> socket.socket:
     """A listening TCP socket; the proxy owns it so that it can hand it to a successor."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: accepted sockets copy the proto, and asyncio's default loop
+    # turns Nagle off (TCP_NODELAY) only on sockets whose proto says TCP; without it a
+    # response head and body written apart wait 40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -113,6 +118,8 @@ class Proxy:
         self.stable: PoolName = "green" if config.split == 100.0 else "blue"
         self.events = EventBus()
         self._refresh_pending = False
+        self.pool_tls: dict[PoolName, ssl.SSLContext] = {}
+        self.listener_tls = ListenerTLS(config.listen.tls) if config.listen.tls else None
         self.router = Router(config, self._build_pools(config), self.spreader, self.rng)
         self.control = Control(self)
         self.health = self._health_checker(config)
@@ -154,6 +161,8 @@ class Proxy:
         b = self.config.breaker
         limits = self.config.limits
         upstream = Upstream(pool, index, cfg.url, cfg.host, cfg.port, cfg.weight)
+        if cfg.scheme == "https":
+            upstream.ssl = self.pool_context(pool)
         key = f"{pool}/{index}"
 
         def on_transition(old: BreakerState, new: BreakerState, reason: str) -> None:
@@ -187,6 +196,13 @@ class Proxy:
         )
         return upstream
 
+    def pool_context(self, pool: PoolName) -> ssl.SSLContext:
+        """The client TLS context of a pool's https:// upstreams, built on first use."""
+        ctx = self.pool_tls.get(pool)
+        if ctx is None:
+            ctx = self.pool_tls[pool] = client_context(getattr(self.config.pools, pool).tls)
+        return ctx
+
     def _health_checker(self, config: Config) -> HealthChecker:
         hc = config.health_check
         return HealthChecker(
@@ -216,9 +232,10 @@ class Proxy:
             "health", upstream=upstream.key, url=upstream.url, healthy=healthy, reason=reason
         )
 
-    def watch(self, upstream: Upstream) -> None:
-        """Start health-checking an upstream; it takes traffic after its first passing check."""
-        self.health.watch(upstream, cold=True)
+    def watch(self, upstream: Upstream, *, cold: bool = True) -> None:
+        """Start health-checking an upstream; a cold one takes traffic after its first passing
+        check, a warm one keeps the health it has."""
+        self.health.watch(upstream, cold=cold)
 
     def unwatch(self, upstream: Upstream) -> None:
         self.health.unwatch(upstream)
@@ -227,6 +244,12 @@ class Proxy:
         """Swap configuration and routing snapshot; requests in flight keep the old ones."""
         self.config = config
         self.settings = Settings.from_config(config)
+        self.pool_tls = {}
+        for name, ups in pools.items():
+            for upstream in ups:
+                upstream.ssl = self.pool_context(name) if upstream.url.startswith("https") else None
+        if self.listener_tls is not None and config.listen.tls is not None:
+            self.listener_tls.rotate(config.listen.tls)
         self.router = Router(config, pools, self.spreader, self.rng)
 
     def set_split(self, split: float) -> None:
@@ -269,8 +292,13 @@ class Proxy:
         if sock is None:
             sock = bind_listener(listen.host, listen.port)
         self.listen_socket = sock
+        tls = self.listener_tls
         self.server = await self.loop.create_server(
-            lambda: ClientConnection(self), sock=sock, backlog=BACKLOG
+            lambda: ClientConnection(self),
+            sock=sock,
+            backlog=BACKLOG,
+            ssl=tls.context if tls is not None else None,
+            ssl_handshake_timeout=self.settings.request_headers_timeout if tls else None,
         )
         self.port = sock.getsockname()[1]
         self._tick_task = self.loop.create_task(self._tick())
@@ -287,7 +315,8 @@ class Proxy:
         self.admin_socket = sock
         self.admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.admin_runner.setup()
-        await web.SockSite(self.admin_runner, sock).start()
+        tls = server_context(admin.tls) if admin.tls is not None else None
+        await web.SockSite(self.admin_runner, sock, ssl_context=tls).start()
         self.admin_port = sock.getsockname()[1]
         return self.admin_port
 
@@ -339,6 +368,7 @@ class Proxy:
             return
         self.shutting_down = True
         timeout = self.settings.drain_timeout if timeout is None else timeout
+        self.events.publish("shutdown", connections=len(self.connections), in_flight=self.in_flight)
         if self.server is not None:
             self.server.close()
         deadline = self.loop.time() + timeout
@@ -363,6 +393,8 @@ class Proxy:
                 uconn.close()
         if self.server is not None:
             await self.server.wait_closed()
+        # Event streams end here, or the admin runner would wait for them to.
+        self.events.close()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from .admission import Admission
 from .breaker import Breaker, BreakerState
 from .headers import MAX_RESPONSE_HEAD, RawHeaders
 from .routing import PoolName
+
+log = logging.getLogger("turnout.upstream")
 
 DEFAULT_BREAKER: dict[str, Any] = {
     "consecutive_failures": 5,
@@ -90,6 +94,7 @@ class Upstream:
         "pool",
         "port",
         "requests",
+        "ssl",
         "url",
         "weight",
     )
@@ -115,6 +120,8 @@ class Upstream:
         self.weight = weight
         self.breaker = breaker or Breaker(**DEFAULT_BREAKER, clock=time.monotonic)
         self.admission = admission or Admission(**DEFAULT_LIMITS)
+        # Client TLS towards an https:// upstream (None for http://).
+        self.ssl: ssl.SSLContext | None = None
         self.requests = 0
         self.failures = 0
         # Final status codes answered from this upstream: plain ints bumped by the data
@@ -167,11 +174,26 @@ class Upstream:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(self), self.host, self.port
-                )
+                if self.ssl is None:
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(self), self.host, self.port
+                    )
+                else:
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(self),
+                        self.host,
+                        self.port,
+                        ssl=self.ssl,
+                        server_hostname=self.host,
+                        ssl_handshake_timeout=timeout,
+                    )
         except TimeoutError as exc:
             raise ConnectError(f"connect timeout after {timeout:g}s") from exc
+        except ssl.SSLError as exc:
+            # A certificate the pool's CA does not vouch for is a connect failure like any
+            # other for breakers and retries; the reason goes to the log.
+            log.warning("TLS to upstream %s failed: %s", self.url, exc)
+            raise ConnectError(f"TLS handshake failed: {exc.reason or exc}") from exc
         except OSError as exc:
             raise ConnectError(exc.strerror or str(exc)) from exc
         return conn

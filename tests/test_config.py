@@ -27,7 +27,9 @@ from proxy.config import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
-EXAMPLES = sorted(CONFIG_DIR.glob("*.yaml"))
+# Every YAML file in config/ is a Turnout configuration, except the Kubernetes manifests (which
+# embed one; tests/test_deploy_files.py checks it).
+EXAMPLES = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("kubernetes"))
 
 BASE: dict[str, Any] = {
     "pools": {
