@@ -1,6 +1,14 @@
 # Turnout as a sidecar or edge proxy.
+#
 #   docker build -t turnout .
-#   docker run -p 8080:8080 -v $PWD/config/turnout.yaml:/etc/turnout/turnout.yaml turnout
+#   docker run --stop-timeout 35 -p 8080:8080 \
+#       -v "$PWD/my-turnout.yaml:/etc/turnout/turnout.yaml:ro" turnout
+#
+# The default configuration is config/turnout.yaml, whose pools point at 127.0.0.1:9001/9002:
+# right for a sidecar sharing the network namespace of its service, wrong elsewhere, so mount
+# your own. To reach the admin API from outside the container, set admin.host to 0.0.0.0 and
+# pass a token (-e TURNOUT_ADMIN_TOKEN=...). Give `docker stop` more time than drain.timeout
+# (30 s by default) so that requests in flight finish: --stop-timeout 35.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -13,8 +21,9 @@ COPY proxy ./proxy
 RUN pip install --no-cache-dir . && rm -rf /src
 
 COPY config/turnout.yaml /etc/turnout/turnout.yaml
-RUN useradd --system --uid 10001 --no-create-home turnout
-USER turnout
+RUN groupadd --system --gid 10001 turnout \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home turnout
+USER 10001:10001
 WORKDIR /etc/turnout
 
 EXPOSE 8080 9901
@@ -25,4 +34,3 @@ HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
 # Exec form: SIGTERM from `docker stop` reaches turnout itself, which drains before exiting.
 ENTRYPOINT ["turnout", "run"]
 CMD ["-c", "/etc/turnout/turnout.yaml"]
-STOPSIGNAL SIGTERM

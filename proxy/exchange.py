@@ -43,11 +43,13 @@ class Exchange:
     """State of one request; callbacks from both connections meet here."""
 
     __slots__ = (
+        "attempts",
         "attempts_left",
         "body_done",
         "body_size",
         "buffered",
         "buffered_size",
+        "bytes_out",
         "chunked",
         "client",
         "conn",
@@ -61,6 +63,7 @@ class Exchange:
         "keep_alive",
         "method",
         "no_body",
+        "note",
         "out",
         "outcome",
         "override",
@@ -83,6 +86,7 @@ class Exchange:
         "upgrade",
         "upgrade_rest",
         "upstream",
+        "upstream_time",
         "version",
         "waiter",
         "websocket",
@@ -141,6 +145,11 @@ class Exchange:
         self.resp_until_close = False
         self.reused_conn = False
         self.out: list[bytes] = []
+        # For the access log.
+        self.attempts = 0
+        self.bytes_out = 0
+        self.upstream_time = 0.0
+        self.note = ""
         self._inspect_headers()
 
     # request side ------------------------------------------------------------
@@ -344,6 +353,8 @@ class Exchange:
                     await admission.enter()
             except Shed as exc:
                 breaker.release(None, epoch=epoch)
+                self.upstream = upstream
+                self.note = exc.reason
                 self.client.send_error(
                     self, 503, exc.reason, SHED_DETAIL[exc.reason], upstream.pool, upstream.key
                 )
@@ -354,6 +365,7 @@ class Exchange:
             # The slot and the breaker verdict are settled in `finally`, after the body ended.
             verdict: bool | None = None
             upstream.requests += 1
+            self.attempts += 1
             started = loop.time()
             try:
                 outcome = await self._attempt(upstream)
@@ -361,12 +373,14 @@ class Exchange:
             finally:
                 admission.leave()
                 breaker.release(verdict, epoch=epoch)
+            self.upstream_time = loop.time() - started
             if verdict is not None:
                 error = not verdict or self.status >= 500
-                proxy.record_outcome(upstream.pool, error, loop.time() - started)
+                proxy.record_outcome(upstream.pool, error, self.upstream_time)
             if outcome is Outcome.OK or outcome is Outcome.CLIENT_GONE:
                 if outcome is Outcome.OK and self.rescue_from not in (None, upstream.pool):
                     proxy.rescued += 1
+                    self.note = "rescued"
                 return
             if outcome is Outcome.RESET and self.reused_conn and self.buffered is not None:
                 # A pooled connection closed by the upstream just as it was reused: the
@@ -433,6 +447,7 @@ class Exchange:
         if failed.pool != stable:
             self.rescue_from = failed.pool
         proxy.pool_stats[failed.pool].retried(reason)
+        self.note = f"retried: {reason}"
         return upstream
 
     def _pick_untried(self, pool: PoolName, failed: Upstream) -> Upstream | None:
@@ -611,6 +626,7 @@ class Exchange:
 
     def upstream_body(self, data: bytes) -> None:
         if self.response_started:
+            self.bytes_out += len(data)
             self.out.append(h.chunk(data) if self.resp_chunked else data)
 
     def flush(self) -> None:

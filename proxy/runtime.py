@@ -8,10 +8,12 @@ import random
 import socket
 import ssl
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .accesslog import AccessLog
 from .admission import Admission
 from .analysis import PoolWindow, WindowFigures
 from .breaker import Breaker, BreakerState
@@ -130,6 +132,7 @@ class Proxy:
         self.rescued = 0
         self.rollback_seconds = Histogram(ROLLBACK_BUCKETS)
         self.rollout = RolloutController(self)
+        self.access_log = self._access_log(config)
         self.metrics = Metrics(self)
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[ClientConnection] = set()
@@ -203,6 +206,17 @@ class Proxy:
             ctx = self.pool_tls[pool] = client_context(getattr(self.config.pools, pool).tls)
         return ctx
 
+    def _access_log(self, config: Config) -> AccessLog | None:
+        cfg = config.access_log
+        if cfg.to == "off" or cfg.sample <= 0.0:
+            return None
+        return AccessLog(cfg.to, cfg.sample, self.rng)
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: the access log file was rotated away; open it anew."""
+        if self.access_log is not None:
+            self.access_log.reopen()
+
     def _health_checker(self, config: Config) -> HealthChecker:
         hc = config.health_check
         return HealthChecker(
@@ -242,8 +256,13 @@ class Proxy:
 
     def apply(self, config: Config, pools: dict[PoolName, tuple[Upstream, ...]]) -> None:
         """Swap configuration and routing snapshot; requests in flight keep the old ones."""
+        old_log = self.config.access_log
         self.config = config
         self.settings = Settings.from_config(config)
+        if config.access_log != old_log:
+            if self.access_log is not None:
+                self.access_log.close()
+            self.access_log = self._access_log(config)
         self.pool_tls = {}
         for name, ups in pools.items():
             for upstream in ups:
@@ -273,9 +292,13 @@ class Proxy:
         else:
             unrouted = self.unrouted.setdefault(ex.pool or "", {})
             unrouted[status] = unrouted.get(status, 0) + 1
+        now = self.loop.time()
         if ex.pool is not None:
             pool = upstream.pool if upstream is not None else ex.pool
-            self.pool_stats[pool].duration.observe(self.loop.time() - ex.started)
+            self.pool_stats[pool].duration.observe(now - ex.started)
+        access = self.access_log
+        if access is not None and access.wants():
+            access.write(access_record(ex, now))
 
     def figures(self, pool: PoolName, since: float | None = None) -> WindowFigures:
         return self.windows[pool].figures(self.loop.time(), since)
@@ -397,6 +420,8 @@ class Proxy:
         self.events.close()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.close)
 
     # views -----------------------------------------------------------------------
 
@@ -434,6 +459,25 @@ class Proxy:
             f"<Proxy port={self.port} connections={len(self.connections)} "
             f"in_flight={self.in_flight} stable={self.stable} {self.router!r}>"
         )
+
+
+def access_record(ex: Exchange, now: float) -> dict[str, Any]:
+    upstream = ex.upstream
+    return {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "client": ex.client.peer_ip.decode("latin-1"),
+        "method": ex.method.decode("latin-1"),
+        "target": ex.target.decode("latin-1"),
+        "status": ex.status,
+        "bytes_in": ex.body_size,
+        "bytes_out": ex.bytes_out,
+        "pool": upstream.pool if upstream is not None else ex.pool,
+        "upstream": upstream.url if upstream is not None else None,
+        "attempts": ex.attempts,
+        "duration_ms": round((now - ex.started) * 1000, 3),
+        "upstream_ms": round(ex.upstream_time * 1000, 3),
+        "reason": ex.note or None,
+    }
 
 
 def _upstream_status(u: Upstream) -> dict[str, Any]:

@@ -1,0 +1,136 @@
+"""The access log: JSON lines checked against the requests sent, sampling, reopening."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from conftest import ProxyFactory, SampleFactory, proxy_config, wait_for
+
+from proxy.runtime import Proxy
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+async def logged(proxy: Proxy, path: Path, count: int) -> list[dict[str, Any]]:
+    await wait_for(lambda: len(read_lines(path)) >= count, timeout=10)
+    return read_lines(path)
+
+
+async def test_every_request_is_a_json_line_matching_what_was_sent(
+    sample: SampleFactory, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    blue = await sample("blue")
+    green = await sample("green")
+    path = tmp_path / "access.log"
+    proxy = await make_proxy(
+        proxy_config([blue.url], [green.url], access_log={"to": str(path), "sample": 1.0})
+    )
+    sent: list[tuple[str, str, int, str]] = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(10):
+            pool = "green" if i % 3 == 0 else "blue"
+            target = f"/item/{i}?q={i}"
+            async with session.get(
+                f"http://127.0.0.1:{proxy.port}{target}", headers={"X-Turnout-Pool": pool}
+            ) as resp:
+                body = await resp.read()
+                sent.append(("GET", target, resp.status, pool))
+                assert len(body) > 0
+        async with session.post(f"http://127.0.0.1:{proxy.port}/sink", data=b"x" * 1000) as resp:
+            await resp.read()
+            sent.append(("POST", "/sink", resp.status, "blue"))
+    lines = await logged(proxy, path, len(sent))
+    assert len(lines) == len(sent)
+    for line, (method, target, status, pool) in zip(lines, sent, strict=True):
+        assert line["method"] == method
+        assert line["target"] == target
+        assert line["status"] == status
+        assert line["pool"] == pool
+        assert line["upstream"] == (green.url if pool == "green" else blue.url)
+        assert line["client"] == "127.0.0.1"
+        assert line["attempts"] == 1
+        assert line["bytes_out"] > 0
+        assert line["duration_ms"] >= line["upstream_ms"] >= 0
+        assert {"time", "bytes_in", "reason"} <= line.keys()
+    assert lines[-1]["bytes_in"] == 1000
+
+
+async def test_retries_and_sheds_are_named_in_the_log(
+    sample: SampleFactory, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    failing = await sample("failing", error_rate=1.0, error_status=503)
+    blue = await sample("blue")
+    path = tmp_path / "access.log"
+    proxy = await make_proxy(
+        proxy_config(
+            [failing.url, blue.url],
+            [],
+            balancer="round_robin",
+            access_log={"to": str(path)},
+        )
+    )
+    async with aiohttp.ClientSession() as session:
+        for _ in range(4):
+            async with session.get(f"http://127.0.0.1:{proxy.port}/") as resp:
+                assert resp.status == 200
+    lines = await logged(proxy, path, 4)
+    retried = [line for line in lines if line["attempts"] == 2]
+    assert retried, lines
+    assert all(line["reason"] == "retried: status_503" for line in retried)
+    assert all(line["upstream"] == blue.url for line in retried)
+
+
+async def test_sampling_is_honoured_within_statistical_bounds(
+    sample: SampleFactory, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    blue = await sample("blue")
+    path = tmp_path / "access.log"
+    share, total = 0.2, 1000
+    proxy = await make_proxy(
+        proxy_config([blue.url], [], access_log={"to": str(path), "sample": share}), seed=7
+    )
+    async with aiohttp.ClientSession() as session:
+        for _ in range(total):
+            async with session.get(f"http://127.0.0.1:{proxy.port}/") as resp:
+                await resp.read()
+    assert proxy.access_log is not None
+    await wait_for(lambda: proxy.access_log is not None and proxy.access_log._lines.empty())
+    count = len(await logged(proxy, path, 1))
+    sigma = math.sqrt(total * share * (1 - share))
+    assert abs(count - total * share) < 5 * sigma, count
+
+
+async def test_reopen_writes_to_a_new_file_after_rotation(
+    sample: SampleFactory, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    blue = await sample("blue")
+    path = tmp_path / "access.log"
+    proxy = await make_proxy(proxy_config([blue.url], [], access_log={"to": str(path)}))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{proxy.port}/before") as resp:
+            await resp.read()
+        await logged(proxy, path, 1)
+        rotated = tmp_path / "access.log.1"
+        path.rename(rotated)
+        proxy.reopen_logs()
+        async with session.get(f"http://127.0.0.1:{proxy.port}/after") as resp:
+            await resp.read()
+    lines = await logged(proxy, path, 1)
+    assert [line["target"] for line in lines] == ["/after"]
+    assert [line["target"] for line in read_lines(rotated)] == ["/before"]
+
+
+async def test_log_off_writes_nothing(
+    sample: SampleFactory, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    blue = await sample("blue")
+    proxy = await make_proxy(proxy_config([blue.url], [], access_log={"to": "off"}))
+    assert proxy.access_log is None
