@@ -217,6 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="NAME=COMMAND, another proxy; {port}, {blue}, {green} are substituted",
     )
+    ap.add_argument(
+        "--turnout-variant",
+        action="append",
+        default=[],
+        metavar="NAME=YAML",
+        help="another Turnout run with YAML lines added to its config, e.g. "
+        "log='access_log: {to: /tmp/access.log}'; {tmp} is a scratch directory",
+    )
+    ap.add_argument("--only", help="comma-separated targets to measure (e.g. turnout,haproxy)")
     args = ap.parse_args(argv)
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
@@ -251,6 +260,15 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
     (tmp / "turnout.yaml").write_text(turnout_conf(port, blue, green))
     turnout_cmd = [sys.executable, "-m", "proxy", "run", "-c", str(tmp / "turnout.yaml")]
     targets["turnout"] = (turnout_cmd, port)
+    for spec in args.turnout_variant:
+        name, _, extra = spec.partition("=")
+        port = free_port()
+        conf = tmp / f"turnout-{name}.yaml"
+        conf.write_text(turnout_conf(port, blue, green) + extra.replace("{tmp}", str(tmp)) + "\n")
+        targets[f"turnout-{name}"] = (
+            [sys.executable, "-m", "proxy", "run", "-c", str(conf)],
+            port,
+        )
     if nginx:
         port = free_port()
         (tmp / "nginx-proxy.conf").write_text(nginx_proxy_conf(port, blue, green, tmp))
@@ -271,6 +289,9 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
         )
         targets[name] = (argv, port)
 
+    if args.only:
+        keep = set(args.only.split(","))
+        targets = {name: spec for name, spec in targets.items() if name in keep}
     if nginx:
         (tmp / "nginx-up.conf").write_text(nginx_upstream_conf(root, [blue, green], tmp))
         upstream_cmds = [([nginx, "-c", str(tmp / "nginx-up.conf")], blue)]
