@@ -25,6 +25,7 @@ audit_log = logging.getLogger("turnout.audit")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy")
+AUTHENTICATED: web.RequestKey[bool] = web.RequestKey("authenticated", bool)
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 SSE_HEARTBEAT = 15.0
 MAX_BODY = 65536
@@ -60,7 +61,7 @@ def json_error(status: int, error: str, detail: Any = None) -> web.Response:
 
 def who(request: web.Request) -> str:
     peer = request.remote or "unknown"
-    return f"token@{peer}" if request.get("authenticated") else peer
+    return f"token@{peer}" if request.get(AUTHENTICATED) else peer
 
 
 def audit(request: web.Request, change: Change) -> None:
@@ -89,7 +90,7 @@ def make_middleware(token: str | None) -> Middleware:
             given = request.headers.get("Authorization", "").encode("latin-1", "replace")
             if not hmac.compare_digest(given, expected):
                 return json_error(401, "unauthorized", "missing or wrong bearer token")
-            request["authenticated"] = True
+            request[AUTHENTICATED] = True
         try:
             return await handler(request)
         except ControlError as exc:
@@ -138,11 +139,20 @@ def number(data: dict[str, Any], key: str) -> float:
     return float(value)
 
 
+def whole_number(raw: str) -> int | None:
+    """A short run of ASCII digits as an int; None for anything else (str.isdigit() alone
+    also passes "²", and int() refuses very long numbers)."""
+    if raw.isascii() and raw.isdigit() and len(raw) <= 9:
+        return int(raw)
+    return None
+
+
 def index_of(request: web.Request) -> int:
     raw = request.match_info["index"]
-    if not raw.isdigit():
-        raise ControlError(404, "unknown upstream", f"index must be a whole number, not {raw!r}")
-    return int(raw)
+    index = whole_number(raw)
+    if index is None:
+        raise ControlError(404, "unknown upstream", f"no upstream index {raw[:20]!r}")
+    return index
 
 
 class AdminAPI:
@@ -156,9 +166,15 @@ class AdminAPI:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        candidates = self.proxy.router.candidates
-        ready = any(candidates[p] for p in candidates)
-        body = {"ready": ready, "available": {p: len(c) for p, c in candidates.items()}}
+        proxy = self.proxy
+        candidates = proxy.router.candidates
+        # A proxy that is shutting down no longer accepts: a load balancer should look away.
+        ready = not proxy.shutting_down and any(candidates[p] for p in candidates)
+        body = {
+            "ready": ready,
+            "shutting_down": proxy.shutting_down,
+            "available": {p: len(c) for p, c in candidates.items()},
+        }
         return web.json_response(body, status=200 if ready else 503)
 
     async def status(self, request: web.Request) -> web.Response:
@@ -236,8 +252,7 @@ class AdminAPI:
             }
         )
         await resp.prepare(request)
-        replay_raw = request.query.get("replay", "0")
-        replay = int(replay_raw) if replay_raw.isdigit() else 0
+        replay = whole_number(request.query.get("replay", "0")) or 0
         stream = self.proxy.events.subscribe(replay=replay)
         await resp.write(b": turnout events\n\n")
         while True:

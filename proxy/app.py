@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 
 import uvloop
 
@@ -43,16 +44,22 @@ async def serve(
     try:
         admin_port = await proxy.start_admin(inherited.admin_socket if inherited else None)
     except AdminSetupError as exc:
-        print(f"turnout: refusing to start: {exc}", flush=True)
+        print(f"turnout: refusing to start: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except OSError as exc:
-        print(f"turnout: cannot listen on {admin.host}:{admin.port}: {exc.strerror or exc}")
+        print(
+            f"turnout: cannot listen on {admin.host}:{admin.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         await proxy.shutdown(timeout=0)
         return EXIT_RUNTIME
     try:
         port = await proxy.start(inherited.proxy_socket if inherited else None)
     except OSError as exc:
-        print(f"turnout: cannot listen on {listen.host}:{listen.port}: {exc.strerror or exc}")
+        print(
+            f"turnout: cannot listen on {listen.host}:{listen.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         await proxy.shutdown(timeout=0)
         return EXIT_RUNTIME
     if inherited is not None:
@@ -93,6 +100,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGUSR1, proxy.reopen_logs)
     handover = HandoverServer(
         handover_path or default_path(listen.host, port),
         proxy.listening_sockets,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -11,7 +12,7 @@ from .config import Config, ConfigError, UpstreamConfig, load_config
 from .health import probe
 from .router import POOLS
 from .routing import PoolName
-from .tls import tls_problems
+from .tls import TLSSetupError, client_context, tls_problems
 from .upstream import ResponseSink, Upstream, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -296,16 +297,27 @@ class Control:
         the pool has none and its requests fail over to the other pool."""
         router = self.proxy.router
         hc = config.health_check
-        added: list[Endpoint] = []
+        added: list[tuple[Endpoint, ssl.SSLContext | None]] = []
         for name in POOLS:
+            pool = getattr(config.pools, name)
             current = {(u.host, u.port) for u in router.pools[name]}
-            for cfg in getattr(config.pools, name).upstreams:
-                if (cfg.host, cfg.port) not in current:
-                    added.append((name, cfg.host, cfg.port))
+            tls: ssl.SSLContext | None = None
+            for cfg in pool.upstreams:
+                if (cfg.host, cfg.port) in current:
+                    continue
+                if cfg.scheme == "https" and tls is None:
+                    try:
+                        tls = client_context(pool.tls)
+                    except TLSSetupError:
+                        continue  # left cold: the health checker reports the problem
+                added.append(((name, cfg.host, cfg.port), tls if cfg.scheme == "https" else None))
         results = await asyncio.gather(
-            *(probe(host, port, hc.path, hc.timeout, f"{host}:{port}") for _, host, port in added)
+            *(
+                probe(host, port, hc.path, hc.timeout, f"{host}:{port}", tls)
+                for (_, host, port), tls in added
+            )
         )
-        return {endpoint for endpoint, result in zip(added, results, strict=True) if result.ok}
+        return {endpoint for (endpoint, _), result in zip(added, results, strict=True) if result.ok}
 
     def apply_config(self, config: Config, warm: set[Endpoint] | None = None) -> None:
         """Swap in a validated configuration in one synchronous step; added upstreams start

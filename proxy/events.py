@@ -34,10 +34,11 @@ class Event:
 class EventBus:
     """Fan-out of events to bounded subscriber queues; a subscriber that falls behind is cut."""
 
-    __slots__ = ("_seq", "counts", "history", "subscribers")
+    __slots__ = ("_seq", "closed", "counts", "history", "subscribers")
 
     def __init__(self) -> None:
         self._seq = itertools.count(1)
+        self.closed = False
         self.history: deque[Event] = deque(maxlen=HISTORY)
         self.subscribers: set[asyncio.Queue[Event | None]] = set()
         self.counts: dict[str, int] = {}
@@ -59,6 +60,8 @@ class EventBus:
 
     async def subscribe(self, replay: int = 0) -> AsyncIterator[Event]:
         """Events from now on (after the last `replay` ones); ends if the reader lags."""
+        if self.closed:
+            return
         queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE)
         for event in list(self.history)[-replay:] if replay else ():
             queue.put_nowait(event)
@@ -71,6 +74,15 @@ class EventBus:
                 yield item
         finally:
             self.subscribers.discard(queue)
+
+    def close(self) -> None:
+        """End every subscription (at shutdown): a stream must not hold the process open."""
+        self.closed = True
+        for queue in list(self.subscribers):
+            self.subscribers.discard(queue)
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)
 
     def __repr__(self) -> str:
         return f"<EventBus history={len(self.history)} subscribers={len(self.subscribers)}>"

@@ -1,0 +1,892 @@
+"""The admin API end to end: status, readiness, errors, tokens, audit, metrics, events, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from conftest import HOST, ProxyFactory, Sample, SampleFactory, proxy_config, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy import cli
+from proxy.admin import AdminSetupError
+from proxy.config import load_config, parse_config
+from proxy.runtime import Proxy
+
+TIMEOUT = 10.0
+ADMIN = {"host": HOST, "port": 0}
+
+
+@dataclass
+class Admin:
+    """A running proxy with its admin API, and the upstreams behind it."""
+
+    proxy: Proxy
+    session: aiohttp.ClientSession
+    blue: list[Sample]
+    green: list[Sample]
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.proxy.admin_port}"
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{HOST}:{self.proxy.port}"
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """One admin request; the status and the decoded JSON answer."""
+        kwargs: dict[str, Any] = {"headers": headers or {}}
+        if raw is not None:
+            kwargs["data"] = raw
+        elif body is not None:
+            kwargs["json"] = body
+        async with asyncio.timeout(TIMEOUT):
+            async with self.session.request(method, self.url + path, **kwargs) as resp:
+                text = await resp.text()
+                assert resp.content_type == "application/json", text
+                return resp.status, json.loads(text)
+
+    async def ok(self, method: str, path: str, body: Any = None) -> Any:
+        status, answer = await self.call(method, path, body)
+        assert 200 <= status < 300, (status, answer)
+        return answer
+
+    async def status(self) -> dict[str, Any]:
+        answer: dict[str, Any] = await self.ok("GET", "/status")
+        return answer
+
+    async def get(self, path: str, **headers: str) -> aiohttp.ClientResponse:
+        """A GET through the proxy, body read."""
+        async with asyncio.timeout(TIMEOUT):
+            async with self.session.get(self.proxy_url + path, headers=headers) as resp:
+                await resp.read()
+                return resp
+
+    async def metrics(self) -> Metrics:
+        async with asyncio.timeout(TIMEOUT):
+            async with self.session.get(self.url + "/metrics") as resp:
+                assert resp.status == 200
+                assert resp.content_type == "text/plain"
+                return Metrics(await resp.text())
+
+
+class Metrics:
+    """A parsed /metrics scrape: every sample by name and labels."""
+
+    def __init__(self, text: str) -> None:
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+        self.samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+        for family in self.families.values():
+            for s in family.samples:
+                self.samples[(s.name, frozenset(s.labels.items()))] = s.value
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples[(name, frozenset(labels.items()))]
+
+    def labelled(self, name: str) -> dict[frozenset[tuple[str, str]], float]:
+        return {labels: v for (n, labels), v in self.samples.items() if n == name}
+
+
+AdminFactory = Callable[..., Awaitable[Admin]]
+
+
+async def start_admin_stack(
+    sample: SampleFactory,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    blues: int = 1,
+    greens: int = 1,
+    **overrides: Any,
+) -> Admin:
+    """Sample upstreams named blue0.., green0.. behind a proxy with its admin API on
+    127.0.0.1 port 0; keyword arguments are config overrides."""
+    blue = [await sample(f"blue{i}") for i in range(blues)]
+    green = [await sample(f"green{i}") for i in range(greens)]
+    overrides.setdefault("admin", ADMIN)
+    data = proxy_config([s.url for s in blue], [s.url for s in green], **overrides)
+    proxy = await make_proxy(data)
+    await proxy.start_admin()
+    return Admin(proxy, session, blue, green)
+
+
+@pytest.fixture
+async def admin_factory(
+    sample: SampleFactory, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> AdminFactory:
+    async def make(blues: int = 1, greens: int = 1, **overrides: Any) -> Admin:
+        return await start_admin_stack(sample, make_proxy, session, blues, greens, **overrides)
+
+    return make
+
+
+@pytest.fixture
+async def admin(admin_factory: AdminFactory, monkeypatch: pytest.MonkeyPatch) -> Admin:
+    monkeypatch.delenv("TURNOUT_ADMIN_TOKEN", raising=False)
+    return await admin_factory()
+
+
+# --- status and readiness ---------------------------------------------------------------------
+
+
+async def test_status_shows_pools_upstreams_split_stable_and_config(admin: Admin) -> None:
+    status = await admin.status()
+    assert status["split"] == {"green": 0.0, "blue": 100.0}
+    assert status["stable"] == "blue"
+    assert status["candidate"] == "green"
+    assert status["config"] is None  # built from a dict, no file
+    assert status["ramp"] is None
+    assert set(status["pools"]) == {"blue", "green"}
+    for pool, samples in (("blue", admin.blue), ("green", admin.green)):
+        entry = status["pools"][pool]
+        assert entry["available"] == 1
+        (upstream,) = entry["upstreams"]
+        assert upstream["url"] == samples[0].url
+        assert (
+            upstream
+            | {
+                "index": 0,
+                "weight": 1,
+                "healthy": True,
+                "state": "up",
+                "breaker": "closed",
+                "in_flight": 0,
+                "queued": 0,
+                "draining": False,
+                "drained": False,
+            }
+            == upstream
+        )
+
+    # A request in flight shows on its upstream.
+    slow = asyncio.create_task(admin.get("/delay/400"))
+    await wait_for(lambda: admin.proxy.in_flight == 1)
+    status = await admin.status()
+    assert status["pools"]["blue"]["upstreams"][0]["in_flight"] == 1
+    assert status["pools"]["green"]["upstreams"][0]["in_flight"] == 0
+    assert (await slow).status == 200
+    status = await admin.status()
+    assert status["pools"]["blue"]["upstreams"][0]["in_flight"] == 0
+    assert status["pools"]["blue"]["upstreams"][0]["requests"] == 1
+
+
+async def test_status_names_the_config_file(
+    sample: SampleFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TURNOUT_ADMIN_TOKEN", raising=False)
+    blue, green = await sample("blue"), await sample("green")
+    path = tmp_path / "turnout.yaml"
+    path.write_text(yaml.safe_dump(proxy_config([blue.url], [green.url], admin=ADMIN, split=30)))
+    proxy = Proxy(load_config(path), config_path=str(path))
+    try:
+        await proxy.start()
+        await proxy.start_admin()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{HOST}:{proxy.admin_port}/status") as resp,
+        ):
+            status = await resp.json()
+        assert status["config"] == str(path)
+        assert status["split"] == {"green": 30.0, "blue": 70.0}
+    finally:
+        await proxy.shutdown(timeout=1.0)
+
+
+async def test_healthz_and_readyz(admin_factory: AdminFactory) -> None:
+    fast = {"interval": "100ms", "timeout": "1s", "healthy_after": 1, "unhealthy_after": 1}
+    admin = await admin_factory(health_check=fast)
+    assert await admin.call("GET", "/healthz") == (200, {"status": "ok"})
+    status, ready = await admin.call("GET", "/readyz")
+    assert (status, ready["ready"]) == (200, True)
+    assert ready["available"] == {"blue": 1, "green": 1}
+
+    # Blue down: green can still serve (failover), so the proxy is ready.
+    admin.blue[0].settings.healthy = False
+    await wait_for(lambda: not admin.proxy.router.candidates["blue"])
+    status, ready = await admin.call("GET", "/readyz")
+    assert (status, ready["ready"], ready["available"]) == (200, True, {"blue": 0, "green": 1})
+
+    # Every upstream down: nothing can serve.
+    admin.green[0].settings.healthy = False
+    await wait_for(lambda: not admin.proxy.router.candidates["green"])
+    status, ready = await admin.call("GET", "/readyz")
+    assert (status, ready["ready"], ready["available"]) == (503, False, {"blue": 0, "green": 0})
+    # /healthz says the process lives, whatever the upstreams do.
+    assert (await admin.call("GET", "/healthz"))[0] == 200
+
+    admin.green[0].settings.healthy = True
+    await wait_for(lambda: bool(admin.proxy.router.candidates["green"]))
+    assert (await admin.call("GET", "/readyz"))[0] == 200
+
+
+async def test_readyz_is_503_when_every_upstream_is_drained(admin: Admin) -> None:
+    await admin.ok("POST", "/pools/blue/upstreams/0/drain")
+    assert (await admin.call("GET", "/readyz"))[0] == 200
+    await admin.ok("POST", "/pools/green/upstreams/0/drain")
+    status, ready = await admin.call("GET", "/readyz")
+    assert (status, ready["ready"]) == (503, False)
+    await admin.ok("POST", "/pools/green/upstreams/0/undrain")
+    assert (await admin.call("GET", "/readyz"))[0] == 200
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+ERRORS: list[tuple[str, str, Any, int, str]] = [
+    # unknown routes and wrong methods
+    ("GET", "/nope", None, 404, "not found"),
+    ("GET", "/pools/blue/upstreams/0/explode", None, 404, "not found"),
+    ("POST", "/rollout/explode", None, 404, "not found"),
+    ("GET", "/split", None, 405, "method not allowed"),
+    ("POST", "/status", None, 405, "method not allowed"),
+    ("DELETE", "/split", None, 405, "method not allowed"),
+    ("PUT", "/pools/blue/upstreams/0/drain", None, 405, "method not allowed"),
+    # unknown pool, index out of range
+    ("POST", "/pools/red/upstreams/0/drain", None, 404, "unknown pool"),
+    ("DELETE", "/pools/red/upstreams/0", None, 404, "unknown pool"),
+    ("POST", "/pools/red/upstreams", {"url": "http://127.0.0.1:9"}, 404, "unknown pool"),
+    ("POST", "/pools/blue/upstreams/1/drain", None, 404, "unknown upstream"),
+    ("POST", "/pools/green/upstreams/7/undrain", None, 404, "unknown upstream"),
+    ("DELETE", "/pools/blue/upstreams/1", None, 404, "unknown upstream"),
+    ("DELETE", "/pools/blue/upstreams/-1", None, 404, "unknown upstream"),
+    ("POST", "/pools/blue/upstreams/x/drain", None, 404, "unknown upstream"),
+    ("POST", "/pools/blue/upstreams/%C2%B2/drain", None, 404, "unknown upstream"),
+    ("DELETE", "/pools/blue/upstreams/" + "9" * 5000, None, 404, "unknown upstream"),
+    # split outside 0..100, wrong types, unknown or missing fields, malformed JSON
+    ("PUT", "/split", {"green": 101}, 400, "split out of range"),
+    ("PUT", "/split", {"green": -0.5}, 400, "split out of range"),
+    ("PUT", "/split", {"green": "50"}, 400, "invalid green"),
+    ("PUT", "/split", {"green": True}, 400, "invalid green"),
+    ("PUT", "/split", {"green": None}, 400, "invalid green"),
+    ("PUT", "/split", b'{"green": NaN}', 400, "invalid green"),
+    ("PUT", "/split", b'{"green": 1e400}', 400, "invalid green"),
+    ("PUT", "/split", {"green": 10, "over": "soon"}, 400, "invalid over"),
+    ("PUT", "/split", {"green": 10, "over": "-5s"}, 400, "invalid over"),
+    ("PUT", "/split", {"green": 10, "over": [1]}, 400, "invalid over"),
+    ("PUT", "/split", {"green": 10, "blue": 90}, 400, "unknown field"),
+    ("PUT", "/split", {}, 400, "missing field"),
+    ("PUT", "/split", b'{"green": 5', 400, "malformed JSON"),
+    ("PUT", "/split", b"\xff\xfe", 400, "malformed JSON"),
+    ("PUT", "/split", b"[50]", 400, "malformed request"),
+    ("PUT", "/split", b'"green"', 400, "malformed request"),
+    ("PUT", "/split", b"x" * 70_000, 400, "body too large"),
+    ("POST", "/pools/blue/upstreams", {}, 400, "missing field"),
+    ("POST", "/pools/blue/upstreams", {"url": 5}, 400, "invalid upstream"),
+    ("POST", "/pools/blue/upstreams", {"url": "ftp://127.0.0.1:9"}, 400, "invalid upstream"),
+    ("POST", "/pools/blue/upstreams", {"url": "http://[::1"}, 400, "invalid upstream"),
+    ("POST", "/pools/blue/upstreams", {"url": "http://127.0.0.1:9", "weight": 1.5}, 400, "invalid"),
+    ("POST", "/pools/blue/upstreams", {"url": "http://127.0.0.1:9", "weight": 0}, 400, "invalid"),
+    ("POST", "/pools/blue/upstreams", {"url": "http://127.0.0.1:9", "weight": "2"}, 400, "invalid"),
+    ("POST", "/pools/blue/upstreams", {"url": "http://127.0.0.1:9", "x": 1}, 400, "unknown field"),
+    ("POST", "/pools/blue/upstreams", b"{", 400, "malformed JSON"),
+    ("POST", "/rollout/start", {"strategy": "yolo"}, 400, "invalid strategy"),
+    ("POST", "/rollout/start", {"strategy": ["lazy"]}, 400, "invalid strategy"),
+    ("POST", "/rollout/start", {"strategy": "lazy", "steps": [1]}, 400, "unknown field"),
+    ("POST", "/rollout/start", b"[]", 400, "malformed request"),
+    ("POST", "/rollout/pause", {"now": True}, 400, "unexpected body"),
+    # conflicts
+    ("POST", "/rollout/pause", None, 409, "cannot pause"),
+    ("POST", "/rollout/resume", None, 409, "cannot resume"),
+    ("POST", "/rollout/abort", None, 409, "cannot abort"),
+    ("POST", "/reload", None, 409, "no config file"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "error"),
+    ERRORS,
+    ids=[f"{m} {p[:40]} {s}" for m, p, _, s, _ in ERRORS],
+)
+async def test_error_answers(
+    admin: Admin, method: str, path: str, body: Any, status: int, error: str
+) -> None:
+    before = await admin.status()
+    raw = body if isinstance(body, bytes) else None
+    got, answer = await admin.call(method, path, None if raw is not None else body, raw=raw)
+    assert got == status, answer
+    assert set(answer) == {"error", "detail"}
+    assert error in answer["error"], answer
+    assert answer["detail"], answer  # says what was wrong
+    # A refused request changes nothing.
+    after = await admin.status()
+    assert after["split"] == before["split"]
+    assert after["pools"] == before["pools"]
+    assert after["rollout"]["state"] == before["rollout"]["state"]
+
+
+async def test_duplicate_upstream_is_409(admin: Admin) -> None:
+    status, answer = await admin.call("POST", "/pools/green/upstreams", {"url": admin.green[0].url})
+    assert status == 409
+    assert answer["error"] == "duplicate upstream"
+    assert "green/0" in answer["detail"]
+    assert len((await admin.status())["pools"]["green"]["upstreams"]) == 1
+
+
+async def test_a_second_rollout_is_409(admin: Admin) -> None:
+    await admin.ok("POST", "/rollout/start", {"strategy": "lazy"})
+    status, answer = await admin.call("POST", "/rollout/start", {"strategy": "lazy"})
+    assert (status, answer["error"]) == (409, "rollout in progress")
+    await admin.ok("POST", "/rollout/abort")
+
+
+# --- tokens -------------------------------------------------------------------------------------
+
+
+async def test_without_a_token_loopback_is_open(admin: Admin) -> None:
+    assert (await admin.call("GET", "/status"))[0] == 200
+    assert (await admin.call("PUT", "/split", {"green": 5}))[0] == 200
+    assert admin.proxy.spreader.split == 5.0
+
+
+async def test_token_is_required_when_set(
+    admin_factory: AdminFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TEST_TURNOUT_TOKEN", "s3cret")
+    admin = await admin_factory(admin={**ADMIN, "token_env": "TEST_TURNOUT_TOKEN"})
+    caplog.set_level(logging.INFO, logger="turnout.audit")
+    wrong = [{}, {"Authorization": "Bearer nope"}, {"Authorization": "s3cret"}]
+    wrong.append({"Authorization": "Basic s3cret"})
+    for headers in wrong:
+        for method, path, body in (
+            ("GET", "/status", None),
+            ("GET", "/metrics", None),
+            ("PUT", "/split", {"green": 50}),
+            ("POST", "/pools/blue/upstreams/0/drain", None),
+            ("POST", "/reload", None),
+        ):
+            status, answer = await admin.call(method, path, body, headers=headers)
+            assert status == 401, (method, path, headers)
+            assert set(answer) == {"error", "detail"}
+    assert admin.proxy.spreader.split == 0.0
+    assert not admin.proxy.router.pools["blue"][0].draining
+    assert not caplog.records  # nothing was changed, nothing audited
+
+    # Liveness and readiness stay open for probes.
+    assert (await admin.call("GET", "/healthz"))[0] == 200
+    assert (await admin.call("GET", "/readyz"))[0] == 200
+
+    right = {"Authorization": "Bearer s3cret"}
+    assert (await admin.call("GET", "/status", headers=right))[0] == 200
+    status, _ = await admin.call("PUT", "/split", {"green": 50}, headers=right)
+    assert status == 200
+    assert admin.proxy.spreader.split == 50.0
+    (record,) = caplog.records
+    line = json.loads(record.getMessage())
+    assert line["who"] == "token@127.0.0.1"
+
+
+async def test_non_loopback_admin_without_token_refuses_to_start(
+    sample: SampleFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TURNOUT_ADMIN_TOKEN", raising=False)
+    blue, green = await sample("blue"), await sample("green")
+    data = proxy_config([blue.url], [green.url], admin={"host": "0.0.0.0", "port": 0})
+    proxy = Proxy(parse_config(data))
+    try:
+        with pytest.raises(AdminSetupError, match="TURNOUT_ADMIN_TOKEN"):
+            await proxy.start_admin()
+        assert proxy.admin_runner is None
+        # With a token it may listen there.
+        monkeypatch.setenv("TURNOUT_ADMIN_TOKEN", "t")
+        assert await proxy.start_admin() > 0
+    finally:
+        await proxy.shutdown(timeout=0)
+
+
+async def test_turnout_run_exits_2_for_non_loopback_admin_without_token(
+    tmp_path: Path,
+) -> None:
+    data = proxy_config(["http://127.0.0.1:9"], ["http://127.0.0.1:10"])
+    data["admin"] = {"host": "0.0.0.0", "port": 0}
+    path = tmp_path / "turnout.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if k != "TURNOUT_ADMIN_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "run",
+        "-c",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 2
+    text = (out + err).decode()
+    assert "refusing to start" in text
+    assert "0.0.0.0" in text and "TURNOUT_ADMIN_TOKEN" in text
+    assert "refusing to start" in err.decode()  # an error goes to stderr
+    assert "Traceback" not in text
+
+
+# --- audit --------------------------------------------------------------------------------------
+
+
+async def test_every_mutation_is_audited(
+    admin: Admin, sample: SampleFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="turnout.audit")
+    extra = await sample("blue-extra")
+    await admin.ok("PUT", "/split", {"green": 20})
+    await admin.ok("PUT", "/split", {"green": 40, "over": "10s"})
+    await admin.ok("POST", "/pools/blue/upstreams/0/drain")
+    await admin.ok("POST", "/pools/blue/upstreams/0/undrain")
+    await admin.ok("POST", "/pools/blue/upstreams", {"url": extra.url, "weight": 3})
+    await admin.ok("DELETE", "/pools/blue/upstreams/1")
+    await admin.ok("POST", "/rollout/start", {"strategy": "lazy"})
+    await admin.ok("POST", "/rollout/abort")
+    # Reads and refused requests are not audited.
+    await admin.call("GET", "/status")
+    await admin.call("PUT", "/split", {"green": 500})
+
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "turnout.audit"]
+    for line in lines:
+        assert line["who"] == "127.0.0.1"
+        assert {"what", "before", "after", "request"} <= set(line)
+    got = [(line["request"], line["what"], line["before"], line["after"]) for line in lines]
+    assert got[:6] == [
+        ("PUT /split", "split", {"green": 0.0}, {"green": 20.0, "over": None}),
+        ("PUT /split", "split", {"green": 20.0}, {"green": 40.0, "over": 10.0}),
+        (
+            "POST /pools/blue/upstreams/0/drain",
+            "drain blue/0",
+            {"draining": False},
+            {"draining": True},
+        ),
+        (
+            "POST /pools/blue/upstreams/0/undrain",
+            "undrain blue/0",
+            {"draining": True},
+            {"draining": False},
+        ),
+        ("POST /pools/blue/upstreams", "add blue/1", None, {"url": extra.url, "weight": 3}),
+        (
+            "DELETE /pools/blue/upstreams/1",
+            "remove blue/1",
+            {"url": extra.url},
+            {"removed_after_drain": True},
+        ),
+    ]
+    assert [g[:2] for g in got[6:]] == [
+        ("POST /rollout/start", "rollout start"),
+        ("POST /rollout/abort", "rollout abort"),
+    ]
+    assert got[6][2]["state"] == "idle" and got[6][3]["state"] == "progressing"
+    assert got[7][3]["state"] == "aborted"
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+async def test_metrics_agree_with_the_requests_sent(admin_factory: AdminFactory) -> None:
+    admin = await admin_factory(retries={"attempts": 2, "budget": 1.0})
+    blue, green = admin.blue[0].url, admin.green[0].url
+    for _ in range(30):
+        assert (await admin.get("/metrics-blue")).status == 200
+    for _ in range(10):
+        resp = await admin.get("/metrics-green", **{"X-Turnout-Pool": "green"})
+        assert resp.headers["X-Upstream"] == "green0"
+    for _ in range(5):
+        assert (await admin.get("/status/404")).status == 404
+    await admin.ok("PUT", "/split", {"green": 25})
+
+    m = await admin.metrics()
+    assert m.labelled("turnout_requests_total") == {
+        frozenset({("pool", "blue"), ("upstream", blue), ("code", "200")}): 30.0,
+        frozenset({("pool", "blue"), ("upstream", blue), ("code", "404")}): 5.0,
+        frozenset({("pool", "green"), ("upstream", green), ("code", "200")}): 10.0,
+    }
+    assert m.value("turnout_request_duration_seconds_count", pool="blue") == 35.0
+    assert m.value("turnout_request_duration_seconds_count", pool="green") == 10.0
+    assert m.value("turnout_request_duration_seconds_bucket", pool="blue", le="+Inf") == 35.0
+    assert 0 < m.value("turnout_request_duration_seconds_sum", pool="blue") < 35.0
+    assert m.value("turnout_split_percent", pool="green") == 25.0
+    assert m.value("turnout_split_percent", pool="blue") == 75.0
+    for pool, url in (("blue", blue), ("green", green)):
+        assert m.value("turnout_upstream_in_flight", pool=pool, upstream=url) == 0.0
+        states = {
+            dict(k)["state"]: v
+            for k, v in m.labelled("turnout_upstream_state").items()
+            if dict(k)["upstream"] == url
+        }
+        assert states.pop("up") == 1.0
+        assert set(states.values()) == {0.0}
+        assert {"down", "draining", "drained", "breaker_open"} <= set(states)
+        for reason in ("queue_full", "queue_timeout", "rate_limited"):
+            assert m.value("turnout_shed_total", pool=pool, upstream=url, reason=reason) == 0.0
+    assert m.labelled("turnout_retries_total") == {}
+    assert m.value("turnout_rescued_total") == 0.0
+    assert m.value("turnout_rollout_step") == 0.0
+    assert m.value("turnout_rollout_state", state="idle") == 1.0
+    assert sum(m.labelled("turnout_rollout_state").values()) == 1.0
+    assert m.value("turnout_rollback_seconds_count") == 0.0
+    assert m.value("turnout_draining_connections", pool="blue") == 0.0
+
+    # In flight and draining.
+    slow = asyncio.create_task(admin.get("/delay/500"))
+    await wait_for(lambda: admin.proxy.in_flight == 1)
+    (busy,) = [u for u in admin.proxy.router.upstreams() if u.in_flight]
+    await admin.ok("POST", f"/pools/{busy.pool}/upstreams/0/drain")
+    m = await admin.metrics()
+    assert m.value("turnout_upstream_in_flight", pool=busy.pool, upstream=busy.url) == 1.0
+    assert m.value("turnout_upstream_state", pool=busy.pool, upstream=busy.url, state="up") == 0
+    assert (
+        m.value("turnout_upstream_state", pool=busy.pool, upstream=busy.url, state="draining")
+        == 1.0
+    )
+    assert m.value("turnout_draining_connections", pool=busy.pool) == 1.0
+    assert (await slow).status == 200
+    await wait_for(lambda: busy.drained)
+    m = await admin.metrics()
+    assert (
+        m.value("turnout_upstream_state", pool=busy.pool, upstream=busy.url, state="drained") == 1.0
+    )
+    assert m.value("turnout_upstream_in_flight", pool=busy.pool, upstream=busy.url) == 0.0
+    assert m.value("turnout_draining_connections", pool=busy.pool) == 0.0
+
+
+async def test_metrics_count_shed_requests(admin_factory: AdminFactory) -> None:
+    admin = await admin_factory(limits={"max_in_flight": 1, "queue": 0})
+    blue = admin.blue[0].url
+    # One request holds each pool's only slot; the next has nowhere to go.
+    held = [
+        asyncio.create_task(admin.get("/delay/400", **{"X-Turnout-Pool": pool}))
+        for pool in ("blue", "green")
+    ]
+    await wait_for(lambda: admin.proxy.in_flight == 2)
+    shed = await admin.get("/shed-me")
+    assert shed.status == 503
+    assert shed.headers["Retry-After"] == "1"
+    assert [(await t).status for t in held] == [200, 200]
+    m = await admin.metrics()
+    assert m.value("turnout_shed_total", pool="blue", upstream=blue, reason="queue_full") == 1.0
+    shed_total = sum(m.labelled("turnout_shed_total").values())
+    assert shed_total == 1.0
+    assert m.value("turnout_requests_total", pool="blue", upstream=blue, code="200") == 1.0
+
+
+async def test_metrics_of_retries_rescues_and_a_rollout(
+    admin_factory: AdminFactory, sample: SampleFactory
+) -> None:
+    admin = await admin_factory(
+        retries={"attempts": 2, "budget": 1.0},
+        rollout={"steps": [20, 100], "interval": "1m"},
+    )
+    admin.green[0].settings.error_rate = 1.0
+    admin.green[0].settings.error_status = 503
+    await admin.ok("POST", "/rollout/start", {"strategy": "adaptive"})
+    await wait_for(lambda: admin.proxy.rollout.snapshot().step == 1)
+    assert admin.proxy.spreader.split == 20.0
+    m = await admin.metrics()
+    assert m.value("turnout_rollout_step") == 1.0
+    states = {dict(k)["state"]: v for k, v in m.labelled("turnout_rollout_state").items()}
+    assert sum(states.values()) == 1.0
+    assert states["progressing"] + states["insufficient_data"] == 1.0
+    assert m.value("turnout_split_percent", pool="green") == 20.0
+
+    # A failing candidate request is answered by the stable pool: a retry and a rescue.
+    for _ in range(3):
+        resp = await admin.get("/shielded", **{"X-Turnout-Pool": "green"})
+        assert (resp.status, resp.headers["X-Upstream"]) == (200, "blue0")
+    await admin.ok("POST", "/rollout/rollback")
+    m = await admin.metrics()
+    assert m.value("turnout_retries_total", pool="green", reason="status_503") == 3.0
+    assert m.value("turnout_rescued_total") == 3.0
+    assert m.value("turnout_rollout_state", state="rolled_back") == 1.0
+    assert m.value("turnout_rollout_step") == 0.0
+    assert m.value("turnout_split_percent", pool="green") == 0.0
+    assert m.value("turnout_rollback_seconds_count") == 1.0
+    assert m.value("turnout_rollback_seconds_bucket", le="+Inf") == 1.0
+    green = admin.green[0].url
+    blue = admin.blue[0].url
+    # The client saw blue's answers; green's 503s were swallowed by the retries.
+    assert m.labelled("turnout_requests_total") == {
+        frozenset({("pool", "blue"), ("upstream", blue), ("code", "200")}): 3.0,
+    }
+    assert green not in {dict(k)["upstream"] for k in m.labelled("turnout_requests_total")}
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+async def read_events(resp: aiohttp.ClientResponse, count: int) -> list[tuple[str, dict[str, Any]]]:
+    """`count` server-sent events (comments skipped): (event name, decoded data)."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    kind = ""
+    data: list[str] = []
+    async with asyncio.timeout(TIMEOUT):
+        while len(events) < count:
+            raw = await resp.content.readline()
+            assert raw, "the event stream ended"
+            line = raw.decode().rstrip("\n")
+            if line.startswith(":"):
+                continue
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data.append(line.removeprefix("data: "))
+            elif line == "" and data:
+                events.append((kind, json.loads("\n".join(data))))
+                kind, data = "", []
+    return events
+
+
+async def test_events_stream_split_changes_drains_and_reloads(
+    sample: SampleFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TURNOUT_ADMIN_TOKEN", raising=False)
+    blue, green = await sample("blue"), await sample("green")
+    path = tmp_path / "turnout.yaml"
+    path.write_text(yaml.safe_dump(proxy_config([blue.url], [green.url], admin=ADMIN)))
+    proxy = Proxy(load_config(path), config_path=str(path), rng=random.Random(1))
+    await proxy.start()
+    await proxy.start_admin()
+    try:
+        async with aiohttp.ClientSession() as session:
+            admin = Admin(proxy, session, [blue], [green])
+            async with session.get(admin.url + "/events") as stream:
+                assert stream.status == 200
+                assert stream.content_type == "text/event-stream"
+                # The opening comment says the subscription is in place.
+                assert (await stream.content.readline()).startswith(b":")
+                await admin.ok("PUT", "/split", {"green": 10})
+                await admin.ok("POST", "/pools/green/upstreams/0/drain")
+                await admin.ok("POST", "/reload")
+                status, _ = await admin.call("POST", "/reload")  # the file did not change
+                assert status == 200
+                path.write_text("pools: {blue: {upstreams: []}, nonsense: 1}\n")
+                assert (await admin.call("POST", "/reload"))[0] == 400
+                events = await read_events(stream, 6)
+        kinds = [kind for kind, _ in events]
+        assert kinds[0] == "split"
+        assert events[0][1] | {"before": 0.0, "after": 10.0, "by": "127.0.0.1"} == events[0][1]
+        assert events[1][0] == "drain"
+        assert events[1][1]["upstream"] == "green/0"
+        # Nothing was in flight on green/0: it is drained at once, before the reload.
+        assert "drained" in kinds
+        assert kinds.count("reload") == 2
+        assert kinds[-1] == "reload_failed"
+        reload = next(data for kind, data in events if kind == "reload")
+        assert reload["path"] == str(path)
+        failed = events[-1][1]
+        assert failed["path"] == str(path)
+        assert any("nonsense" in e for e in failed["errors"])
+        seqs = [data["seq"] for _, data in events]
+        assert seqs == sorted(seqs)
+    finally:
+        await proxy.shutdown(timeout=1.0)
+
+
+async def test_events_replay_recent_history(admin: Admin) -> None:
+    await admin.ok("PUT", "/split", {"green": 30})
+    await admin.ok("PUT", "/split", {"green": 60})
+    async with admin.session.get(admin.url + "/events?replay=2") as stream:
+        events = await read_events(stream, 2)
+    assert [(k, d["after"]) for k, d in events] == [("split", 30.0), ("split", 60.0)]
+    # A replay count that is not a plain number replays nothing.
+    for odd in ("%C2%B2", "9" * 5000, "-1", "x"):
+        async with admin.session.get(admin.url + "/events?replay=" + odd) as stream:
+            assert stream.status == 200
+            await admin.ok("PUT", "/split", {"green": 1})
+            ((kind, data),) = await read_events(stream, 1)
+            assert (kind, data["after"]) == ("split", 1.0)
+            await admin.ok("PUT", "/split", {"green": 0})
+
+
+# --- the CLI client against the real admin API ------------------------------------------------
+
+
+async def run_cli(
+    capsys: pytest.CaptureFixture[str], *args: str, admin: Admin
+) -> tuple[int, str, str]:
+    """`turnout ARGS --admin URL` in a thread (the client blocks); exit code, stdout, stderr."""
+    capsys.readouterr()
+    argv = [*args, "--admin", admin.url, "--timeout", "5"]
+    code = await asyncio.to_thread(cli.main, argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """The upstream rows of the status table by their POOL/INDEX cell."""
+    return {
+        cells[0]: cells
+        for cells in (line.split() for line in out.splitlines())
+        if cells and cells[0].partition("/")[0] in ("blue", "green")
+    }
+
+
+async def test_cli_status_shift_drain_undrain(
+    admin_factory: AdminFactory, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TURNOUT_ADMIN_TOKEN", raising=False)
+    admin = await admin_factory(blues=2)
+    for _ in range(4):
+        assert (await admin.get("/cli")).status == 200
+
+    code, out, err = await run_cli(capsys, "status", admin=admin)
+    assert (code, err) == (0, "")
+    assert "green 0%, blue 100%" in out
+    assert "stable" in out and "blue" in out
+    header = next(line for line in out.splitlines() if line.startswith("POOL/INDEX"))
+    for column in ("URL", "WEIGHT", "STATE", "BREAKER", "IN-FLIGHT", "QUEUED"):
+        assert column in header
+    rows = table_rows(out)
+    assert rows["blue/0"][1] == admin.blue[0].url
+    assert rows["blue/1"][1] == admin.blue[1].url
+    assert rows["green/0"][1] == admin.green[0].url
+    assert rows["green/0"][3] == "up" and rows["green/0"][4] == "closed"
+    requests = {key: int(rows[key][7]) for key in ("blue/0", "blue/1", "green/0")}
+    assert requests["green/0"] == 0 and requests["blue/0"] + requests["blue/1"] == 4
+
+    code, out, err = await run_cli(capsys, "status", "--json", admin=admin)
+    assert code == 0
+    assert json.loads(out)["split"] == {"green": 0.0, "blue": 100.0}
+
+    code, out, err = await run_cli(capsys, "shift", "green", "30", admin=admin)
+    assert (code, err) == (0, "")
+    assert "green 30%" in out
+    assert admin.proxy.spreader.split == 30.0
+
+    code, out, err = await run_cli(capsys, "shift", "green", "60", "--over", "20s", admin=admin)
+    assert code == 0
+    assert admin.proxy.control.ramp_status() == {"target": 60.0}
+    code, out, _ = await run_cli(capsys, "status", admin=admin)
+    assert "ramp" in out and "60%" in out
+    await run_cli(capsys, "shift", "green", "30", admin=admin)  # ends the ramp
+    assert admin.proxy.control.ramp_status() is None
+
+    code, out, err = await run_cli(capsys, "drain", "blue/1", admin=admin)
+    assert (code, err) == (0, "")
+    assert "drain blue/1" in out
+    assert admin.proxy.router.pools["blue"][1].draining
+    await wait_for(lambda: admin.proxy.router.pools["blue"][1].drained)
+    code, out, _ = await run_cli(capsys, "status", admin=admin)
+    rows = table_rows(out)
+    assert rows["blue/1"][3].startswith("drained")
+    for _ in range(4):
+        assert (await admin.get("/cli")).headers["X-Upstream"] in ("blue0", "green0")
+
+    code, out, err = await run_cli(capsys, "undrain", "blue/1", admin=admin)
+    assert (code, err) == (0, "")
+    assert not admin.proxy.router.pools["blue"][1].draining
+
+    # A whole pool.
+    code, out, err = await run_cli(capsys, "drain", "blue", admin=admin)
+    assert code == 0
+    assert all(u.draining for u in admin.proxy.router.pools["blue"])
+    assert "drain blue/0" in out and "drain blue/1" in out
+    code, out, err = await run_cli(capsys, "undrain", "blue", admin=admin)
+    assert code == 0
+    assert not any(u.draining for u in admin.proxy.router.pools["blue"])
+
+
+async def test_cli_errors_print_the_servers_message_and_exit_1(
+    admin: Admin, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, err = await run_cli(capsys, "drain", "green/5", admin=admin)
+    assert (code, out) == (1, "")
+    assert "404 unknown upstream" in err
+    assert "pool green has 1 upstream(s); no index 5" in err
+
+    code, out, err = await run_cli(capsys, "reload", admin=admin)
+    assert (code, out) == (1, "")
+    assert "409 no config file" in err
+
+    code, out, err = await run_cli(capsys, "rollout", "pause", admin=admin)
+    assert code == 1
+    assert "409 cannot pause" in err and "idle" in err
+
+    # Bad usage never reaches the server: exit 2.
+    with pytest.raises(SystemExit) as exc:
+        await run_cli(capsys, "shift", "green", "150", admin=admin)
+    assert exc.value.code == 2
+
+    monkeypatch.setenv("TURNOUT_ADMIN_TOKEN", "not-the-token")
+    # The proxy has no token set, so a given one is simply not needed.
+    assert (await run_cli(capsys, "status", admin=admin))[0] == 0
+
+
+async def test_cli_needs_the_token_when_the_admin_api_has_one(
+    admin_factory: AdminFactory, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TURNOUT_ADMIN_TOKEN", "right")
+    admin = await admin_factory()
+    monkeypatch.delenv("TURNOUT_ADMIN_TOKEN")
+    code, _, err = await run_cli(capsys, "shift", "green", "10", admin=admin)
+    assert code == 1
+    assert "401" in err and "TURNOUT_ADMIN_TOKEN" in err
+    monkeypatch.setenv("TURNOUT_ADMIN_TOKEN", "wrong")
+    assert (await run_cli(capsys, "shift", "green", "10", admin=admin))[0] == 1
+    assert admin.proxy.spreader.split == 0.0
+    monkeypatch.setenv("TURNOUT_ADMIN_TOKEN", "right")
+    assert (await run_cli(capsys, "shift", "green", "10", admin=admin))[0] == 0
+    assert admin.proxy.spreader.split == 10.0
+
+
+async def test_cli_reload(
+    sample: SampleFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="turnout.audit")
+    monkeypatch.delenv("TURNOUT_ADMIN_TOKEN", raising=False)
+    blue, green, green2 = await sample("blue"), await sample("green"), await sample("green2")
+    path = tmp_path / "turnout.yaml"
+    path.write_text(yaml.safe_dump(proxy_config([blue.url], [green.url], admin=ADMIN)))
+    proxy = Proxy(load_config(path), config_path=str(path))
+    await proxy.start()
+    await proxy.start_admin()
+    try:
+        async with aiohttp.ClientSession() as session:
+            admin = Admin(proxy, session, [blue], [green])
+            path.write_text(
+                yaml.safe_dump(proxy_config([blue.url], [green.url, green2.url], admin=ADMIN))
+            )
+            code, out, err = await run_cli(capsys, "reload", admin=admin)
+            assert (code, err) == (0, "")
+            assert out.startswith("reload")
+            assert [u.url for u in proxy.router.pools["green"]] == [green.url, green2.url]
+            (record,) = [r for r in caplog.records if r.name == "turnout.audit"]
+            line = json.loads(record.getMessage())
+            assert (line["who"], line["what"], line["request"]) == (
+                "127.0.0.1",
+                "reload",
+                "POST /reload",
+            )
+            assert line["before"]["green"] == [green.url]
+            assert line["after"]["green"] == [green.url, green2.url]
+
+            path.write_text("pools: {blue: {upstreams: [{url: 'http://x:1', weight: 0}]}}\n")
+            code, out, err = await run_cli(capsys, "reload", admin=admin)
+            assert (code, out) == (1, "")
+            assert "400 invalid config" in err
+            assert "weight" in err and "green" in err  # every error, with its path
+            assert [u.url for u in proxy.router.pools["green"]] == [green.url, green2.url]
+            # A refused reload changed nothing, so there is nothing to audit.
+            assert len([r for r in caplog.records if r.name == "turnout.audit"]) == 1
+    finally:
+        await proxy.shutdown(timeout=1.0)
