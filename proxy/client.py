@@ -492,10 +492,11 @@ def _state(upstream: dict[str, Any]) -> str:
         healthy = upstream.get("healthy")
         state = "-" if healthy is None else ("up" if healthy else "down")
     words = [_text(state)]
-    for flag in ("drained", "draining"):
-        if upstream.get(flag) is True and flag not in words[0]:
-            words.append(flag)
-            break  # drained implies it was draining; say the stronger word only
+    if not words[0].startswith("drain"):
+        for flag in ("drained", "draining"):
+            if upstream.get(flag) is True:
+                words.append(flag)
+                break  # drained implies it was draining; say the stronger word only
     return ",".join(words)
 
 
