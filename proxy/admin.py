@@ -254,19 +254,24 @@ class AdminAPI:
         await resp.prepare(request)
         replay = whole_number(request.query.get("replay", "0")) or 0
         stream = self.proxy.events.subscribe(replay=replay)
-        await resp.write(b": turnout events\n\n")
-        while True:
-            try:
-                async with asyncio.timeout(SSE_HEARTBEAT):
-                    event = await anext(stream)
-            except TimeoutError:
-                await resp.write(b": keep-alive\n\n")
-                continue
-            except StopAsyncIteration:
-                break
-            await resp.write(
-                f"id: {event.seq}\nevent: {event.kind}\ndata: {event.to_json()}\n\n".encode()
-            )
+        try:
+            await resp.write(b": turnout events\n\n")
+            while True:
+                try:
+                    async with asyncio.timeout(SSE_HEARTBEAT):
+                        event = await anext(stream)
+                except TimeoutError:
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                except StopAsyncIteration:
+                    break
+                await resp.write(
+                    f"id: {event.seq}\nevent: {event.kind}\ndata: {event.to_json()}\n\n".encode()
+                )
+        except ConnectionResetError:
+            pass  # the reader went away; nothing to tell it
+        finally:
+            await stream.aclose()
         return resp
 
 

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +58,7 @@ class EventBus:
                 queue.put_nowait(None)
         return event
 
-    async def subscribe(self, replay: int = 0) -> AsyncIterator[Event]:
+    async def subscribe(self, replay: int = 0) -> AsyncGenerator[Event, None]:
         """Events from now on (after the last `replay` ones); ends if the reader lags."""
         if self.closed:
             return
