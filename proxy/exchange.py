@@ -440,9 +440,17 @@ class Exchange:
             upstream = self._pick_untried(failed.pool, failed) or self._pick_untried(
                 OTHER[failed.pool], failed
             )
-        if upstream is None or not proxy.retry_budget.try_begin_retry():
+        if upstream is None:
             return None
-        self.retries += 1
+        if reason == "connect_error":
+            # The request never reached an upstream: sending it on adds load nowhere, so it
+            # does not draw on the budget (which bounds the extra load retries put on
+            # upstreams). It still counts against attempts and in the retries metric.
+            pass
+        elif proxy.retry_budget.try_begin_retry():
+            self.retries += 1  # budget slots held until the request ends
+        else:
+            return None
         self.attempts_left -= 1
         if failed.pool != stable:
             self.rescue_from = failed.pool
@@ -451,10 +459,16 @@ class Exchange:
         return upstream
 
     def _pick_untried(self, pool: PoolName, failed: Upstream) -> Upstream | None:
-        upstream = self.client.proxy.router.pick_in(pool, failed)
-        if upstream is None or upstream in self.tried:
-            return None
-        return upstream
+        router = self.client.proxy.router
+        upstream = router.pick_in(pool, failed)
+        if upstream is None or upstream not in self.tried:
+            return upstream
+        # The balancer excludes only the last failure; from a third try on it may offer one
+        # tried before, while an untried one remains (a rare path: scan the candidates).
+        for candidate in router.candidates[pool]:
+            if candidate not in self.tried:
+                return candidate
+        return None
 
     def _send_failure(self, outcome: Outcome, upstream: Upstream) -> None:
         if outcome is Outcome.TIMEOUT:

@@ -83,10 +83,12 @@ class Router:
 
     def pick_admissible(self, pool: PoolName) -> Upstream | None:
         """Like pick(), but an upstream whose in-flight limit and queue are full is passed
-        over for another one when there is one."""
+        over for another one of the same pool when there is one. Never for the other pool:
+        overload is shed with 503 there, not spilled onto a pool the split (or the override
+        header) did not choose."""
         upstream = self.pick(pool)
         if upstream is not None and upstream.admission.full:
-            other = self.pick(pool, upstream)
+            other = self.pick_in(upstream.pool, upstream)
             if other is not None and not other.admission.full:
                 return other
         return upstream

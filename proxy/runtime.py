@@ -170,6 +170,12 @@ class Proxy:
 
         def on_transition(old: BreakerState, new: BreakerState, reason: str) -> None:
             self.request_refresh()
+            if new is BreakerState.OPEN:
+                # Back among the candidates (half-open) the moment open_for has passed,
+                # not at the next tick.
+                open_until = upstream.breaker.snapshot().open_until
+                if open_until is not None:
+                    self.loop.call_at(open_until, self.request_refresh)
             self.events.publish(
                 "breaker",
                 upstream=key,
