@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="self-contained demo of a cutover under live traffic")
     demo.add_argument("--bad-green", action="store_true", help="green fails a share of requests")
-    demo.add_argument("--duration", type=parse_duration_arg, default=12.0, help="e.g. 20s")
+    demo.add_argument(
+        "--duration", type=parse_duration_arg, default=18.0, help="e.g. 20s (default 18s)"
+    )
 
     add_client_commands(sub)
     return parser

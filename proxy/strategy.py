@@ -124,7 +124,7 @@ def decide_adaptive(
     latency = latency_test.verdict(candidate, stable)
     elapsed = now - step.started_at
     figures: dict[str, object] = {
-        "step": step.index,
+        "step": step.index + 1,
         "split": step.split,
         "elapsed": elapsed,
         "candidate": candidate.as_dict(),
@@ -132,7 +132,7 @@ def decide_adaptive(
         "errors": errors.as_dict(),
         "latency": latency.as_dict(),
     }
-    where = f"step {step.index} ({step.split:g}%)"
+    where = f"step {step.index + 1} ({step.split:g}%)"
 
     def decision(verdict: Verdict, reason: str, share: float | None = None) -> Decision:
         return Decision(verdict, share, reason, figures)

@@ -83,14 +83,14 @@ def test_analysed_steps_are_those_below_100() -> None:
 def test_hold_while_the_interval_runs() -> None:
     got = decide(elapsed=3.0)
     assert got.verdict is Verdict.HOLD and got.next_split is None
-    assert got.reason == "holding step 0 (1%): 3.0 s of 10.0 s, 200 candidate outcomes (50 needed)"
+    assert got.reason == "holding step 1 (1%): 3.0 s of 10.0 s, 200 candidate outcomes (50 needed)"
 
 
 def test_advance_when_interval_and_min_requests_are_met() -> None:
     got = decide()
     assert got.verdict is Verdict.ADVANCE and got.next_split == 5.0
-    assert got.reason.startswith("step 0 (1%) passed, advancing to 5%: candidate error rate 0.0%")
-    assert got.figures["step"] == 0 and got.figures["split"] == 1.0
+    assert got.reason.startswith("step 1 (1%) passed, advancing to 5%: candidate error rate 0.0%")
+    assert got.figures["step"] == 1 and got.figures["split"] == 1.0
     assert got.figures["elapsed"] == pytest.approx(11.0)
     assert got.figures["candidate"] == GOOD.as_dict()
     assert got.figures["stable"] == STABLE.as_dict()
@@ -110,7 +110,7 @@ def test_insufficient_data_is_explicit() -> None:
     assert got.verdict is Verdict.INSUFFICIENT_DATA and got.next_split is None
     assert (
         got.reason
-        == "insufficient data at step 0 (1%): 49 candidate outcomes (50 needed) after 11.0 s"
+        == "insufficient data at step 1 (1%): 49 candidate outcomes (50 needed) after 11.0 s"
     )
     assert decide(candidate=figures([0.02] * 50)).verdict is Verdict.ADVANCE
 
@@ -123,13 +123,13 @@ def test_gate_failed_holds() -> None:
 def test_promote_when_the_next_share_is_100() -> None:
     got = decide(index=3)
     assert got.verdict is Verdict.PROMOTE and got.next_split == 100.0
-    assert got.reason.startswith("step 3 (50%) passed:")
+    assert got.reason.startswith("step 4 (50%) passed:")
 
 
 def test_promote_at_a_last_step_of_100() -> None:
     got = decide(index=4, elapsed=0.5, candidate=figures([0.02] * 5), stable=figures([]))
     assert got.verdict is Verdict.PROMOTE and got.next_split == 100.0
-    assert got.reason == "step 4 (100%) is the last: all traffic on the candidate"
+    assert got.reason == "step 5 (100%) is the last: all traffic on the candidate"
 
 
 def test_breach_on_errors_at_once() -> None:
@@ -162,7 +162,7 @@ def test_breach_on_absolute_p99() -> None:
 def test_undecided_errors_hold_the_step() -> None:
     got = decide(candidate=figures([0.02] * 50, errors=1), stable=figures([0.02] * 5000, errors=40))
     assert got.verdict is Verdict.HOLD
-    assert got.reason.startswith("holding step 0 (1%): candidate error rate 2.0% over 50 requests")
+    assert got.reason.startswith("holding step 1 (1%): candidate error rate 2.0% over 50 requests")
     assert "not yet conclusive" in got.reason
 
 
