@@ -198,6 +198,13 @@ class AdminAPI:
                 over = parse_duration(data["over"])
             except ValueError as exc:
                 raise ControlError(400, "invalid over", str(exc)) from exc
+        rollout = self.proxy.rollout
+        if rollout.steers_split:
+            raise ControlError(
+                409,
+                "rollout active",
+                f"an {rollout.strategy} rollout steers the split: pause it first",
+            )
         change = self.control.set_split(green, over, by=who(request))
         audit(request, change)
         return web.json_response({"split": change.after, "before": change.before})

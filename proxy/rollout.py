@@ -68,6 +68,11 @@ class RolloutController:
         split = self.proxy.spreader.split
         return split if self.proxy.candidate == "green" else 100.0 - split
 
+    @property
+    def steers_split(self) -> bool:
+        """An automatic rollout in progress owns the split; an operator pauses it first."""
+        return self.state in ACTIVE and self.strategy != "lazy"
+
     def snapshot(self) -> RolloutSnapshot:
         return RolloutSnapshot(
             self.state.value, self.step.index + 1 if self.step else 0, self.strategy

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import HOST, ProxyFactory, proxy_config, wait_for
+from conftest import HOST, ProxyFactory, SampleFactory, proxy_config, wait_for
 
 from proxy.events import Event
 from proxy.runtime import Proxy
@@ -768,3 +768,31 @@ async def test_status_events_and_metrics_tell_the_story_of_a_rollback(rig: RigFa
     retried = metrics.get('turnout_retries_total{pool="green",reason="status_503"}', 0.0)
     assert retried == r.proxy.rescued
     print(f"\nrollback at 25%: {load!r}, {denied} retries denied by the budget")
+
+
+async def test_a_manual_split_during_an_automatic_rollout_is_refused(
+    sample: SampleFactory, make_proxy: ProxyFactory
+) -> None:
+    blue = await sample("blue")
+    green = await sample("green")
+    proxy = await make_proxy(
+        proxy_config(
+            [blue.url],
+            [green.url],
+            admin={"host": "127.0.0.1", "port": 0},
+            rollout={"strategy": "adaptive", "interval": "60s"},
+        )
+    )
+    port = await proxy.start_admin()
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base}/rollout/start", json={}) as resp:
+            assert resp.status == 200
+        async with session.put(f"{base}/split", json={"green": 50}) as resp:
+            assert resp.status == 409
+            assert (await resp.json())["error"] == "rollout active"
+        async with session.post(f"{base}/rollout/pause") as resp:
+            assert resp.status == 200
+        async with session.put(f"{base}/split", json={"green": 50}) as resp:
+            assert resp.status == 200
+    assert proxy.spreader.split == 50
