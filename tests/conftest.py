@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +109,24 @@ async def stack(
     green = await sample("green")
     proxy = await make_proxy(proxy_config([blue.url], [green.url]))
     return Stack(proxy, [blue], [green], session)
+
+
+@pytest.fixture
+def dead_url() -> Iterator[Callable[[], str]]:
+    """URLs where connecting is refused. The one place a test takes a port without serving on
+    it: the socket is bound (so nobody else gets the port while the test runs) but never
+    listens, and Linux refuses connections to a bound socket that does not listen."""
+    sockets: list[socket.socket] = []
+
+    def make() -> str:
+        sock = socket.socket()
+        sockets.append(sock)
+        sock.bind((HOST, 0))
+        return f"http://{HOST}:{sock.getsockname()[1]}"
+
+    yield make
+    for sock in sockets:
+        sock.close()
 
 
 async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0) -> bytes:

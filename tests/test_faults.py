@@ -7,8 +7,7 @@ streams, which send exactly the bytes each test needs.
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,26 +32,6 @@ async def stop(upstream: Sample) -> str:
     """Stop a sample upstream that passed its first health check; returns its URL."""
     await upstream.runner.cleanup()
     return upstream.url
-
-
-@pytest.fixture
-def dead_url() -> Iterator[Callable[[], str]]:
-    """URLs of ports where nothing listens, so that connecting is refused.
-
-    The one place a test takes a port without serving on it: the socket is bound (so no one
-    else gets the port while the test runs) but never listens, and Linux refuses connections
-    to a bound socket that does not listen."""
-    sockets: list[socket.socket] = []
-
-    def make() -> str:
-        sock = socket.socket()
-        sockets.append(sock)
-        sock.bind((HOST, 0))
-        return f"http://{HOST}:{sock.getsockname()[1]}"
-
-    yield make
-    for sock in sockets:
-        sock.close()
 
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -203,7 +182,6 @@ NO_RETRIES: dict[str, Any] = {"retries": {"attempts": 0}}
 
 
 async def test_connect_failure_is_502_naming_the_pool(
-    dead_url: Callable[[], str],
     sample: SampleFactory,
     make_proxy: ProxyFactory,
     session: aiohttp.ClientSession,
@@ -404,7 +382,6 @@ async def test_upstream_closing_without_an_answer_is_502(
 
 
 async def test_get_is_retried_on_another_upstream(
-    dead_url: Callable[[], str],
     sample: SampleFactory,
     make_proxy: ProxyFactory,
     session: aiohttp.ClientSession,
@@ -427,7 +404,6 @@ async def test_get_is_retried_on_another_upstream(
 
 
 async def test_post_is_not_retried(
-    dead_url: Callable[[], str],
     sample: SampleFactory,
     make_proxy: ProxyFactory,
     session: aiohttp.ClientSession,

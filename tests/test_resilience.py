@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -519,23 +518,6 @@ async def test_hanging_upstream_sheds_a_storm_fast_and_the_other_pool_keeps_serv
 
 
 # -- a whole pool down -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def dead_url() -> Iterator[Callable[[], str]]:
-    """URLs where connecting is refused: a bound socket that never listens (so the port stays
-    ours while the test runs)."""
-    sockets: list[socket.socket] = []
-
-    def make() -> str:
-        sock = socket.socket()
-        sockets.append(sock)
-        sock.bind((HOST, 0))
-        return f"http://{HOST}:{sock.getsockname()[1]}"
-
-    yield make
-    for sock in sockets:
-        sock.close()
 
 
 async def test_pool_down_at_start_fails_over_with_no_client_error(
