@@ -57,7 +57,7 @@ step is a fresh test at a fixed split; a window shorter than a step forgets outc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from sys import getsizeof
 from typing import Literal
@@ -78,6 +78,7 @@ __all__ = [
     "Outcome",
     "PoolWindow",
     "WindowFigures",
+    "latency_bin",
     "mixture_log_lr",
 ]
 
@@ -115,6 +116,14 @@ def _first_bin_at_or_above(seconds: float) -> int:
     while index < LATENCY_BINS and LATENCY_MIN * LATENCY_GROWTH**index < seconds:
         index += 1
     return min(index, LATENCY_BINS)
+
+
+def latency_bin(latency: float) -> int:
+    """Index of the bin `PoolWindow.record` counts an outcome of `latency` seconds in."""
+    if latency > LATENCY_MIN:
+        index = int(_log(latency) * _INV_LOG_GROWTH - _BIN_OFFSET)
+        return index if index < LATENCY_BINS else LATENCY_BINS - 1
+    return 0
 
 
 def _quantile(histogram: Sequence[int], total: int, percent: int) -> float | None:
@@ -222,6 +231,20 @@ class PoolWindow:
             row[index if index < LATENCY_BINS else LATENCY_BINS - 1] += 1
         else:
             row[0] += 1
+
+    def record_counts(self, now: float, errors: int, bins: Mapping[int, int]) -> None:
+        """Count outcomes recorded elsewhere (another process) at `now`: `bins` maps a
+        `latency_bin` index to its count; the request count is their sum."""
+        tick = int(now * self._per_second)
+        slot = tick % self._slots
+        if self._ticks[slot] != tick:
+            if self._ticks[slot] > tick:
+                return  # older than the window
+            self._recycle(slot, tick)
+        row = self._rows[slot]
+        row[LATENCY_BINS] += errors
+        for index, count in bins.items():
+            row[min(max(index, 0), LATENCY_BINS - 1)] += count
 
     def _recycle(self, slot: int, tick: int) -> None:
         # Once per bucket per slot, so amortised O(1) per record; zeroes the row in place.

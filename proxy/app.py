@@ -21,6 +21,7 @@ from .handover import (
     request_takeover,
 )
 from .runtime import Proxy
+from .workers import LeaderProxy, WorkerError
 
 log = logging.getLogger("turnout")
 
@@ -35,9 +36,14 @@ async def serve(
     *,
     handover_path: str | None = None,
     inherited: Inherited | None = None,
+    workers: int = 1,
 ) -> int:
     loop = asyncio.get_running_loop()
-    proxy = Proxy(config, config_path=config_path)
+    proxy = (
+        Proxy(config, config_path=config_path)
+        if workers == 1
+        else LeaderProxy(config, config_path=config_path, workers=workers)
+    )
     listen, admin = config.listen, config.admin
     if inherited is not None:
         proxy.restore(inherited.state)
@@ -62,13 +68,15 @@ async def serve(
         )
         await proxy.shutdown(timeout=0)
         return EXIT_RUNTIME
+    except WorkerError as exc:
+        print(f"turnout: cannot start the workers: {exc}", file=sys.stderr, flush=True)
+        await proxy.shutdown(timeout=0)
+        return EXIT_RUNTIME
     if inherited is not None:
         # We serve: the old process may stop accepting and drain.
         inherited.channel.sendall(READY)
         inherited.channel.close()
         print("turnout: took the listening sockets over from the running process", flush=True)
-    print(f"turnout: proxy listening on http://{listen.host}:{port}", flush=True)
-    print(f"turnout: admin API on http://{admin.host}:{admin_port}", flush=True)
     stop = asyncio.Event()
     signals = 0
 
@@ -81,6 +89,8 @@ async def serve(
                 conn.abort()
             for tunnel in list(proxy.tunnels):
                 tunnel.abort()
+            if isinstance(proxy, LeaderProxy):
+                proxy.abort_workers()
         stop.set()
 
     async def reload() -> None:
@@ -101,15 +111,25 @@ async def serve(
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGUSR1, proxy.reopen_logs)
-    handover = HandoverServer(
-        handover_path or default_path(listen.host, port),
-        proxy.listening_sockets,
-        proxy.handover_state,
-        stop.set,
-    )
-    await start_handover(handover)
+    # Said only once the handlers are in place: whoever reads it may signal at once.
+    print(f"turnout: proxy listening on http://{listen.host}:{port}", flush=True)
+    print(f"turnout: admin API on http://{admin.host}:{admin_port}", flush=True)
+    if isinstance(proxy, LeaderProxy) and proxy.pool is not None:
+        pids = ", ".join(str(w.pid) for w in proxy.pool.workers)
+        print(f"turnout: {workers} workers share the port (pids {pids})", flush=True)
+    # Hot restart hands over one process's sockets and state; not (yet) a supervisor's.
+    handover = None
+    if workers == 1:
+        handover = HandoverServer(
+            handover_path or default_path(listen.host, port),
+            proxy.listening_sockets,
+            proxy.handover_state,
+            stop.set,
+        )
+        await start_handover(handover)
     await stop.wait()
-    await handover.close()
+    if handover is not None:
+        await handover.close()
     print("turnout: shutting down, draining requests in flight", flush=True)
     await proxy.shutdown()
     return EXIT_OK
@@ -133,6 +153,7 @@ def run_proxy(
     *,
     takeover: bool = False,
     handover_path: str | None = None,
+    workers: int = 1,
 ) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     inherited = None
@@ -143,4 +164,8 @@ def run_proxy(
         except HandoverError as exc:
             print(f"turnout: cannot take over: {exc}", flush=True)
             return EXIT_RUNTIME
-    return uvloop.run(serve(config, config_path, handover_path=handover_path, inherited=inherited))
+    return uvloop.run(
+        serve(
+            config, config_path, handover_path=handover_path, inherited=inherited, workers=workers
+        )
+    )

@@ -44,12 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("-c", "--config", help="config file (default: config/turnout.yaml if present)")
     run.add_argument(
-        "--workers", type=int, default=1, help="worker processes sharing one port (default 1)"
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing one port and one rollout state (default 1)",
     )
     run.add_argument(
         "--takeover",
         action="store_true",
-        help="take the listening sockets over from a running turnout (hot restart)",
+        help="take the listening sockets over from a running turnout (hot restart; "
+        "not available with --workers above 1)",
     )
     run.add_argument(
         "--takeover-socket",
@@ -73,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--duration", type=parse_duration_arg, default=18.0, help="e.g. 20s (default 18s)"
     )
+
+    # Started by `turnout run --workers N`, not by people: no help line, so it is not listed.
+    worker = sub.add_parser("worker")
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--workers", type=int, required=True)
+    worker.add_argument("--listen-fd", type=int, required=True)
+    worker.add_argument("--link-fd", type=int, required=True)
 
     add_client_commands(sub)
     return parser
@@ -120,10 +131,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(DEFAULT_CONFIG_YAML.rstrip())
     else:
         print(f"turnout: using config {path}")
-    if args.workers != 1:
-        print("turnout: --workers other than 1 is not available yet", file=sys.stderr)
+    if args.workers < 1:
+        print("turnout: --workers must be at least 1", file=sys.stderr)
         return EXIT_USAGE
-    return run_proxy(config, path, takeover=args.takeover, handover_path=args.takeover_socket)
+    if args.workers > 1 and args.takeover:
+        print("turnout: --takeover is not available with --workers above 1", file=sys.stderr)
+        return EXIT_USAGE
+    return run_proxy(
+        config,
+        path,
+        takeover=args.takeover,
+        handover_path=args.takeover_socket,
+        workers=args.workers,
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .member import run_worker
+
+    return run_worker(args.index, args.workers, args.listen_fd, args.link_fd)
 
 
 def cmd_upstream(args: argparse.Namespace) -> int:
@@ -152,7 +178,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(bad_green=args.bad_green, duration=args.duration)
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "upstream": cmd_upstream, "demo": cmd_demo}
+COMMANDS = {
+    "run": cmd_run,
+    "check": cmd_check,
+    "upstream": cmd_upstream,
+    "demo": cmd_demo,
+    "worker": cmd_worker,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

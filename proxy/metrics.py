@@ -153,6 +153,30 @@ class ProxyCollector(Collector):
         )
         rollback.add_metric((), [(_le(b), c) for b, c in rb.buckets], rb.sum)
         yield rollback
+        yield from _worker_metrics(proxy)
+
+
+WORKER_STATES = ("starting", "ready", "restarting", "stopping", "exited")
+
+
+def _worker_metrics(proxy: Proxy) -> Iterator[Metric]:
+    """With `turnout run --workers N`: the worker processes by state, and their restarts."""
+    from .workers import LeaderProxy  # imported here: workers imports runtime, which imports us
+
+    if not isinstance(proxy, LeaderProxy) or proxy.pool is None:
+        return
+    workers = proxy.pool.workers
+    states = GaugeMetricFamily(
+        "turnout_workers", "Worker processes sharing the port, by state", labels=("state",)
+    )
+    for name in WORKER_STATES:
+        states.add_metric((name,), sum(1 for w in workers if w.state == name))
+    yield states
+    yield CounterMetricFamily(
+        "turnout_worker_restarts",
+        "Worker processes restarted after they exited",
+        value=sum(w.restarts for w in workers),
+    )
 
 
 def _le(bound: float) -> str:

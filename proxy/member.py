@@ -1,0 +1,364 @@
+"""A worker process of `turnout run --workers N`: the client data path, following the
+supervisor's routing state and reporting its outcomes (proxy/shared.py), over the socketpair it
+inherits (JSON lines). No admin API, health checker or rollout controller of its own. When the
+supervisor says stop, or its link drops, it drains (stops accepting, answers what is in flight
+with `Connection: close`) and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import uvloop
+
+from .admission import Admission
+from .config import Config, UpstreamConfig
+from .router import POOLS
+from .routing import PoolName
+from .runtime import Proxy
+from .shared import (
+    REPORT_INTERVAL,
+    OutcomeRecorder,
+    OutcomeReport,
+    RoutingState,
+    UpstreamRoute,
+    upstream_key,
+)
+from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+
+log = logging.getLogger("turnout.workers")
+
+LINK_LIMIT = 8 * 1024 * 1024  # longest message (a configuration with very many upstreams)
+LINK_BUFFER = 8 * 1024 * 1024  # unsent bytes towards a peer that does not read
+STARTUP_TIMEOUT = 30.0
+
+
+def encode_message(kind: str, body: dict[str, Any] | None = None) -> bytes:
+    return json.dumps({"t": kind, **(body or {})}, separators=(",", ":")).encode() + b"\n"
+
+
+async def read_message(reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    """The next message, None at the end of the link; ValueError on a malformed one."""
+    line = await reader.readline()
+    if not line:
+        return None
+    message = json.loads(line)
+    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
+        raise ValueError(f"not a message: {line[:80]!r}")
+    return message
+
+
+class MemberProxy(Proxy):
+    """A worker's proxy: the client data path, routing by the supervisor's state."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        member: str,
+        workers: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.workers = workers  # before Proxy.__init__, which builds the upstreams
+        super().__init__(config)
+        self.member = member
+        self.recorder = OutcomeRecorder(member)
+        self.clock = clock
+        self.generation = 0
+        self._reported_generation = 0
+        self.config_generation = -1
+        self.applied_at = 0.0
+        self.served = 0
+        self.retiring: set[Upstream] = set()
+        self._upstream_configs: dict[str, UpstreamConfig] = {}
+        self._retire_tasks: set[asyncio.Task[None]] = set()
+        self._limit_connections()
+
+    def _limit_connections(self) -> None:
+        # listen.max_connections bounds the whole: each worker takes its share.
+        share = math.ceil(self.config.listen.max_connections / self.workers)
+        self.settings = dataclasses.replace(self.settings, max_connections=share)
+
+    def new_upstream(self, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream:
+        """Limits are per upstream: each worker enforces its share, so that the upstream sees
+        at most the configured figures from all workers together."""
+        upstream = super().new_upstream(pool, index, cfg)
+        limits, n = self.config.limits, self.workers
+        upstream.admission = Admission(
+            max_in_flight=math.ceil(limits.max_in_flight / n),
+            queue=math.ceil(limits.queue / n),
+            queue_timeout=limits.queue_timeout,
+            rate=None if limits.rate is None else limits.rate / n,
+            loop=self.loop,
+        )
+        return upstream
+
+    # what the data path reports --------------------------------------------------
+
+    def record_outcome(self, pool: PoolName, error: bool, latency: float) -> None:
+        self.recorder.outcome(pool, error, latency)
+
+    def record_response(self, ex: Exchange) -> None:
+        super().record_response(ex)
+        self.served += 1
+
+    # health is the supervisor's -----------------------------------------------------
+
+    def watch(self, upstream: Upstream, *, cold: bool = True) -> None:
+        pass
+
+    def unwatch(self, upstream: Upstream) -> None:
+        pass
+
+    def apply(self, config: Config, pools: dict[PoolName, tuple[Upstream, ...]]) -> None:
+        super().apply(config, pools)
+        self._limit_connections()
+
+    # following the supervisor ----------------------------------------------------
+
+    def follow(self, state: RoutingState) -> None:
+        """Route by `state` from now on, in one synchronous step."""
+        new_config = state.config_generation != self.config_generation
+        config = state.config if new_config else self.config
+        current = {upstream_key(u): u for u in self.router.upstreams()}
+        pools: dict[PoolName, tuple[Upstream, ...]] = {}
+        rebuild = new_config
+        for name in POOLS:
+            kept: list[Upstream] = []
+            for index, route in enumerate(state.pools[name]):
+                cfg = self._upstream_config(route)
+                upstream = current.pop((name, f"{cfg.host}:{cfg.port}"), None)
+                if upstream is None:
+                    upstream = self.new_upstream(name, index, cfg)
+                    rebuild = True
+                elif (upstream.index, upstream.weight, upstream.url) != (
+                    index,
+                    route.weight,
+                    route.url,
+                ):
+                    upstream.index, upstream.weight, upstream.url = index, route.weight, route.url
+                    rebuild = True
+                self._route(upstream, route)
+                kept.append(upstream)
+            pools[name] = tuple(kept)
+        for upstream in current.values():
+            self._retire(upstream)
+            rebuild = True
+        if rebuild:
+            self.apply(config, pools)
+        else:
+            self.router.refresh()
+        self.config_generation = state.config_generation
+        self.stable = state.stable
+        if state.split != self.spreader.split:
+            self.control.set_split(state.split, by="supervisor")
+        self.generation = state.generation
+        self.applied_at = self.clock()
+
+    def _upstream_config(self, route: UpstreamRoute) -> UpstreamConfig:
+        cfg = self._upstream_configs.get(route.url)
+        if cfg is None or cfg.weight != route.weight:
+            cfg = UpstreamConfig.model_validate({"url": route.url, "weight": route.weight})
+            self._upstream_configs[route.url] = cfg
+        return cfg
+
+    def _route(self, upstream: Upstream, route: UpstreamRoute) -> None:
+        upstream.healthy = route.healthy
+        if route.draining and not upstream.draining:
+            upstream.draining = True
+            upstream.close_idle()
+        elif not route.draining:
+            upstream.draining = False
+        if route.drained and not upstream.drained:
+            self._cut(upstream)
+        upstream.drained = route.drained
+
+    def _cut(self, upstream: Upstream) -> None:
+        """The supervisor's drain of `upstream` ended (or timed out): end what is left."""
+        upstream.close_idle()
+        for client in list(self.tunnels):
+            if client.tunnel is not None and client.tunnel.upstream is upstream:
+                client.going_away()
+        for conn in list(upstream.connections):
+            if not conn.closed:
+                conn.abort()
+
+    def _retire(self, upstream: Upstream) -> None:
+        """An upstream the supervisor no longer routes to: no new requests, the rest finish
+        within drain.timeout."""
+        upstream.draining = True
+        upstream.close_idle()
+        self.retiring.add(upstream)
+        task = self.loop.create_task(self._finish_retiring(upstream))
+        self._retire_tasks.add(task)
+        task.add_done_callback(self._retire_tasks.discard)
+
+    async def _finish_retiring(self, upstream: Upstream) -> None:
+        deadline = self.loop.time() + self.settings.drain_timeout
+        try:
+            while upstream.in_flight and self.loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            self._cut(upstream)
+        finally:
+            self.retiring.discard(upstream)
+
+    def report(self) -> OutcomeReport | None:
+        """What happened since the previous report (None when nothing did); the first one
+        after following a new routing state says so, even when nothing else happened."""
+        served, self.served = self.served, 0
+        force = self.generation != self._reported_generation
+        self._reported_generation = self.generation
+        return self.recorder.take(
+            self,
+            [*self.router.upstreams(), *self.retiring],
+            generation=self.generation,
+            applied_at=self.applied_at,
+            served=served,
+            force=force,
+        )
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        await super().shutdown(timeout)
+        for task in list(self._retire_tasks):
+            task.cancel()
+
+    def abort_all(self) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+        for tunnel in list(self.tunnels):
+            tunnel.abort()
+
+    def __repr__(self) -> str:
+        return (
+            f"<MemberProxy {self.member} generation={self.generation} port={self.port} "
+            f"connections={len(self.connections)} in_flight={self.in_flight} {self.router!r}>"
+        )
+
+
+class SocketMemberLink:
+    """A worker's `MemberLink` over its socketpair to the supervisor."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+
+    @property
+    def busy(self) -> bool:
+        """The supervisor has not read what was sent: hold reports (counts keep adding up)."""
+        return self.writer.transport.get_write_buffer_size() > LINK_BUFFER
+
+    def report(self, report: OutcomeReport) -> None:
+        self.send("report", report.to_wire())
+
+    def send(self, kind: str, body: dict[str, Any] | None = None) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(encode_message(kind, body))
+
+
+async def serve_worker(index: int, workers: int, listen_fd: int, link_fd: int) -> int:
+    """A worker process: follow the supervisor's state, serve clients on the inherited
+    listener, report outcomes, drain and exit when told to (or when the link drops)."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_unix_connection(
+        sock=socket.socket(fileno=link_fd), limit=LINK_LIMIT
+    )
+    link = SocketMemberLink(writer)
+    async with asyncio.timeout(STARTUP_TIMEOUT):
+        first = await read_message(reader)
+    if first is None or first["t"] != "state":
+        log.error("no routing state from the supervisor")
+        return 1
+    state = RoutingState.from_wire(first, None)
+    proxy = MemberProxy(state.config, member=f"worker-{index}", workers=workers)
+    proxy.follow(state)
+    stop = asyncio.Event()
+    drain: list[float] = []
+    signals = 0
+
+    def begin(timeout: float) -> None:
+        """Drain within `timeout`; at once when told so while draining already."""
+        if not stop.is_set():
+            drain.append(timeout)
+            stop.set()
+        elif timeout <= 0:
+            proxy.abort_all()
+
+    def on_signal() -> None:
+        # A SIGTERM may come both from the supervisor (as a stop message) and straight from
+        # a service manager signalling every process of the service: that is still one.
+        # Only a second signal to this process, or the supervisor's own second, cuts.
+        nonlocal signals
+        signals += 1
+        begin(proxy.settings.drain_timeout if signals == 1 else 0.0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    # Reloads come from the supervisor, which validates them first.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    loop.add_signal_handler(signal.SIGUSR1, proxy.reopen_logs)
+    listener = socket.socket(fileno=listen_fd)
+    listener.setblocking(False)
+    await proxy.start(listener)
+    link.send("ready", {"pid": os.getpid()})
+
+    async def follow() -> None:
+        nonlocal state
+        try:
+            while (message := await read_message(reader)) is not None:
+                if message["t"] == "state":
+                    state = RoutingState.from_wire(message, state)
+                    proxy.follow(state)
+                    send_report()  # tells the supervisor at once that it follows
+                elif message["t"] == "stop":
+                    begin(float(message.get("timeout", proxy.settings.drain_timeout)))
+        except (ValueError, KeyError, TypeError, ConnectionError) as exc:
+            log.error("bad message from the supervisor: %s", exc)
+        if not stop.is_set():
+            log.warning("the supervisor is gone: draining and exiting")
+            begin(proxy.settings.drain_timeout)
+
+    def send_report() -> None:
+        if not link.busy and (outcomes := proxy.report()) is not None:
+            link.report(outcomes)
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            send_report()
+
+    tasks = [loop.create_task(follow()), loop.create_task(report())]
+    await stop.wait()
+    await proxy.shutdown(drain[0])
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if (outcomes := proxy.report()) is not None:
+        link.report(outcomes)
+    writer.close()
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        async with asyncio.timeout(1.0):
+            await writer.wait_closed()
+    return 0
+
+
+def run_worker(index: int, workers: int, listen_fd: int, link_fd: int) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s %(name)s [worker {index}] %(message)s",
+    )
+    # The supervisor logs every state change once; its workers only follow them.
+    logging.getLogger("turnout.events").setLevel(logging.WARNING)
+    return uvloop.run(serve_worker(index, workers, listen_fd, link_fd))

@@ -1,0 +1,572 @@
+"""One rollout state shared by several processes: the seam, its messages and both ends' logic.
+
+A *leader* (the process with the admin API, the health checker and the rollout controller)
+decides; *members* (the processes that serve clients) route by what it decides and report what
+they saw. Everything crosses one seam with two directions:
+
+- routing state, leader to members, pushed on every change (`LeaderLink.publish`): the split,
+  the stable pool, the configuration and every upstream's health and drain state;
+- outcomes, each member to the leader, every `REPORT_INTERVAL` (`MemberLink.report`): what
+  happened since its last report (per-pool outcomes with their latency bins, status codes,
+  durations, retries, sheds, rescues) and the gauges it holds now (in flight, queued, breakers).
+
+The leader adds every report into its own windows, counters and gauges, so its analysis,
+rollout decisions, `/status` and `/metrics` see the sum of all members. proxy/workers.py
+implements the seam over UNIX sockets between a supervisor and its worker processes; a shared
+store can implement the same two methods for a fleet of Turnout instances on many machines.
+Messages are plain JSON-ready dicts (`to_wire` / `from_wire`) so any transport can carry them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .admission import Admission, AdmissionSnapshot
+from .analysis import latency_bin
+from .breaker import Breaker, BreakerState
+from .config import Config, parse_config
+from .router import POOLS
+from .routing import PoolName
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from .runtime import Proxy
+    from .upstream import Upstream
+
+# A member's outcomes reach the leader within this; with the push of routing state it bounds
+# how far one member's view may lag behind another's (100 ms).
+REPORT_INTERVAL = 0.05
+SHED_REASONS = ("queue_full", "queue_timeout", "rate_limited")
+_SEVERITY = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+# An upstream as both ends name it: its pool and "host:port" (indexes move when one is removed).
+UpstreamKey = tuple[PoolName, str]
+
+
+def upstream_key(upstream: Upstream) -> UpstreamKey:
+    return upstream.pool, f"{upstream.host}:{upstream.port}"
+
+
+# messages ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRoute:
+    """One upstream as members must route to it."""
+
+    url: str
+    weight: int
+    healthy: bool
+    draining: bool
+    drained: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingState:
+    """Everything a member routes by; a new `generation` at every change."""
+
+    generation: int
+    split: float
+    stable: PoolName
+    config: Config
+    config_generation: int
+    pools: Mapping[PoolName, tuple[UpstreamRoute, ...]]
+    published_at: float  # the leader's monotonic clock (one machine: comparable across processes)
+
+    def to_wire(self, *, with_config: bool = True) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "generation": self.generation,
+            "split": self.split,
+            "stable": self.stable,
+            "config_generation": self.config_generation,
+            "pools": {
+                name: [
+                    [r.url, r.weight, r.healthy, r.draining, r.drained] for r in self.pools[name]
+                ]
+                for name in POOLS
+            },
+            "published_at": self.published_at,
+        }
+        if with_config:
+            wire["config"] = self.config.model_dump(mode="json")
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any], previous: RoutingState | None) -> RoutingState:
+        """Decode; a message without "config" keeps the configuration of `previous`."""
+        if "config" in wire:
+            config = parse_config(wire["config"])
+        elif previous is not None and previous.config_generation == wire["config_generation"]:
+            config = previous.config
+        else:
+            raise ValueError("routing state without the configuration it refers to")
+        stable = wire["stable"]
+        if stable not in POOLS:
+            raise ValueError(f"unknown stable pool {stable!r}")
+        pools = {
+            name: tuple(
+                UpstreamRoute(str(url), int(weight), bool(healthy), bool(draining), bool(drained))
+                for url, weight, healthy, draining, drained in wire["pools"][name]
+            )
+            for name in POOLS
+        }
+        return cls(
+            generation=int(wire["generation"]),
+            split=float(wire["split"]),
+            stable=stable,
+            config=config,
+            config_generation=int(wire["config_generation"]),
+            pools=pools,
+            published_at=float(wire["published_at"]),
+        )
+
+
+@dataclass(slots=True)
+class PoolOutcomes:
+    """One pool's outcomes since the last report."""
+
+    requests: int = 0
+    errors: int = 0
+    latency: dict[int, int] = field(default_factory=dict)  # analysis latency bin -> count
+    duration: list[int] = field(default_factory=list)  # per stats.DURATION_BUCKETS bucket (+Inf)
+    duration_sum: float = 0.0
+    retries: dict[str, int] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "latency": {str(k): v for k, v in self.latency.items()},
+            "duration": self.duration,
+            "duration_sum": self.duration_sum,
+            "retries": self.retries,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> PoolOutcomes:
+        return cls(
+            requests=int(wire["requests"]),
+            errors=int(wire["errors"]),
+            latency={int(k): int(v) for k, v in wire["latency"].items()},
+            duration=[int(x) for x in wire["duration"]],
+            duration_sum=float(wire["duration_sum"]),
+            retries={str(k): int(v) for k, v in wire["retries"].items()},
+        )
+
+
+@dataclass(slots=True)
+class UpstreamOutcomes:
+    """One upstream's counts since the last report, and the gauges a member holds now."""
+
+    in_flight: int
+    queued: int
+    breaker: BreakerState
+    requests: int = 0
+    failures: int = 0
+    codes: dict[int, int] = field(default_factory=dict)
+    shed: dict[str, int] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "in_flight": self.in_flight,
+            "queued": self.queued,
+            "breaker": self.breaker.value,
+            "requests": self.requests,
+            "failures": self.failures,
+            "codes": {str(k): v for k, v in self.codes.items()},
+            "shed": self.shed,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> UpstreamOutcomes:
+        return cls(
+            in_flight=int(wire["in_flight"]),
+            queued=int(wire["queued"]),
+            breaker=BreakerState(wire["breaker"]),
+            requests=int(wire["requests"]),
+            failures=int(wire["failures"]),
+            codes={int(k): int(v) for k, v in wire["codes"].items()},
+            shed={k: int(v) for k, v in wire["shed"].items() if k in SHED_REASONS},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeReport:
+    """What one member saw since its previous report (counts) and holds now (gauges)."""
+
+    member: str
+    generation: int  # the routing state it routes by
+    applied_at: float  # when it began to (monotonic, like RoutingState.published_at)
+    served: int  # responses answered
+    connections: int  # client connections open now
+    rescued: int
+    pools: Mapping[PoolName, PoolOutcomes]
+    upstreams: Mapping[UpstreamKey, UpstreamOutcomes]
+    unrouted: Mapping[str, dict[int, int]]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "member": self.member,
+            "generation": self.generation,
+            "applied_at": self.applied_at,
+            "served": self.served,
+            "connections": self.connections,
+            "rescued": self.rescued,
+            "pools": {name: p.to_wire() for name, p in self.pools.items()},
+            "upstreams": [[pool, ep, u.to_wire()] for (pool, ep), u in self.upstreams.items()],
+            "unrouted": {k: {str(c): n for c, n in v.items()} for k, v in self.unrouted.items()},
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> OutcomeReport:
+        pools: dict[PoolName, PoolOutcomes] = {}
+        for name in POOLS:
+            if name in wire["pools"]:
+                pools[name] = PoolOutcomes.from_wire(wire["pools"][name])
+        upstreams: dict[UpstreamKey, UpstreamOutcomes] = {}
+        for pool, endpoint, data in wire["upstreams"]:
+            if pool in POOLS:
+                upstreams[pool, str(endpoint)] = UpstreamOutcomes.from_wire(data)
+        return cls(
+            member=str(wire["member"]),
+            generation=int(wire["generation"]),
+            applied_at=float(wire["applied_at"]),
+            served=int(wire["served"]),
+            connections=int(wire["connections"]),
+            rescued=int(wire["rescued"]),
+            pools=pools,
+            upstreams=upstreams,
+            unrouted={
+                str(k): {int(c): int(n) for c, n in v.items()} for k, v in wire["unrouted"].items()
+            },
+        )
+
+
+# the seam ----------------------------------------------------------------------------------
+
+
+class LeaderLink(Protocol):
+    """The leader's half of the seam: routing state to every member, latest wins. Members
+    hand what arrives to `MemberProxy.follow`."""
+
+    def publish(self, state: RoutingState) -> None: ...
+
+
+class MemberLink(Protocol):
+    """A member's half of the seam: its outcomes to the leader, which hands them to
+    `merge_report`."""
+
+    def report(self, report: OutcomeReport) -> None: ...
+
+
+# the leader's end --------------------------------------------------------------------------
+
+
+class SharedAdmission(Admission):
+    """The leader's view of an upstream's admission: the members' gauges and sheds, summed."""
+
+    __slots__ = ("members", "shed_totals")
+
+    def __init__(self, *, max_in_flight: int, queue: int, queue_timeout: float) -> None:
+        super().__init__(max_in_flight=max_in_flight, queue=queue, queue_timeout=queue_timeout)
+        self.members: dict[str, tuple[int, int]] = {}  # member -> (in flight, queued)
+        self.shed_totals = dict.fromkeys(SHED_REASONS, 0)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(f for f, _ in self.members.values())
+
+    @property
+    def queued(self) -> int:
+        return sum(q for _, q in self.members.values())
+
+    def snapshot(self) -> AdmissionSnapshot:
+        own = super().snapshot()
+        return AdmissionSnapshot(
+            in_flight=self.in_flight,
+            queued=self.queued,
+            max_in_flight=own.max_in_flight,
+            queue=own.queue,
+            queue_timeout=own.queue_timeout,
+            rate=own.rate,
+            shed_queue_full=self.shed_totals["queue_full"],
+            shed_queue_timeout=self.shed_totals["queue_timeout"],
+            shed_rate_limited=self.shed_totals["rate_limited"],
+        )
+
+    def __repr__(self) -> str:
+        return f"<SharedAdmission in_flight={self.in_flight} members={self.members}>"
+
+
+class SharedBreaker(Breaker):
+    """The leader's view of an upstream's breakers (one per member): the most severe state."""
+
+    __slots__ = ("members",)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.members: dict[str, BreakerState] = {}
+
+    @property
+    def state(self) -> BreakerState:
+        worst = BreakerState.CLOSED
+        for state in self.members.values():
+            if _SEVERITY[state] > _SEVERITY[worst]:
+                worst = state
+        return worst
+
+    def __repr__(self) -> str:
+        return f"<SharedBreaker {self.state.value} members={self.members}>"
+
+
+def routing_state(
+    proxy: Proxy, generation: int, config_generation: int, now: float
+) -> RoutingState:
+    """The routing state of the leader's proxy."""
+    pools = {
+        name: tuple(
+            UpstreamRoute(u.url, u.weight, u.healthy, u.draining, u.drained)
+            for u in proxy.router.pools[name]
+        )
+        for name in POOLS
+    }
+    return RoutingState(
+        generation=generation,
+        split=proxy.spreader.split,
+        stable=proxy.stable,
+        config=proxy.config,
+        config_generation=config_generation,
+        pools=pools,
+        published_at=now,
+    )
+
+
+def merge_report(
+    proxy: Proxy, upstreams: Mapping[UpstreamKey, Upstream], report: OutcomeReport
+) -> list[tuple[Upstream, BreakerState, BreakerState]]:
+    """Add a member's report into the leader's windows, counters and gauges; a candidate error
+    asks the rollout controller for an evaluation, as a local one would. Returns the breaker
+    transitions the report shows (upstream, before, after)."""
+    now = proxy.loop.time()
+    candidate_failed = False
+    for name, outcomes in report.pools.items():
+        if outcomes.requests:
+            proxy.windows[name].record_counts(now, outcomes.errors, outcomes.latency)
+            if outcomes.errors and name != proxy.stable:
+                candidate_failed = True
+        stats = proxy.pool_stats[name]
+        histogram = stats.duration
+        for i, count in enumerate(outcomes.duration[: len(histogram.counts)]):
+            histogram.counts[i] += count
+        histogram.sum += outcomes.duration_sum
+        for reason, count in outcomes.retries.items():
+            stats.retries[reason] = stats.retries.get(reason, 0) + count
+    proxy.rescued += report.rescued
+    for pool, codes in report.unrouted.items():
+        _add_codes(proxy.unrouted.setdefault(pool, {}), codes)
+    moved: list[tuple[Upstream, BreakerState, BreakerState]] = []
+    for key, seen in report.upstreams.items():
+        upstream = upstreams.get(key)
+        if upstream is None:
+            continue  # gone from the leader: nothing left to count it in
+        upstream.requests += seen.requests
+        upstream.failures += seen.failures
+        _add_codes(upstream.codes, seen.codes)
+        admission = upstream.admission
+        if isinstance(admission, SharedAdmission):
+            admission.members[report.member] = (seen.in_flight, seen.queued)
+            for reason, count in seen.shed.items():
+                admission.shed_totals[reason] += count
+        breaker = upstream.breaker
+        if isinstance(breaker, SharedBreaker):
+            before = breaker.members.get(report.member, BreakerState.CLOSED)
+            breaker.members[report.member] = seen.breaker
+            if before is not seen.breaker:
+                moved.append((upstream, before, seen.breaker))
+    if candidate_failed:
+        proxy.rollout.candidate_failed()
+    return moved
+
+
+def forget_member(upstreams: Iterable[Upstream], member: str) -> None:
+    """A member is gone: its gauges no longer count."""
+    for upstream in upstreams:
+        admission, breaker = upstream.admission, upstream.breaker
+        if isinstance(admission, SharedAdmission):
+            admission.members.pop(member, None)
+        if isinstance(breaker, SharedBreaker):
+            breaker.members.pop(member, None)
+
+
+def _add_codes(into: dict[int, int], codes: Mapping[int, int]) -> None:
+    for code, count in codes.items():
+        into[code] = into.get(code, 0) + count
+
+
+# a member's end ----------------------------------------------------------------------------
+
+
+class _Seen:
+    """An upstream's cumulative counters as of the last report."""
+
+    __slots__ = ("breaker", "codes", "failures", "in_flight", "queued", "requests", "shed")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.failures = 0
+        self.codes: dict[int, int] = {}
+        self.shed = (0, 0, 0)
+        self.in_flight = 0
+        self.queued = 0
+        self.breaker = BreakerState.CLOSED
+
+
+class OutcomeRecorder:
+    """A member's outcomes between two reports: the data path's analysis outcomes are counted
+    here (one dict update each), every other counter is read from the proxy and diffed."""
+
+    __slots__ = (
+        "_connections",
+        "_durations",
+        "_pending",
+        "_rescued",
+        "_retries",
+        "_seen",
+        "_unrouted",
+        "member",
+    )
+
+    def __init__(self, member: str) -> None:
+        self.member = member
+        self._pending: dict[PoolName, list[Any]] = {p: [0, 0, {}] for p in POOLS}
+        self._durations: dict[PoolName, tuple[list[int], float]] = {}
+        self._retries: dict[PoolName, dict[str, int]] = {p: {} for p in POOLS}
+        self._rescued = 0
+        self._unrouted: dict[str, dict[int, int]] = {}
+        self._seen: dict[Upstream, _Seen] = {}
+        self._connections = 0
+
+    def outcome(self, pool: PoolName, error: bool, latency: float) -> None:
+        """One upstream outcome for the analysis (hot path)."""
+        pending = self._pending[pool]
+        pending[0] += 1
+        if error:
+            pending[1] += 1
+        bins: dict[int, int] = pending[2]
+        index = latency_bin(latency)
+        bins[index] = bins.get(index, 0) + 1
+
+    def take(
+        self,
+        proxy: Proxy,
+        upstreams: Iterable[Upstream],
+        *,
+        generation: int,
+        applied_at: float,
+        served: int,
+        force: bool = False,
+    ) -> OutcomeReport | None:
+        """Everything since the previous call, or None when nothing changed (unless `force`)."""
+        pools: dict[PoolName, PoolOutcomes] = {}
+        for name in POOLS:
+            outcomes = self._pool(proxy, name)
+            if outcomes is not None:
+                pools[name] = outcomes
+        changed: dict[UpstreamKey, UpstreamOutcomes] = {}
+        seen_now: dict[Upstream, _Seen] = {}
+        for upstream in upstreams:
+            seen = self._seen.get(upstream) or _Seen()
+            seen_now[upstream] = seen
+            outcomes_u = _upstream_delta(upstream, seen)
+            if outcomes_u is not None:
+                changed[upstream_key(upstream)] = outcomes_u
+        self._seen = seen_now
+        rescued = proxy.rescued - self._rescued
+        self._rescued = proxy.rescued
+        unrouted: dict[str, dict[int, int]] = {}
+        for pool, codes in proxy.unrouted.items():
+            before = self._unrouted.setdefault(pool, {})
+            delta = {c: n - before.get(c, 0) for c, n in codes.items() if n != before.get(c, 0)}
+            if delta:
+                unrouted[pool] = delta
+                before.update(codes)
+        connections = len(proxy.connections)
+        if connections != self._connections:
+            self._connections = connections
+            force = True
+        if not (pools or changed or rescued or unrouted or served or force):
+            return None
+        return OutcomeReport(
+            member=self.member,
+            generation=generation,
+            applied_at=applied_at,
+            served=served,
+            connections=connections,
+            rescued=rescued,
+            pools=pools,
+            upstreams=changed,
+            unrouted=unrouted,
+        )
+
+    def _pool(self, proxy: Proxy, name: PoolName) -> PoolOutcomes | None:
+        requests, errors, bins = self._pending[name]
+        if requests:
+            self._pending[name] = [0, 0, {}]
+        stats = proxy.pool_stats[name]
+        counts = stats.duration.counts
+        old_counts, old_sum = self._durations.get(name, ([0] * len(counts), 0.0))
+        duration = [n - o for n, o in zip(counts, old_counts, strict=True)]
+        self._durations[name] = (list(counts), stats.duration.sum)
+        old_retries = self._retries[name]
+        retries = {r: n - old_retries.get(r, 0) for r, n in stats.retries.items()}
+        retries = {r: n for r, n in retries.items() if n}
+        if retries:
+            self._retries[name] = dict(stats.retries)
+        if not (requests or retries or any(duration)):
+            return None
+        return PoolOutcomes(
+            requests=requests,
+            errors=errors,
+            latency=bins,
+            duration=duration,
+            duration_sum=stats.duration.sum - old_sum,
+            retries=retries,
+        )
+
+    def __repr__(self) -> str:
+        pending = {p: v[0] for p, v in self._pending.items()}
+        return f"<OutcomeRecorder {self.member} pending={pending} upstreams={len(self._seen)}>"
+
+
+def _upstream_delta(upstream: Upstream, seen: _Seen) -> UpstreamOutcomes | None:
+    """What changed at one upstream since `seen`, which is brought up to date."""
+    adm = upstream.admission.snapshot()
+    shed = (adm.shed_queue_full, adm.shed_queue_timeout, adm.shed_rate_limited)
+    breaker = upstream.breaker.state
+    codes = upstream.codes
+    same = (
+        upstream.requests == seen.requests
+        and upstream.failures == seen.failures
+        and shed == seen.shed
+        and adm.in_flight == seen.in_flight
+        and adm.queued == seen.queued
+        and breaker is seen.breaker
+        and codes == seen.codes
+    )
+    if same:
+        return None
+    delta = UpstreamOutcomes(
+        in_flight=adm.in_flight,
+        queued=adm.queued,
+        breaker=breaker,
+        requests=upstream.requests - seen.requests,
+        failures=upstream.failures - seen.failures,
+        codes={c: n - seen.codes.get(c, 0) for c, n in codes.items() if n != seen.codes.get(c, 0)},
+        shed={r: n - o for r, n, o in zip(SHED_REASONS, shed, seen.shed, strict=True) if n != o},
+    )
+    seen.requests, seen.failures, seen.shed = upstream.requests, upstream.failures, shed
+    seen.in_flight, seen.queued, seen.breaker = adm.in_flight, adm.queued, breaker
+    seen.codes = dict(codes)
+    return delta

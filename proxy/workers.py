@@ -1,0 +1,554 @@
+"""`turnout run --workers N`: a supervisor and N worker processes on one port, one rollout.
+
+The supervisor (`LeaderProxy`) runs what a single Turnout runs except the client data path:
+the admin API, the control layer, health checks, the rollout controller and events. It binds
+the listening socket and starts N workers (`python -m proxy worker ...`, proxy/member.py) that
+inherit it and serve clients, with no admin API, health checker or rollout controller of
+their own. Every connection waits in the one accept queue until some worker takes it, so a
+worker that stops accepting loses none (unlike SO_REUSEPORT listeners, whose queues die with
+them).
+
+The processes share one state through the seam of proxy/shared.py, here over a socketpair per
+worker carrying JSON lines: the supervisor pushes the routing state on every change, each
+worker reports its outcomes every 50 ms, and the supervisor's windows, rollout decisions,
+/status and /metrics add them up. A worker whose link drops drains and exits; the supervisor
+restarts a worker that exits. SIGTERM to the supervisor: every worker drains (stops accepting,
+answers what is in flight with `Connection: close`) and exits, then the supervisor does.
+SIGHUP: the supervisor reloads and validates, then pushes the new configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .config import Config, UpstreamConfig
+from .member import LINK_BUFFER, LINK_LIMIT, STARTUP_TIMEOUT, encode_message, read_message
+from .router import POOLS
+from .routing import PoolName
+from .runtime import Proxy, bind_listener
+from .shared import (
+    OutcomeReport,
+    RoutingState,
+    SharedAdmission,
+    SharedBreaker,
+    UpstreamKey,
+    forget_member,
+    merge_report,
+    routing_state,
+    upstream_key,
+)
+from .upstream import Upstream
+
+log = logging.getLogger("turnout.workers")
+
+# Routing state is pushed at once on split, promotion, health and configuration changes; the
+# rest (drains, upstreams added or removed) is found by comparing the state this often.
+ROUTING_POLL = 0.02
+STOP_GRACE = 3.0  # past drain.timeout, before a worker that does not exit is killed
+RESTART_DELAY = 0.1
+RESTART_DELAY_MAX = 5.0
+STABLE_RUN = 10.0  # a worker that ran this long restarts without backoff
+LAG_HISTORY = 64
+
+
+class WorkerError(RuntimeError):
+    """The workers could not be started."""
+
+
+# the supervisor ----------------------------------------------------------------------------
+
+
+class LeaderProxy(Proxy):
+    """The supervisor's proxy: control, health, rollout and the shared state; no client data
+    path of its own. Its upstreams' in-flight gauges, sheds and breakers are the workers'."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        workers: int,
+        config_path: str | None = None,
+        command: Sequence[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # Set before Proxy.__init__, which builds the upstreams (new_upstream) and sets stable.
+        self.shared: dict[UpstreamKey, Upstream] = {}
+        self.pool: WorkerPool | None = None
+        self._stable: PoolName = "blue"
+        self._clock = clock
+        self._publish_pending = False
+        super().__init__(config, config_path=config_path)
+        self.generation = 0
+        self.config_generation = 0
+        self._published: RoutingState | None = None
+        self._published_config: Config | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self.pool = WorkerPool(self, workers, command=command, clock=clock)
+
+    # shared state --------------------------------------------------------------
+
+    @property
+    def stable(self) -> PoolName:
+        return self._stable
+
+    @stable.setter
+    def stable(self, pool: PoolName) -> None:
+        self._stable = pool
+        self.routing_changed()
+
+    def set_split(self, split: float) -> None:
+        super().set_split(split)
+        self.routing_changed()
+
+    def apply(self, config: Config, pools: dict[PoolName, tuple[Upstream, ...]]) -> None:
+        super().apply(config, pools)
+        self.routing_changed()
+
+    def _on_health_change(self, upstream: Upstream, healthy: bool, reason: str) -> None:
+        super()._on_health_change(upstream, healthy, reason)
+        self.routing_changed()
+
+    def new_upstream(self, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream:
+        upstream = super().new_upstream(pool, index, cfg)
+        b, limits = self.config.breaker, self.config.limits
+        upstream.admission = SharedAdmission(
+            max_in_flight=limits.max_in_flight,
+            queue=limits.queue,
+            queue_timeout=limits.queue_timeout,
+        )
+        upstream.breaker = SharedBreaker(
+            consecutive_failures=b.consecutive_failures,
+            failure_ratio=b.failure_ratio,
+            min_requests=b.min_requests,
+            window=b.window,
+            open_for=b.open_for,
+            half_open_requests=b.half_open_requests,
+            clock=self.loop.time,
+        )
+        self.shared[upstream_key(upstream)] = upstream
+        return upstream
+
+    def _access_log(self, config: Config) -> None:
+        return None  # the workers write it
+
+    def routing_changed(self) -> None:
+        """Push the routing state soon (once, however many changes arrive)."""
+        if not self._publish_pending and self.pool is not None:
+            self._publish_pending = True
+            self.loop.call_soon(self.publish_if_changed)
+
+    def publish_if_changed(self) -> None:
+        self._publish_pending = False
+        if self.pool is None:
+            return
+        if self.config is not self._published_config:
+            self.config_generation += 1
+            self._published_config = self.config
+        state = routing_state(self, self.generation + 1, self.config_generation, self._clock())
+        last = self._published
+        if last is not None and _same_routing(state, last):
+            return
+        self.generation = state.generation
+        self._published = state
+        self._prune()
+        self.pool.publish(state)
+
+    def _prune(self) -> None:
+        """Forget upstreams that left the configuration once nothing is in flight there."""
+        live = {upstream_key(u) for u in self.router.upstreams()}
+        for key, upstream in list(self.shared.items()):
+            if key not in live and upstream.in_flight == 0:
+                del self.shared[key]
+
+    def merge(self, report: OutcomeReport) -> None:
+        """Add a worker's report (the seam's leader end); breakers that moved are events."""
+        moved = merge_report(self, self.shared, report)
+        if moved:
+            self.router.refresh()  # /status counts the upstreams available
+        for upstream, before, after in moved:
+            self.events.publish(
+                "breaker",
+                upstream=upstream.key,
+                url=upstream.url,
+                before=before.value,
+                after=after.value,
+                worker=report.member,
+            )
+
+    async def _watch_routing(self) -> None:
+        while True:
+            await asyncio.sleep(ROUTING_POLL)
+            self.publish_if_changed()
+
+    # lifecycle -----------------------------------------------------------------
+
+    async def start(self, sock: socket.socket | None = None) -> int:
+        """Check every upstream once, bind the listener (or take `sock`), start the workers
+        and wait until each serves; returns the port."""
+        assert self.pool is not None
+        for upstream in self.router.upstreams():
+            self.watch(upstream)
+        await self.health.first_round(self.config.health_check.timeout + 0.5)
+        listen = self.config.listen
+        if sock is None:
+            sock = bind_listener(listen.host, listen.port)
+        self.listen_socket = sock
+        self.port = sock.getsockname()[1]
+        self.publish_if_changed()
+        self._watch_task = self.loop.create_task(self._watch_routing())
+        await self.pool.start(sock)
+        return self.port
+
+    def abort_workers(self) -> None:
+        """A second signal: every worker cuts what it still serves and exits."""
+        if self.pool is not None:
+            self.pool.stop_now()
+
+    def reopen_logs(self) -> None:
+        if self.pool is not None:
+            self.pool.signal(signal.SIGUSR1)
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Every worker drains and exits (bounded), then the supervisor closes the rest."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        timeout = self.settings.drain_timeout if timeout is None else timeout
+        self.events.publish(
+            "shutdown",
+            connections=self.connections_total,
+            in_flight=self.in_flight,
+            workers=len(self.pool.workers) if self.pool else 0,
+        )
+        if self.pool is not None:
+            await self.pool.stop(timeout)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        if self.listen_socket is not None:
+            self.listen_socket.close()
+        await self.rollout.close()
+        await self.control.close()
+        await self.health.close()
+        self.events.close()
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+
+    # views ---------------------------------------------------------------------
+
+    @property
+    def connections_total(self) -> int:
+        return sum(w.connections for w in self.pool.workers) if self.pool else 0
+
+    def status(self) -> dict[str, Any]:
+        # What /status shows has been sent to the workers (`generation` says which state).
+        self.publish_if_changed()
+        doc = super().status()
+        doc["connections"] = self.connections_total
+        doc["generation"] = self.generation
+        doc["workers"] = self.pool.status() if self.pool else []
+        return doc
+
+    def __repr__(self) -> str:
+        return (
+            f"<LeaderProxy port={self.port} generation={self.generation} "
+            f"stable={self.stable} {self.pool!r} {self.router!r}>"
+        )
+
+
+def _same_routing(a: RoutingState, b: RoutingState) -> bool:
+    return (a.split, a.stable, a.config_generation, a.pools) == (
+        b.split,
+        b.stable,
+        b.config_generation,
+        b.pools,
+    )
+
+
+class Worker:
+    """The supervisor's handle on one worker process (all its incarnations)."""
+
+    __slots__ = (
+        "config_sent",
+        "connections",
+        "generation",
+        "index",
+        "lag",
+        "outcomes",
+        "pid",
+        "process",
+        "ready",
+        "restarts",
+        "served",
+        "started_at",
+        "state",
+        "writer",
+    )
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.state = "starting"
+        self.process: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.pid = 0
+        self.restarts = 0
+        self.started_at = 0.0
+        self.ready: asyncio.Future[None] | None = None
+        self.config_sent = -1
+        self.served = 0
+        self.connections = 0
+        self.generation = 0
+        self.lag: float | None = None
+        self.outcomes: dict[PoolName, list[int]] = {p: [0, 0] for p in POOLS}
+
+    @property
+    def member(self) -> str:
+        return f"worker-{self.index}"
+
+    def send(self, data: bytes) -> bool:
+        """Queue a message; False when the link is closed or the worker does not read it."""
+        writer = self.writer
+        if writer is None or writer.is_closing() or self.stuck:
+            return False
+        writer.write(data)
+        return True
+
+    @property
+    def stuck(self) -> bool:
+        """The worker has left LINK_BUFFER bytes unread."""
+        writer = self.writer
+        return writer is not None and writer.transport.get_write_buffer_size() > LINK_BUFFER
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "pid": self.pid,
+            "state": self.state,
+            "restarts": self.restarts,
+            "served": self.served,
+            "connections": self.connections,
+            "generation": self.generation,
+            "lag_ms": None if self.lag is None else round(self.lag * 1000, 3),
+            "outcomes": {p: {"requests": n, "errors": e} for p, (n, e) in self.outcomes.items()},
+        }
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.index} pid={self.pid} {self.state} restarts={self.restarts}>"
+
+
+class WorkerPool:
+    """Starts, links, restarts and stops the worker processes; the supervisor's `LeaderLink`."""
+
+    def __init__(
+        self,
+        leader: LeaderProxy,
+        count: int,
+        *,
+        command: Sequence[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if count < 1:
+            raise ValueError("at least one worker")
+        self.leader = leader
+        self.command = list(command or (sys.executable, "-m", "proxy", "worker"))
+        self.clock = clock
+        self.workers = [Worker(i) for i in range(count)]
+        self.state: RoutingState | None = None
+        self.published_at: dict[int, float] = {}
+        self.stopping = False
+        self._stop_timeout = 0.0
+        self._sock: socket.socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # the seam ------------------------------------------------------------------
+
+    def publish(self, state: RoutingState) -> None:
+        self.state = state
+        self.published_at[state.generation] = state.published_at
+        self.published_at.pop(state.generation - LAG_HISTORY, None)
+        for worker in self.workers:
+            if worker.writer is not None:
+                self._send_state(worker, state)
+
+    def _send_state(self, worker: Worker, state: RoutingState) -> None:
+        with_config = worker.config_sent != state.config_generation
+        if worker.send(encode_message("state", state.to_wire(with_config=with_config))):
+            worker.config_sent = state.config_generation
+        elif worker.stuck and worker.process is not None and worker.process.returncode is None:
+            log.error("worker %d does not read its link; restarting it", worker.index)
+            worker.process.kill()
+
+    def _merge(self, worker: Worker, report: OutcomeReport) -> None:
+        self.leader.merge(report)
+        worker.served += report.served
+        worker.connections = report.connections
+        for name, outcomes in report.pools.items():
+            counts = worker.outcomes[name]
+            counts[0] += outcomes.requests
+            counts[1] += outcomes.errors
+        if report.generation != worker.generation:
+            worker.generation = report.generation
+            published = self.published_at.get(report.generation)
+            # A state published before this worker started says nothing of its lag.
+            if published is not None and published >= worker.started_at:
+                worker.lag = report.applied_at - published
+
+    # lifecycle -----------------------------------------------------------------
+
+    async def start(self, sock: socket.socket) -> None:
+        """Start every worker and wait until each serves; WorkerError if one cannot."""
+        self._sock = sock
+        loop = asyncio.get_running_loop()
+        for worker in self.workers:
+            worker.ready = loop.create_future()
+            self._tasks.append(loop.create_task(self._supervise(worker)))
+        readies = [w.ready for w in self.workers if w.ready is not None]
+        try:
+            async with asyncio.timeout(STARTUP_TIMEOUT):
+                results = await asyncio.gather(*readies, return_exceptions=True)
+        except TimeoutError as exc:
+            raise WorkerError(f"workers not ready within {STARTUP_TIMEOUT:g}s") from exc
+        for result in results:
+            if isinstance(result, BaseException):
+                raise WorkerError(str(result))
+
+    async def _supervise(self, worker: Worker) -> None:
+        delay = RESTART_DELAY
+        while not self.stopping:
+            started = self.clock()
+            try:
+                code = await self._run(worker)
+            except Exception:
+                log.exception("worker %d: supervising it failed", worker.index)
+                code = None
+            forget_member(self.leader.shared.values(), worker.member)
+            worker.connections = 0
+            if self.stopping:
+                break
+            if worker.ready is not None and not worker.ready.done():
+                worker.ready.set_exception(
+                    WorkerError(f"worker {worker.index} exited with {code} before serving")
+                )
+                return
+            worker.restarts += 1
+            delay = RESTART_DELAY if self.clock() - started > STABLE_RUN else delay
+            log.error(
+                "worker %d (pid %d) exited with %s; restarting it in %gs",
+                worker.index,
+                worker.pid,
+                code,
+                delay,
+            )
+            worker.state = "restarting"
+            await asyncio.sleep(delay)
+            delay = min(RESTART_DELAY_MAX, delay * 2)
+        worker.state = "exited"
+
+    async def _run(self, worker: Worker) -> int | None:
+        """One incarnation of a worker, from spawn to exit; returns its exit code."""
+        assert self._sock is not None and self.state is not None
+        parent, child = socket.socketpair()
+        listen_fd = self._sock.fileno()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self.command,
+                "--index",
+                str(worker.index),
+                "--workers",
+                str(len(self.workers)),
+                "--listen-fd",
+                str(listen_fd),
+                "--link-fd",
+                str(child.fileno()),
+                pass_fds=(listen_fd, child.fileno()),
+            )
+        except OSError as exc:
+            parent.close()
+            log.error("cannot start worker %d: %s", worker.index, exc)
+            return None
+        finally:
+            child.close()
+        worker.process = process
+        worker.pid = process.pid
+        worker.state = "starting"
+        worker.started_at = self.clock()
+        worker.config_sent = -1
+        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=LINK_LIMIT)
+        worker.writer = writer
+        self._send_state(worker, self.state)
+        if self.stopping:
+            worker.send(encode_message("stop", {"timeout": self._stop_timeout}))
+        try:
+            await self._read(worker, reader)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("worker %d sent a bad message (%s); restarting it", worker.index, exc)
+            process.kill()
+        except ConnectionError:
+            pass
+        finally:
+            worker.writer = None
+            writer.close()
+        try:
+            async with asyncio.timeout(STOP_GRACE):
+                return await process.wait()
+        except TimeoutError:
+            process.kill()
+            return await process.wait()
+
+    async def _read(self, worker: Worker, reader: asyncio.StreamReader) -> None:
+        while (message := await read_message(reader)) is not None:
+            kind = message["t"]
+            if kind == "report":
+                self._merge(worker, OutcomeReport.from_wire(message))
+            elif kind == "ready":
+                if not self.stopping:
+                    worker.state = "ready"
+                log.info("worker %d (pid %d) serves", worker.index, worker.pid)
+                if worker.ready is not None and not worker.ready.done():
+                    worker.ready.set_result(None)
+
+    def signal(self, sig: signal.Signals) -> None:
+        for worker in self.workers:
+            process = worker.process
+            if process is not None and process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(sig)
+
+    async def stop(self, timeout: float) -> None:
+        """Every worker drains (at most `timeout`) and exits; one that does not is killed."""
+        self.stopping = True
+        self._stop_timeout = timeout
+        for worker, task in zip(self.workers, self._tasks, strict=False):
+            if worker.state == "restarting":
+                task.cancel()  # waiting to start again: nothing to drain
+        for worker in self.workers:
+            worker.state = "stopping"
+            worker.send(encode_message("stop", {"timeout": timeout}))
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout + 2 * STOP_GRACE)
+            for worker in self.workers:
+                if worker.process is not None and worker.process.returncode is None:
+                    log.error("worker %d did not exit; killing it", worker.index)
+                    worker.process.kill()
+            if pending:
+                await asyncio.wait(pending, timeout=STOP_GRACE)
+        for worker in self.workers:
+            worker.state = "exited"
+
+    def stop_now(self) -> None:
+        for worker in self.workers:
+            worker.send(encode_message("stop", {"timeout": 0.0}))
+
+    def status(self) -> list[dict[str, Any]]:
+        return [w.status() for w in self.workers]
+
+    def __repr__(self) -> str:
+        return f"<WorkerPool {self.workers}>"
