@@ -13,10 +13,10 @@ from .admin import AdminSetupError
 from .config import Config
 from .control import ControlError
 from .handover import (
-    READY,
     HandoverError,
     HandoverServer,
     Inherited,
+    confirm_serving,
     default_path,
     request_takeover,
 )
@@ -74,8 +74,7 @@ async def serve(
         return EXIT_RUNTIME
     if inherited is not None:
         # We serve: the old process may stop accepting and drain.
-        inherited.channel.sendall(READY)
-        inherited.channel.close()
+        await confirm_serving(inherited.channel)
         print("turnout: took the listening sockets over from the running process", flush=True)
     stop = asyncio.Event()
     signals = 0

@@ -24,6 +24,7 @@ log = logging.getLogger("turnout.handover")
 
 ASK = b"takeover\n"
 READY = b"ready\n"
+RELEASED = b"released\n"
 MAX_STATE = 65536
 TIMEOUT = 10.0
 
@@ -84,6 +85,20 @@ def request_takeover(path: str) -> Inherited:
     return Inherited(proxy_socket, admin_socket, state, channel)
 
 
+async def confirm_serving(channel: socket.socket) -> None:
+    """Tell the old process we serve and wait until it has released the takeover path."""
+    loop = asyncio.get_running_loop()
+    channel.setblocking(False)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await loop.sock_sendall(channel, READY)
+            await loop.sock_recv(channel, len(RELEASED))
+    except (TimeoutError, OSError) as exc:
+        log.warning("the old process did not confirm the takeover: %s", exc)
+    finally:
+        channel.close()
+
+
 class HandoverServer:
     """In the running process: waits for a successor on a UNIX socket."""
 
@@ -106,7 +121,7 @@ class HandoverServer:
         if path.exists():
             # A stale socket of a process that is gone; a live one would have answered.
             if not _alive(self.path):
-                path.unlink()
+                path.unlink(missing_ok=True)
             else:
                 raise HandoverError(f"another turnout listens for takeovers on {self.path}")
         self._server = await asyncio.start_unix_server(self._serve, self.path)
@@ -132,7 +147,10 @@ class HandoverServer:
                 ready = await reader.readline()
             if ready == READY:
                 log.info("the new process serves: draining and exiting")
+                # Free the path before saying so: the successor listens on it next.
                 await self.close()
+                writer.write(RELEASED)
+                await writer.drain()
                 self._on_handed_over()
             else:
                 log.warning("the new process went away before serving; carrying on")
