@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
+from collections.abc import Coroutine
 from enum import Enum
 from typing import TYPE_CHECKING
 
 from . import headers as h
-from .admission import Shed
+from .admission import Shed, ShedReason
 from .headers import RawHeaders
 from .router import OTHER
 from .routing import PoolName, parse_override
 from .upstream import BadResponse, ConnectError, Upstream, UpstreamConnection
 
 if TYPE_CHECKING:
-    from .runtime import Proxy
     from .server import ClientConnection
 
 SHED_DETAIL = {
@@ -43,10 +42,13 @@ class Exchange:
     """State of one request; callbacks from both connections meet here."""
 
     __slots__ = (
+        "attempt_started",
         "attempts",
         "attempts_left",
+        "begun",
         "body_done",
         "body_size",
+        "budgeted",
         "buffered",
         "buffered_size",
         "bytes_out",
@@ -55,17 +57,18 @@ class Exchange:
         "conn",
         "content_length",
         "detail",
+        "epoch",
         "error",
         "expect_continue",
+        "finished",
         "forward_head",
-        "head_timer",
+        "holding",
         "host",
         "keep_alive",
         "method",
         "no_body",
         "note",
         "out",
-        "outcome",
         "override",
         "pool",
         "request_headers",
@@ -75,7 +78,6 @@ class Exchange:
         "resp_until_close",
         "response_started",
         "retries",
-        "retry_status",
         "retry_to",
         "reused_conn",
         "started",
@@ -88,7 +90,7 @@ class Exchange:
         "upstream",
         "upstream_time",
         "version",
-        "waiter",
+        "waiting",
         "websocket",
     )
 
@@ -127,11 +129,16 @@ class Exchange:
         self.body_done = False
         self.conn: UpstreamConnection | None = None
         self.upstream: Upstream | None = None
-        self.waiter: asyncio.Future[Outcome] | None = None
-        self.head_timer: asyncio.TimerHandle | None = None
-        self.outcome = Outcome.OK
+        # Progress: start() ran; an attempt holds an admission slot and a breaker trial; its
+        # request is out and its outcome awaited; the exchange is over.
+        self.begun = False
+        self.holding = False
+        self.waiting = False
+        self.finished = False
+        self.budgeted = False
+        self.epoch = 0
+        self.attempt_started = 0.0
         self.status = 0
-        self.retry_status = 0
         self.attempts_left = 0
         self.retries = 0
         self.rescue_from: PoolName | None = None
@@ -155,7 +162,8 @@ class Exchange:
     # request side ------------------------------------------------------------
 
     def _inspect_headers(self) -> None:
-        """One pass over the request head: framing checks and the values routing needs."""
+        """One pass over the request head: framing checks, the values routing needs, and the
+        head to forward (hop-by-hop fields dropped; X-Forwarded-*, Via and framing set)."""
         if self.method == b"CONNECT":
             # A reverse proxy opens no tunnels to arbitrary hosts (the parser also stops here).
             self.error = (405, "CONNECT is not supported by a reverse proxy")
@@ -170,36 +178,51 @@ class Exchange:
         cookie: bytes | None = None
         sticky_value: bytes | None = None
         te_seen = False
+        xff: bytes | None = None
+        via: bytes | None = None
+        named: set[bytes] | None = None
+        # The forwarded head: request line, then the fields passed on as they came.
+        head = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
         for name, value in self.request_headers:
             lname = name.lower()
+            if lname in h.HOP_BY_HOP:
+                if lname == b"transfer-encoding":
+                    if te_seen or not h.valid_transfer_encoding(value):
+                        self.error = (400, "unsupported or ambiguous Transfer-Encoding")
+                        return
+                    te_seen = True
+                    self.chunked = True
+                elif lname == b"content-length":
+                    self.content_length = int(value)
+                elif lname == b"upgrade":
+                    self.upgrade = True
+                    self.websocket = value.strip().lower() == b"websocket"
+                elif lname in h.NAMING_HEADERS and value not in h.PLAIN_CONNECTION:
+                    named = h.add_hop_names(named, value)
+                continue
             if lname == b"host":
                 if self.host is not None:
                     self.error = (400, "duplicate Host header")
                     return
                 self.host = value
-            elif lname == b"transfer-encoding":
-                if te_seen or not h.valid_transfer_encoding(value):
-                    self.error = (400, "unsupported or ambiguous Transfer-Encoding")
-                    return
-                te_seen = True
-                self.chunked = True
-            elif lname == b"content-length":
-                self.content_length = int(value)
             elif lname == b"expect":
-                if value.strip().lower() == b"100-continue":
-                    self.expect_continue = True
-                else:
+                if value.strip().lower() != b"100-continue":
                     self.error = (417, "unsupported Expect")
                     return
-            elif lname == b"upgrade":
-                self.upgrade = True
-                self.websocket = value.strip().lower() == b"websocket"
+                self.expect_continue = True
+                continue  # the proxy answers 100-continue itself
             elif lname == override_name:
                 self.override = parse_override(value)
             elif lname == b"cookie":
                 cookie = value if cookie is None else cookie + b"; " + value
             elif lname == sticky_header:
                 sticky_value = value
+            if lname == b"x-forwarded-for":
+                xff = value if xff is None else xff + b", " + value
+            elif lname == b"via":
+                via = value if via is None else via + b", " + value
+            elif lname != b"x-forwarded-proto" and lname != b"x-forwarded-host":
+                head += (name, b": ", value, b"\r\n")
         if self.host is None and self.version == "1.1":
             self.error = (400, "missing Host header")
             return
@@ -208,6 +231,37 @@ class Exchange:
             return
         if router.sticky_cookie is not None or sticky_value is not None:
             self.sticky_key = router.sticky_key(cookie, sticky_value)
+        if named is not None:
+            # Rare: Connection names further hop-by-hop fields, maybe ones that came before it.
+            head[4:] = h.without_named(head[4:], named)
+            if b"x-forwarded-for" in named:
+                xff = None
+            if b"via" in named:
+                via = None
+        self.forward_head = self._end_forward_head(head, xff, via)
+
+    def _end_forward_head(self, head: list[bytes], xff: bytes | None, via: bytes | None) -> bytes:
+        client = self.client
+        if xff is None:
+            head.append(client.forwarded)
+        else:
+            head += (b"X-Forwarded-For: ", xff, b", ", client.peer_ip, b"\r\n")
+            head += (b"X-Forwarded-Proto: ", client.scheme, b"\r\n")
+        if self.host is not None:
+            head += (b"X-Forwarded-Host: ", self.host, b"\r\n")
+        if via is not None:
+            ours = h.VIA if self.version == "1.1" else h.VIA_10
+            head += (b"Via: ", via, b", ", ours, b"\r\n")
+        else:
+            head.append(h.VIA_LINE if self.version == "1.1" else h.VIA_10_LINE)
+        if self.websocket:
+            head.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+        elif self.chunked:
+            head.append(b"Transfer-Encoding: chunked\r\n")
+        elif self.content_length or self.method in (b"POST", b"PUT", b"PATCH"):
+            head += (b"Content-Length: ", b"%d" % self.content_length, b"\r\n")
+        head.append(b"\r\n")
+        return b"".join(head)
 
     def feed_body(self, data: bytes) -> None:
         self.body_size += len(data)
@@ -231,7 +285,7 @@ class Exchange:
         if conn is not None:
             if self.chunked:
                 conn.write(h.CHUNK_END)
-            self._start_head_timer()
+            self._arm_head_deadline()
 
     def body_error(self, detail: str) -> None:
         """The client's request body was malformed mid-stream: the upstream gets a cut
@@ -247,161 +301,270 @@ class Exchange:
         else:
             self.client.abort()
         self._finish_attempt(Outcome.CLIENT_GONE)
+        if not self.begun:
+            self.start()  # it answers nothing more, but finishes the exchange
 
     def retriable(self) -> bool:
         settings = self.client.proxy.settings
         return self.method in settings.retry_methods and self.buffered is not None
 
-    def _build_forward_head(self) -> bytes:
-        client = self.client
-        named = h.hop_names(self.request_headers)
-        parts = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
-        xff: bytes | None = None
-        via: bytes | None = None
-        for name, value in self.request_headers:
-            lname = name.lower()
-            if lname in h.HOP_BY_HOP or lname == b"expect":
-                continue
-            if named is not None and lname in named:
-                continue
-            if lname == b"x-forwarded-for":
-                xff = value if xff is None else xff + b", " + value
-                continue
-            if lname == b"via":
-                via = value if via is None else via + b", " + value
-                continue
-            if lname == b"x-forwarded-proto" or lname == b"x-forwarded-host":
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        if self.host is None and self.upstream is not None:
-            parts += (b"Host: ", self.upstream.host_header, b"\r\n")
-        peer = client.peer_ip
-        parts += (b"X-Forwarded-For: ", peer if xff is None else xff + b", " + peer, b"\r\n")
-        parts += (b"X-Forwarded-Proto: ", client.scheme, b"\r\n")
-        if self.host is not None:
-            parts += (b"X-Forwarded-Host: ", self.host, b"\r\n")
-        ours = h.VIA if self.version == "1.1" else h.VIA_10
-        parts += (b"Via: ", ours if via is None else via + b", " + ours, b"\r\n")
-        if self.websocket:
-            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
-        elif self.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
-        elif self.content_length or self.method in (b"POST", b"PUT", b"PATCH"):
-            parts += (b"Content-Length: ", b"%d" % self.content_length, b"\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
+    # the attempts --------------------------------------------------------------
+    # The common case runs to its end in callbacks, with no task: start() picks an upstream,
+    # takes its breaker trial and admission slot and sends the request on a pooled connection;
+    # the connection's callbacks bring the outcome to _finish_attempt, which settles the attempt
+    # and then finishes the exchange or starts the next attempt. Only waiting in an admission
+    # queue and opening a connection await, each in a short task that hands back to these steps.
 
-    # the coroutine -------------------------------------------------------------
-
-    async def run(self) -> None:
-        client = self.client
+    def start(self) -> None:
+        """Begin serving the request (once; ClientConnection decides when it may)."""
+        if self.begun:
+            return
+        self.begun = True
         try:
             if self.error is not None:
                 if not self.response_started:
                     status, detail = self.error
-                    client.send_error(self, status, h.error_name(status), detail)
+                    self.client.send_error(self, status, h.error_name(status), detail)
+                self._finish()
                 return
-            await self._forward()
+            proxy = self.client.proxy
+            router = proxy.router
+            pool = router.choose_pool(self.override, self.sticky_key)
+            self.pool = pool
+            self.attempts_left = proxy.settings.retry_attempts
+            proxy.retry_budget.request_started()
+            self.budgeted = True
+            self._next(router.pick_admissible(pool))
         except Exception as exc:
-            client.proxy.log.exception("unexpected error while forwarding")
-            if not self.response_started:
-                client.send_error(self, 500, "internal_error", type(exc).__name__)
-            else:
-                client.abort()
-        finally:
-            client.proxy.record_response(self)
-            client.exchange_finished(self)
+            self._crash(exc)
 
-    async def _forward(self) -> None:
-        proxy = self.client.proxy
-        router = proxy.router
-        pool = router.choose_pool(self.override, self.sticky_key)
-        self.pool = pool
-        self.attempts_left = proxy.settings.retry_attempts
-        budget = proxy.retry_budget
-        budget.request_started()
-        try:
-            await self._attempts(proxy, router.pick_admissible(pool))
-        finally:
-            budget.request_finished()
-            for _ in range(self.retries):
-                budget.end_retry()
-
-    async def _attempts(self, proxy: Proxy, upstream: Upstream | None) -> None:
-        loop = proxy.loop
+    def _next(self, upstream: Upstream | None) -> None:
+        """Start an attempt on `upstream` (or on another one when its breaker refuses), or
+        answer 503 when none is left."""
         while True:
             if upstream is None:
                 pool = self.pool or ""
-                self.client.send_error(
-                    self,
-                    503,
-                    "no_upstream",
-                    f"no healthy upstream in pool {pool} or the other pool",
-                    pool,
-                )
+                detail = f"no healthy upstream in pool {pool} or the other pool"
+                self.client.send_error(self, 503, "no_upstream", detail, pool)
+                self._finish()
                 return
             breaker = upstream.breaker
-            if not breaker.acquire():
-                # Opened, or out of half-open trial slots, since the candidates were built.
-                self.tried = (*self.tried, upstream)
-                upstream = self._untried(upstream)
-                continue
-            epoch = breaker.epoch
-            admission = upstream.admission
+            if breaker.acquire():
+                break
+            # Opened, or out of half-open trial slots, since the candidates were built.
+            self.tried = (*self.tried, upstream)
+            upstream = self._untried(upstream)
+        epoch = breaker.epoch
+        try:
+            admitted = upstream.admission.try_enter()
+        except Shed as exc:
+            breaker.release(None, epoch=epoch)
+            self._shed(upstream, exc.reason)
+            return
+        if admitted:
+            self._admitted(upstream, epoch)
+        else:
+            self._spawn(self._queue(upstream, epoch))
+
+    async def _queue(self, upstream: Upstream, epoch: int) -> None:
+        """Wait in the upstream's admission queue (bounded in places and in time)."""
+        try:
             try:
-                if not admission.try_enter():
-                    await admission.enter()
+                await upstream.admission.enter()
             except Shed as exc:
-                breaker.release(None, epoch=epoch)
-                self.upstream = upstream
-                self.note = exc.reason
-                self.client.send_error(
-                    self, 503, exc.reason, SHED_DETAIL[exc.reason], upstream.pool, upstream.key
-                )
+                upstream.breaker.release(None, epoch=epoch)
+                self._shed(upstream, exc.reason)
                 return
             except BaseException:
-                breaker.release(None, epoch=epoch)
+                upstream.breaker.release(None, epoch=epoch)
                 raise
-            # The slot and the breaker verdict are settled in `finally`, after the body ended.
-            verdict: bool | None = None
-            upstream.requests += 1
-            self.attempts += 1
-            started = loop.time()
+            self._admitted(upstream, epoch)
+        except Exception as exc:
+            self._crash(exc)
+        except BaseException:
+            self._finish()
+            raise
+
+    def _admitted(self, upstream: Upstream, epoch: int) -> None:
+        # From here the attempt holds the upstream's admission slot and breaker trial; _settle
+        # (or _abandon on the way out of an error) gives both back, exactly once.
+        self.upstream = upstream
+        self.epoch = epoch
+        self.holding = True
+        upstream.requests += 1
+        self.attempts += 1
+        self.attempt_started = self.client.proxy.loop.time()
+        conn = upstream.pop_idle()
+        if conn is None:
+            self._spawn(self._connect(upstream))
+        else:
+            self._send(conn)
+
+    async def _connect(self, upstream: Upstream) -> None:
+        try:
             try:
-                outcome = await self._attempt(upstream)
-                verdict = self._verdict(outcome)
-            finally:
-                admission.leave()
-                breaker.release(verdict, epoch=epoch)
-            self.upstream_time = loop.time() - started
-            if verdict is not None:
-                error = not verdict or self.status >= 500
-                proxy.record_outcome(upstream.pool, error, self.upstream_time)
-            if outcome is Outcome.OK or outcome is Outcome.CLIENT_GONE:
-                if outcome is Outcome.OK and self.rescue_from not in (None, upstream.pool):
-                    proxy.rescued += 1
-                    self.note = "rescued"
+                conn = await upstream.connect(self.client.proxy.settings.connect_timeout)
+            except ConnectError as exc:
+                self.detail = f"connect to {upstream.url} failed: {exc}"
+                self._settle(Outcome.CONNECT_ERROR)
                 return
-            if outcome is Outcome.RESET and self.reused_conn and self.buffered is not None:
-                # A pooled connection closed by the upstream just as it was reused: the
-                # request never reached it, so a fresh connection to the same upstream is safe.
-                self._reset_attempt()
-                continue
-            upstream.failures += 1
-            if outcome is Outcome.CUT:
+            if self.client.closed or self.error is not None:
+                conn.close()
+                self._settle(Outcome.CLIENT_GONE)
                 return
-            if outcome is Outcome.RETRY_STATUS:
-                retry_to = self.retry_to  # chosen when the answer's head was seen
-            elif outcome in proxy.settings.retry_outcomes:
-                retry_to = self._retry_target(upstream, outcome.value)
-            else:
-                retry_to = None
-            if retry_to is not None:
-                upstream = retry_to
-                self._reset_attempt()
-                continue
-            self._send_failure(outcome, upstream)
+            self._send(conn)
+        except Exception as exc:
+            self._crash(exc)
+        except BaseException:
+            self._abandon()
+            self._finish()
+            raise
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        # The client connection holds the task: the loop keeps only a weak reference.
+        self.client.task = self.client.proxy.loop.create_task(coro)
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        """Send the request on `conn`; its outcome comes back through _finish_attempt."""
+        self.reused_conn = conn.reused
+        conn.reused = True
+        head = self.forward_head
+        assert head is not None  # set by _inspect_headers unless the request was refused
+        if self.host is None:
+            # HTTP/1.0 without Host: name the upstream, right after the request line.
+            cut = head.index(b"\r\n") + 2
+            head = b"%bHost: %b\r\n%b" % (head[:cut], conn.upstream.host_header, head[cut:])
+        self.conn = conn
+        self.waiting = True
+        conn.start(self, head, self.no_body)
+        client = self.client
+        if self.buffered:
+            chunked = self.chunked
+            for data in self.buffered:
+                conn.write(h.chunk(data) if chunked else data)
+            if self.buffered_size > RETRY_BODY_LIMIT:
+                self.buffered = None
+        if client.paused:
+            client.resume_reading(client.PAUSE_BODY)
+        if self.body_done:
+            if self.chunked:
+                conn.write(h.CHUNK_END)
+            self._arm_head_deadline()
+        elif self.expect_continue and self.version == "1.1":
+            self.expect_continue = False
+            client.write(h.CONTINUE_100)
+        if client.write_paused:
+            conn.pause_reading()
+
+    def _finish_attempt(self, outcome: Outcome) -> None:
+        """The outcome of the attempt under way (the first one reported counts)."""
+        if self.waiting:
+            self._settle(outcome)
+
+    def _settle(self, outcome: Outcome) -> None:
+        try:
+            self._settle_attempt(outcome)
+        except Exception as exc:
+            self._crash(exc)
+
+    def _settle_attempt(self, outcome: Outcome) -> None:
+        """Give back what the attempt held, record it, then finish or try again."""
+        upstream = self.upstream
+        assert upstream is not None
+        self._end_wait()
+        verdict = self._verdict(outcome)
+        self._release(verdict)
+        proxy = self.client.proxy
+        self.upstream_time = proxy.loop.time() - self.attempt_started
+        if verdict is not None:
+            error = not verdict or self.status >= 500
+            proxy.record_outcome(upstream.pool, error, self.upstream_time)
+        if outcome is Outcome.OK or outcome is Outcome.CLIENT_GONE:
+            if outcome is Outcome.OK and self.rescue_from not in (None, upstream.pool):
+                proxy.rescued += 1
+                self.note = "rescued"
+            self._finish()
             return
+        if outcome is Outcome.RESET and self.reused_conn and self.buffered is not None:
+            # A pooled connection closed by the upstream just as it was reused: the
+            # request never reached it, so a fresh connection to the same upstream is safe.
+            self._reset_attempt()
+            self._next(upstream)
+            return
+        upstream.failures += 1
+        if outcome is Outcome.CUT:
+            self._finish()
+            return
+        if outcome is Outcome.RETRY_STATUS:
+            retry_to = self.retry_to  # chosen when the answer's head was seen
+        elif outcome in proxy.settings.retry_outcomes:
+            retry_to = self._retry_target(upstream, outcome.value)
+        else:
+            retry_to = None
+        if retry_to is not None:
+            self._reset_attempt()
+            self._next(retry_to)
+            return
+        self._send_failure(outcome, upstream)
+        self._finish()
+
+    def _end_wait(self) -> None:
+        """No outcome is awaited any more: drop the head deadline and a connection still
+        serving this attempt (it cannot be reused)."""
+        self.waiting = False
+        self.client.head_deadline = 0.0
+        conn = self.conn
+        if conn is not None and conn.sink is self:
+            conn.detach()
+
+    def _release(self, verdict: bool | None) -> None:
+        if self.holding:
+            self.holding = False
+            upstream = self.upstream
+            assert upstream is not None
+            try:
+                upstream.admission.leave()
+            finally:
+                upstream.breaker.release(verdict, epoch=self.epoch)
+
+    def _abandon(self) -> None:
+        """Leave the attempt under way without a verdict (an error, a cancellation)."""
+        self._end_wait()
+        self._release(None)
+
+    def _crash(self, exc: Exception) -> None:
+        self.client.proxy.log.error("unexpected error while forwarding", exc_info=exc)
+        if self.finished:
+            return
+        self._abandon()
+        if not self.response_started:
+            self.client.send_error(self, 500, "internal_error", type(exc).__name__)
+        else:
+            self.client.abort()
+        self._finish()
+
+    def _finish(self) -> None:
+        """The exchange is over: settle its retry budget, record it, free the connection."""
+        if self.finished:
+            return
+        self.finished = True
+        client = self.client
+        try:
+            if self.budgeted:
+                budget = client.proxy.retry_budget
+                budget.request_finished()
+                if self.retries:
+                    for _ in range(self.retries):
+                        budget.end_retry()
+            client.proxy.record_response(self)
+        finally:
+            client.exchange_finished(self)
+
+    def _shed(self, upstream: Upstream, reason: ShedReason) -> None:
+        self.upstream = upstream
+        self.note = reason
+        self.client.send_error(self, 503, reason, SHED_DETAIL[reason], upstream.pool, upstream.key)
+        self._finish()
 
     def _verdict(self, outcome: Outcome) -> bool | None:
         """The outcome as the breaker sees it: True ok, False failure, None not the
@@ -481,66 +644,15 @@ class Exchange:
 
     def _reset_attempt(self) -> None:
         self.conn = None
-        self.outcome = Outcome.OK
         self.detail = ""
         self.retry_to = None
 
-    async def _attempt(self, upstream: Upstream) -> Outcome:
-        self.upstream = upstream
-        proxy = self.client.proxy
-        conn = upstream.pop_idle()
-        if conn is None:
-            try:
-                conn = await upstream.connect(proxy.settings.connect_timeout)
-            except ConnectError as exc:
-                self.detail = f"connect to {upstream.url} failed: {exc}"
-                return Outcome.CONNECT_ERROR
-            if self.client.closed or self.error is not None:
-                conn.close()
-                return Outcome.CLIENT_GONE
-        self.reused_conn = conn.reused
-        conn.reused = True
-        if self.forward_head is None:
-            self.forward_head = self._build_forward_head()
-        self.waiter = proxy.loop.create_future()
-        self.conn = conn
-        conn.start(self, self.forward_head, self.no_body)
-        if self.buffered:
-            chunked = self.chunked
-            for data in self.buffered:
-                conn.write(h.chunk(data) if chunked else data)
-            if self.buffered_size > RETRY_BODY_LIMIT:
-                self.buffered = None
-        self.client.resume_reading(self.client.PAUSE_BODY)
-        if self.body_done:
-            if self.chunked:
-                conn.write(h.CHUNK_END)
-            self._start_head_timer()
-        elif self.expect_continue and self.version == "1.1":
-            self.expect_continue = False
-            self.client.write(h.CONTINUE_100)
-        if self.client.write_paused:
-            conn.pause_reading()
-        try:
-            return await self.waiter
-        finally:
-            self.waiter = None
-            timer = self.head_timer
-            if timer is not None:
-                timer.cancel()
-                self.head_timer = None
-            if self.conn is conn and conn.sink is self:
-                conn.detach()
+    def _arm_head_deadline(self) -> None:
+        if not self.response_started:
+            self.client.arm_head_deadline(self.client.proxy.settings.response_headers_timeout)
 
-    def _start_head_timer(self) -> None:
-        if self.head_timer is None and not self.response_started:
-            proxy = self.client.proxy
-            self.head_timer = proxy.loop.call_later(
-                proxy.settings.response_headers_timeout, self._head_timeout
-            )
-
-    def _head_timeout(self) -> None:
-        self.head_timer = None
+    def head_timeout(self) -> None:
+        """The client connection's head deadline passed for this exchange."""
         conn = self.conn
         if conn is not None and not self.response_started:
             conn.detach()
@@ -548,25 +660,10 @@ class Exchange:
             self.detail = f"no response headers within {timeout:g}s"
             self._finish_attempt(Outcome.TIMEOUT)
 
-    def _finish_attempt(self, outcome: Outcome) -> None:
-        self.outcome = outcome
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(outcome)
-
     # upstream callbacks ------------------------------------------------------
 
-    def upstream_head(
-        self,
-        conn: UpstreamConnection,
-        status: int,
-        reason: bytes,
-        headers: RawHeaders,
-    ) -> None:
-        timer = self.head_timer
-        if timer is not None:
-            timer.cancel()
-            self.head_timer = None
+    def upstream_head(self, conn: UpstreamConnection, status: int) -> None:
+        self.client.head_deadline = 0.0
         if status == 101 and not self.websocket:
             self._upstream_error(conn, Outcome.BAD_RESPONSE, "101 to a request without upgrade")
             return
@@ -577,7 +674,6 @@ class Exchange:
         ):
             # Swallowed only when a retry will be made; the last answer reaches the client.
             self.retry_to = retry_to
-            self.retry_status = status
             self.detail = f"upstream answered {status}"
             conn.detach()
             self._finish_attempt(Outcome.RETRY_STATUS)
@@ -585,32 +681,20 @@ class Exchange:
         self.status = status
         self.response_started = True
         # Held until the end of this read: head and body then leave in one write.
-        self.out.append(self._response_head(conn, status, reason, headers))
+        self.out.append(self._response_head(conn, status))
 
-    def _response_head(
-        self,
-        conn: UpstreamConnection,
-        status: int,
-        reason: bytes,
-        headers: RawHeaders,
-    ) -> bytes:
+    def _response_head(self, conn: UpstreamConnection, status: int) -> bytes:
         client = self.client
-        named = h.hop_names(headers)
-        parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason or h.reason(status))]
-        length: bytes | None = None
-        te = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname in h.HOP_BY_HOP:
-                if lname == b"content-length":
-                    length = value
-                elif lname == b"transfer-encoding":
-                    te = True
-                continue
-            if named is not None and lname in named:
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        parts += (b"Via: ", h.VIA, b"\r\n")
+        # The connection's list of fields is rebuilt for each response: extend it in place.
+        parts = conn.fields
+        named = conn.named
+        if named is not None:
+            # Rare: Connection names further hop-by-hop fields, maybe ones that came before it.
+            parts = h.without_named(parts, named)
+        parts.insert(0, h.response_line(status, conn.reason))
+        length = conn.length
+        te = conn.te
+        parts.append(h.VIA_LINE)
         close = client.closing or not self.keep_alive or not self.body_done
         if status == 101:
             parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")

@@ -25,8 +25,13 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+# Most names are passed over on their length alone, without a lower().
+HOP_BY_HOP_LENGTHS = frozenset(len(name) for name in HOP_BY_HOP)
+
 # Headers whose values name further hop-by-hop headers.
 NAMING_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+# Their most common values, which name nothing further: passed over without a split.
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
 
 MAX_TARGET = 8192
 MAX_HEAD = 32768
@@ -41,25 +46,28 @@ CHUNK_END = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 VIA = b"1.1 turnout"
 VIA_10 = b"1.0 turnout"  # Via names the protocol version the message was received with
+VIA_LINE = b"Via: " + VIA + CRLF
+VIA_10_LINE = b"Via: " + VIA_10 + CRLF
 
 
-# Lengths of the names in NAMING_HEADERS: most headers are passed over without lower().
-_NAMING_LENGTHS = frozenset(len(n) for n in NAMING_HEADERS)
-
-
-def hop_names(headers: RawHeaders) -> set[bytes] | None:
-    """Extra header names declared hop-by-hop by Connection/Keep-Alive/Proxy-Connection
-    (`Keep-Alive: timeout=5` items are parameters, not names); None when there are none."""
-    named: set[bytes] | None = None
-    for name, value in headers:
-        if len(name) in _NAMING_LENGTHS and name.lower() in NAMING_HEADERS:
-            for item in value.split(b","):
-                token = item.strip().lower()
-                if token and token not in HOP_BY_HOP and b"=" not in token:
-                    if named is None:
-                        named = set()
-                    named.add(token)
+def add_hop_names(named: set[bytes] | None, value: bytes) -> set[bytes] | None:
+    """`named` with the header names one Connection/Keep-Alive/Proxy-Connection value lists."""
+    for item in value.split(b","):
+        token = item.strip().lower()
+        if token and token not in HOP_BY_HOP and token != b"close" and b"=" not in token:
+            if named is None:
+                named = set()
+            named.add(token)
     return named
+
+
+def without_named(fields: list[bytes], named: set[bytes]) -> list[bytes]:
+    """Fields laid out as (name, b": ", value, CRLF) runs, less those whose name is in `named`."""
+    kept: list[bytes] = []
+    for i in range(0, len(fields), 4):
+        if fields[i].lower() not in named:
+            kept += fields[i : i + 4]
+    return kept
 
 
 def chunk(data: bytes) -> bytes:
@@ -77,6 +85,19 @@ def reason(status: int) -> bytes:
 def error_name(status: int) -> str:
     """The `error` of the proxy's own JSON error body for a client error: `request_timeout`."""
     return reason(status).decode("latin-1").lower().replace(" ", "_").replace("-", "_")
+
+
+_RESPONSE_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
+def response_line(status: int, reason: bytes) -> bytes:
+    """`HTTP/1.1 <status> <reason>` as relayed from an upstream (its reason phrase kept)."""
+    line = _RESPONSE_LINES.get((status, reason))
+    if line is None:
+        line = b"HTTP/1.1 %d %b\r\n" % (status, reason or _REASONS.get(status, b"Unknown"))
+        if len(_RESPONSE_LINES) < 256:  # upstreams' own reason phrases: bounded
+            _RESPONSE_LINES[(status, reason)] = line
+    return line
 
 
 def status_line(status: int, version: bytes = b"1.1") -> bytes:

@@ -55,8 +55,12 @@ class ClientConnection(asyncio.Protocol):
         "closed",
         "closing",
         "deadline",
+        "forwarded",
         "head_bytes",
+        "head_deadline",
         "head_size",
+        "head_timer",
+        "head_timer_at",
         "headers",
         "idle_since",
         "in_head",
@@ -97,8 +101,15 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_exchange: Exchange | None = None
         self.peer_ip = b""
         self.scheme = b"http"
+        # X-Forwarded-For and -Proto lines of a request that brought no X-Forwarded-For.
+        self.forwarded = b""
         self.task: asyncio.Task[None] | None = None
         self.idle_since = 0.0
+        # When the active exchange's response head is due (0: not awaited), and the one timer
+        # that watches it: re-armed when it fires early, never cancelled per request.
+        self.head_deadline = 0.0
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.head_timer_at = 0.0
 
     # asyncio.Protocol ---------------------------------------------------------
 
@@ -110,6 +121,10 @@ class ClientConnection(asyncio.Protocol):
         proxy = self.proxy
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = b"https"
+        self.forwarded = b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n" % (
+            self.peer_ip,
+            self.scheme,
+        )
         if len(proxy.connections) >= proxy.settings.max_connections:
             # Refused at once rather than queued: the client learns to back off.
             self.transport.write(TOO_MANY_CONNECTIONS)
@@ -126,6 +141,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.proxy.connections.discard(self)
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         tunnel = self.tunnel
         if tunnel is not None:
             self.tunnel = None
@@ -161,10 +179,16 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._reject(400, str(exc) or "malformed request")
         else:
-            # Still inside the head that was under way: all of `data` belongs to it. A header
-            # that never ends reaches no callback, so its size is bounded here.
-            if in_head and self.in_head and self.head_bytes > h.MAX_HEAD_BYTES:
-                self._reject(431, "request header fields too large")
+            if self.in_head:
+                if in_head and self.head_bytes > h.MAX_HEAD_BYTES:
+                    # Still inside the head that was under way: all of `data` belongs to it. A
+                    # header that never ends reaches no callback, so its size is bounded here.
+                    self._reject(431, "request header fields too large")
+                elif not self.deadline:
+                    # A head begun in this read has request_headers to arrive whole. Set here,
+                    # not per message: most heads arrive whole in the read that began them.
+                    proxy = self.proxy
+                    self.deadline = proxy.loop.time() + proxy.settings.request_headers_timeout
 
     def eof_received(self) -> bool | None:
         """The client half-closed: a request it sent in full still gets its response."""
@@ -205,8 +229,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_size = 0
         self.head_bytes = 0
         self.in_head = True
-        proxy = self.proxy
-        self.deadline = proxy.loop.time() + proxy.settings.request_headers_timeout
+        self.deadline = 0.0  # see data_received
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -226,6 +249,12 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         self.deadline = 0.0
         self.in_head = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            # An exchange that finished earlier in this read closed the connection: what the
+            # client pipelined behind it is not served.
+            self.parsing = None
+            return
         ex = Exchange(
             self,
             parser.get_method(),
@@ -237,7 +266,11 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = ex
         if self.active is None:
             self.active = ex
-            self.task = self.proxy.loop.create_task(ex.run())
+            if ex.error is not None or ex.upgrade or ex.chunked or ex.content_length:
+                # A body streams to the upstream as it arrives, and an upgrade or a refusal
+                # waits for the parser to stop: start after this read. A bodiless request
+                # starts the moment its message is complete (on_message_complete).
+                self.proxy.loop.call_soon(ex.start)
         else:
             self.pipeline.append(ex)
             self.pause_reading(self.PAUSE_PIPELINE)
@@ -252,6 +285,8 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None:
             self.parsing = None
             ex.end_body()
+            if ex is self.active and not ex.begun and not ex.upgrade and ex.error is None:
+                ex.start()
 
     # upgrades -----------------------------------------------------------------
 
@@ -375,11 +410,43 @@ class ClientConnection(asyncio.Protocol):
             self.active = nxt
             if not self.pipeline:
                 self.resume_reading(self.PAUSE_PIPELINE)
-            self.task = self.proxy.loop.create_task(nxt.run())
+            # Not from here: a run of pipelined answers that need no upstream would recurse.
+            self.proxy.loop.call_soon(nxt.start)
             return
         proxy = self.proxy
         self.idle_since = proxy.loop.time()
         self.deadline = self.idle_since + proxy.settings.idle_timeout
+
+    def arm_head_deadline(self, timeout: float) -> None:
+        """The active exchange's request went out whole: its response head is due within
+        `timeout`. A request costs a float store; the timer is armed once and re-armed only
+        when it fires before the deadline of the exchange active by then."""
+        if self.head_deadline:
+            return
+        loop = self.proxy.loop
+        deadline = loop.time() + timeout
+        self.head_deadline = deadline
+        timer = self.head_timer
+        if timer is None or deadline < self.head_timer_at:
+            if timer is not None:
+                timer.cancel()  # a reload shortened the timeout
+            self.head_timer = loop.call_at(deadline, self._head_due)
+            self.head_timer_at = deadline
+
+    def _head_due(self) -> None:
+        self.head_timer = None
+        deadline = self.head_deadline
+        if not deadline or self.closed:
+            return
+        loop = self.proxy.loop
+        if loop.time() < deadline:
+            self.head_timer = loop.call_at(deadline, self._head_due)
+            self.head_timer_at = deadline
+            return
+        self.head_deadline = 0.0
+        ex = self.active
+        if ex is not None:
+            ex.head_timeout()
 
     def close(self) -> None:
         transport = self.transport

@@ -14,7 +14,14 @@ import httptools
 
 from .admission import Admission
 from .breaker import Breaker, BreakerState
-from .headers import MAX_RESPONSE_HEAD, RawHeaders
+from .headers import (
+    HOP_BY_HOP,
+    HOP_BY_HOP_LENGTHS,
+    MAX_RESPONSE_HEAD,
+    NAMING_HEADERS,
+    PLAIN_CONNECTION,
+    add_hop_names,
+)
 from .routing import PoolName
 
 log = logging.getLogger("turnout.upstream")
@@ -41,13 +48,7 @@ class BadResponse(Exception):
 class ResponseSink(Protocol):
     """What an upstream connection reports to while it serves one exchange."""
 
-    def upstream_head(
-        self,
-        conn: UpstreamConnection,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-    ) -> None: ...
+    def upstream_head(self, conn: UpstreamConnection, status: int) -> None: ...
     def upstream_body(self, data: bytes) -> None: ...
     def flush(self) -> None: ...
     def upstream_done(self, conn: UpstreamConnection) -> None: ...
@@ -248,16 +249,18 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "closed",
-        "got_bytes",
+        "fields",
         "head_size",
-        "headers",
         "idle_since",
         "keep_alive",
+        "length",
+        "named",
         "no_body",
         "parser",
         "reason",
         "reused",
         "sink",
+        "te",
         "transport",
         "tunnel",
         "upstream",
@@ -269,13 +272,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.sink: ResponseSink | None = None
         self.tunnel: asyncio.Transport | None = None
-        self.headers: RawHeaders = []
+        # The response head being read, sorted as it arrives: the end-to-end fields as
+        # (name, b": ", value, CRLF) runs, ready to relay; Content-Length; whether a
+        # Transfer-Encoding came; the further names Connection declared hop-by-hop.
+        self.fields: list[bytes] = []
+        self.length: bytes | None = None
+        self.te = False
+        self.named: set[bytes] | None = None
         self.reason = b""
         self.head_size = 0
         self.closed = False
         self.reused = False
         self.no_body = False
-        self.got_bytes = False
         self.idle_since = 0.0
         self.keep_alive = False
 
@@ -306,7 +314,6 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the upstream is out of step; never reuse it.
             self.close()
             return
-        self.got_bytes = True
         sink = self.sink
         try:
             self.parser.feed_data(data)
@@ -330,7 +337,10 @@ class UpstreamConnection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        self.headers = []
+        self.fields = []
+        self.length = None
+        self.te = False
+        self.named = None
         self.head_size = 0
         self.reason = b""
 
@@ -341,7 +351,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_size += len(name) + len(value) + 4
         if self.head_size > MAX_RESPONSE_HEAD:
             raise BadResponse("response head too large")
-        self.headers.append((name, value))
+        if len(name) in HOP_BY_HOP_LENGTHS:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                if lname == b"content-length":
+                    self.length = value
+                elif lname == b"transfer-encoding":
+                    self.te = True
+                elif lname in NAMING_HEADERS and value not in PLAIN_CONNECTION:
+                    self.named = add_hop_names(self.named, value)
+                return
+        self.fields += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -351,7 +371,7 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is not None:
             # Read now: the parser of a bodiless response is replaced before the exchange ends.
             self.keep_alive = bool(self.parser.should_keep_alive())
-            sink.upstream_head(self, status, self.reason, self.headers)
+            sink.upstream_head(self, status)
             if self.no_body and self.sink is not None:
                 # A response to HEAD has no body whatever its headers say; llhttp cannot
                 # be told, so this message ends here and a fresh parser takes the next one.
@@ -387,7 +407,6 @@ class UpstreamConnection(asyncio.Protocol):
         """Begin one exchange: send the request head; the body follows via write()."""
         self.sink = sink
         self.no_body = no_body
-        self.got_bytes = False
         assert self.transport is not None
         self.transport.write(head)
 

@@ -283,11 +283,13 @@ async def test_failing_upstream_opens_its_breaker_under_load(
                 "open_for": f"{OPEN_FOR}s",
                 "half_open_requests": 2,
             },
-            # A 503 reached the upstream, so its retry draws on the budget. The six failures
-            # around the opening come within a few milliseconds, and 0.2 x 20 requests in
-            # flight allows 4 retries at once: at budget 0.2, 2 clients got the 503. A refused
-            # connection reached nothing and is re-sent without the budget: defaults there.
-            retries={"attempts": attempts, "budget": 0.5 if fault == "status_503" else 0.2},
+            # A 503 reached the upstream, so its retry draws on the budget: concurrent retries
+            # <= budget x requests in flight. The six failures around the opening come within
+            # a millisecond, while a fast proxy has only a few of the 20 clients' requests in
+            # flight (seen: 4 retries wanted with 7 in flight), so any budget below 1 may
+            # refuse one. At 1.0 it never does here: each retrying request is itself in
+            # flight. A refused connection reached nothing and is re-sent without the budget.
+            retries={"attempts": attempts, "budget": 1.0 if fault == "status_503" else 0.2},
             health_check=SLOW_CHECKS,
         )
     )
