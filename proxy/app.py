@@ -20,7 +20,7 @@ from .handover import (
     default_path,
     request_takeover,
 )
-from .runtime import Proxy
+from .runtime import Proxy, freeze_startup_heap
 from .workers import LeaderProxy, WorkerError
 
 log = logging.getLogger("turnout")
@@ -72,6 +72,7 @@ async def serve(
         print(f"turnout: cannot start the workers: {exc}", file=sys.stderr, flush=True)
         await proxy.shutdown(timeout=0)
         return EXIT_RUNTIME
+    freeze_startup_heap()
     if inherited is not None:
         # We serve: the old process may stop accepting and drain.
         await confirm_serving(inherited.channel)

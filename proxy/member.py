@@ -26,7 +26,7 @@ from .admission import Admission
 from .config import Config, UpstreamConfig
 from .router import POOLS
 from .routing import PoolName
-from .runtime import Proxy
+from .runtime import Proxy, freeze_startup_heap
 from .shared import (
     REPORT_INTERVAL,
     OutcomeRecorder,
@@ -312,6 +312,7 @@ async def serve_worker(index: int, workers: int, listen_fd: int, link_fd: int) -
     listener = socket.socket(fileno=listen_fd)
     listener.setblocking(False)
     await proxy.start(listener)
+    freeze_startup_heap()
     link.send("ready", {"pid": os.getpid()})
 
     async def follow() -> None:
