@@ -2,6 +2,7 @@
 
     python -m loadtests.bench                      # 3 rounds x 10 s, 100 B, 64 and 256 connections
     python -m loadtests.bench --sizes 100,16384,1048576 --rounds 3
+    python -m loadtests.bench --rate 8000        # latency at one offered rate, 64 vs 256 conns
     python -m loadtests.bench --extra naive="python ../shared/bench/naive_proxy.py --port {port} \
         --upstream {blue}=90 --upstream {green}=10"
 
@@ -183,8 +184,29 @@ WRK_ERR = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)|Socket errors:.*?(\d+) 
 UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def wrk(url: str, connections: int, duration: int) -> Result:
-    argv = pinned(LOAD_CORE, ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url])
+# At a fixed offered rate each connection waits an exponentially distributed time (mean
+# connections / rate) after each response before its next request, so the arrivals of all
+# connections together are close to a Poisson stream of `rate` requests per second, however
+# many connections carry them. wrk measures latency from the request's write, without the
+# wait. (wrk stays closed-loop per connection: a stall delays that connection's next request.)
+PACED_LUA = """
+local mean_ms = {mean_ms}
+function delay()
+  return math.floor(-mean_ms * math.log(1 - math.random()))
+end
+"""
+
+
+def wrk(
+    url: str, connections: int, duration: int, rate: int = 0, tmp: Path | None = None
+) -> Result:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    if rate:
+        assert tmp is not None
+        script = tmp / f"paced-{connections}-{rate}.lua"
+        script.write_text(PACED_LUA.format(mean_ms=connections * 1000 / rate))
+        argv += ["-s", str(script)]
+    argv = pinned(LOAD_CORE, [*argv, url])
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     rps_match = WRK_RPS.search(out)
     pct = {m.group(1): float(m.group(2)) * UNIT_MS[m.group(3)] for m in WRK_PCT.finditer(out)}
@@ -226,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         "log='access_log: {to: /tmp/access.log}'; {tmp} is a scratch directory",
     )
     ap.add_argument("--only", help="comma-separated targets to measure (e.g. turnout,haproxy)")
+    ap.add_argument(
+        "--rate",
+        type=int,
+        default=0,
+        help="offer this many requests/s in all (paced connections) instead of as many as "
+        "possible: compares latency across --connections at the same offered load",
+    )
     args = ap.parse_args(argv)
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
@@ -316,7 +345,7 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
                     for size in sizes:
                         for c in conns:
                             url = f"http://{HOST}:{port}{paths[size]}"
-                            res = wrk(url, c, args.duration)
+                            res = wrk(url, c, args.duration, args.rate, tmp)
                             if isinstance(proc, subprocess.Popen):
                                 res.rss_mib = peak_rss_mib(proc.pid)
                             results.setdefault((name, size, c), []).append(res)
@@ -361,6 +390,14 @@ def report(
                     f"| {name} | {size} | {c} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
                     f"{r.errors} | {r.rss_mib:.0f} | {ratio:.2f} |"
                 )
+    if len(conns) > 1:
+        low, high = conns[0], conns[-1]
+        print(f"\np99 growth from {low} to {high} connections (p99 at {high} / p99 at {low}):")
+        for size in sizes:
+            for name in names:
+                a, b = med(name, size, low), med(name, size, high)
+                growth = b.p99_ms / a.p99_ms if a.p99_ms else 0.0
+                print(f"  {name:>12} {size:>8}B  {growth:.2f}x")
 
 
 if __name__ == "__main__":
