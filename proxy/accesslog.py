@@ -1,21 +1,40 @@
-"""The access log: one JSON line per request, written by a thread from a bounded queue so
-the event loop never waits on a disk or a pipe."""
+"""The access log: one JSON line per request, written by a thread so the event loop never
+waits on a disk or a pipe.
+
+The event loop only appends a tuple of the request's raw figures (`Entry`) to a bounded deque
+(no lock, no wake-up); the writer thread drains it every FLUSH_EVERY seconds and turns the
+entries into JSON lines. The line is built by hand rather than by `json.dumps` of a dict:
+pools, upstream URLs and reasons are a handful of strings the proxy made itself (quoted once
+and cached), and client, method and target are escaped only when they hold a character JSON
+must escape.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
 import random
+import re
 import sys
 import threading
-from typing import IO, Any
+import time
+from collections import deque
+from typing import IO
+
+# time, client, method, target, status, bytes in, bytes out, pool, upstream url, attempts,
+# duration (s), upstream time (s), reason
+Entry = tuple[
+    float, bytes, bytes, bytes, int, int, int, str | None, str | None, int, float, float, str
+]
 
 log = logging.getLogger("turnout.access")
 
 QUEUE_LINES = 65536
 BATCH = 512
-FLUSH_EVERY = 0.2
+FLUSH_EVERY = 0.1
+QUOTED_CACHE = 1024
+
+_NEEDS_ESCAPE = re.compile(rb"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
 
 
 class AccessLog:
@@ -25,23 +44,26 @@ class AccessLog:
         self.to = to
         self.sample = sample
         self._random = (rng or random.Random()).random
-        self._lines: queue.Queue[str | None] = queue.Queue(maxsize=QUEUE_LINES)
+        self._entries: deque[Entry] = deque()
+        self.accepted = 0
         self.dropped = 0
         self.written = 0
         self._reopen = threading.Event()
+        self._closing = threading.Event()
         self._file: IO[str] | None = None
         self._open()
         self._thread = threading.Thread(target=self._run, name="turnout-access-log", daemon=True)
         self._thread.start()
 
     def wants(self) -> bool:
-        """Whether this request is in the sample (decided before a record is built)."""
+        """Whether this request is in the sample (decided before an entry is built)."""
         return self.sample >= 1.0 or self._random() < self.sample
 
-    def write(self, record: dict[str, Any]) -> None:
-        try:
-            self._lines.put_nowait(json.dumps(record, separators=(",", ":")))
-        except queue.Full:
+    def write(self, entry: Entry) -> None:
+        if len(self._entries) < QUEUE_LINES:
+            self._entries.append(entry)
+            self.accepted += 1
+        else:
             # The writer cannot keep up (a stuck disk or pipe): lose lines, never latency.
             self.dropped += 1
 
@@ -50,7 +72,8 @@ class AccessLog:
         self._reopen.set()
 
     def close(self) -> None:
-        self._lines.put(None)
+        """Write what is queued, then stop the writer (blocking: call it off the loop)."""
+        self._closing.set()
         self._thread.join(timeout=5)
         if self._file is not None and self.to not in ("stdout", "stderr"):
             self._file.close()
@@ -67,23 +90,9 @@ class AccessLog:
                 old.close()
 
     def _run(self) -> None:
-        lines = self._lines
+        entries = self._entries
         while True:
-            try:
-                first = lines.get(timeout=FLUSH_EVERY)
-            except queue.Empty:
-                first = ""
-            batch: list[str] = [] if not first else [first]
-            done = first is None
-            while not done and len(batch) < BATCH:
-                try:
-                    line = lines.get_nowait()
-                except queue.Empty:
-                    break
-                if line is None:
-                    done = True
-                else:
-                    batch.append(line)
+            done = self._closing.wait(FLUSH_EVERY)
             if self._reopen.is_set():
                 self._reopen.clear()
                 if self.to not in ("stdout", "stderr"):
@@ -91,18 +100,72 @@ class AccessLog:
                         self._open()
                     except OSError as exc:
                         log.error("cannot reopen access log %s: %s", self.to, exc)
-            if batch and self._file is not None:
-                try:
-                    self._file.write("\n".join(b for b in batch if b) + "\n")
-                    self._file.flush()
-                    self.written += len(batch)
-                except (OSError, ValueError) as exc:
-                    log.error("cannot write the access log %s: %s", self.to, exc)
+            while entries:
+                count = min(len(entries), BATCH)
+                lines = [format_line(entries.popleft()) for _ in range(count)]
+                self._write(lines)
             if done:
                 return
 
+    def _write(self, lines: list[str]) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.write("".join(lines))
+            self._file.flush()
+            self.written += len(lines)
+        except (OSError, ValueError) as exc:
+            log.error("cannot write the access log %s: %s", self.to, exc)
+
     def __repr__(self) -> str:
         return (
-            f"<AccessLog to={self.to} sample={self.sample:g} queued={self._lines.qsize()} "
-            f"written={self.written} dropped={self.dropped}>"
+            f"<AccessLog to={self.to} sample={self.sample:g} queued={len(self._entries)} "
+            f"accepted={self.accepted} written={self.written} dropped={self.dropped}>"
         )
+
+
+def format_line(entry: Entry) -> str:
+    (when, client, method, target, status, bytes_in, bytes_out, pool, upstream, attempts,
+     duration, upstream_time, reason) = entry  # fmt: skip
+    return (
+        f'{{"time":"{_timestamp(when)}","client":{_json_bytes(client)},'
+        f'"method":{_json_bytes(method)},"target":{_json_bytes(target)},"status":{status},'
+        f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"pool":{_quoted(pool)},'
+        f'"upstream":{_quoted(upstream)},"attempts":{attempts},'
+        f'"duration_ms":{round(duration * 1000, 3)},"upstream_ms":{round(upstream_time * 1000, 3)},'
+        f'"reason":{_quoted(reason or None)}}}\n'
+    )
+
+
+def _json_bytes(raw: bytes) -> str:
+    if _NEEDS_ESCAPE.search(raw) is None:
+        return '"' + raw.decode("ascii") + '"'
+    return json.dumps(raw.decode("latin-1"))
+
+
+_quoted_cache: dict[str | None, str] = {None: "null"}
+
+
+def _quoted(text: str | None) -> str:
+    quoted = _quoted_cache.get(text)
+    if quoted is None:
+        if len(_quoted_cache) >= QUOTED_CACHE:
+            _quoted_cache.clear()
+            _quoted_cache[None] = "null"
+        quoted = _quoted_cache[text] = json.dumps(text)
+    return quoted
+
+
+_second: tuple[int, str] = (-1, "")
+
+
+def _timestamp(when: float) -> str:
+    """ISO 8601 in UTC with milliseconds, as datetime.isoformat gives it; the seconds part is
+    formatted once per second (one tuple, replaced whole: two writer threads may share it
+    for a moment after a reload)."""
+    global _second
+    whole, micros = divmod(round(when * 1_000_000), 1_000_000)
+    second = _second
+    if second[0] != whole:
+        second = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{second[1]}.{micros // 1000:03d}+00:00"

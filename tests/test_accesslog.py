@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from conftest import ProxyFactory, SampleFactory, proxy_config, wait_for
 
+from proxy.accesslog import Entry, format_line
 from proxy.runtime import Proxy
 
 
@@ -101,9 +103,11 @@ async def test_sampling_is_honoured_within_statistical_bounds(
         for _ in range(total):
             async with session.get(f"http://127.0.0.1:{proxy.port}/") as resp:
                 await resp.read()
-    assert proxy.access_log is not None
-    await wait_for(lambda: proxy.access_log is not None and proxy.access_log._lines.empty())
-    count = len(await logged(proxy, path, 1))
+    log = proxy.access_log
+    assert log is not None
+    await wait_for(lambda: log.written == log.accepted)
+    count = len(read_lines(path))
+    assert count == log.written
     sigma = math.sqrt(total * share * (1 - share))
     assert abs(count - total * share) < 5 * sigma, count
 
@@ -134,3 +138,33 @@ async def test_log_off_writes_nothing(
     blue = await sample("blue")
     proxy = await make_proxy(proxy_config([blue.url], [], access_log={"to": "off"}))
     assert proxy.access_log is None
+
+
+def test_lines_are_json_whatever_the_target_holds() -> None:
+    """The writer builds lines by hand: any target bytes, reason and upstream still give one
+    valid JSON object per line with the same values json.dumps would give."""
+    when = datetime(2026, 3, 1, 23, 59, 59, 987000, tzinfo=UTC).timestamp()
+    targets = [b"/plain?a=1&b=2", b'/q"uote', b"/back\\slash", b"/caf\xe9", b"/tab\there", b"/\x7f"]
+    for target in targets:
+        for reason, upstream, pool in (("", "http://u:1", "blue"), ('retried: "x"', None, None)):
+            entry: Entry = (
+                when, b"10.0.0.1", b"GET", target, 503, 12, 345, pool, upstream, 2,
+                0.0123456, 0.001, reason,
+            )  # fmt: skip
+            line = format_line(entry)
+            assert line.endswith("\n") and line.count("\n") == 1
+            assert json.loads(line) == {
+                "time": "2026-03-01T23:59:59.987+00:00",
+                "client": "10.0.0.1",
+                "method": "GET",
+                "target": target.decode("latin-1"),
+                "status": 503,
+                "bytes_in": 12,
+                "bytes_out": 345,
+                "pool": pool,
+                "upstream": upstream,
+                "attempts": 2,
+                "duration_ms": 12.346,
+                "upstream_ms": 1.0,
+                "reason": reason or None,
+            }
