@@ -3,6 +3,7 @@
     python -m loadtests.bench                      # 3 rounds x 10 s, 100 B, 64 and 256 connections
     python -m loadtests.bench --sizes 100,16384,1048576 --rounds 3
     python -m loadtests.bench --rate 8000        # latency at one offered rate, 64 vs 256 conns
+    python -m loadtests.bench --scrape 1         # Turnout with /metrics scraped every second too
     python -m loadtests.bench --extra naive="python ../shared/bench/naive_proxy.py --port {port} \
         --upstream {blue}=90 --upstream {green}=10"
 
@@ -26,7 +27,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
@@ -167,10 +170,10 @@ backend app
 """
 
 
-def turnout_conf(port: int, blue: int, green: int) -> str:
+def turnout_conf(port: int, blue: int, green: int, admin: int = 0) -> str:
     return f"""
 listen: {{host: {HOST}, port: {port}}}
-admin: {{host: {HOST}, port: 0}}
+admin: {{host: {HOST}, port: {admin}}}
 pools:
   blue: {{upstreams: [{{url: "http://{HOST}:{blue}"}}]}}
   green: {{upstreams: [{{url: "http://{HOST}:{green}"}}]}}
@@ -219,6 +222,31 @@ def wrk(
     )
 
 
+@contextmanager
+def scraping(url: str | None, every: float) -> Iterator[list[int]]:
+    """Read `url` every `every` seconds in a thread while the block runs, as Prometheus
+    would; yields a one-item list counting the reads (empty when there is no url)."""
+    if url is None:
+        yield []
+        return
+    count = [0]
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.wait(every):
+            with suppress(OSError), urllib.request.urlopen(url, timeout=5) as resp:
+                resp.read()
+                count[0] += 1
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        yield count
+    finally:
+        stop.set()
+        thread.join()
+
+
 def peak_rss_mib(pid: int) -> float:
     with suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -255,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         help="offer this many requests/s in all (paced connections) instead of as many as "
         "possible: compares latency across --connections at the same offered load",
     )
+    ap.add_argument(
+        "--scrape",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="also measure a Turnout whose /metrics is read every SECONDS (metrics on vs off)",
+    )
     args = ap.parse_args(argv)
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
@@ -289,6 +324,16 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
     (tmp / "turnout.yaml").write_text(turnout_conf(port, blue, green))
     turnout_cmd = [sys.executable, "-m", "proxy", "run", "-c", str(tmp / "turnout.yaml")]
     targets["turnout"] = (turnout_cmd, port)
+    scrapes: dict[str, str] = {}
+    if args.scrape:
+        # The same Turnout, its /metrics read every `--scrape` seconds while wrk runs.
+        port, admin = free_port(), free_port()
+        (tmp / "turnout-scraped.yaml").write_text(turnout_conf(port, blue, green, admin))
+        targets["turnout-scraped"] = (
+            [sys.executable, "-m", "proxy", "run", "-c", str(tmp / "turnout-scraped.yaml")],
+            port,
+        )
+        scrapes["turnout-scraped"] = f"http://{HOST}:{admin}/metrics"
     for spec in args.turnout_variant:
         name, _, extra = spec.partition("=")
         port = free_port()
@@ -345,7 +390,10 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
                     for size in sizes:
                         for c in conns:
                             url = f"http://{HOST}:{port}{paths[size]}"
-                            res = wrk(url, c, args.duration, args.rate, tmp)
+                            with scraping(scrapes.get(name), args.scrape) as scraped:
+                                res = wrk(url, c, args.duration, args.rate, tmp)
+                            if scraped:
+                                print(f"  /metrics read {scraped[0]} times", file=sys.stderr)
                             if isinstance(proc, subprocess.Popen):
                                 res.rss_mib = peak_rss_mib(proc.pid)
                             results.setdefault((name, size, c), []).append(res)
