@@ -115,13 +115,14 @@ def decide_adaptive(
     """One evaluation of an adaptive rollout; `candidate`/`stable` are read since the step began.
 
     Without `latency_test` one is built from `threshold` on `error_test`'s false-alarm budget.
+    It is told the step's share, which its pooled test holds the candidate's slow outcomes to.
     """
     if latency_test is None:
         latency_test = LatencyTest(
             threshold.max_p99, threshold.max_p99_ratio, error_test.alpha, steps=error_test.steps
         )
     errors = error_test.verdict(candidate, stable)
-    latency = latency_test.verdict(candidate, stable)
+    latency = latency_test.verdict(candidate, stable, step.split / FULL)
     elapsed = now - step.started_at
     figures: dict[str, object] = {
         "step": step.index + 1,

@@ -154,6 +154,17 @@ def test_breach_on_three_times_slower_p99() -> None:
     assert got.figures["latency"]["outcome"] == "fail"  # type: ignore[index]
 
 
+def test_a_stall_at_the_full_step_is_not_a_breach() -> None:
+    # Stalls of a loaded machine delayed the candidate's requests just after the step to 100 %
+    # began, while the stable pool's window held only calm outcomes from before the step: the
+    # latency test is told the step's share, and no stable traffic shares the step.
+    candidate = figures([0.003] * 323 + [0.013] * 35)
+    got = decide(index=4, elapsed=0.1, candidate=candidate, stable=figures([0.003] * 179))
+    assert got.verdict is Verdict.PROMOTE, got.reason
+    assert got.figures["latency"]["outcome"] == "pass"  # type: ignore[index]
+    assert got.figures["latency"]["relative_lr"] > 1e15  # type: ignore[index]
+
+
 def test_breach_on_absolute_p99() -> None:
     got = decide(elapsed=2.0, candidate=figures([0.7] * 30), stable=figures([0.6] * 3000))
     assert got.verdict is Verdict.BREACH and "> max_p99 500.0 ms" in got.reason
