@@ -427,6 +427,11 @@ class Exchange:
     def _send(self, conn: UpstreamConnection) -> None:
         """Send the request on `conn`; its outcome comes back through _finish_attempt."""
         self.reused_conn = conn.reused
+        if not conn.reused:
+            # The upstream's time runs from the request's first byte: opening the connection is
+            # judged by connect errors and timeouts, and is the price of a pool's first steps
+            # (a candidate's new connections would otherwise look like a slower candidate).
+            self.attempt_started = self.client.proxy.loop.time()
         conn.reused = True
         head = self.forward_head
         assert head is not None  # set by _inspect_headers unless the request was refused
