@@ -3,10 +3,12 @@ waits on a disk or a pipe.
 
 The event loop only appends a tuple of the request's raw figures (`Entry`) to a bounded deque
 (no lock, no wake-up); the writer thread drains it every FLUSH_EVERY seconds and turns the
-entries into JSON lines. The line is built by hand rather than by `json.dumps` of a dict:
-pools, upstream URLs and reasons are a handful of strings the proxy made itself (quoted once
-and cached), and client, method and target are escaped only when they hold a character JSON
-must escape.
+entries into JSON lines, BATCH at a time: each write releases the GIL, so the loop never waits
+for more than one small batch's formatting (512 lines at once put 10 ms on its p99).
+
+A line is built by hand rather than by `json.dumps` of a dict: pools, upstream URLs and
+reasons are a handful of strings the proxy made itself (quoted once and cached), and client,
+method and target are escaped only when they hold a character JSON must escape.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ Entry = tuple[
 log = logging.getLogger("turnout.access")
 
 QUEUE_LINES = 65536
-BATCH = 512
+BATCH = 64
 FLUSH_EVERY = 0.1
 QUOTED_CACHE = 1024
 
