@@ -128,6 +128,33 @@ class Admission:
         self._shed_timeout = 0
         self._shed_rate = 0
 
+    def retune(
+        self, *, max_in_flight: int, queue: int, queue_timeout: float, rate: float | None = None
+    ) -> None:
+        """New limits (a reload) for an upstream that keeps its requests in flight and its
+        queue: waiters already queued keep their place (even beyond a smaller queue) and get
+        the slots a larger max_in_flight frees at once; the new queue_timeout applies to
+        requests queued from now on."""
+        if max_in_flight < 1 or queue < 0 or queue_timeout <= 0:
+            raise ValueError("invalid admission limits")
+        if rate is not None and rate <= 0:
+            raise ValueError("rate must be > 0 or None")
+        self._max_in_flight = max_in_flight
+        self._queue = queue
+        self._queue_timeout = queue_timeout
+        if rate != self._rate:
+            self._rate = rate
+            clock = self._loop.time if self._loop is not None else time.monotonic
+            self._bucket = None if rate is None else _TokenBucket(rate, clock)
+        waiters = self._waiters
+        if waiters.maxlen != max(queue, len(waiters)):
+            self._waiters = deque(waiters, maxlen=max(queue, len(waiters)))
+        while self._waiters and self._in_flight < self._max_in_flight:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._in_flight += 1
+                fut.set_result(True)
+
     @property
     def in_flight(self) -> int:
         return self._in_flight

@@ -154,6 +154,40 @@ class Breaker:
         self._head_end = 0.0
         self._set_head(int(clock() // self._width))
 
+    def retune(
+        self,
+        *,
+        consecutive_failures: int,
+        failure_ratio: float,
+        min_requests: int,
+        window: float,
+        open_for: float,
+        half_open_requests: int,
+        max_open_for: float | None = None,
+    ) -> None:
+        """New thresholds (a reload) for a breaker that keeps its state: an open breaker stays
+        open until its current period ends, trials under way finish. A new window length
+        starts its counts afresh."""
+        if consecutive_failures < 1 or not 0.0 < failure_ratio <= 1.0 or min_requests < 1:
+            raise ValueError("invalid breaker thresholds")
+        if window <= 0 or open_for <= 0 or half_open_requests < 1:
+            raise ValueError("invalid breaker periods")
+        self._consecutive_limit = consecutive_failures
+        self._failure_ratio = failure_ratio
+        self._min_requests = min_requests
+        self._half_open_requests = half_open_requests
+        self._open_for = open_for
+        self._max_open_for = max(open_for, 10 * open_for if max_open_for is None else max_open_for)
+        if self._state is _CLOSED:
+            self._open_for_now = open_for
+        else:  # a period grown by re-opens stays grown, within the new bounds
+            self._open_for_now = min(max(self._open_for_now, open_for), self._max_open_for)
+        if window != self._window:
+            self._window = window
+            self._width = window / _BUCKETS
+            self._clear_window()
+            self._set_head(int(self._clock() // self._width))
+
     # -- reading -----------------------------------------------------------------------------
 
     @property

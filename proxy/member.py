@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from .admission import Admission
 from .config import Config, UpstreamConfig
 from .router import POOLS
 from .routing import PoolName
@@ -93,19 +92,16 @@ class MemberProxy(Proxy):
         share = math.ceil(self.config.listen.max_connections / self.workers)
         self.settings = dataclasses.replace(self.settings, max_connections=share)
 
-    def new_upstream(self, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream:
+    def admission_settings(self) -> dict[str, Any]:
         """Limits are per upstream: each worker enforces its share, so that the upstream sees
         at most the configured figures from all workers together."""
-        upstream = super().new_upstream(pool, index, cfg)
         limits, n = self.config.limits, self.workers
-        upstream.admission = Admission(
-            max_in_flight=math.ceil(limits.max_in_flight / n),
-            queue=math.ceil(limits.queue / n),
-            queue_timeout=limits.queue_timeout,
-            rate=None if limits.rate is None else limits.rate / n,
-            loop=self.loop,
-        )
-        return upstream
+        return {
+            "max_in_flight": math.ceil(limits.max_in_flight / n),
+            "queue": math.ceil(limits.queue / n),
+            "queue_timeout": limits.queue_timeout,
+            "rate": None if limits.rate is None else limits.rate / n,
+        }
 
     # what the data path reports --------------------------------------------------
 

@@ -171,8 +171,6 @@ class Proxy:
         }
 
     def new_upstream(self, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream:
-        b = self.config.breaker
-        limits = self.config.limits
         upstream = Upstream(pool, index, cfg.url, cfg.host, cfg.port, cfg.weight)
         if cfg.scheme == "https":
             upstream.ssl = self.pool_context(pool)
@@ -196,24 +194,33 @@ class Proxy:
             )
 
         upstream.breaker = Breaker(
-            consecutive_failures=b.consecutive_failures,
-            failure_ratio=b.failure_ratio,
-            min_requests=b.min_requests,
-            window=b.window,
-            open_for=b.open_for,
-            half_open_requests=b.half_open_requests,
-            clock=self.loop.time,
-            max_open_for=max(b.open_for, min(60.0, 8 * b.open_for)),
-            on_transition=on_transition,
+            **self.breaker_settings(), clock=self.loop.time, on_transition=on_transition
         )
-        upstream.admission = Admission(
-            max_in_flight=limits.max_in_flight,
-            queue=limits.queue,
-            queue_timeout=limits.queue_timeout,
-            rate=limits.rate,
-            loop=self.loop,
-        )
+        upstream.admission = Admission(**self.admission_settings(), loop=self.loop)
         return upstream
+
+    def breaker_settings(self) -> dict[str, Any]:
+        """An upstream's breaker thresholds by the configuration in force."""
+        b = self.config.breaker
+        return {
+            "consecutive_failures": b.consecutive_failures,
+            "failure_ratio": b.failure_ratio,
+            "min_requests": b.min_requests,
+            "window": b.window,
+            "open_for": b.open_for,
+            "half_open_requests": b.half_open_requests,
+            "max_open_for": max(b.open_for, min(60.0, 8 * b.open_for)),
+        }
+
+    def admission_settings(self) -> dict[str, Any]:
+        """An upstream's limits by the configuration in force."""
+        limits = self.config.limits
+        return {
+            "max_in_flight": limits.max_in_flight,
+            "queue": limits.queue,
+            "queue_timeout": limits.queue_timeout,
+            "rate": limits.rate,
+        }
 
     def pool_context(self, pool: PoolName) -> ssl.SSLContext:
         """The client TLS context of a pool's https:// upstreams, built on first use."""
@@ -271,9 +278,17 @@ class Proxy:
         self.health.unwatch(upstream)
 
     def apply(self, config: Config, pools: dict[PoolName, tuple[Upstream, ...]]) -> None:
-        """Swap configuration and routing snapshot; requests in flight keep the old ones."""
-        old_log = self.config.access_log
+        """Swap configuration and routing snapshot; requests in flight keep the old ones.
+        Breakers and limits take new settings in place: upstreams keep their live state."""
+        old = self.config
+        old_log = old.access_log
         self.config = config
+        if config.breaker != old.breaker or config.limits != old.limits:
+            breaker, admission = self.breaker_settings(), self.admission_settings()
+            for ups in pools.values():
+                for upstream in ups:
+                    upstream.breaker.retune(**breaker)
+                    upstream.admission.retune(**admission)
         self.settings = Settings.from_config(config)
         if config.access_log != old_log:
             if self.access_log is not None:
@@ -500,6 +515,7 @@ def access_entry(ex: Exchange, now: float) -> Entry:
 
 def _upstream_status(u: Upstream) -> dict[str, Any]:
     snap = u.snapshot()
+    limits = u.admission.snapshot()
     return {
         "index": snap.index,
         "url": snap.url,
@@ -513,4 +529,10 @@ def _upstream_status(u: Upstream) -> dict[str, Any]:
         "queued": snap.queued,
         "requests": snap.requests,
         "failures": snap.failures,
+        "limits": {
+            "max_in_flight": limits.max_in_flight,
+            "queue": limits.queue,
+            "queue_timeout": limits.queue_timeout,
+            "rate": limits.rate,
+        },
     }

@@ -269,8 +269,8 @@ class SharedAdmission(Admission):
 
     __slots__ = ("members", "shed_totals")
 
-    def __init__(self, *, max_in_flight: int, queue: int, queue_timeout: float) -> None:
-        super().__init__(max_in_flight=max_in_flight, queue=queue, queue_timeout=queue_timeout)
+    def __init__(self, **limits: Any) -> None:
+        super().__init__(**limits)
         self.members: dict[str, tuple[int, int]] = {}  # member -> (in flight, queued)
         self.shed_totals = dict.fromkeys(SHED_REASONS, 0)
 

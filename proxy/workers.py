@@ -118,21 +118,8 @@ class LeaderProxy(Proxy):
 
     def new_upstream(self, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream:
         upstream = super().new_upstream(pool, index, cfg)
-        b, limits = self.config.breaker, self.config.limits
-        upstream.admission = SharedAdmission(
-            max_in_flight=limits.max_in_flight,
-            queue=limits.queue,
-            queue_timeout=limits.queue_timeout,
-        )
-        upstream.breaker = SharedBreaker(
-            consecutive_failures=b.consecutive_failures,
-            failure_ratio=b.failure_ratio,
-            min_requests=b.min_requests,
-            window=b.window,
-            open_for=b.open_for,
-            half_open_requests=b.half_open_requests,
-            clock=self.loop.time,
-        )
+        upstream.admission = SharedAdmission(**self.admission_settings())
+        upstream.breaker = SharedBreaker(**self.breaker_settings(), clock=self.loop.time)
         self.shared[upstream_key(upstream)] = upstream
         return upstream
 

@@ -447,3 +447,34 @@ def test_seeded_cancel_storm() -> None:
             arg = rng.choice([1, 4, 10]) if kind == "advance" else rng.randrange(20)
             ops.append((kind, arg))
         run(functools.partial(play, ops=ops))
+
+
+def test_retune_keeps_slots_and_queue_and_admits_waiters_a_larger_limit_allows() -> None:
+    async def scenario(loop: FakeTimeLoop) -> None:
+        adm = Admission(max_in_flight=1, queue=3, queue_timeout=1.0, loop=loop)
+        assert adm.try_enter()
+        waiters = [asyncio.create_task(adm.enter()) for _ in range(3)]
+        await settle()
+        # A smaller queue keeps those already queued; a larger limit admits two of them now.
+        adm.retune(max_in_flight=3, queue=1, queue_timeout=2.0)
+        await settle()
+        assert [w.done() for w in waiters] == [True, True, False]
+        assert (adm.in_flight, adm.queued) == (3, 1)
+        with pytest.raises(Shed) as info:
+            await adm.enter()
+        assert info.value.reason == "queue_full"
+        snap = adm.snapshot()
+        assert (snap.max_in_flight, snap.queue, snap.queue_timeout) == (3, 1, 2.0)
+        for _ in range(4):
+            adm.leave()
+            await settle()
+        assert all(w.done() and w.exception() is None for w in waiters)
+        assert (adm.in_flight, adm.queued) == (0, 0)
+        # A rate set at reload applies from then on.
+        adm.retune(max_in_flight=3, queue=1, queue_timeout=2.0, rate=1.0)
+        assert adm.try_enter()
+        with pytest.raises(Shed) as info:
+            adm.try_enter()
+        assert info.value.reason == "rate_limited"
+
+    run(scenario)

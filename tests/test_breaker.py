@@ -505,3 +505,33 @@ def test_seeded_walks_keep_the_books() -> None:
     for _ in range(100):
         seen += walk([(rng.choice(KINDS), rng.randrange(30)) for _ in range(150)])
     assert min(seen[s] for s in BreakerState) > 500  # every state was well exercised
+
+
+def test_retune_keeps_the_state_and_applies_new_thresholds() -> None:
+    clock = FakeClock()
+    b = make(clock, min_requests=1000)
+    for _ in range(3):
+        outcome(b, False)
+    # Lowered to 3 consecutive failures: the count so far stands, the next failure opens.
+    b.retune(
+        consecutive_failures=3, failure_ratio=0.5, min_requests=1000, window=10.0,
+        open_for=2.0, half_open_requests=1,
+    )  # fmt: skip
+    assert b.state is CLOSED
+    epoch = b.epoch
+    outcome(b, False)
+    assert b.state is OPEN and b.epoch == epoch + 1
+    snap = b.snapshot()
+    assert snap.open_until == clock.now + 2.0
+    to_half_open(b, clock)
+    assert b.acquire() and not b.acquire()  # one trial at a time now
+    # A new window length starts its counts afresh; an open period under way is kept.
+    b.release(False)
+    assert b.state is OPEN
+    until = b.snapshot().open_until
+    b.retune(
+        consecutive_failures=3, failure_ratio=0.5, min_requests=1000, window=30.0,
+        open_for=1.0, half_open_requests=1,
+    )  # fmt: skip
+    assert b.state is OPEN and b.snapshot().open_until == until
+    assert b.snapshot().window_requests == 0

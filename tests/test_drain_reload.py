@@ -463,6 +463,41 @@ async def test_reload_with_changed_upstreams_under_load(
     assert reload["path"] == str(fp.path)
 
 
+async def test_reload_gives_kept_upstreams_new_limits_and_breaker_settings(
+    sample: SampleFactory, file_proxy: Callable[[dict[str, Any]], Awaitable[FileProxy]]
+) -> None:
+    """An operator who raises limits.max_in_flight or lowers breaker.consecutive_failures and
+    reloads gets them on the upstreams that stay, which keep their requests in flight."""
+    blue = await sample("blue")
+    fp = await file_proxy(pools([blue], [], limits={"max_in_flight": 1, "queue": 0}))
+    admin, proxy = fp.admin, fp.admin.proxy
+    kept = upstream(proxy, "blue/0")
+    held = await hold_on(admin, "blue/0")
+    refused = await admin.get("/")
+    assert refused.status == 503 and (await refused.json())["error"] == "queue_full"
+    fp.write(
+        pools(
+            [blue],
+            [],
+            admin=ADMIN,
+            limits={"max_in_flight": 4, "queue": 0},
+            breaker={"consecutive_failures": 2},
+        )
+    )
+    await admin.ok("POST", "/reload")
+    assert upstream(proxy, "blue/0") is kept and kept.in_flight == 1
+    answers = await asyncio.gather(*(admin.get("/delay/100") for _ in range(3)))
+    assert [a.status for a in answers] == [200, 200, 200]
+    assert all(r.status == 200 for r in await asyncio.gather(*held))
+    (status,) = (await admin.status())["pools"]["blue"]["upstreams"]
+    assert status["limits"] == {"max_in_flight": 4, "queue": 0, "queue_timeout": 1.0, "rate": None}
+    # Two failures now open the breaker (five before the reload).
+    blue.settings.error_status, blue.settings.error_rate = 503, 1.0
+    for _ in range(2):
+        assert (await admin.get("/")).status == 503
+    assert kept.breaker.state.value == "open"
+
+
 async def test_reload_with_a_broken_file_changes_nothing(
     sample: SampleFactory, file_proxy: Callable[[dict[str, Any]], Awaitable[FileProxy]]
 ) -> None:
