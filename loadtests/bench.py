@@ -47,7 +47,9 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
-    rss_mib: float = 0.0
+    rss_mib: float = 0.0  # peak
+    idle_mib: float = 0.0  # before the load
+    after_mib: float = 0.0  # a second after it
 
 
 def free_port() -> int:
@@ -247,10 +249,11 @@ def scraping(url: str | None, every: float) -> Iterator[list[int]]:
         thread.join()
 
 
-def peak_rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory now (VmRSS) or at its peak (VmHWM)."""
     with suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -390,12 +393,15 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
                     for size in sizes:
                         for c in conns:
                             url = f"http://{HOST}:{port}{paths[size]}"
+                            idle = rss_mib(proc.pid) if isinstance(proc, subprocess.Popen) else 0
                             with scraping(scrapes.get(name), args.scrape) as scraped:
                                 res = wrk(url, c, args.duration, args.rate, tmp)
                             if scraped:
                                 print(f"  /metrics read {scraped[0]} times", file=sys.stderr)
                             if isinstance(proc, subprocess.Popen):
-                                res.rss_mib = peak_rss_mib(proc.pid)
+                                res.rss_mib = rss_mib(proc.pid, "VmHWM")
+                                time.sleep(1.0)
+                                res.idle_mib, res.after_mib = idle, rss_mib(proc.pid)
                             results.setdefault((name, size, c), []).append(res)
                             print(
                                 f"round {rnd + 1} {name:>8} {size:>8}B c={c:<4} "
@@ -422,10 +428,13 @@ def report(
             p99_ms=statistics.median(r.p99_ms for r in rs),
             errors=sum(r.errors for r in rs),
             rss_mib=max(r.rss_mib for r in rs),
+            idle_mib=min(r.idle_mib for r in rs),
+            after_mib=max(r.after_mib for r in rs),
         )
 
     print(
-        "| target | size | conns | req/s | p50 ms | p99 ms | errors | peak RSS MiB | turnout/this |"
+        "| target | size | conns | req/s | p50 ms | p99 ms | errors | RSS MiB idle/peak/after "
+        "| turnout/this |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
@@ -436,7 +445,8 @@ def report(
                 ratio = t.rps / r.rps if r.rps else 0.0
                 print(
                     f"| {name} | {size} | {c} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-                    f"{r.errors} | {r.rss_mib:.0f} | {ratio:.2f} |"
+                    f"{r.errors} | {r.idle_mib:.0f}/{r.rss_mib:.0f}/{r.after_mib:.0f} | "
+                    f"{ratio:.2f} |"
                 )
     if len(conns) > 1:
         low, high = conns[0], conns[-1]
