@@ -103,21 +103,7 @@ class Admission:
         rate: float | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be >= 1")
-        if queue < 0:
-            raise ValueError("queue must be >= 0")
-        if queue_timeout <= 0:
-            raise ValueError("queue_timeout must be > 0")
-        if rate is not None and rate <= 0:
-            raise ValueError("rate must be > 0 or None")
-        self._max_in_flight = max_in_flight
-        self._queue = queue
-        self._queue_timeout = queue_timeout
-        self._rate = rate
         self._loop = loop
-        clock = loop.time if loop is not None else time.monotonic
-        self._bucket = None if rate is None else _TokenBucket(rate, clock)
         self._in_flight = 0
         # Futures resolve True when handed a slot, False when their queue_timeout expired.
         # Only not-yet-resolved futures sit here, except a cancelled one for the instant between
@@ -127,16 +113,25 @@ class Admission:
         self._shed_full = 0
         self._shed_timeout = 0
         self._shed_rate = 0
+        self._rate: float | None = None
+        self._bucket: _TokenBucket | None = None
+        self.retune(
+            max_in_flight=max_in_flight, queue=queue, queue_timeout=queue_timeout, rate=rate
+        )
 
     def retune(
         self, *, max_in_flight: int, queue: int, queue_timeout: float, rate: float | None = None
     ) -> None:
-        """New limits (a reload) for an upstream that keeps its requests in flight and its
-        queue: waiters already queued keep their place (even beyond a smaller queue) and get
-        the slots a larger max_in_flight frees at once; the new queue_timeout applies to
-        requests queued from now on."""
-        if max_in_flight < 1 or queue < 0 or queue_timeout <= 0:
-            raise ValueError("invalid admission limits")
+        """Set the limits; again at a reload, for an upstream that keeps its requests in flight
+        and its queue: waiters already queued keep their place (even beyond a smaller queue)
+        and get the slots a larger max_in_flight frees at once; the new queue_timeout applies
+        to requests queued from now on."""
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
+        if queue < 0:
+            raise ValueError("queue must be >= 0")
+        if queue_timeout <= 0:
+            raise ValueError("queue_timeout must be > 0")
         if rate is not None and rate <= 0:
             raise ValueError("rate must be > 0 or None")
         self._max_in_flight = max_in_flight

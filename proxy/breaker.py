@@ -113,24 +113,6 @@ class Breaker:
         max_open_for: float | None = None,
         on_transition: TransitionHook | None = None,
     ) -> None:
-        if consecutive_failures < 1:
-            raise ValueError("consecutive_failures must be >= 1")
-        if not 0.0 < failure_ratio <= 1.0:
-            raise ValueError("failure_ratio must be in (0, 1]")
-        if min_requests < 1:
-            raise ValueError("min_requests must be >= 1")
-        if window <= 0 or open_for <= 0:
-            raise ValueError("window and open_for must be > 0")
-        if half_open_requests < 1:
-            raise ValueError("half_open_requests must be >= 1")
-        self._consecutive_limit = consecutive_failures
-        self._failure_ratio = failure_ratio
-        self._min_requests = min_requests
-        self._window = window
-        self._open_for = open_for
-        # The cap never undercuts the first open period.
-        self._max_open_for = max(open_for, 10 * open_for if max_open_for is None else max_open_for)
-        self._half_open_requests = half_open_requests
         self._clock = clock
         self._on_transition = on_transition
 
@@ -145,14 +127,23 @@ class Breaker:
         self._reopens = 0
         self._opens = 0
 
-        self._width = window / _BUCKETS
+        self._window = 0.0  # set by retune(), which also sets up the buckets
         self._totals = [0] * _BUCKETS
         self._fails = [0] * _BUCKETS
         self._w_total = 0
         self._w_fails = 0
+        self._width = 1.0
         self._head = self._slot = 0
         self._head_end = 0.0
-        self._set_head(int(clock() // self._width))
+        self.retune(
+            consecutive_failures=consecutive_failures,
+            failure_ratio=failure_ratio,
+            min_requests=min_requests,
+            window=window,
+            open_for=open_for,
+            half_open_requests=half_open_requests,
+            max_open_for=max_open_for,
+        )
 
     def retune(
         self,
@@ -165,18 +156,25 @@ class Breaker:
         half_open_requests: int,
         max_open_for: float | None = None,
     ) -> None:
-        """New thresholds (a reload) for a breaker that keeps its state: an open breaker stays
-        open until its current period ends, trials under way finish. A new window length
-        starts its counts afresh."""
-        if consecutive_failures < 1 or not 0.0 < failure_ratio <= 1.0 or min_requests < 1:
-            raise ValueError("invalid breaker thresholds")
-        if window <= 0 or open_for <= 0 or half_open_requests < 1:
-            raise ValueError("invalid breaker periods")
+        """Set the thresholds; again at a reload, for a breaker that keeps its state: an open
+        breaker stays open until its current period ends, trials under way finish. A new
+        window length starts its counts afresh."""
+        if consecutive_failures < 1:
+            raise ValueError("consecutive_failures must be >= 1")
+        if not 0.0 < failure_ratio <= 1.0:
+            raise ValueError("failure_ratio must be in (0, 1]")
+        if min_requests < 1:
+            raise ValueError("min_requests must be >= 1")
+        if window <= 0 or open_for <= 0:
+            raise ValueError("window and open_for must be > 0")
+        if half_open_requests < 1:
+            raise ValueError("half_open_requests must be >= 1")
         self._consecutive_limit = consecutive_failures
         self._failure_ratio = failure_ratio
         self._min_requests = min_requests
         self._half_open_requests = half_open_requests
         self._open_for = open_for
+        # The cap never undercuts the first open period.
         self._max_open_for = max(open_for, 10 * open_for if max_open_for is None else max_open_for)
         if self._state is _CLOSED:
             self._open_for_now = open_for
