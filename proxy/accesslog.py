@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import sys
@@ -22,6 +23,8 @@ import threading
 import time
 from collections import deque
 from typing import IO
+
+from .config import Config
 
 # time, client, method, target, status, bytes in, bytes out, pool, upstream url, attempts,
 # duration (s), upstream time (s), reason
@@ -37,6 +40,23 @@ FLUSH_EVERY = 0.1
 QUOTED_CACHE = 1024
 
 _NEEDS_ESCAPE = re.compile(rb"[^\x20-\x21\x23-\x5b\x5d-\x7e]")
+
+
+def log_problems(config: Config) -> list[str]:
+    """Why the configured access log file could not be written, with its YAML path."""
+    to = config.access_log.to
+    if to in ("off", "stdout", "stderr"):
+        return []
+    if os.path.isdir(to):
+        return [f"access_log.to: {to} is a directory"]
+    if os.path.exists(to):
+        writable = os.access(to, os.W_OK)
+    else:
+        parent = os.path.dirname(os.path.abspath(to))
+        if not os.path.isdir(parent):
+            return [f"access_log.to: directory {parent} does not exist"]
+        writable = os.access(parent, os.W_OK | os.X_OK)
+    return [] if writable else [f"access_log.to: {to} is not writable"]
 
 
 class AccessLog:

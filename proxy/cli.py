@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .accesslog import log_problems
 from .client import add_client_commands
 from .config import (
     DEFAULT_CONFIG_YAML,
@@ -100,7 +101,7 @@ def resolve_config(path: str | None) -> tuple[Config, str | None]:
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
-        problems = tls_problems(config)
+        problems = tls_problems(config) + log_problems(config)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:
@@ -117,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         config, path = resolve_config(args.config)
-        problems = tls_problems(config)
+        problems = tls_problems(config) + log_problems(config)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:

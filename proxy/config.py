@@ -614,11 +614,21 @@ def _error_lines(exc: ValidationError) -> list[str]:
 # --- parsing and loading -----------------------------------------------------------------------
 
 
-def _string_keys(value: object, path: tuple[object, ...] = ()) -> object:
+def _string_keys(
+    value: object, path: tuple[object, ...] = (), inside: frozenset[int] = frozenset()
+) -> object:
     """A copy of parsed YAML whose mapping keys are all strings, so every key gets a path.
 
-    YAML 1.1 readers turn the key ``on`` into True; under ``retries`` it means ``on``.
+    YAML 1.1 readers turn the key ``on`` into True; under ``retries`` it means ``on``. An
+    alias that contains itself (``a: &a [*a]``) is an error, not an endless structure.
     """
+    if isinstance(value, dict | list | tuple):
+        if id(value) in inside:
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+            raise ConfigError(
+                [f"{where.lstrip('.') or '(top level)'}: a YAML alias that contains itself"]
+            )
+        inside = inside | {id(value)}
     if isinstance(value, dict):
         out: dict[str, object] = {}
         for key, item in value.items():
@@ -628,10 +638,10 @@ def _string_keys(value: object, path: tuple[object, ...] = ()) -> object:
                 name = {True: "true", False: "false", None: "null"}[key]
             else:
                 name = str(key)
-            out[name] = _string_keys(item, (*path, name))
+            out[name] = _string_keys(item, (*path, name), inside)
         return out
     if isinstance(value, list | tuple):
-        return [_string_keys(item, (*path, index)) for index, item in enumerate(value)]
+        return [_string_keys(item, (*path, index), inside) for index, item in enumerate(value)]
     return value
 
 

@@ -8,6 +8,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .accesslog import log_problems
 from .config import Config, ConfigError, UpstreamConfig, load_config
 from .health import probe
 from .router import POOLS
@@ -280,7 +281,7 @@ class Control:
         except ConfigError as exc:
             self.events.publish("reload_failed", path=path, errors=exc.errors, by=by)
             raise ControlError(400, "invalid config", exc.errors) from exc
-        problems = tls_problems(config)
+        problems = tls_problems(config) + log_problems(config)
         if problems:
             self.events.publish("reload_failed", path=path, errors=problems, by=by)
             raise ControlError(400, "invalid config", problems)

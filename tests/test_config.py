@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy import config as config_module
+from proxy.accesslog import log_problems
 from proxy.config import (
     DEFAULT_CONFIG_YAML,
     Config,
@@ -27,9 +28,9 @@ from proxy.config import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
-# Every YAML file in config/ is a Turnout configuration, except the Kubernetes manifests (which
-# embed one; tests/test_deploy_files.py checks it).
-EXAMPLES = sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("kubernetes"))
+# Every file in config/ is a Turnout configuration (deploy/ holds the Kubernetes manifest and
+# the Grafana dashboard; tests/test_deploy_files.py checks those).
+EXAMPLES = sorted(CONFIG_DIR.iterdir())
 
 BASE: dict[str, Any] = {
     "pools": {
@@ -719,3 +720,30 @@ def test_load_config_file_problems(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(binary)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [("a: &a [*a]\n", "a[0]"), ("split: 5\nrollout: &r {gate: {x: *r}}\n", "rollout.gate.x")],
+)
+def test_an_alias_that_contains_itself_is_an_error_not_a_crash(
+    tmp_path: Path, text: str, where: str
+) -> None:
+    path = tmp_path / "turnout.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == [f"{where}: a YAML alias that contains itself"]
+
+
+def test_an_access_log_that_cannot_be_written_is_a_config_problem(tmp_path: Path) -> None:
+    def problems(to: str) -> list[str]:
+        pools = {"blue": {"upstreams": []}, "green": {"upstreams": []}}
+        return log_problems(parse_config({"access_log": {"to": to}, "pools": pools}))
+
+    assert problems(str(tmp_path / "access.log")) == []
+    assert problems("stdout") == []
+    assert problems("/nonexistent/dir/access.log") == [
+        "access_log.to: directory /nonexistent/dir does not exist"
+    ]
+    assert problems(str(tmp_path)) == [f"access_log.to: {tmp_path} is a directory"]

@@ -26,8 +26,8 @@ from proxy.cli import build_parser
 from proxy.config import Config, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
-DASHBOARD = ROOT / "config" / "grafana-dashboard.json"
-KUBERNETES = ROOT / "config" / "kubernetes-sidecar.yaml"
+DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
+KUBERNETES = ROOT / "deploy" / "kubernetes-sidecar.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 IMAGE_CONFIG = ROOT / "config" / "turnout.yaml"
