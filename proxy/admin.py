@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from .client import ADMIN_HEADER
 from .config import parse_duration
 from .control import Change, ControlError
 
@@ -59,6 +60,12 @@ def json_error(status: int, error: str, detail: Any = None) -> web.Response:
     return web.json_response({"error": error, "detail": detail}, status=status)
 
 
+async def _mark_as_admin(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer says it comes from a Turnout admin API, so that a client pointed at the
+    proxy's own port by mistake notices (the application behind it answers there)."""
+    response.headers[ADMIN_HEADER] = "1"
+
+
 def who(request: web.Request) -> str:
     peer = request.remote or "unknown"
     return f"token@{peer}" if request.get(AUTHENTICATED) else peer
@@ -82,14 +89,18 @@ def audit(request: web.Request, change: Change) -> None:
 
 
 def make_middleware(token: str | None) -> Middleware:
-    expected = f"Bearer {token}".encode() if token else None
+    expected = token.encode() if token else None
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if expected is not None and request.path not in OPEN_PATHS:
-            given = request.headers.get("Authorization", "").encode("latin-1", "replace")
-            if not hmac.compare_digest(given, expected):
-                return json_error(401, "unauthorized", "missing or wrong bearer token")
+            scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("latin-1", "replace"), expected
+            ):
+                refused = json_error(401, "unauthorized", "missing or wrong bearer token")
+                refused.headers["WWW-Authenticate"] = 'Bearer realm="turnout admin"'
+                return refused
             request[AUTHENTICATED] = True
         try:
             return await handler(request)
@@ -99,7 +110,10 @@ def make_middleware(token: str | None) -> Middleware:
             if exc.status < 400:
                 raise
             detail = f"{request.method} {request.path}: {exc.reason}"
-            return json_error(exc.status, exc.reason.lower(), detail)
+            answer = json_error(exc.status, exc.reason.lower(), detail)
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                answer.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+            return answer
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:
@@ -111,10 +125,11 @@ def make_middleware(token: str | None) -> Middleware:
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise ControlError(400, "body too large", f"at most {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise ControlError(400, "body too large", f"at most {MAX_BODY} bytes")
+        raise ControlError(413, "body too large", f"at most {MAX_BODY} bytes")
+    try:
+        raw = await request.read()  # all of it, as framed: nothing acts on half a body
+    except web.HTTPRequestEntityTooLarge:
+        raise ControlError(413, "body too large", f"at most {MAX_BODY} bytes") from None
     if not raw.strip():
         return {}
     try:
@@ -284,6 +299,7 @@ class AdminAPI:
 
 def build_admin_app(proxy: Proxy, token: str | None) -> web.Application:
     app = web.Application(middlewares=[make_middleware(token)], client_max_size=MAX_BODY)
+    app.on_response_prepare.append(_mark_as_admin)
     app[PROXY_KEY] = proxy
     api = AdminAPI(proxy)
     r = app.router

@@ -14,6 +14,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
+from email.message import Message
 from http.client import HTTPException, RemoteDisconnected
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -26,6 +27,8 @@ POOLS = ("blue", "green")
 ROLLOUT_ACTIONS = ("start", "pause", "resume", "promote", "rollback", "abort")
 STRATEGIES = ("eager", "lazy", "adaptive")
 
+# Every admin API answer carries this header; the client refuses answers without it.
+ADMIN_HEADER = "X-Turnout-Admin"
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -78,6 +81,7 @@ class AdminClient:
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
+                self._check_admin(resp.headers)
                 raw = resp.read(MAX_ANSWER + 1)
         except urllib.error.HTTPError as exc:
             raise self._refused(method, path, exc) from None
@@ -88,6 +92,15 @@ class AdminClient:
         if len(raw) > MAX_ANSWER:
             raise ClientError(f"{method} {path}: the answer is larger than {MAX_ANSWER} bytes")
         return self._decode(method, path, raw)
+
+    def _check_admin(self, headers: Message) -> None:
+        """A success from something else (the proxy's own port, forwarding to the application)
+        must not pass for one: the operator would believe a change was made."""
+        if headers.get(ADMIN_HEADER) is None:
+            raise ClientError(
+                f"{self.base_url} is not a Turnout admin API (the proxy's own port? the admin "
+                "API listens on admin.port, 9901 by default)"
+            )
 
     def _unreachable(self, reason: object) -> str:
         if isinstance(reason, TimeoutError):
@@ -276,7 +289,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    answer = client_for(args).request("POST", "/reload")
+    try:
+        answer = client_for(args).request("POST", "/reload")
+    except ClientError as exc:
+        if exc.status == 400:  # the file is invalid: a config error, as for `turnout check`
+            exc.exit_code = EXIT_USAGE
+        raise
     print(_outcome("reload", answer))
     return EXIT_OK
 

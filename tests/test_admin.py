@@ -287,7 +287,7 @@ ERRORS: list[tuple[str, str, Any, int, str]] = [
     ("PUT", "/split", b"\xff\xfe", 400, "malformed JSON"),
     ("PUT", "/split", b"[50]", 400, "malformed request"),
     ("PUT", "/split", b'"green"', 400, "malformed request"),
-    ("PUT", "/split", b"x" * 70_000, 400, "body too large"),
+    ("PUT", "/split", b"x" * 70_000, 413, "body too large"),
     ("POST", "/pools/blue/upstreams", {}, 400, "missing field"),
     ("POST", "/pools/blue/upstreams", {"url": 5}, 400, "invalid upstream"),
     ("POST", "/pools/blue/upstreams", {"url": "ftp://127.0.0.1:9"}, 400, "invalid upstream"),
@@ -391,6 +391,22 @@ async def test_token_is_required_when_set(
     (record,) = caplog.records
     line = json.loads(record.getMessage())
     assert line["who"] == "token@127.0.0.1"
+    # The scheme is case-insensitive (RFC 9110 11.1); a refusal names the scheme it wants.
+    assert (await admin.call("GET", "/status", headers={"Authorization": "bearer s3cret"}))[
+        0
+    ] == 200
+    async with admin.session.get(admin.url + "/status") as resp:
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert resp.headers["X-Turnout-Admin"] == "1"
+
+
+async def test_wrong_method_names_the_allowed_ones(admin_factory: AdminFactory) -> None:
+    admin = await admin_factory()
+    async with admin.session.delete(admin.url + "/split") as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "PUT"
+        assert (await resp.json())["error"] == "method not allowed"
 
 
 async def test_non_loopback_admin_without_token_refuses_to_start(
@@ -882,7 +898,7 @@ async def test_cli_reload(
 
             path.write_text("pools: {blue: {upstreams: [{url: 'http://x:1', weight: 0}]}}\n")
             code, out, err = await run_cli(capsys, "reload", admin=admin)
-            assert (code, out) == (1, "")
+            assert (code, out) == (2, "")  # a bad config, as `turnout check` says
             assert "400 invalid config" in err
             assert "weight" in err and "green" in err  # every error, with its path
             assert [u.url for u in proxy.router.pools["green"]] == [green.url, green2.url]

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.client import (
+    ADMIN_HEADER,
     DEFAULT_ADMIN,
     AdminClient,
     ClientError,
@@ -444,6 +445,7 @@ class FakeAdmin:
     answers: dict[tuple[str, str], tuple[int, Any]] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
     hold: asyncio.Event | None = None
+    impostor: bool = False  # answers like the application behind the proxy: no admin header
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -483,8 +485,14 @@ def error(status: int, name: str, detail: Any) -> web.Response:
     return web.json_response({"error": name, "detail": detail}, status=status)
 
 
+async def mark_as_admin(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[ADMIN_HEADER] = "1"
+
+
 async def start_admin(aiohttp_server: ServerFactory, fake: FakeAdmin) -> str:
     app = web.Application()
+    if not fake.impostor:
+        app.on_response_prepare.append(mark_as_admin)
     app.router.add_route("*", "/{tail:.*}", fake.handle)
     server = await aiohttp_server(app)
     return f"http://127.0.0.1:{server.port}"
@@ -696,7 +704,8 @@ async def test_server_refusal_prints_error_and_detail(
     fake = FakeAdmin()
     fake.answers[key] = (status, {"error": name, "detail": detail})
     url = await start_admin(aiohttp_server, fake)
-    assert await cli(*argv, "--admin", url) == 1
+    # A reload refused for an invalid file is a config error (2), like `turnout check`.
+    assert await cli(*argv, "--admin", url) == (2 if key == ("POST", "/reload") else 1)
     captured = capsys.readouterr()
     assert captured.out == ""
     [line] = captured.err.splitlines()
@@ -778,3 +787,16 @@ async def test_admin_client_request_returns_the_answer(aiohttp_server: ServerFac
         await asyncio.to_thread(client.request, "GET", "/nope")
     assert (exc.value.exit_code, exc.value.status) == (1, 404)
     assert str(exc.value) == "GET /nope: 404 not found: GET /nope"
+
+
+async def test_a_success_from_something_else_is_not_taken_for_one(
+    aiohttp_server: ServerFactory, no_token: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--admin` pointed at the proxy's own port: the application behind it answers 200 to
+    anything. The client must not report a shift, a reload or a rollout that never happened."""
+    url = await start_admin(aiohttp_server, FakeAdmin(impostor=True))
+    for argv in (["shift", "green", "50"], ["reload"], ["rollout", "promote"], ["status"]):
+        assert await cli(*argv, "--admin", url) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4
+    assert all(f"{url} is not a Turnout admin API" in line for line in lines), lines
