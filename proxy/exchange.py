@@ -172,6 +172,15 @@ class Exchange:
             # llhttp also accepts 0.9 and 2.0 request lines; neither can be relayed as HTTP/1.1.
             self.error = (505, f"HTTP/{self.version} is not supported")
             return
+        absolute_host: bytes | None = None
+        if self.target[:1] != b"/":
+            form = h.origin_form(self.target)
+            if form is not None:
+                # Absolute form: the target's host replaces any Host field (RFC 9112 3.2.2).
+                absolute_host, self.target = form
+                if not absolute_host:
+                    self.error = (400, "no host in the absolute-form request target")
+                    return
         router = self.client.proxy.router
         override_name = router.override_header
         sticky_header = router.sticky_header
@@ -205,6 +214,8 @@ class Exchange:
                     self.error = (400, "duplicate Host header")
                     return
                 self.host = value
+                if absolute_host is not None:
+                    continue
             elif lname == b"expect":
                 if value.strip().lower() != b"100-continue":
                     self.error = (417, "unsupported Expect")
@@ -223,7 +234,10 @@ class Exchange:
                 via = value if via is None else via + b", " + value
             elif lname != b"x-forwarded-proto" and lname != b"x-forwarded-host":
                 head += (name, b": ", value, b"\r\n")
-        if self.host is None and self.version == "1.1":
+        if absolute_host is not None:
+            self.host = absolute_host
+            head.insert(4, b"Host: %b\r\n" % absolute_host)
+        elif self.host is None and self.version == "1.1":
             self.error = (400, "missing Host header")
             return
         if te_seen and self.version == "1.0":
@@ -597,7 +611,11 @@ class Exchange:
         goes to the stable pool (a shielded canary); otherwise another upstream of the same
         pool first, then the other pool; never one this request has tried, and only within
         the retry budget."""
-        if self.attempts_left <= 0 or not self.retriable():
+        if self.attempts_left <= 0:
+            return None
+        if not self.retriable() and (reason != "connect_error" or self.buffered is None):
+            # Any method may be re-sent after a connect error: nothing reached an upstream
+            # (Envoy's connect-failure, HAProxy's conn-failure).
             return None
         proxy = self.client.proxy
         self.tried = (*self.tried, failed)

@@ -108,3 +108,16 @@ def valid_transfer_encoding(value: bytes) -> bool:
     """Only a single plain `chunked` coding is accepted from clients; anything else is
     either unsupported or an obfuscation attempt (request smuggling)."""
     return value.strip().lower() == b"chunked"
+
+
+def origin_form(target: bytes) -> tuple[bytes, bytes] | None:
+    """The authority and origin-form target of an absolute-form request target
+    (`http://host:8080/p?q` -> `host:8080`, `/p?q`), None for any other form or scheme;
+    an empty authority is b"" (RFC 9112 3.2.2: the proxy takes the host from the target)."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return None
+    ends = [i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0]
+    cut = min(ends) if ends else len(rest)
+    authority, path = rest[:cut].rpartition(b"@")[2], rest[cut:]  # userinfo is not passed on
+    return authority, path if path.startswith(b"/") else b"/" + path

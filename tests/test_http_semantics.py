@@ -475,6 +475,36 @@ async def test_host_and_request_target_forwarded_byte_for_byte(
     assert seen.values(b"host") == [b"Weird-Host.Example:8080"]
 
 
+@pytest.mark.parametrize(
+    ("target", "host", "path"),
+    [
+        (b"http://app.example/a/b?x=1", b"app.example", b"/a/b?x=1"),
+        (b"HTTP://user:pw@app.example:8080?q", b"app.example:8080", b"/?q"),
+        (b"https://app.example", b"app.example", b"/"),
+    ],
+)
+async def test_absolute_form_target_becomes_origin_form_with_its_host(
+    raw_upstream: RawUpstreamFactory,
+    make_proxy: ProxyFactory,
+    clients: ClientFactory,
+    target: bytes,
+    host: bytes,
+    path: bytes,
+) -> None:
+    """RFC 9112 3.2.2: the host of an absolute-form target replaces any Host field; the
+    upstream gets the origin form (and never the user information)."""
+    upstream, proxy = await raw_front(raw_upstream, make_proxy)
+    client = await clients(proxy.port)
+    resp = await client.request(b"GET " + target + b" HTTP/1.1\r\nHost: other.example\r\n\r\n")
+    assert resp.status == 200
+    [seen] = upstream.requests
+    assert seen.target == path
+    assert seen.values(b"host") == [host]
+    assert seen.values(b"x-forwarded-host") == [host]
+    refused = await client.request(b"GET http:///p HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert refused.status == 400
+
+
 async def test_repeated_request_headers_kept_in_order(
     raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, clients: ClientFactory
 ) -> None:
