@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ class ControlError(Exception):
         self.status = status
         self.error = error
         self.detail = detail
+
+
+log = logging.getLogger("turnout.control")
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,10 +290,16 @@ class Control:
             self.events.publish("reload_failed", path=path, errors=problems, by=by)
             raise ControlError(400, "invalid config", problems)
         warm = await self._probe_added(config)
-        before = self._config_summary(self.proxy.config)
+        old = self.proxy.config
+        before = self._config_summary(old)
         self.apply_config(config, warm)
         after = self._config_summary(config)
-        self.events.publish("reload", path=path, by=by)
+        later = _restart_only_changes(old, config)
+        if later:
+            # Listeners and health checks are set up once: say so rather than pretend.
+            log.warning("reload: %s change only at the next restart", ", ".join(later))
+            after["restart_needed"] = later
+        self.events.publish("reload", path=path, by=by, restart_needed=later)
         return Change("reload", before, after)
 
     async def _probe_added(self, config: Config) -> set[Endpoint]:
@@ -382,6 +392,19 @@ class Control:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+RESTART_ONLY = (
+    ("listen.host", lambda c: c.listen.host),
+    ("listen.port", lambda c: c.listen.port),
+    ("admin", lambda c: (c.admin.host, c.admin.port, c.admin.token_env, c.admin.tls)),
+    ("health_check", lambda c: c.health_check),
+)
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The settings a reload read but cannot apply to a running process."""
+    return [name for name, read in RESTART_ONLY if read(old) != read(new)]
 
 
 def _tunnel_pool(client: ClientConnection) -> PoolName | None:

@@ -498,6 +498,34 @@ async def test_reload_gives_kept_upstreams_new_limits_and_breaker_settings(
     assert kept.breaker.state.value == "open"
 
 
+async def test_reload_names_the_settings_that_wait_for_a_restart(
+    sample: SampleFactory, file_proxy: Callable[[dict[str, Any]], Awaitable[FileProxy]]
+) -> None:
+    """Listeners and health checks are set up once: a reload that changes them applies the
+    rest and says which ones need a restart, instead of accepting them silently."""
+    blue = await sample("blue")
+    fp = await file_proxy(pools([blue], []))
+    admin, proxy = fp.admin, fp.admin.proxy
+    port = proxy.port
+    assert (await admin.ok("POST", "/reload"))["after"].get("restart_needed") is None
+    fp.write(
+        pools(
+            [blue],
+            [],
+            admin=ADMIN,
+            listen={"host": "127.0.0.1", "port": port + 1},
+            health_check={"interval": "7s"},
+            split=20,
+        )
+    )
+    answer = await admin.ok("POST", "/reload")
+    assert answer["after"]["restart_needed"] == ["listen.port", "health_check"]
+    assert proxy.spreader.split == 20.0  # the rest is applied
+    assert (await admin.get("/")).status == 200  # still on the port it had
+    (event,) = events(proxy, "reload")[-1:]
+    assert event["restart_needed"] == ["listen.port", "health_check"]
+
+
 async def test_reload_with_a_broken_file_changes_nothing(
     sample: SampleFactory, file_proxy: Callable[[dict[str, Any]], Awaitable[FileProxy]]
 ) -> None:

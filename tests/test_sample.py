@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.cli import build_parser
 from proxy.sample import SampleSettings, make_app, start
 
 MiB = 1024 * 1024
@@ -512,3 +513,23 @@ async def test_run_prints_its_address_and_exits_cleanly(sig: signal.Signals) -> 
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--port", "99999"],
+        ["--port", "-1"],
+        ["--port", "eighty"],
+        ["--port", "0", "--error-rate", "2"],
+        ["--port", "0", "--error-rate", "x"],
+    ],
+)
+def test_bad_sample_arguments_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["upstream", "--name", "blue", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err and "Traceback" not in err
