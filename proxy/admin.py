@@ -275,7 +275,9 @@ class AdminAPI:
         )
         await resp.prepare(request)
         replay = whole_number(request.query.get("replay", "0")) or 0
-        stream = self.proxy.events.subscribe(replay=replay)
+        # A reconnecting EventSource says the last id it saw: it gets what it missed.
+        last_seen = whole_number(request.headers.get("Last-Event-ID", ""))
+        stream = self.proxy.events.subscribe(replay=replay, after=last_seen)
         try:
             await resp.write(b": turnout events\n\n")
             while True:

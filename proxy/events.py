@@ -58,12 +58,21 @@ class EventBus:
                 queue.put_nowait(None)
         return event
 
-    async def subscribe(self, replay: int = 0) -> AsyncGenerator[Event, None]:
-        """Events from now on (after the last `replay` ones); ends if the reader lags."""
+    async def subscribe(
+        self, replay: int = 0, after: int | None = None
+    ) -> AsyncGenerator[Event, None]:
+        """Events from now on, after the last `replay` ones or, for a reader coming back
+        (SSE's Last-Event-ID), every one still held whose number is above `after`; ends if
+        the reader lags."""
         if self.closed:
             return
         queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE)
-        for event in list(self.history)[-replay:] if replay else ():
+        held = list(self.history)
+        if after is not None:
+            missed = [event for event in held if event.seq > after]
+        else:
+            missed = held[-replay:] if replay else []
+        for event in missed[-SUBSCRIBER_QUEUE:]:
             queue.put_nowait(event)
         self.subscribers.add(queue)
         try:

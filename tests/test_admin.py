@@ -730,6 +730,23 @@ async def test_events_replay_recent_history(admin: Admin) -> None:
             await admin.ok("PUT", "/split", {"green": 0})
 
 
+async def test_a_reader_coming_back_gets_what_it_missed(admin: Admin) -> None:
+    """SSE's Last-Event-ID: a reconnecting reader gets every held event after the last one
+    it saw, then the live stream."""
+    await admin.ok("PUT", "/split", {"green": 10})
+    async with admin.session.get(admin.url + "/events?replay=1") as stream:
+        ((_, seen),) = await read_events(stream, 1)
+    assert seen["after"] == 10.0
+    for green in (20, 30):  # while the reader is away
+        await admin.ok("PUT", "/split", {"green": green})
+    headers = {"Last-Event-ID": str(seen["seq"])}
+    async with admin.session.get(admin.url + "/events", headers=headers) as stream:
+        missed = await read_events(stream, 2)
+        await admin.ok("PUT", "/split", {"green": 40})
+        live = await read_events(stream, 1)
+    assert [d["after"] for _, d in missed + live] == [20.0, 30.0, 40.0]
+
+
 # --- the CLI client against the real admin API ------------------------------------------------
 
 
