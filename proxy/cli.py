@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .accesslog import log_problems
@@ -34,25 +34,21 @@ def parse_duration_arg(value: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def port_arg(value: str) -> int:
-    """A TCP port on the command line: 0 (any free one) to 65535."""
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {port}")
-    return port
+def bounded(
+    cast: Callable[[str], float], low: float, high: float, what: str
+) -> Callable[[str], float]:
+    """An argparse type: `cast` of the value, refused outside [low, high] (usage error)."""
 
+    def parse(value: str) -> float:
+        try:
+            number = cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {value!r}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{what} is {low:g} to {high:g}, not {value}")
+        return number
 
-def error_rate_arg(value: str) -> float:
-    try:
-        rate = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0.0 <= rate <= 1.0:
-        raise argparse.ArgumentTypeError(f"a share of requests is 0 to 1, not {value}")
-    return rate
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("upstream", help="run a small sample service for demos and load tests")
     up.add_argument("--name", required=True, help="name it reports (e.g. blue)")
-    up.add_argument("--port", type=port_arg, required=True)
+    up.add_argument("--port", type=bounded(int, 0, 65535, "a port"), required=True)
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument(
-        "--error-rate", type=error_rate_arg, default=0.0, help="share of requests that fail"
+        "--error-rate",
+        type=bounded(float, 0.0, 1.0, "a share of requests"),
+        default=0.0,
+        help="share of requests that fail",
     )
     up.add_argument("--error-status", type=int, default=500)
     up.add_argument("--latency", type=parse_duration_arg, default=0.0, help="e.g. 50ms")

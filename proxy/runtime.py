@@ -337,16 +337,21 @@ class Proxy:
 
     # lifecycle -------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket | None = None) -> int:
-        """Check every upstream once, then listen (on `sock` when given, e.g. inherited from
-        the process this one replaces, else on listen.host:port); returns the port."""
+    async def checked_listener(self, sock: socket.socket | None) -> socket.socket:
+        """Check every upstream once, then take the listening socket: `sock` when given (e.g.
+        inherited from the process this one replaces), else one bound on listen.host:port."""
         for upstream in self.router.upstreams():
             self.watch(upstream)
         await self.health.first_round(self.config.health_check.timeout + 0.5)
-        listen = self.config.listen
         if sock is None:
-            sock = bind_listener(listen.host, listen.port)
+            sock = bind_listener(self.config.listen.host, self.config.listen.port)
         self.listen_socket = sock
+        self.port = sock.getsockname()[1]
+        return sock
+
+    async def start(self, sock: socket.socket | None = None) -> int:
+        """Check the upstreams, then serve on the listener; returns the port."""
+        sock = await self.checked_listener(sock)
         tls = self.listener_tls
         self.server = await self.loop.create_server(
             lambda: ClientConnection(self),
@@ -355,7 +360,6 @@ class Proxy:
             ssl=tls.context if tls is not None else None,
             ssl_handshake_timeout=self.settings.request_headers_timeout if tls else None,
         )
-        self.port = sock.getsockname()[1]
         self._tick_task = self.loop.create_task(self._tick())
         return self.port
 

@@ -33,7 +33,7 @@ from .config import Config, UpstreamConfig
 from .member import LINK_BUFFER, LINK_LIMIT, STARTUP_TIMEOUT, encode_message, read_message
 from .router import POOLS
 from .routing import PoolName
-from .runtime import Proxy, bind_listener
+from .runtime import Proxy
 from .shared import (
     OutcomeReport,
     RoutingState,
@@ -181,14 +181,7 @@ class LeaderProxy(Proxy):
         """Check every upstream once, bind the listener (or take `sock`), start the workers
         and wait until each serves; returns the port."""
         assert self.pool is not None
-        for upstream in self.router.upstreams():
-            self.watch(upstream)
-        await self.health.first_round(self.config.health_check.timeout + 0.5)
-        listen = self.config.listen
-        if sock is None:
-            sock = bind_listener(listen.host, listen.port)
-        self.listen_socket = sock
-        self.port = sock.getsockname()[1]
+        sock = await self.checked_listener(sock)
         self.publish_if_changed()
         self._watch_task = self.loop.create_task(self._watch_routing())
         await self.pool.start(sock)
