@@ -254,6 +254,18 @@ async def test_reload_with_a_mismatched_pair_changes_nothing(
         await proxy.shutdown(timeout=0)
 
 
+def turnout_check(tmp_path: Path, data: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """`turnout check` of `data` written as a YAML file, as an operator runs it."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 def test_mismatched_pair_is_refused_at_start(ca: trustme.CA, tmp_path: Path) -> None:
     good = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "good")
     other = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "other")
@@ -263,14 +275,7 @@ def test_mismatched_pair_is_refused_at_start(ca: trustme.CA, tmp_path: Path) -> 
     assert listen_tls is not None
     with pytest.raises(TLSSetupError):
         server_context(listen_tls)
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(data))
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "check", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = turnout_check(tmp_path, data)
     assert result.returncode == 2
     assert "listen.tls" in result.stderr
     assert "Traceback" not in result.stderr
@@ -279,14 +284,7 @@ def test_mismatched_pair_is_refused_at_start(ca: trustme.CA, tmp_path: Path) -> 
 def test_missing_cert_file_is_a_config_error(tmp_path: Path) -> None:
     data = proxy_config([], [])
     data["listen"]["tls"] = {"cert": str(tmp_path / "nope.crt"), "key": str(tmp_path / "nope.key")}
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(data))
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", "check", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = turnout_check(tmp_path, data)
     assert result.returncode == 2
     assert "listen.tls.cert" in result.stderr
     assert "listen.tls.key" in result.stderr
