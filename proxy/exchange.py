@@ -701,10 +701,15 @@ class Exchange:
             conn.detach()
             self._finish_attempt(Outcome.RETRY_STATUS)
             return
+        head = self._response_head(conn, status)
+        if len(head) > h.MAX_RESPONSE_HEAD:
+            # Checked once here: the fields of a head that came in one read are not counted
+            # one by one (see UpstreamConnection.head_size).
+            raise BadResponse("response head too large")
         self.status = status
         self.response_started = True
         # Held until the end of this read: head and body then leave in one write.
-        self.out.append(self._response_head(conn, status))
+        self.out.append(head)
 
     def _response_head(self, conn: UpstreamConnection, status: int) -> bytes:
         client = self.client

@@ -252,6 +252,7 @@ class UpstreamConnection(asyncio.Protocol):
         "fields",
         "head_size",
         "idle_since",
+        "in_head",
         "keep_alive",
         "length",
         "named",
@@ -280,7 +281,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.te = False
         self.named: set[bytes] | None = None
         self.reason = b""
+        # Bytes read while a head was under way (its fields are bounded per read, not per
+        # field: a check per field costs more than the rest of the field's handling).
         self.head_size = 0
+        self.in_head = False
         self.closed = False
         self.reused = False
         self.no_body = False
@@ -317,6 +321,12 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         try:
             self.parser.feed_data(data)
+            if self.in_head:
+                # The head goes on in the next read: what llhttp holds of it is bounded here.
+                self.head_size += len(data)
+                if self.head_size > MAX_RESPONSE_HEAD:
+                    self._fail(BadResponse("response head too large"))
+                    return
             sink.flush()
         except httptools.HttpParserUpgrade as exc:
             sink = self.sink
@@ -342,15 +352,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.te = False
         self.named = None
         self.head_size = 0
+        self.in_head = True
         self.reason = b""
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > MAX_RESPONSE_HEAD:
-            raise BadResponse("response head too large")
         if len(name) in HOP_BY_HOP_LENGTHS:
             lname = name.lower()
             if lname in HOP_BY_HOP:
@@ -364,6 +372,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.fields += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             return  # interim responses are consumed here; the proxy answers 100-continue itself

@@ -16,6 +16,7 @@ import httptools
 import pytest
 from conftest import HOST, ProxyFactory, Sample, SampleFactory, proxy_config, raw_request
 
+from proxy.headers import MAX_RESPONSE_HEAD
 from proxy.runtime import Proxy
 
 MiB = 1024 * 1024
@@ -358,6 +359,61 @@ async def test_invalid_upstream_response_is_502(
     # Nothing of what the upstream sent is relayed.
     for marker in (b"garbage", b"hello", b"Switching", b"HTTX"):
         assert marker not in data
+
+
+def head_of(size: int) -> bytes:
+    """A 200 response whose head is `size` bytes long, most of it in X-Filler fields."""
+    start, end = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", b"\r\n"
+    filler = size - len(start) - len(end)
+    fields = b"".join(b"X-Filler-%05d: %b\r\n" % (i, b"f" * 1000) for i in range(filler // 1019))
+    rest = filler - len(fields)
+    assert rest >= 12
+    fields += b"X-Last: %b\r\n" % (b"f" * (rest - 10))
+    head = start + fields + end
+    assert len(head) == size
+    return head + b"ok"
+
+
+def in_pieces(payload: bytes, size: int) -> Script:
+    """A script that sends `payload` in pieces of `size` bytes, each one written on its own."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        for i in range(0, len(payload), size):
+            writer.write(payload[i : i + size])
+            await writer.drain()
+            await asyncio.sleep(0)
+        await wait_closed_by_peer(reader)
+
+    return script
+
+
+@pytest.mark.parametrize("pieces", [0, 4096], ids=["one-write", "in-pieces"])
+async def test_response_head_over_the_limit_is_502(
+    raw_upstream: RawFactory, make_proxy: ProxyFactory, pieces: int
+) -> None:
+    payload = head_of(MAX_RESPONSE_HEAD + 2048)
+    script = in_pieces(payload, pieces) if pieces else answer(payload, close=False)
+    upstream = await raw_upstream(script)
+    proxy = await make_proxy(proxy_config([upstream.url], [upstream.url], **NO_RETRIES))
+    data = await get_raw(proxy, "/")
+    parsed = parse_response(data)
+    assert parsed.status == 502, data[:200]
+    assert b"response head too large" in parsed.body
+    assert b"X-Filler" not in data
+
+
+@pytest.mark.parametrize("pieces", [0, 4096], ids=["one-write", "in-pieces"])
+async def test_response_head_under_the_limit_is_relayed(
+    raw_upstream: RawFactory, make_proxy: ProxyFactory, pieces: int
+) -> None:
+    payload = head_of(MAX_RESPONSE_HEAD - 4096)
+    script = in_pieces(payload, pieces) if pieces else answer(payload, close=False)
+    upstream = await raw_upstream(script)
+    proxy = await make_proxy(proxy_config([upstream.url], [upstream.url], **NO_RETRIES))
+    parsed = parse_response(await get_raw(proxy, "/"))
+    assert parsed.status == 200
+    assert parsed.body == b"ok"
+    assert len(parsed.headers) > 50
 
 
 @pytest.mark.parametrize(
