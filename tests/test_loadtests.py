@@ -197,3 +197,13 @@ def test_phases_split_hits_at_the_trigger_and_the_end_of_the_cutover(
     never_done = cutover.split_phases(hits, 0.0, 3.0, None, 10.0)
     assert never_done["after"].requests == 0
     assert never_done["during"].requests == 4
+
+
+def test_hotpath_bench_runs_real_requests_through_the_protocols() -> None:
+    # It checks each warm-up request's answer itself and exits non-zero if one is wrong; the
+    # figures it prints are for people, so only their presence is checked here.
+    argv = [sys.executable, "-m", "loadtests.hotpath", "--requests", "300", "--rounds", "1"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "turnout data path" in done.stdout
+    assert "turnout / llhttp" in done.stdout
