@@ -23,6 +23,7 @@ DEFAULT_ADMIN = "http://127.0.0.1:9901"
 TOKEN_ENV = "TURNOUT_ADMIN_TOKEN"
 DEFAULT_TIMEOUT = 10.0
 MAX_ANSWER = 32 * 1024 * 1024
+MAX_PROBLEMS = 500  # lines of an error answer's problem list shown at most
 POOLS = ("blue", "green")
 ROLLOUT_ACTIONS = ("start", "pause", "resume", "promote", "rollback", "abort")
 STRATEGIES = ("eager", "lazy", "adaptive")
@@ -124,6 +125,16 @@ class AdminClient:
             exc.close()
         error, detail = _error_fields(raw, exc.reason)
         message = f"{method} {path}: {exc.code} {error}"
+        problems = _problem_list(detail)
+        if problems:
+            # Every problem, one a line as `turnout check` prints them: a refused reload
+            # must show the whole list, not the first few hundred characters of it.
+            return ClientError(
+                _clean(f"{message}: {len(problems)} error(s)")
+                + "".join(f"\n  {_clean(problem)}" for problem in problems),
+                EXIT_RUNTIME,
+                exc.code,
+            )
         if detail not in (None, "", error):
             message += f": {_compact(detail, 400)}"
         if exc.code == 401 and not self.token:
@@ -145,6 +156,15 @@ class AdminClient:
 
 def _header_safe(token: str) -> bool:
     return all(0x20 <= ord(c) < 0x7F for c in token)
+
+
+def _problem_list(detail: Any) -> list[str] | None:
+    """A detail that lists problems (an invalid config, an invalid upstream), else None."""
+    if isinstance(detail, list) and detail and all(isinstance(d, str) for d in detail):
+        return detail[:MAX_PROBLEMS] + (
+            [f"... and {len(detail) - MAX_PROBLEMS} more"] if len(detail) > MAX_PROBLEMS else []
+        )
+    return None
 
 
 def _error_fields(raw: bytes, reason: object) -> tuple[str, Any]:
@@ -295,8 +315,29 @@ def cmd_reload(args: argparse.Namespace) -> int:
         if exc.status == 400:  # the file is invalid: a config error, as for `turnout check`
             exc.exit_code = EXIT_USAGE
         raise
-    print(_outcome("reload", answer))
+    print("\n".join(_reload_lines(answer)))
     return EXIT_OK
+
+
+def _reload_lines(answer: dict[str, Any]) -> list[str]:
+    """`reload: ok`, what changed, and the settings that wait for a restart, in full."""
+    before, after = answer.get("before"), answer.get("after")
+    later: Any = None
+    changes: list[str] = []
+    if isinstance(before, dict) and isinstance(after, dict):
+        after = dict(after)
+        later = after.pop("restart_needed", None)
+        for key in dict.fromkeys([*before, *after]):
+            if before.get(key) != after.get(key):
+                was, now = _compact(before.get(key), 300), _compact(after.get(key), 300)
+                changes.append(f"  {_clean(str(key))}: {was} -> {now}")
+    elif before != after:
+        changes.append(f"  {_compact(before, 300)} -> {_compact(after, 300)}")
+    lines = ["reload: ok", *changes]
+    if isinstance(later, list) and later:
+        names = ", ".join(_text(item) for item in later)
+        lines.append(f"  restart needed: {names} (kept as they were until the next restart)")
+    return lines
 
 
 def drain_command(action: str) -> Callable[[argparse.Namespace], int]:
@@ -628,7 +669,7 @@ def _compact(value: Any, limit: int) -> str:
 
 def _outcome(action: str, answer: dict[str, Any]) -> str:
     line = action
-    if answer.get("what"):
+    if answer.get("what") and answer["what"] != action:
         line += f": {_text(answer['what'])}"
     if "before" in answer and "after" in answer:
         line += f" ({_compact(answer['before'], 80)} -> {_compact(answer['after'], 80)})"

@@ -57,6 +57,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_duration",
+    "validation_problems",
 ]
 
 
@@ -603,7 +604,8 @@ def _messages(error: Any) -> Problems:
     return [(loc, str(error["msg"]).removeprefix("Value error, "))]
 
 
-def _error_lines(exc: ValidationError) -> list[str]:
+def validation_problems(exc: ValidationError) -> list[str]:
+    """`path: message` lines of a model's ValidationError, worded as `turnout check` words them."""
     return [
         f"{_format_loc(loc)}: {message}"
         for error in exc.errors()
@@ -654,7 +656,7 @@ def parse_config(data: object) -> Config:
     try:
         return Config.model_validate(_string_keys(data))
     except ValidationError as exc:
-        raise ConfigError(_error_lines(exc)) from None
+        raise ConfigError(validation_problems(exc)) from None
 
 
 class _DuplicateKeyError(yaml.constructor.ConstructorError):

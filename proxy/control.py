@@ -9,8 +9,10 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from .accesslog import log_problems
-from .config import Config, ConfigError, UpstreamConfig, load_config
+from .config import Config, ConfigError, UpstreamConfig, load_config, validation_problems
 from .health import probe
 from .router import POOLS
 from .routing import PoolName
@@ -60,6 +62,9 @@ class Control:
         self._ramp_target: float | None = None
         self._drains: dict[Upstream, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # The listeners and health checks are set up once, from the configuration the
+        # process started with: a reload is compared with that, not with the last reload.
+        self._running = proxy.config
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """A background task that is kept referenced until it ends, and cancelled at close."""
@@ -224,8 +229,8 @@ class Control:
             raise ControlError(404, "unknown pool", f"pool must be blue or green, not {pool!r}")
         try:
             cfg = UpstreamConfig.model_validate({"url": url, "weight": weight})
-        except ValueError as exc:
-            raise ControlError(400, "invalid upstream", _pydantic_detail(exc)) from exc
+        except ValidationError as exc:
+            raise ControlError(400, "invalid upstream", validation_problems(exc)) from exc
         router = self.proxy.router
         name: PoolName = pool
         for existing in router.pools[name]:
@@ -294,7 +299,7 @@ class Control:
         before = self._config_summary(old)
         self.apply_config(config, warm)
         after = self._config_summary(config)
-        later = _restart_only_changes(old, config)
+        later = _restart_only_changes(self._running, config)
         if later:
             # Listeners and health checks are set up once: say so rather than pretend.
             log.warning("reload: %s change only at the next restart", ", ".join(later))
@@ -413,13 +418,3 @@ def _tunnel_pool(client: ClientConnection) -> PoolName | None:
     if tunnel is None or client.closed:
         return None
     return tunnel.upstream.pool
-
-
-def _pydantic_detail(exc: ValueError) -> Any:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        return [
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-            for e in errors()
-        ]
-    return str(exc)

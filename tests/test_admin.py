@@ -923,3 +923,83 @@ async def test_cli_reload(
             assert len([r for r in caplog.records if r.name == "turnout.audit"]) == 1
     finally:
         await proxy.shutdown(timeout=1.0)
+
+
+async def test_cli_reload_shows_every_problem_and_what_waits_for_a_restart(
+    sample: SampleFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`turnout reload` prints every problem of a refused file (not the first few hundred
+    characters of them), names the settings a reload read but cannot apply, and stops naming
+    them once the file is back to what the process runs with."""
+    monkeypatch.delenv("TURNOUT_ADMIN_TOKEN", raising=False)
+    blue, green = await sample("blue"), await sample("green")
+    path = tmp_path / "turnout.yaml"
+    good = proxy_config([blue.url], [green.url], admin=ADMIN)
+    path.write_text(yaml.safe_dump(good))
+    proxy = Proxy(load_config(path), config_path=str(path))
+    await proxy.start()
+    await proxy.start_admin()
+    try:
+        async with aiohttp.ClientSession() as session:
+            admin = Admin(proxy, session, [blue], [green])
+            broken = {
+                **good,
+                "split": 200,
+                "balancer": "fastest",
+                "timeouts": {"connect": "2x", "response_headers": "3y", "idle": "0s"},
+                "limits": {"max_in_flight": 0, "queue": -1, "queue_timeout": "1d"},
+                "breaker": {"consecutive_failures": 0, "failure_ratio": 2},
+            }
+            path.write_text(yaml.safe_dump(broken))
+            code, out, err = await run_cli(capsys, "reload", admin=admin)
+            assert (code, out) == (2, "")
+            paths = [
+                "split",
+                "balancer",
+                "timeouts.connect",
+                "timeouts.response_headers",
+                "timeouts.idle",
+                "limits.max_in_flight",
+                "limits.queue",
+                "limits.queue_timeout",
+                "breaker.consecutive_failures",
+                "breaker.failure_ratio",
+            ]
+            lines = err.splitlines()
+            assert lines[0].endswith(f"400 invalid config: {len(paths)} error(s)"), lines
+            assert [line.strip().partition(":")[0] for line in lines[1:]] == paths
+
+            moved = {
+                **good,
+                "listen": {"host": HOST, "port": proxy.port + 1},
+                "health_check": {"interval": "7s"},
+            }
+            path.write_text(yaml.safe_dump(moved))
+            code, out, err = await run_cli(capsys, "reload", admin=admin)
+            assert (code, err) == (0, "")
+            assert "restart needed: listen.port, health_check" in out
+
+            path.write_text(yaml.safe_dump(good))  # back to what the process runs with
+            code, out, err = await run_cli(capsys, "reload", admin=admin)
+            assert (code, err) == (0, "")
+            assert "restart needed" not in out
+            assert "restart_needed" not in (await admin.ok("POST", "/reload"))["after"]
+    finally:
+        await proxy.shutdown(timeout=1.0)
+
+
+async def test_invalid_upstream_is_worded_like_turnout_check(admin: Admin) -> None:
+    status, answer = await admin.call(
+        "POST", "/pools/blue/upstreams", {"url": "ftp://127.0.0.1:9", "weight": 0}
+    )
+    assert status == 400
+    assert answer == {
+        "error": "invalid upstream",
+        "detail": [
+            "url: invalid url 'ftp://127.0.0.1:9': must be http://host:port or https://host:port",
+            "weight: must be >= 1",
+        ],
+    }

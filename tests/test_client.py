@@ -567,7 +567,7 @@ async def test_drain_one_upstream(
     url = await start_admin(aiohttp_server, fake)
     assert await cli(action, "blue/0", "--admin", url) == 0
     assert fake.seen == [Seen("POST", f"/pools/blue/upstreams/0/{action}", None, None)]
-    assert capsys.readouterr().out.strip() == f"{action} blue/0: {action} blue/0"
+    assert capsys.readouterr().out.strip() == f"{action} blue/0: ok"
 
 
 @pytest.mark.parametrize("action", ["drain", "undrain"])
@@ -618,7 +618,7 @@ async def test_reload_posts(
     url = await start_admin(aiohttp_server, fake)
     assert await cli("reload", "--admin", url + "/") == 0
     assert fake.seen == [Seen("POST", "/reload", None, None)]
-    assert capsys.readouterr().out.strip() == "reload (a1 -> b2)"
+    assert capsys.readouterr().out.splitlines() == ["reload: ok", "  a1 -> b2"]
 
 
 async def test_admin_url_with_a_path_prefix(aiohttp_server: ServerFactory, no_token: None) -> None:
@@ -708,9 +708,13 @@ async def test_server_refusal_prints_error_and_detail(
     assert await cli(*argv, "--admin", url) == (2 if key == ("POST", "/reload") else 1)
     captured = capsys.readouterr()
     assert captured.out == ""
-    [line] = captured.err.splitlines()
+    line, *more = captured.err.splitlines()
     assert line.startswith(f"turnout {argv[0]}: {key[0]} {key[1]}: {status} {name}")
-    if detail is not None:
+    if isinstance(detail, list):  # a list of problems: each on its own line, all of them
+        assert line.endswith(f": {len(detail)} error(s)")
+        assert more == [f"  {problem}" for problem in detail]
+    elif detail is not None:
+        assert more == []
         shown = detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True)
         assert line.endswith(f": {shown}")
 
