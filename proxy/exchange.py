@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Coroutine
 from enum import Enum
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from . import headers as h
@@ -143,7 +144,9 @@ class Exchange:
         self.retries = 0
         self.rescue_from: PoolName | None = None
         self.pool: PoolName | None = None
-        self.started = client.proxy.loop.time()
+        # Durations are timed on the monotonic clock itself: the loop's clock (uvloop) moves
+        # in whole milliseconds, too coarse for a request or an upstream's answer.
+        self.started = monotonic()
         self.tried: tuple[Upstream, ...] = ()
         self.retry_to: Upstream | None = None
         self.response_started = False
@@ -407,7 +410,7 @@ class Exchange:
         self.holding = True
         upstream.requests += 1
         self.attempts += 1
-        self.attempt_started = self.client.proxy.loop.time()
+        self.attempt_started = monotonic()
         conn = upstream.pop_idle()
         if conn is None:
             self._spawn(self._connect(upstream))
@@ -445,7 +448,7 @@ class Exchange:
             # The upstream's time runs from the request's first byte: opening the connection is
             # judged by connect errors and timeouts, and is the price of a pool's first steps
             # (a candidate's new connections would otherwise look like a slower candidate).
-            self.attempt_started = self.client.proxy.loop.time()
+            self.attempt_started = monotonic()
         conn.reused = True
         head = self.forward_head
         assert head is not None  # set by _inspect_headers unless the request was refused
@@ -494,7 +497,7 @@ class Exchange:
         verdict = self._verdict(outcome)
         self._release(verdict)
         proxy = self.client.proxy
-        self.upstream_time = proxy.loop.time() - self.attempt_started
+        self.upstream_time = monotonic() - self.attempt_started
         if verdict is not None:
             error = not verdict or self.status >= 500
             proxy.record_outcome(upstream.pool, error, self.upstream_time)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -184,7 +185,7 @@ class RolloutController:
     def rollback(self, reason: str, by: str, figures: dict[str, Any] | None = None) -> None:
         self._set_share(0.0, by)
         if self.first_failure is not None:
-            self.proxy.rollback_seconds.observe(self.proxy.loop.time() - self.first_failure)
+            self.proxy.rollback_seconds.observe(time.monotonic() - self.first_failure)
         self.step = None
         self._set_state(RolloutState.ROLLED_BACK, reason, by, figures=figures)
 
@@ -195,7 +196,8 @@ class RolloutController:
         if self.state not in ACTIVE:
             return
         if self.first_failure is None:
-            self.first_failure = self.proxy.loop.time()
+            # The monotonic clock itself: the loop's (uvloop) moves in whole milliseconds.
+            self.first_failure = time.monotonic()
         if self.strategy == "adaptive" and not self._eval_pending:
             self._eval_pending = True
             self.proxy.loop.call_later(FAILURE_EVAL_DELAY, self._evaluate_soon)

@@ -324,13 +324,13 @@ class Proxy:
         else:
             unrouted = self.unrouted.setdefault(ex.pool or "", {})
             unrouted[status] = unrouted.get(status, 0) + 1
-        now = self.loop.time()
+        duration = time.monotonic() - ex.started
         if ex.pool is not None:
             pool = upstream.pool if upstream is not None else ex.pool
-            self.pool_stats[pool].duration.observe(now - ex.started)
+            self.pool_stats[pool].duration.observe(duration)
         access = self.access_log
         if access is not None and access.wants():
-            access.write(access_entry(ex, now))
+            access.write(access_entry(ex, duration))
 
     def figures(self, pool: PoolName, since: float | None = None) -> WindowFigures:
         return self.windows[pool].figures(self.loop.time(), since)
@@ -497,7 +497,7 @@ class Proxy:
         )
 
 
-def access_entry(ex: Exchange, now: float) -> Entry:
+def access_entry(ex: Exchange, duration: float) -> Entry:
     """The request's figures for the access log; the log's thread makes the JSON line."""
     upstream = ex.upstream
     return (
@@ -511,7 +511,7 @@ def access_entry(ex: Exchange, now: float) -> Entry:
         upstream.pool if upstream is not None else ex.pool,
         upstream.url if upstream is not None else None,
         ex.attempts,
-        now - ex.started,
+        duration,
         ex.upstream_time,
         ex.note,
     )
