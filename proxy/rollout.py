@@ -232,10 +232,14 @@ class RolloutController:
 
     async def _tick_adaptive(self) -> None:
         if self.step is None:
-            first = self.steps[0]
+            # The first step at or above the candidate's share now (an operator may have shifted
+            # some traffic already): a rollout never lowers it, so no sticky client ever moves
+            # back from the candidate to the stable pool while it advances.
+            share = self.candidate_share
+            first = next(i for i, step in enumerate(self.steps) if step >= share)
             if not await self._gate():
                 return
-            self._enter_step(0, first)
+            self._enter_step(first, self.steps[first])
             return
         decision = self._evaluate_adaptive(gate_ok=True)
         if decision is not None and decision.verdict in (Verdict.ADVANCE, Verdict.PROMOTE):

@@ -388,6 +388,26 @@ async def test_healthy_green_promotes_through_every_step_then_walks_back(rig: Ri
     print(f"\nhealthy green, there and back: {load!r}")
 
 
+async def test_a_rollout_after_a_manual_shift_starts_at_or_above_it(rig: RigFactory) -> None:
+    # The operator already sent 10 % to green by hand; steps are 5, 25, 50, 100. Going down to
+    # 5 would move sticky clients back from green to blue: the rollout starts at 25 instead.
+    r = await rig()
+    status, body = await r.put_split({"green": 10})
+    assert status == 200, body
+    async with Load(r.url) as load:
+        status, body = await r.post("start", {"strategy": "adaptive"})
+        assert status == 200, body
+        await r.until_state("promoted")
+    assert r.shares() == [25.0, 50.0, 100.0]
+    assert [(d["before"], d["after"]) for d in r.kinds("split")] == [
+        (0.0, 10.0),
+        (10.0, 25.0),
+        (25.0, 50.0),
+        (50.0, 100.0),
+    ]
+    assert load.failed == 0, load
+
+
 # -- adaptive: a green that fails everything ----------------------------------------------------
 
 
