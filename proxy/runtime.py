@@ -154,6 +154,7 @@ class Proxy:
         self.admin_port = 0
         self._tick_task: asyncio.Task[None] | None = None
         self.port = 0
+        self.listen_address = ""
 
     # construction --------------------------------------------------------------
 
@@ -346,7 +347,9 @@ class Proxy:
         if sock is None:
             sock = bind_listener(self.config.listen.host, self.config.listen.port)
         self.listen_socket = sock
-        self.port = sock.getsockname()[1]
+        host, self.port = sock.getsockname()[:2]
+        # What the socket is bound to, not what the file says now (a reload cannot move it).
+        self.listen_address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         return sock
 
     async def start(self, sock: socket.socket | None = None) -> int:
@@ -470,7 +473,6 @@ class Proxy:
     def status(self) -> dict[str, Any]:
         router = self.router
         green = self.spreader.split
-        listen = self.config.listen
         pools: dict[str, Any] = {}
         for name in POOLS:
             pools[name] = {
@@ -482,7 +484,7 @@ class Proxy:
             "stable": self.stable,
             "candidate": self.candidate,
             "config": self.config_path,
-            "listen": f"{listen.host}:{self.port or listen.port}",
+            "listen": self.listen_address or None,
             "ramp": self.control.ramp_status(),
             "pools": pools,
             "rollout": self.rollout.status(),

@@ -207,6 +207,18 @@ async def test_status_names_the_config_file(
             status = await resp.json()
         assert status["config"] == str(path)
         assert status["split"] == {"green": 30.0, "blue": 70.0}
+        assert status["listen"] == f"{HOST}:{proxy.port}"
+        # A reload cannot move the listener: /status keeps saying where it really is.
+        moved = proxy_config([blue.url], [green.url], admin=ADMIN, split=30)
+        moved["listen"] = {"host": "0.0.0.0", "port": 0}
+        path.write_text(yaml.safe_dump(moved))
+        admin_url = f"http://{HOST}:{proxy.admin_port}"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{admin_url}/reload") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["after"]["restart_needed"] == ["listen.host"]
+            async with session.get(f"{admin_url}/status") as resp:
+                assert (await resp.json())["listen"] == f"{HOST}:{proxy.port}"
     finally:
         await proxy.shutdown(timeout=1.0)
 
