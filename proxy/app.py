@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import Any
 
 import uvloop
 
@@ -74,11 +75,15 @@ async def serve(
         return EXIT_RUNTIME
     freeze_startup_heap()
     if inherited is not None:
+        # The ramp, the drains and the rollout go on here from where the old process was.
+        proxy.control.restore(inherited.state.get("control"))
+        proxy.rollout.restore(inherited.state.get("rollout"))
         # We serve: the old process may stop accepting and drain.
         await confirm_serving(inherited.channel)
         print("turnout: took the listening sockets over from the running process", flush=True)
     stop = asyncio.Event()
     signals = 0
+    handed_over = False
 
     def on_stop() -> None:
         nonlocal signals
@@ -119,17 +124,40 @@ async def serve(
         print(f"turnout: {workers} workers share the port (pids {pids})", flush=True)
     # Hot restart hands over one process's sockets and state; not (yet) a supervisor's.
     handover = None
+
+    def handover_state() -> dict[str, Any]:
+        return proxy.handover_state() | {
+            "control": proxy.control.handover_state(),
+            "rollout": proxy.rollout.handover_state(),
+        }
+
+    def on_handed_over() -> None:
+        nonlocal handed_over
+        handed_over = True
+        stop.set()
+
     if workers == 1:
         handover = HandoverServer(
             handover_path or default_path(listen.host, port),
             proxy.listening_sockets,
-            proxy.handover_state,
-            stop.set,
+            handover_state,
+            on_handed_over,
         )
         await start_handover(handover)
     await stop.wait()
     if handover is not None:
         await handover.close()
+    if handed_over:
+        # The admin API's listening socket is shared with the successor: stop accepting on it
+        # here, or the kernel hands about every other admin request (a shift, a drain) to this
+        # draining process, which answers 200 and changes nothing that still serves.
+        if proxy.admin_runner is not None:
+            for site in list(proxy.admin_runner.sites):
+                await site.stop()
+        # The successor carries the ramp and the rollout on; acting on them here as well
+        # would log steps and verdicts twice.
+        proxy.control.stop_ramp()
+        await proxy.rollout.close()
     print("turnout: shutting down, draining requests in flight", flush=True)
     await proxy.shutdown()
     return EXIT_OK

@@ -7,7 +7,7 @@ import logging
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from pydantic import ValidationError
 
@@ -60,6 +60,10 @@ class Control:
         self.events = proxy.events
         self._ramp: asyncio.Task[None] | None = None
         self._ramp_target: float | None = None
+        # When the ramp in progress reaches its target (loop time) and who asked: a successor
+        # taking over by hot restart carries the ramp on from there.
+        self._ramp_ends = 0.0
+        self._ramp_by = ""
         self._drains: dict[Upstream, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # The listeners and health checks are set up once, from the configuration the
@@ -88,6 +92,8 @@ class Control:
         self._cancel_ramp()
         if over:
             self._ramp_target = green
+            self._ramp_ends = self.proxy.loop.time() + over
+            self._ramp_by = by
             self._ramp = self.proxy.loop.create_task(self._run_ramp(before, green, over, by))
             self.events.publish("ramp", start=before, target=green, over=over, by=by)
         else:
@@ -109,11 +115,84 @@ class Control:
             return None
         return {"target": self._ramp_target}
 
+    def stop_ramp(self) -> None:
+        """Leave the split where the ramp in progress got it (a successor carries it on)."""
+        self._cancel_ramp()
+
     def _cancel_ramp(self) -> None:
         if self._ramp is not None and not self._ramp.done():
             self._ramp.cancel()
         self._ramp = None
         self._ramp_target = None
+
+    # hot restart -----------------------------------------------------------
+
+    def handover_state(self) -> dict[str, Any]:
+        """What a successor needs to carry on: the ramp in progress, and what the admin API
+        changed on top of the configuration file (upstreams added, removed, draining)."""
+        ramp = None
+        if self._ramp is not None and self._ramp_target is not None:
+            remaining = max(0.0, self._ramp_ends - self.proxy.loop.time())
+            ramp = {"target": self._ramp_target, "remaining": remaining, "by": self._ramp_by}
+        router, config = self.proxy.router, self.proxy.config
+        added: list[dict[str, Any]] = []
+        removed: list[dict[str, Any]] = []
+        for name in POOLS:
+            listed = {u.url for u in getattr(config.pools, name).upstreams}
+            running = {u.url for u in router.pools[name]}
+            added += [
+                {"pool": name, "url": u.url, "weight": u.weight, "healthy": u.healthy}
+                for u in router.pools[name]
+                if u.url not in listed
+            ]
+            removed += [{"pool": name, "url": url} for url in sorted(listed - running)]
+        draining = [{"pool": u.pool, "url": u.url} for u in router.upstreams() if u.draining]
+        return {"ramp": ramp, "added": added, "removed": removed, "draining": draining}
+
+    def restore(self, state: object) -> None:
+        """Carry on what the process this one replaces was doing. Its ramp goes on from the
+        split it reached, at the same pace. What its admin API changed is applied on top of
+        the configuration this process read: upstreams it added (healthy ones stay in
+        rotation), upstreams it removed, and drains."""
+        if not isinstance(state, dict):
+            return
+        router = self.proxy.router
+        for item in _items(state.get("removed")):
+            for upstream in router.pools[item["pool"]]:
+                if upstream.url == item["url"]:
+                    key = upstream.key
+                    self._forget(upstream)
+                    self.events.publish("upstream_removed", upstream=key, url=upstream.url)
+        for item in _items(state.get("added")):
+            name: PoolName = item["pool"]
+            try:
+                fields = {"url": item["url"], "weight": item.get("weight", 1)}
+                cfg = UpstreamConfig.model_validate(fields)
+            except ValidationError:
+                continue
+            if any((u.host, u.port) == (cfg.host, cfg.port) for u in router.pools[name]):
+                continue
+            upstream = self.proxy.new_upstream(name, len(router.pools[name]), cfg)
+            router.pools[name] = (*router.pools[name], upstream)
+            self.proxy.watch(upstream, cold=item.get("healthy") is not True)
+            router.refresh()
+            self.events.publish("upstream_added", upstream=upstream.key, url=upstream.url)
+        for item in _items(state.get("draining")):
+            for upstream in router.pools[item["pool"]]:
+                if upstream.url == item["url"]:
+                    self.drain(upstream.pool, upstream.index, by="hot restart")
+        ramp = state.get("ramp")
+        if not isinstance(ramp, dict):
+            return
+        target, remaining, by = ramp.get("target"), ramp.get("remaining"), ramp.get("by")
+        if (
+            _number(target)
+            and _number(remaining)
+            and isinstance(by, str)
+            and 0.0 <= target <= 100.0
+            and remaining >= 0.0
+        ):
+            self.set_split(float(target), float(remaining), by=by)
 
     async def _run_ramp(self, start: float, target: float, over: float, by: str) -> None:
         loop = self.proxy.loop
@@ -410,6 +489,21 @@ RESTART_ONLY = (
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
     """The settings a reload read but cannot apply to a running process."""
     return [name for name, read in RESTART_ONLY if read(old) != read(new)]
+
+
+def _items(value: object) -> list[dict[str, Any]]:
+    """The well-formed entries of a list of upstreams sent by the process being replaced."""
+    if not isinstance(value, list):
+        return []
+    return [
+        item
+        for item in value
+        if isinstance(item, dict) and item.get("pool") in POOLS and isinstance(item.get("url"), str)
+    ]
+
+
+def _number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _tunnel_pool(client: ClientConnection) -> PoolName | None:

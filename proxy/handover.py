@@ -1,9 +1,10 @@
 """Hot restart: a new Turnout takes the listening sockets over from a running one.
 
 The running process listens on a UNIX socket. A new process (`turnout run --takeover`)
-connects and asks; the old one answers with its routing state (split, stable pool) and the
-listening sockets themselves (SCM_RIGHTS), so connections waiting in the accept queue are
-never lost. Once the new process serves, it says so, and the old one stops accepting and
+connects and asks; the old one answers with its routing state (split, stable pool, ramp,
+rollout, the admin API's changes to the upstreams) and the listening sockets themselves
+(SCM_RIGHTS), so connections waiting in the accept queue are never lost. Once the new
+process serves, it says so, and the old one stops accepting (proxy and admin API) and
 drains as on SIGTERM.
 """
 

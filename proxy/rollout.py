@@ -6,7 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from .analysis import ErrorTest, LatencyTest, WindowFigures
 from .control import Change, ControlError
@@ -151,15 +151,7 @@ class RolloutController:
         self.first_failure = None
         self.last_figures = {}
         self._gate_ok_at = -1.0
-        self._error_test = ErrorTest(
-            cfg.threshold.max_error_rate, alpha=0.01, steps=analysed_steps(cfg.steps)
-        )
-        self._latency_test = LatencyTest(
-            cfg.threshold.max_p99,
-            cfg.threshold.max_p99_ratio,
-            alpha=0.01,
-            steps=analysed_steps(cfg.steps),
-        )
+        self._new_tests()
         self._set_state(
             RolloutState.PROGRESSING,
             f"{strategy} rollout from {proxy.stable} to {proxy.candidate} started by {by}",
@@ -167,6 +159,59 @@ class RolloutController:
         )
         if self._task is None or self._task.done():
             self._task = proxy.loop.create_task(self._run())
+
+    def _new_tests(self) -> None:
+        threshold = self.proxy.config.rollout.threshold
+        analysed = analysed_steps(self.steps)
+        self._error_test = ErrorTest(threshold.max_error_rate, alpha=0.01, steps=analysed)
+        self._latency_test = LatencyTest(
+            threshold.max_p99, threshold.max_p99_ratio, alpha=0.01, steps=analysed
+        )
+
+    # hot restart -------------------------------------------------------------
+
+    def handover_state(self) -> dict[str, Any]:
+        """What a successor needs to carry this rollout on."""
+        step = self.step
+        return {
+            "state": self.state.value,
+            "strategy": self.strategy,
+            "steps": list(self.steps),
+            "step": None if step is None else {"index": step.index, "split": step.split},
+            "reason": self.reason,
+        }
+
+    def restore(self, state: object) -> None:
+        """Carry on the rollout of the process this one replaces. The outcomes it judged stay
+        behind with it, so the step it was on starts afresh: held again for `interval` and
+        `min_requests` before the next advance, never skipped."""
+        if not isinstance(state, dict):
+            return
+        try:
+            phase = RolloutState(str(state.get("state")))
+        except ValueError:
+            return
+        strategy, steps, step = state.get("strategy"), state.get("steps"), state.get("step")
+        if phase is RolloutState.IDLE or strategy not in STRATEGIES or not isinstance(steps, list):
+            return
+        if not steps or not all(_share(s) for s in steps):
+            return
+        self.strategy = strategy
+        self.steps = tuple(float(s) for s in steps)
+        self.step = None
+        if isinstance(step, dict):
+            index, share = step.get("index"), step.get("split")
+            if isinstance(index, int) and 0 <= index < len(self.steps) and _share(share):
+                self.step = StepState(index, self.proxy.loop.time(), float(share))
+        self.first_failure = None
+        self.last_figures = {}
+        self._gate_ok_at = -1.0
+        self._new_tests()
+        reason = state.get("reason")
+        reason = reason if isinstance(reason, str) else phase.value
+        self._set_state(phase, f"{reason} (carried over by a hot restart)", "hot restart")
+        if phase in ACTIVE or phase is RolloutState.PAUSED:
+            self._task = self.proxy.loop.create_task(self._run())
 
     def promote(self, reason: str, by: str, figures: dict[str, Any] | None = None) -> None:
         proxy = self.proxy
@@ -395,6 +440,10 @@ class RolloutController:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _share(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 100
 
 
 def _window_dict(figures: WindowFigures) -> dict[str, Any]:

@@ -173,3 +173,176 @@ async def test_takeover_without_a_running_turnout_fails_clearly(tmp_path: Path) 
     assert code == 1
     assert b"cannot take over" in output
     assert b"Traceback" not in output
+
+
+async def admin_call(admin: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, f"http://{HOST}:{admin}{path}", json=body) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def until(admin: int, check: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """Poll /status until `check(status)` holds; the last status, or an AssertionError."""
+    status: dict[str, Any] = {}
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                status = (await admin_call(admin, "GET", "/status"))[1]
+                if check(status):
+                    return status
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(status) from None
+
+
+async def hot_restart(config: dict[str, Any], tmp_path: Path, before: Any, after: Any) -> None:
+    """Run a Turnout under load, let `before(admin)` change its state, take it over, and once
+    the old process has exited let `after(admin)` check the successor; no request may fail."""
+    path = tmp_path / "turnout.yaml"
+    path.write_text(yaml.safe_dump(config))
+    handover = str(tmp_path / "handover.sock")
+    old = await Process.start("-c", str(path), "--takeover-socket", handover)
+    processes = [old]
+    try:
+        port = await old.port(LISTENING)
+        admin = await old.port(ADMIN)
+        stop = asyncio.Event()
+        results: Counter[Any] = Counter()
+        traffic = asyncio.create_task(load(f"http://{HOST}:{port}/", stop, results))
+        await before(admin)
+        new = await Process.start("-c", str(path), "--takeover-socket", handover, "--takeover")
+        processes.append(new)
+        await new.wait_line(TOOK_OVER)
+        async with asyncio.timeout(15):
+            assert await old.proc.wait() == 0
+        await after(admin)
+        stop.set()
+        await traffic
+        assert set(results) == {200}, results
+        new.proc.terminate()
+        async with asyncio.timeout(15):
+            assert await new.proc.wait() == 0
+        for process in processes:
+            await process.drain_output()
+            assert b"Traceback" not in b"".join(process.lines)
+    finally:
+        for process in processes:
+            process.kill()
+
+
+def two_pools(blue: list[str], green: list[str], **more: Any) -> dict[str, Any]:
+    return {
+        "listen": {"host": HOST, "port": 0},
+        "admin": {"host": HOST, "port": 0},
+        "pools": {
+            "blue": {"upstreams": [{"url": url} for url in blue]},
+            "green": {"upstreams": [{"url": url} for url in green]},
+        },
+        "health_check": {"interval": "200ms", "healthy_after": 1},
+        "drain": {"timeout": "5s"},
+        **more,
+    }
+
+
+async def test_takeover_carries_a_ramp_and_the_admin_apis_changes_on(
+    sample: SampleFactory, tmp_path: Path
+) -> None:
+    """A ramp under way goes on in the successor from where it was; upstreams the admin API
+    added, removed or drained stay so (the file read afresh does not undo them)."""
+    blue, blue2, green, green2 = [await sample(n) for n in ("blue", "blue2", "green", "green2")]
+
+    def upstreams(status: dict[str, Any], pool: str) -> list[tuple[str, str]]:
+        return [(u["url"], u["state"]) for u in status["pools"][pool]["upstreams"]]
+
+    async def before(admin: int) -> None:
+        code, _ = await admin_call(admin, "POST", "/pools/blue/upstreams", {"url": blue2.url})
+        assert code == 201
+        await until(admin, lambda s: upstreams(s, "blue")[1] == (blue2.url, "up"))
+        assert (await admin_call(admin, "POST", "/pools/blue/upstreams/0/drain"))[0] == 200
+        assert (await admin_call(admin, "DELETE", "/pools/green/upstreams/1"))[0] == 202
+        await until(admin, lambda s: len(s["pools"]["green"]["upstreams"]) == 1)
+        code, _ = await admin_call(admin, "PUT", "/split", {"green": 40, "over": "6s"})
+        assert code == 200
+        await until(admin, lambda s: s["split"]["green"] > 0)
+
+    async def after(admin: int) -> None:
+        status = await until(admin, lambda s: True)
+        assert status["ramp"] == {"target": 40.0}
+        assert 0 < status["split"]["green"] < 40
+        assert upstreams(status, "blue") == [(blue.url, "drained"), (blue2.url, "up")]
+        assert upstreams(status, "green") == [(green.url, "up")]
+        await until(admin, lambda s: s["split"]["green"] == 40 and s["ramp"] is None)
+
+    config = two_pools([blue.url], [green.url, green2.url])
+    await hot_restart(config, tmp_path, before, after)
+
+
+async def test_takeover_carries_an_adaptive_rollout_on(
+    sample: SampleFactory, tmp_path: Path
+) -> None:
+    """The successor goes on with the rollout at the step it had reached, not idle with the
+    split frozen; the step's analysis starts afresh there."""
+    blue, green = await sample("blue"), await sample("green")
+    rollout = {"strategy": "adaptive", "steps": [10, 50, 100], "interval": "1h"}
+
+    async def before(admin: int) -> None:
+        code, _ = await admin_call(admin, "POST", "/rollout/start", {"strategy": "adaptive"})
+        assert code == 200
+        await until(admin, lambda s: s["rollout"]["step"] == 1 and s["split"]["green"] == 10)
+
+    async def after(admin: int) -> None:
+        status = (await admin_call(admin, "GET", "/status"))[1]
+        assert status["split"]["green"] == 10
+        assert status["rollout"]["state"] in ("progressing", "insufficient_data")
+        assert status["rollout"]["step"] == 1
+        assert status["rollout"]["steps"] == [10, 50, 100]
+        code, body = await admin_call(admin, "POST", "/rollout/promote")
+        assert code == 200, body
+        assert body["after"] == {"state": "promoted", "split": 100.0}
+
+    config = two_pools([blue.url], [green.url], rollout=rollout)
+    await hot_restart(config, tmp_path, before, after)
+
+
+async def test_the_draining_old_process_takes_no_more_admin_requests(
+    sample: SampleFactory, tmp_path: Path
+) -> None:
+    """Both processes hold the admin API's listening socket: while the old one drains (a
+    WebSocket keeps it busy), every admin request must reach the successor, or a shift lands
+    in the process that no longer serves and is answered 200 for nothing."""
+    blue, green = await sample("blue"), await sample("green")
+    path = tmp_path / "turnout.yaml"
+    path.write_text(yaml.safe_dump(two_pools([blue.url], [green.url])))
+    handover = str(tmp_path / "handover.sock")
+    old = await Process.start("-c", str(path), "--takeover-socket", handover)
+    processes = [old]
+    try:
+        port = await old.port(LISTENING)
+        admin = await old.port(ADMIN)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"http://{HOST}:{port}/ws") as ws,
+        ):
+            await ws.send_str("held")
+            assert await ws.receive_str() == "held"
+            new = await Process.start("-c", str(path), "--takeover-socket", handover, "--takeover")
+            processes.append(new)
+            await new.wait_line(TOOK_OVER)
+            for green_share in range(1, 11):
+                code, _ = await admin_call(admin, "PUT", "/split", {"green": green_share})
+                assert code == 200
+                for _ in range(3):
+                    status = (await admin_call(admin, "GET", "/status"))[1]
+                    assert status["split"]["green"] == green_share
+            # The old process was still draining all along (its WebSocket is open).
+            assert old.proc.returncode is None
+        async with asyncio.timeout(15):
+            assert await old.proc.wait() == 0
+        new.proc.terminate()
+        async with asyncio.timeout(15):
+            assert await new.proc.wait() == 0
+    finally:
+        for process in processes:
+            process.kill()
