@@ -72,6 +72,7 @@ class Exchange:
         "out",
         "override",
         "pool",
+        "queued",
         "request_headers",
         "rescue_from",
         "resp_chunked",
@@ -134,6 +135,7 @@ class Exchange:
         # request is out and its outcome awaited; the exchange is over.
         self.begun = False
         self.holding = False
+        self.queued = False
         self.waiting = False
         self.finished = False
         self.budgeted = False
@@ -386,6 +388,7 @@ class Exchange:
     async def _queue(self, upstream: Upstream, epoch: int) -> None:
         """Wait in the upstream's admission queue (bounded in places and in time)."""
         try:
+            self.queued = True
             try:
                 await upstream.admission.enter()
             except Shed as exc:
@@ -395,6 +398,8 @@ class Exchange:
             except BaseException:
                 upstream.breaker.release(None, epoch=epoch)
                 raise
+            finally:
+                self.queued = False
             self._admitted(upstream, epoch)
         except Exception as exc:
             self._crash(exc)

@@ -191,8 +191,15 @@ class ClientConnection(asyncio.Protocol):
                     self.deadline = proxy.loop.time() + proxy.settings.request_headers_timeout
 
     def eof_received(self) -> bool | None:
-        """The client half-closed: a request it sent in full still gets its response."""
+        """The client half-closed: a request it sent in full still gets its response, unless
+        it still waits in an upstream's admission queue. A client that closed looks the same,
+        and under overload abandoned requests would hold queue places that live clients need:
+        such a request is dropped from the queue, as HAProxy's abortonclose does."""
         ex = self.active
+        if ex is not None and ex.queued:
+            if self.task is not None:
+                self.task.cancel()
+            return None
         if (
             ex is None
             or not ex.body_done

@@ -805,6 +805,34 @@ async def test_rate_limit_sheds_fast_with_rate_limited(
     assert upstream.breaker.snapshot().opens == 0
 
 
+async def test_requests_abandoned_in_the_queue_free_their_places(
+    sample: SampleFactory, make_proxy: ProxyFactory
+) -> None:
+    """Clients that close while their request waits in the upstream's queue free their places
+    at once (as HAProxy's abortonclose): those requests never reach the upstream, and a live
+    client is not kept waiting behind them. A request already sent is still answered."""
+    blue = await sample("blue")
+    green = await sample("green")
+    limits = {"max_in_flight": 1, "queue": 5, "queue_timeout": "10s"}
+    proxy = await make_proxy(proxy_config([blue.url], [green.url], limits=limits))
+    upstream = proxy.router.pools["blue"][0]
+    first = asyncio.create_task(one_shot(proxy.port, "/delay/1500"))
+    await wait_for(lambda: upstream.in_flight == 1)
+    quitters = [await asyncio.open_connection(HOST, proxy.port) for _ in range(5)]
+    for i, (_, writer) in enumerate(quitters):
+        writer.write(f"GET /quit/{i} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    await wait_for(lambda: upstream.admission.queued == 5)
+    for _, writer in quitters:
+        writer.close()
+    # Long before the request in flight is answered, the queue is empty again.
+    await wait_for(lambda: upstream.admission.queued == 0, timeout=1.0)
+    assert not first.done()
+    live = await one_shot(proxy.port, "/live")
+    answer = await first
+    assert (answer.status, live.status) == (200, 200)
+    assert upstream.requests == 2  # the first one and the live one, none of the quitters
+
+
 async def test_connection_beyond_max_connections_gets_503_and_is_closed(
     sample: SampleFactory, make_proxy: ProxyFactory
 ) -> None:
