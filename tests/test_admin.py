@@ -8,7 +8,8 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,19 @@ async def test_status_shows_pools_upstreams_split_stable_and_config(admin: Admin
     assert status["pools"]["blue"]["upstreams"][0]["requests"] == 1
 
 
+@asynccontextmanager
+async def admin_on_file(path: Path, blue: Sample, green: Sample) -> AsyncIterator[Admin]:
+    """A proxy run from the file at `path` (a reload reads it again), with its admin API."""
+    proxy = Proxy(load_config(path), config_path=str(path))
+    try:
+        await proxy.start()
+        await proxy.start_admin()
+        async with aiohttp.ClientSession() as session:
+            yield Admin(proxy, session, [blue], [green])
+    finally:
+        await proxy.shutdown(timeout=1.0)
+
+
 async def test_status_names_the_config_file(
     sample: SampleFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -196,31 +210,18 @@ async def test_status_names_the_config_file(
     blue, green = await sample("blue"), await sample("green")
     path = tmp_path / "turnout.yaml"
     path.write_text(yaml.safe_dump(proxy_config([blue.url], [green.url], admin=ADMIN, split=30)))
-    proxy = Proxy(load_config(path), config_path=str(path))
-    try:
-        await proxy.start()
-        await proxy.start_admin()
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://{HOST}:{proxy.admin_port}/status") as resp,
-        ):
-            status = await resp.json()
+    async with admin_on_file(path, blue, green) as admin:
+        status = await admin.status()
         assert status["config"] == str(path)
         assert status["split"] == {"green": 30.0, "blue": 70.0}
-        assert status["listen"] == f"{HOST}:{proxy.port}"
+        listening = f"{HOST}:{admin.proxy.port}"
+        assert status["listen"] == listening
         # A reload cannot move the listener: /status keeps saying where it really is.
         moved = proxy_config([blue.url], [green.url], admin=ADMIN, split=30)
         moved["listen"] = {"host": "0.0.0.0", "port": 0}
         path.write_text(yaml.safe_dump(moved))
-        admin_url = f"http://{HOST}:{proxy.admin_port}"
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{admin_url}/reload") as resp:
-                assert resp.status == 200
-                assert (await resp.json())["after"]["restart_needed"] == ["listen.host"]
-            async with session.get(f"{admin_url}/status") as resp:
-                assert (await resp.json())["listen"] == f"{HOST}:{proxy.port}"
-    finally:
-        await proxy.shutdown(timeout=1.0)
+        assert (await admin.ok("POST", "/reload"))["after"]["restart_needed"] == ["listen.host"]
+        assert (await admin.status())["listen"] == listening
 
 
 async def test_healthz_and_readyz(admin_factory: AdminFactory) -> None:
@@ -902,39 +903,33 @@ async def test_cli_reload(
     blue, green, green2 = await sample("blue"), await sample("green"), await sample("green2")
     path = tmp_path / "turnout.yaml"
     path.write_text(yaml.safe_dump(proxy_config([blue.url], [green.url], admin=ADMIN)))
-    proxy = Proxy(load_config(path), config_path=str(path))
-    await proxy.start()
-    await proxy.start_admin()
-    try:
-        async with aiohttp.ClientSession() as session:
-            admin = Admin(proxy, session, [blue], [green])
-            path.write_text(
-                yaml.safe_dump(proxy_config([blue.url], [green.url, green2.url], admin=ADMIN))
-            )
-            code, out, err = await run_cli(capsys, "reload", admin=admin)
-            assert (code, err) == (0, "")
-            assert out.startswith("reload")
-            assert [u.url for u in proxy.router.pools["green"]] == [green.url, green2.url]
-            (record,) = [r for r in caplog.records if r.name == "turnout.audit"]
-            line = json.loads(record.getMessage())
-            assert (line["who"], line["what"], line["request"]) == (
-                "127.0.0.1",
-                "reload",
-                "POST /reload",
-            )
-            assert line["before"]["green"] == [green.url]
-            assert line["after"]["green"] == [green.url, green2.url]
+    async with admin_on_file(path, blue, green) as admin:
+        proxy = admin.proxy
+        path.write_text(
+            yaml.safe_dump(proxy_config([blue.url], [green.url, green2.url], admin=ADMIN))
+        )
+        code, out, err = await run_cli(capsys, "reload", admin=admin)
+        assert (code, err) == (0, "")
+        assert out.startswith("reload")
+        assert [u.url for u in proxy.router.pools["green"]] == [green.url, green2.url]
+        (record,) = [r for r in caplog.records if r.name == "turnout.audit"]
+        line = json.loads(record.getMessage())
+        assert (line["who"], line["what"], line["request"]) == (
+            "127.0.0.1",
+            "reload",
+            "POST /reload",
+        )
+        assert line["before"]["green"] == [green.url]
+        assert line["after"]["green"] == [green.url, green2.url]
 
-            path.write_text("pools: {blue: {upstreams: [{url: 'http://x:1', weight: 0}]}}\n")
-            code, out, err = await run_cli(capsys, "reload", admin=admin)
-            assert (code, out) == (2, "")  # a bad config, as `turnout check` says
-            assert "400 invalid config" in err
-            assert "weight" in err and "green" in err  # every error, with its path
-            assert [u.url for u in proxy.router.pools["green"]] == [green.url, green2.url]
-            # A refused reload changed nothing, so there is nothing to audit.
-            assert len([r for r in caplog.records if r.name == "turnout.audit"]) == 1
-    finally:
-        await proxy.shutdown(timeout=1.0)
+        path.write_text("pools: {blue: {upstreams: [{url: 'http://x:1', weight: 0}]}}\n")
+        code, out, err = await run_cli(capsys, "reload", admin=admin)
+        assert (code, out) == (2, "")  # a bad config, as `turnout check` says
+        assert "400 invalid config" in err
+        assert "weight" in err and "green" in err  # every error, with its path
+        assert [u.url for u in proxy.router.pools["green"]] == [green.url, green2.url]
+        # A refused reload changed nothing, so there is nothing to audit.
+        assert len([r for r in caplog.records if r.name == "turnout.audit"]) == 1
 
 
 async def test_cli_reload_shows_every_problem_and_what_waits_for_a_restart(
@@ -951,56 +946,50 @@ async def test_cli_reload_shows_every_problem_and_what_waits_for_a_restart(
     path = tmp_path / "turnout.yaml"
     good = proxy_config([blue.url], [green.url], admin=ADMIN)
     path.write_text(yaml.safe_dump(good))
-    proxy = Proxy(load_config(path), config_path=str(path))
-    await proxy.start()
-    await proxy.start_admin()
-    try:
-        async with aiohttp.ClientSession() as session:
-            admin = Admin(proxy, session, [blue], [green])
-            broken = {
-                **good,
-                "split": 200,
-                "balancer": "fastest",
-                "timeouts": {"connect": "2x", "response_headers": "3y", "idle": "0s"},
-                "limits": {"max_in_flight": 0, "queue": -1, "queue_timeout": "1d"},
-                "breaker": {"consecutive_failures": 0, "failure_ratio": 2},
-            }
-            path.write_text(yaml.safe_dump(broken))
-            code, out, err = await run_cli(capsys, "reload", admin=admin)
-            assert (code, out) == (2, "")
-            paths = [
-                "split",
-                "balancer",
-                "timeouts.connect",
-                "timeouts.response_headers",
-                "timeouts.idle",
-                "limits.max_in_flight",
-                "limits.queue",
-                "limits.queue_timeout",
-                "breaker.consecutive_failures",
-                "breaker.failure_ratio",
-            ]
-            lines = err.splitlines()
-            assert lines[0].endswith(f"400 invalid config: {len(paths)} error(s)"), lines
-            assert [line.strip().partition(":")[0] for line in lines[1:]] == paths
+    async with admin_on_file(path, blue, green) as admin:
+        proxy = admin.proxy
+        broken = {
+            **good,
+            "split": 200,
+            "balancer": "fastest",
+            "timeouts": {"connect": "2x", "response_headers": "3y", "idle": "0s"},
+            "limits": {"max_in_flight": 0, "queue": -1, "queue_timeout": "1d"},
+            "breaker": {"consecutive_failures": 0, "failure_ratio": 2},
+        }
+        path.write_text(yaml.safe_dump(broken))
+        code, out, err = await run_cli(capsys, "reload", admin=admin)
+        assert (code, out) == (2, "")
+        paths = [
+            "split",
+            "balancer",
+            "timeouts.connect",
+            "timeouts.response_headers",
+            "timeouts.idle",
+            "limits.max_in_flight",
+            "limits.queue",
+            "limits.queue_timeout",
+            "breaker.consecutive_failures",
+            "breaker.failure_ratio",
+        ]
+        lines = err.splitlines()
+        assert lines[0].endswith(f"400 invalid config: {len(paths)} error(s)"), lines
+        assert [line.strip().partition(":")[0] for line in lines[1:]] == paths
 
-            moved = {
-                **good,
-                "listen": {"host": HOST, "port": proxy.port + 1},
-                "health_check": {"interval": "7s"},
-            }
-            path.write_text(yaml.safe_dump(moved))
-            code, out, err = await run_cli(capsys, "reload", admin=admin)
-            assert (code, err) == (0, "")
-            assert "restart needed: listen.port, health_check" in out
+        moved = {
+            **good,
+            "listen": {"host": HOST, "port": proxy.port + 1},
+            "health_check": {"interval": "7s"},
+        }
+        path.write_text(yaml.safe_dump(moved))
+        code, out, err = await run_cli(capsys, "reload", admin=admin)
+        assert (code, err) == (0, "")
+        assert "restart needed: listen.port, health_check" in out
 
-            path.write_text(yaml.safe_dump(good))  # back to what the process runs with
-            code, out, err = await run_cli(capsys, "reload", admin=admin)
-            assert (code, err) == (0, "")
-            assert "restart needed" not in out
-            assert "restart_needed" not in (await admin.ok("POST", "/reload"))["after"]
-    finally:
-        await proxy.shutdown(timeout=1.0)
+        path.write_text(yaml.safe_dump(good))  # back to what the process runs with
+        code, out, err = await run_cli(capsys, "reload", admin=admin)
+        assert (code, err) == (0, "")
+        assert "restart needed" not in out
+        assert "restart_needed" not in (await admin.ok("POST", "/reload"))["after"]
 
 
 async def test_invalid_upstream_is_worded_like_turnout_check(admin: Admin) -> None:

@@ -141,15 +141,20 @@ async def test_takeover_under_load_drops_nothing(sample: SampleFactory, tmp_path
         ):
             status = await resp.json()
         assert status["split"]["green"] == 25
-        running.proc.terminate()
-        async with asyncio.timeout(15):
-            assert await running.proc.wait() == 0
-        for process in processes:
-            await process.drain_output()
-            assert b"Traceback" not in b"".join(process.lines)
+        await stop_cleanly(running, processes)
     finally:
         for process in processes:
             process.kill()
+
+
+async def stop_cleanly(serving: Process, processes: list[Process]) -> None:
+    """SIGTERM the process that serves (it exits 0); no process printed a traceback."""
+    serving.proc.terminate()
+    async with asyncio.timeout(15):
+        assert await serving.proc.wait() == 0
+    for process in processes:
+        await process.drain_output()
+        assert b"Traceback" not in b"".join(process.lines)
 
 
 async def test_takeover_without_a_running_turnout_fails_clearly(tmp_path: Path) -> None:
@@ -221,12 +226,7 @@ async def hot_restart(config: dict[str, Any], tmp_path: Path, before: Any, after
         stop.set()
         await traffic
         assert set(results) == {200}, results
-        new.proc.terminate()
-        async with asyncio.timeout(15):
-            assert await new.proc.wait() == 0
-        for process in processes:
-            await process.drain_output()
-            assert b"Traceback" not in b"".join(process.lines)
+        await stop_cleanly(new, processes)
     finally:
         for process in processes:
             process.kill()
