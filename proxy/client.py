@@ -637,6 +637,16 @@ def _split_text(split: Any) -> str:
     if _is_number(split):
         return f"green {_pct(split)}"
     if isinstance(split, dict) and split:
+        green, blue = split.get("green", ""), split.get("blue", "")
+        if (
+            _is_number(green)
+            and _is_number(blue)
+            and _finite(green)
+            and abs(green + blue - 100.0) < 1e-6
+        ):
+            # Rounded once: the two shares shown still add up to 100.
+            shown = round(float(green), 2)
+            return f"green {_pct(shown)}, blue {_pct(round(100.0 - shown, 2))}"
         return ", ".join(f"{pool} {_pct(share)}" for pool, share in split.items())
     return _text(split)
 

@@ -128,6 +128,15 @@ def header_value(text: str, label: str) -> str:
 # --- format_status ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("green", [6.035, 33.333333, 0.005, 99.995, 12.5])
+def test_split_shares_shown_add_up_to_100(green: float) -> None:
+    text = format_status({**STATUS, "split": {"green": green, "blue": 100.0 - green}})
+    shown = header_value(text, "split")
+    green_text, blue_text = (part.split()[1].rstrip("%") for part in shown.split(", "))
+    assert round(float(green_text) + float(blue_text), 6) == 100.0, shown
+    assert abs(float(green_text) - green) <= 0.005 + 1e-9
+
+
 def test_full_status_header_block() -> None:
     text = format_status(STATUS)
     assert header_value(text, "split") == "green 25%, blue 75%"
