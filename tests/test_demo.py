@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from proxy.cli import main
+from proxy.cli import DEMO_MIN_DURATION, build_parser, main
 from proxy.demo import MIN_DURATION, PROGRESS_EVERY, Timeline, demo, demo_config
 
 PROGRESS = re.compile(
@@ -102,3 +102,28 @@ def test_the_command_exits_0_when_the_demo_ends_as_expected(
     assert main(["demo", "--bad-green", "--duration", "4s"]) == 0
     out = capsys.readouterr().out
     assert "rolled_back (expected rolled_back)" in out and "result             OK" in out
+
+
+@pytest.mark.parametrize(
+    ("duration", "says"),
+    [
+        ("0", "the demo's duration (s) is 4 to 86400, not 0"),
+        ("2s", "the demo's duration (s) is 4 to 86400, not 2s"),
+        ("-5", "must not be negative"),
+        ("-5s", "must not be negative"),
+        ("nan", "must be finite"),
+        ("soon", "expected a number with a unit"),
+    ],
+)
+def test_a_demo_duration_out_of_range_is_a_usage_error(
+    duration: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["demo", f"--duration={duration}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
+def test_the_demo_floor_is_the_demo_modules() -> None:
+    assert DEMO_MIN_DURATION == MIN_DURATION
