@@ -197,6 +197,7 @@ class ClientConnection(asyncio.Protocol):
         such a request is dropped from the queue, as HAProxy's abortonclose does."""
         ex = self.active
         if ex is not None and ex.queued:
+            self.closing = True  # nothing pipelined behind it is served either
             if self.task is not None:
                 self.task.cancel()
             return None
