@@ -376,15 +376,37 @@ class Control:
         warm = await self._probe_added(config)
         old = self.proxy.config
         before = self._config_summary(old)
-        self.apply_config(config, warm)
+        kept = self._kept_by_rollout(old, config)
+        self.apply_config(config, warm, keep_split="split" in kept)
         after = self._config_summary(config)
         later = _restart_only_changes(self._running, config)
         if later:
             # Listeners and health checks are set up once: say so rather than pretend.
             log.warning("reload: %s change only at the next restart", ", ".join(later))
             after["restart_needed"] = later
-        self.events.publish("reload", path=path, by=by, restart_needed=later)
+        if kept:
+            log.warning("reload: %s", "; ".join(f"{k} {why}" for k, why in kept.items()))
+            after["kept_by_rollout"] = kept
+        self.events.publish("reload", path=path, by=by, restart_needed=later, kept_by_rollout=kept)
         return Change("reload", before, after)
+
+    def _kept_by_rollout(self, old: Config, new: Config) -> dict[str, str]:
+        """What of a reloaded file the rollout in progress does not take, and why. The rest of
+        `rollout` (interval, threshold, fallback, gate) applies at once, to the step in
+        progress too."""
+        rollout = self.proxy.rollout
+        kept: dict[str, str] = {}
+        if new.split != old.split and rollout.steers_split:
+            # As PUT /split is refused: the rollout's step is the split (pause it first).
+            kept["split"] = (
+                f"kept at {self.split:g}: the {rollout.strategy} rollout in progress steers it"
+            )
+        if rollout.steps and tuple(new.rollout.steps) != rollout.steps and rollout.in_progress:
+            kept["rollout.steps"] = (
+                f"apply from the next rollout; the one in progress keeps "
+                f"[{', '.join(f'{s:g}' for s in rollout.steps)}]"
+            )
+        return kept
 
     async def _probe_added(self, config: Config) -> set[Endpoint]:
         """Check once, before the swap, each upstream the configuration adds. One that passes
@@ -414,7 +436,9 @@ class Control:
         )
         return {endpoint for (endpoint, _), result in zip(added, results, strict=True) if result.ok}
 
-    def apply_config(self, config: Config, warm: set[Endpoint] | None = None) -> None:
+    def apply_config(
+        self, config: Config, warm: set[Endpoint] | None = None, *, keep_split: bool = False
+    ) -> None:
         """Swap in a validated configuration in one synchronous step; added upstreams start
         out of rotation until their first passing check, except those in `warm` (checked
         just before)."""
@@ -447,7 +471,7 @@ class Control:
         for upstream in removed:
             proxy.unwatch(upstream)
         proxy.apply(config, pools)
-        if config.split != old.split:
+        if config.split != old.split and not keep_split:
             self._cancel_ramp()
             self._apply_split(config.split, "reload")
         warm = warm or set()

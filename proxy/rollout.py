@@ -61,6 +61,9 @@ class RolloutController:
         self._gate_ok_at = -1.0
         self._error_test: ErrorTest | None = None
         self._latency_test: LatencyTest | None = None
+        self._threshold: object = None
+        self._candidate_lost = False
+        self._last_note: str | None = None
 
     # views -------------------------------------------------------------------
 
@@ -73,6 +76,11 @@ class RolloutController:
     def steers_split(self) -> bool:
         """An automatic rollout in progress owns the split; an operator pauses it first."""
         return self.state in ACTIVE and self.strategy != "lazy"
+
+    @property
+    def in_progress(self) -> bool:
+        """Started and not yet ended (a paused rollout is in progress)."""
+        return self.state in ACTIVE or self.state is RolloutState.PAUSED
 
     def snapshot(self) -> RolloutSnapshot:
         return RolloutSnapshot(
@@ -151,6 +159,7 @@ class RolloutController:
         self.first_failure = None
         self.last_figures = {}
         self._gate_ok_at = -1.0
+        self._candidate_lost = False
         self._new_tests()
         self._set_state(
             RolloutState.PROGRESSING,
@@ -162,6 +171,8 @@ class RolloutController:
 
     def _new_tests(self) -> None:
         threshold = self.proxy.config.rollout.threshold
+        # The tests are stateless: a reload's new threshold judges the step in progress too.
+        self._threshold = threshold
         analysed = analysed_steps(self.steps)
         self._error_test = ErrorTest(threshold.max_error_rate, alpha=0.01, steps=analysed)
         self._latency_test = LatencyTest(
@@ -206,6 +217,7 @@ class RolloutController:
         self.first_failure = None
         self.last_figures = {}
         self._gate_ok_at = -1.0
+        self._candidate_lost = False
         self._new_tests()
         reason = state.get("reason")
         reason = reason if isinstance(reason, str) else phase.value
@@ -266,29 +278,44 @@ class RolloutController:
             await asyncio.sleep(TICK)
 
     async def _tick_eager(self) -> None:
-        proxy = self.proxy
-        upstreams = proxy.router.pools[proxy.candidate]
-        if not all(u.healthy for u in upstreams):
-            self._note("waiting for every candidate upstream to pass its health check")
-            return
-        if not await self._gate():
+        if not await self._ready() or self.state not in ACTIVE:
             return
         self.promote("eager: every candidate upstream healthy and through the gate", "eager")
 
     async def _tick_adaptive(self) -> None:
-        if self.step is None:
+        step = self.step
+        if step is None:
             # The first step at or above the candidate's share now (an operator may have shifted
             # some traffic already): a rollout never lowers it, so no sticky client ever moves
             # back from the candidate to the stable pool while it advances.
             share = self.candidate_share
-            first = next(i for i, step in enumerate(self.steps) if step >= share)
-            if not await self._gate():
+            first = next(i for i, at in enumerate(self.steps) if at >= share)
+            if not await self._ready() or self.state not in ACTIVE or self.step is not None:
                 return
             self._enter_step(first, self.steps[first])
             return
         decision = self._evaluate_adaptive(gate_ok=True)
+        if self.state not in ACTIVE or self.step is not step:
+            return  # a breach acted
+        upstreams = self.proxy.router.pools[self.proxy.candidate]
+        if not any(u.healthy and not u.draining for u in upstreams):
+            # Its traffic fails over to the stable pool: hold, and judge the step afresh once
+            # the candidate is back, never on what it did before it went away. (Not on an open
+            # breaker: its failures are evidence the step must keep, not forget.)
+            self._candidate_lost = True
+            self._note(self._candidate_problem() or "the candidate takes no traffic")
+            return
+        if self._candidate_lost:
+            self._candidate_lost = False
+            self.step = StepState(step.index, self.proxy.loop.time(), step.split)
+            self._note(f"the candidate takes traffic again: step {step.index + 1} starts afresh")
+            return
         if decision is not None and decision.verdict in (Verdict.ADVANCE, Verdict.PROMOTE):
-            if not await self._gate():
+            if not await self._ready():
+                return
+            # The gate is awaited: an operator (pause, abort, rollback, resume) or a breach may
+            # have acted meanwhile, and this decision is about a step that is no longer current.
+            if self.state not in ACTIVE or self.step is not step:
                 return
             self._act(decision)
 
@@ -298,6 +325,8 @@ class RolloutController:
             return None
         proxy = self.proxy
         cfg = proxy.config.rollout
+        if cfg.threshold is not self._threshold:
+            self._new_tests()
         candidate = proxy.figures(proxy.candidate, step.started_at)
         stable = proxy.figures(proxy.stable, step.started_at)
         decision = decide_adaptive(
@@ -319,13 +348,14 @@ class RolloutController:
         if breach_only:
             return None
         if decision.verdict is Verdict.INSUFFICIENT_DATA:
+            problem = self._candidate_problem()
+            reason = decision.reason if problem is None else f"{decision.reason}; {problem}"
             if self.state is not RolloutState.INSUFFICIENT_DATA:
                 self._set_state(
-                    RolloutState.INSUFFICIENT_DATA,
-                    decision.reason,
-                    "analysis",
-                    figures=decision.figures,
+                    RolloutState.INSUFFICIENT_DATA, reason, "analysis", figures=decision.figures
                 )
+            else:
+                self.reason = reason  # current figures; the state itself did not change
             return None
         if self.state is RolloutState.INSUFFICIENT_DATA:
             self._set_state(
@@ -353,6 +383,8 @@ class RolloutController:
         self.step = StepState(index, proxy.loop.time(), share)
         # Each step is a fresh test; a rollback is timed from the first failure it judged.
         self.first_failure = None
+        self._candidate_lost = False
+        self._last_note = None
         self.reason = f"step {index + 1} of {len(self.steps)}: {share:g}% on {proxy.candidate}"
         proxy.events.publish(
             "rollout_step",
@@ -372,6 +404,31 @@ class RolloutController:
             self.rollback(f"breach: {decision.reason}", "analysis", decision.figures)
         else:
             self._set_state(RolloutState.PAUSED, f"breach: {decision.reason}", "analysis")
+
+    def _candidate_problem(self) -> str | None:
+        """Why the candidate pool cannot be judged or trusted now, or None. Its traffic fails
+        over to the stable pool, so outcomes counted before it went away must not carry the
+        rollout on: it holds until the candidate takes traffic again."""
+        pool = self.proxy.candidate
+        upstreams = self.proxy.router.pools[pool]
+        if not any(u.available for u in upstreams):
+            states = ", ".join(f"{u.key} {u.state_name()}" for u in upstreams)
+            return f"no candidate upstream takes traffic ({states or f'pool {pool} is empty'})"
+        down = [u.key for u in upstreams if not u.draining and not u.healthy]
+        if down:
+            return (
+                "waiting for every candidate upstream to pass its health check: "
+                f"{', '.join(down)} down"
+            )
+        return None
+
+    async def _ready(self) -> bool:
+        """The candidate takes traffic, every upstream of it is healthy, and the gate passes."""
+        problem = self._candidate_problem()
+        if problem is not None:
+            self._note(problem)
+            return False
+        return await self._gate()
 
     async def _gate(self) -> bool:
         proxy = self.proxy
@@ -405,8 +462,10 @@ class RolloutController:
         proxy.control.set_split(green, by=by)
 
     def _note(self, reason: str) -> None:
-        if reason != self.reason:
-            self.reason = reason
+        # Once per change of the note: the analysis rewrites `reason` every tick meanwhile.
+        self.reason = reason
+        if reason != self._last_note:
+            self._last_note = reason
             self.proxy.events.publish("rollout_note", reason=reason)
 
     def _set_state(
@@ -421,6 +480,7 @@ class RolloutController:
         before = self.state
         self.state = state
         self.reason = reason
+        self._last_note = None
         data: dict[str, Any] = {
             "before": before.value,
             "after": state.value,

@@ -816,3 +816,142 @@ async def test_a_manual_split_during_an_automatic_rollout_is_refused(
         async with session.put(f"{base}/split", json={"green": 50}) as resp:
             assert resp.status == 200
     assert proxy.spreader.split == 50
+
+
+# -- edge cases: the gate awaited, the candidate gone, a reload mid-rollout ---------------------
+
+
+async def test_a_pause_that_lands_while_the_gate_is_probed_is_not_overridden(
+    rig: RigFactory, upstream: UpstreamFactory
+) -> None:
+    # Green's gate answers only when the test says so: the operator pauses while the
+    # controller awaits it, and the step it was about to enter must not be entered.
+    asked = asyncio.Event()
+    release = asyncio.Event()
+    settings = SampleSettings(name="green")
+    app = make_app(settings)
+
+    async def gate(request: web.Request) -> web.Response:
+        asked.set()
+        await release.wait()
+        return web.Response(text="ok")
+
+    app.router.add_get("/gate", gate)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, HOST, 0).start()
+        green = Upstream(settings, runner, runner.addresses[0][1])
+        blue = await upstream("blue")
+        r = await rig(upstreams=(blue, green), rollout=rollout_config(gate={"path": "/gate"}))
+        async with Load(r.url) as load:
+            assert (await r.post("start"))[0] == 200
+            async with asyncio.timeout(3.0):
+                await asked.wait()
+            status, body = await r.post("pause")
+            assert status == 200, body
+            release.set()
+            await asyncio.sleep(0.5)  # five ticks: the gate's answer came, nothing may move
+            assert r.state == "paused" and r.split == 0.0 and r.shares() == [], r.kinds("split")
+            assert r.proxy.rollout.reason.startswith("paused by")
+            # Resumed, it goes on as usual.
+            assert (await r.post("resume"))[0] == 200
+            await r.until_state("promoted")
+        assert load.failed == 0, load
+    finally:
+        await runner.cleanup()
+
+
+FAST_HEALTH = {"interval": "100ms", "timeout": "500ms", "healthy_after": 1, "unhealthy_after": 1}
+
+
+async def test_green_down_mid_step_holds_the_rollout_and_the_step_starts_afresh(
+    rig: RigFactory,
+) -> None:
+    # The gate asks a path that stays 200 while green's health check fails: only the health
+    # of the candidate can stop the advance on outcomes counted before it went down.
+    rollout = rollout_config(interval="2s", gate={"path": "/headers"})
+    r = await rig(rollout=rollout, health_check=FAST_HEALTH)
+    green = r.proxy.router.pools["green"][0]
+    async with Load(r.url) as load:
+        assert (await r.post("start"))[0] == 200
+        await r.until_share(25.0)
+        served = r.green.served[200]
+        await load.until(lambda: r.green.served[200] >= served + 25)
+        r.green.settings.healthy = False
+        await wait_for(lambda: not green.healthy, 2.0)
+        await wait_for(lambda: "no candidate upstream takes traffic" in r.proxy.rollout.reason, 4.0)
+        assert "green/0 down" in (await r.status())["rollout"]["reason"]
+        await asyncio.sleep(0.5)  # five ticks past the interval, with 25+ outcomes: held
+        assert r.shares() == [5.0, 25.0] and r.split == 25.0, r.shares()
+        assert r.state in ("progressing", "insufficient_data")
+
+        r.green.settings.healthy = True
+        again = "the candidate takes traffic again: step 2 starts afresh"
+        back = await r.event_time("rollout_note", 3.0, reason=again)
+        await r.until_state("promoted", timeout=10.0)
+    step3 = next(d for d in r.kinds("rollout_step") if d["share"] == 50.0)
+    # Step 2 passed on outcomes green served after it came back, over a whole interval.
+    assert step3["figures"]["elapsed"] >= 2.0 and step3["figures"]["candidate"]["requests"] >= 20
+    assert await r.event_time("rollout_step", share=50.0) > back
+    assert load.failed == 0, load
+
+
+async def test_eager_never_promotes_onto_a_candidate_pool_left_empty(rig: RigFactory) -> None:
+    r = await rig(
+        green={"healthy": False},
+        rollout={"strategy": "eager"},
+        health_check=FAST_HEALTH,
+    )
+    await wait_for(lambda: not r.proxy.router.pools["green"][0].healthy, 2.0)
+    async with Load(r.url) as load:
+        assert (await r.post("start", {"strategy": "eager"}))[0] == 200
+        await wait_for(lambda: "green/0 down" in r.proxy.rollout.reason, 2.0)
+        async with r.admin.delete(f"{r.admin_url}/pools/green/upstreams/0") as resp:
+            assert resp.status == 202
+        await wait_for(lambda: not r.proxy.router.pools["green"], 3.0)
+        await wait_for(lambda: "pool green is empty" in r.proxy.rollout.reason, 2.0)
+        await asyncio.sleep(0.5)  # five ticks: nothing to promote onto
+        assert r.state == "progressing" and r.split == 0.0 and r.proxy.stable == "blue"
+        assert "pool green is empty" in (await r.status())["rollout"]["reason"]
+        # A healthy green upstream added: once it passes its health check, the rollout ends.
+        r.green.settings.healthy = True
+        async with r.admin.post(
+            f"{r.admin_url}/pools/green/upstreams", json={"url": r.green.url}
+        ) as resp:
+            assert resp.status == 201
+        await r.until_state("promoted", timeout=4.0)
+        assert r.split == 100.0 and r.proxy.stable == "green"
+        await load.until(lambda: load.by_pool["green"] >= 20)
+    assert load.failed == 0, load
+
+
+async def test_a_reload_mid_rollout_keeps_its_split_and_steps_and_applies_the_threshold(
+    rig: RigFactory, tmp_path: Any
+) -> None:
+    # Green is 20 ms slower than blue, within the limits the rollout starts with.
+    rollout = rollout_config(interval="60s", threshold={"min_requests": 20, "max_p99_ratio": 100})
+    r = await rig(green={"latency": 0.02}, rollout=rollout)
+    path = tmp_path / "turnout.yaml"
+    data = proxy_config([r.blue.url], [r.green.url], admin={"host": HOST, "port": 0})
+    r.proxy.config_path = str(path)
+    async with Load(r.url) as load:
+        assert (await r.post("start"))[0] == 200
+        await r.until_share(5.0)
+        strict = {"max_p99": "10ms", "max_p99_ratio": 100, "min_requests": 20}
+        reloaded = {**rollout, "steps": [10, 20, 100], "threshold": strict}
+        # YAML reads JSON: the file says split 50, new steps and a stricter max_p99.
+        path.write_text(json.dumps({**data, "split": 50, "rollout": reloaded}))
+        async with r.admin.post(f"{r.admin_url}/reload") as resp:
+            answer = await resp.json()
+            assert resp.status == 200, answer
+        kept = answer["after"]["kept_by_rollout"]
+        assert set(kept) == {"split", "rollout.steps"}, kept
+        assert "kept at 5" in kept["split"] and "5, 25, 50, 100" in kept["rollout.steps"]
+        assert r.kinds("reload")[-1]["kept_by_rollout"] == kept
+        assert r.split == 5.0 and (await r.status())["rollout"]["steps"] == STEPS
+        # The new max_p99 judges the step in progress: green is rolled back well before 60 s.
+        await r.until_state("rolled_back", timeout=5.0)
+    assert "max_p99 10.0 ms" in r.kinds("breach")[0]["reason"], r.kinds("breach")
+    assert r.split == 0.0
+    assert load.failed == 0, load
