@@ -324,9 +324,11 @@ def _reload_lines(answer: dict[str, Any]) -> list[str]:
     before, after = answer.get("before"), answer.get("after")
     later: Any = None
     changes: list[str] = []
+    kept: Any = None
     if isinstance(before, dict) and isinstance(after, dict):
         after = dict(after)
         later = after.pop("restart_needed", None)
+        kept = after.pop("kept_by_rollout", None)
         for key in dict.fromkeys([*before, *after]):
             if before.get(key) != after.get(key):
                 was, now = _compact(before.get(key), 300), _compact(after.get(key), 300)
@@ -337,6 +339,9 @@ def _reload_lines(answer: dict[str, Any]) -> list[str]:
     if isinstance(later, list) and later:
         names = ", ".join(_text(item) for item in later)
         lines.append(f"  restart needed: {names} (kept as they were until the next restart)")
+    if isinstance(kept, dict):
+        for key, why in kept.items():
+            lines.append(f"  kept by the rollout in progress: {_text(key)} {_compact(why, 300)}")
     return lines
 
 

@@ -630,6 +630,25 @@ async def test_reload_posts(
     assert capsys.readouterr().out.splitlines() == ["reload: ok", "  a1 -> b2"]
 
 
+async def test_reload_names_what_the_rollout_in_progress_keeps(
+    aiohttp_server: ServerFactory, no_token: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeAdmin()
+    url = await start_admin(aiohttp_server, fake)
+    kept = {"split": "kept at 25: the adaptive rollout in progress steers it"}
+    fake.answers[("POST", "/reload")] = (
+        200,
+        {"what": "reload", "before": {"split": 0}, "after": {"split": 80, "kept_by_rollout": kept}},
+    )
+    assert await cli("reload", "--admin", url) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "reload: ok",
+        "  split: 0 -> 80",
+        "  kept by the rollout in progress: split kept at 25: the adaptive rollout in progress "
+        "steers it",
+    ]
+
+
 async def test_admin_url_with_a_path_prefix(aiohttp_server: ServerFactory, no_token: None) -> None:
     fake = FakeAdmin()
     url = await start_admin(aiohttp_server, fake)
