@@ -85,6 +85,25 @@ async def load(url: str, stop: asyncio.Event, results: Counter[Any], clients: in
         await asyncio.gather(*(client(session) for _ in range(clients)))
 
 
+async def first_process(config: dict[str, Any], tmp_path: Path) -> tuple[Path, str, Process]:
+    """Write `config` and start a Turnout on it that a successor may take over: the config
+    file, the takeover socket's path and the process."""
+    path = tmp_path / "turnout.yaml"
+    path.write_text(yaml.safe_dump(config))
+    handover = str(tmp_path / "handover.sock")
+    return path, handover, await Process.start("-c", str(path), "--takeover-socket", handover)
+
+
+async def stop_cleanly(serving: Process, processes: list[Process]) -> None:
+    """SIGTERM the process that serves (it exits 0); no process printed a traceback."""
+    serving.proc.terminate()
+    async with asyncio.timeout(15):
+        assert await serving.proc.wait() == 0
+    for process in processes:
+        await process.drain_output()
+        assert b"Traceback" not in b"".join(process.lines)
+
+
 async def test_takeover_under_load_drops_nothing(sample: SampleFactory, tmp_path: Path) -> None:
     """Two hot restarts in a row under load: each new process takes the sockets over, the old
     one drains and exits 0, no client sees an error, and the split carries over. The second
@@ -101,10 +120,7 @@ async def test_takeover_under_load_drops_nothing(sample: SampleFactory, tmp_path
         "split": 40,
         "drain": {"timeout": "5s"},
     }
-    path = tmp_path / "turnout.yaml"
-    path.write_text(yaml.safe_dump(config))
-    handover = str(tmp_path / "handover.sock")
-    running = await Process.start("-c", str(path), "--takeover-socket", handover)
+    path, handover, running = await first_process(config, tmp_path)
     processes = [running]
     try:
         port = await running.port(LISTENING)
@@ -145,16 +161,6 @@ async def test_takeover_under_load_drops_nothing(sample: SampleFactory, tmp_path
     finally:
         for process in processes:
             process.kill()
-
-
-async def stop_cleanly(serving: Process, processes: list[Process]) -> None:
-    """SIGTERM the process that serves (it exits 0); no process printed a traceback."""
-    serving.proc.terminate()
-    async with asyncio.timeout(15):
-        assert await serving.proc.wait() == 0
-    for process in processes:
-        await process.drain_output()
-        assert b"Traceback" not in b"".join(process.lines)
 
 
 async def test_takeover_without_a_running_turnout_fails_clearly(tmp_path: Path) -> None:
@@ -205,10 +211,7 @@ async def until(admin: int, check: Any, timeout: float = 10.0) -> dict[str, Any]
 async def hot_restart(config: dict[str, Any], tmp_path: Path, before: Any, after: Any) -> None:
     """Run a Turnout under load, let `before(admin)` change its state, take it over, and once
     the old process has exited let `after(admin)` check the successor; no request may fail."""
-    path = tmp_path / "turnout.yaml"
-    path.write_text(yaml.safe_dump(config))
-    handover = str(tmp_path / "handover.sock")
-    old = await Process.start("-c", str(path), "--takeover-socket", handover)
+    path, handover, old = await first_process(config, tmp_path)
     processes = [old]
     try:
         port = await old.port(LISTENING)
@@ -313,10 +316,7 @@ async def test_the_draining_old_process_takes_no_more_admin_requests(
     WebSocket keeps it busy), every admin request must reach the successor, or a shift lands
     in the process that no longer serves and is answered 200 for nothing."""
     blue, green = await sample("blue"), await sample("green")
-    path = tmp_path / "turnout.yaml"
-    path.write_text(yaml.safe_dump(two_pools([blue.url], [green.url])))
-    handover = str(tmp_path / "handover.sock")
-    old = await Process.start("-c", str(path), "--takeover-socket", handover)
+    path, handover, old = await first_process(two_pools([blue.url], [green.url]), tmp_path)
     processes = [old]
     try:
         port = await old.port(LISTENING)
