@@ -660,7 +660,10 @@ def _ramp_text(ramp: Any) -> str:
     if not isinstance(ramp, dict):
         return _text(ramp)
     parts = [f"green to {_pct(ramp['target'])}"] if "target" in ramp else []
-    parts.extend(f"{k} {_text(v)}" for k, v in ramp.items() if k != "target")
+    remaining = ramp.get("remaining")
+    if _is_number(remaining) and _finite(remaining):
+        parts[-1:] = [f"{' '.join(parts[-1:])} in {_number(remaining)}s".lstrip()]
+    parts.extend(f"{k} {_text(v)}" for k, v in ramp.items() if k != "target" and k != "remaining")
     return ", ".join(parts) or "-"
 
 

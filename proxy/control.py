@@ -113,7 +113,9 @@ class Control:
     def ramp_status(self) -> dict[str, Any] | None:
         if self._ramp is None or self._ramp_target is None:
             return None
-        return {"target": self._ramp_target}
+        # Seconds left, to a tenth: where the ramp is going and when it gets there.
+        remaining = round(max(0.0, self._ramp_ends - self.proxy.loop.time()), 1)
+        return {"target": self._ramp_target, "remaining": remaining}
 
     def stop_ramp(self) -> None:
         """Leave the split where the ramp in progress got it (a successor carries it on)."""

@@ -34,7 +34,7 @@ STATUS: dict[str, Any] = {
     "candidate": "green",
     "config": "config/turnout.yaml",
     "listen": "0.0.0.0:8080",
-    "ramp": {"target": 50.0},
+    "ramp": {"target": 50.0, "remaining": 12.5},
     "pools": {
         "blue": {
             "available": 1,
@@ -144,7 +144,7 @@ def test_full_status_header_block() -> None:
     assert header_value(text, "candidate") == "green"
     assert header_value(text, "config") == "config/turnout.yaml"
     assert header_value(text, "listen") == "0.0.0.0:8080"
-    assert header_value(text, "ramp") == "green to 50%"
+    assert header_value(text, "ramp") == "green to 50% in 12.5s"
     assert header_value(text, "available") == "blue 1/1, green 1/2"
     assert (
         header_value(text, "rollout") == "adaptive, progressing, step 2 (steps 1, 5, 25, 50, 100)"

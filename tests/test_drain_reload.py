@@ -206,7 +206,8 @@ async def test_ramp_under_load(admin_factory: AdminFactory) -> None:
         answer = await admin.ok("PUT", "/split", {"green": 100, "over": "800ms"})
         assert answer["split"] == {"green": 100.0, "over": 0.8}
         start = load.started
-        assert (await admin.status())["ramp"] == {"target": 100.0}
+        ramp = (await admin.status())["ramp"]
+        assert ramp["target"] == 100.0 and 0.0 <= ramp["remaining"] <= 0.8
         await wait_for(lambda: admin.proxy.control.ramp_status() is None, TIMEOUT)
         end = load.started
         await load.more(150)
