@@ -27,6 +27,10 @@ DEFAULT_CONFIG_PATH = Path("config/turnout.yaml")
 # The shortest demo that still shows a whole rollout (proxy.demo.MIN_DURATION; not imported
 # from there, so that the commands that do not run the demo do not load it).
 DEMO_MIN_DURATION = 4.0
+# The sample upstream's bounds, as its /_control endpoint enforces them (proxy.sample; not
+# imported from there for the same reason).
+SAMPLE_MAX_LATENCY = 600.0
+SAMPLE_ERROR_STATUSES = (400, 599)
 
 
 def parse_duration_arg(value: str) -> float:
@@ -99,8 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share of requests that fail",
     )
-    up.add_argument("--error-status", type=int, default=500)
-    up.add_argument("--latency", type=parse_duration_arg, default=0.0, help="e.g. 50ms")
+    up.add_argument(
+        "--error-status",
+        type=bounded(int, *SAMPLE_ERROR_STATUSES, "an error status"),
+        default=500,
+        help="status of the failed requests, 400 to 599 (default 500)",
+    )
+    up.add_argument(
+        "--latency",
+        type=bounded(parse_duration_arg, 0.0, SAMPLE_MAX_LATENCY, "the latency (s)"),
+        default=0.0,
+        help="added to every ordinary request, e.g. 50ms (at most 10m)",
+    )
 
     demo = sub.add_parser("demo", help="self-contained demo of a cutover under live traffic")
     demo.add_argument("--bad-green", action="store_true", help="green fails a share of requests")

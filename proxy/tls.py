@@ -32,9 +32,9 @@ def server_context(cfg: TLSListen) -> ssl.SSLContext:
 
 
 class ListenerTLS:
-    """The context a listener is created with never changes; it hands every new connection
-    the *current* certificate's context (SNI callback), so a reload rotates certificates for
-    new connections while established ones keep theirs."""
+    """The context a listener is created with stays the same object; it hands every new
+    connection the *current* certificate's context (SNI callback), so a reload rotates
+    certificates for new connections while established ones keep theirs."""
 
     def __init__(self, cfg: TLSListen) -> None:
         self.current = server_context(cfg)
@@ -46,6 +46,10 @@ class ListenerTLS:
 
     def rotate(self, cfg: TLSListen) -> None:
         self.current = server_context(cfg)
+        # Switching the context in the SNI callback swaps the certificate but not the protocol
+        # versions, which OpenSSL copies from the listener's context when a connection starts:
+        # set them there, so a reloaded min_version applies to new connections too.
+        self.context.minimum_version = VERSIONS[cfg.min_version]
 
 
 def client_context(cfg: UpstreamTLS | None) -> ssl.SSLContext:

@@ -523,6 +523,13 @@ async def test_run_prints_its_address_and_exits_cleanly(sig: signal.Signals) -> 
         ["--port", "eighty"],
         ["--port", "0", "--error-rate", "2"],
         ["--port", "0", "--error-rate", "x"],
+        # The bounds /_control enforces: a status under 100 made every failed request a
+        # dropped connection, a huge latency a hang.
+        ["--port", "0", "--error-status", "99"],
+        ["--port", "0", "--error-status", "200"],
+        ["--port", "0", "--error-status", "600"],
+        ["--port", "0", "--latency", "1e9"],
+        ["--port", "0", "--latency", "11m"],
     ],
 )
 def test_bad_sample_arguments_are_usage_errors(

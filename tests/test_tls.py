@@ -254,6 +254,43 @@ async def test_reload_with_a_mismatched_pair_changes_nothing(
         await proxy.shutdown(timeout=0)
 
 
+async def test_reload_applies_a_new_min_version_to_new_connections(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    """min_version is read at reload like the certificate: a TLS 1.2 client is refused under
+    "1.3", let in once the file says "1.2", and refused again after going back to "1.3"."""
+    pair = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "listen")
+    data = proxy_config([], [])
+    data["listen"]["tls"] = {"cert": pair[0], "key": pair[1], "min_version": "1.3"}
+    path = tmp_path / "turnout.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proxy = Proxy(parse_config(data), config_path=str(path))
+    await proxy.start()
+    tls12 = ssl.create_default_context()
+    ca.configure_trust(tls12)
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+
+    async def handshake() -> str:
+        try:
+            _, writer = await asyncio.open_connection(HOST, proxy.port, ssl=tls12)
+        except (OSError, ssl.SSLError):  # an alert or a reset, depending on timing
+            return "refused"
+        version = writer.get_extra_info("ssl_object").version()
+        writer.close()
+        return str(version)
+
+    try:
+        async with asyncio.timeout(10):
+            assert await handshake() == "refused"
+            for version, expected in (("1.2", "TLSv1.2"), ("1.3", "refused")):
+                data["listen"]["tls"]["min_version"] = version
+                path.write_text(yaml.safe_dump(data))
+                await proxy.control.reload()
+                assert await handshake() == expected, version
+    finally:
+        await proxy.shutdown(timeout=0)
+
+
 def turnout_check(tmp_path: Path, data: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     """`turnout check` of `data` written as a YAML file, as an operator runs it."""
     path = tmp_path / "bad.yaml"
