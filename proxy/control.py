@@ -507,6 +507,8 @@ class Control:
 RESTART_ONLY = (
     ("listen.host", lambda c: c.listen.host),
     ("listen.port", lambda c: c.listen.port),
+    # Certificates and min_version are applied at reload; turning TLS on or off is not.
+    ("listen.tls", lambda c: c.listen.tls is None),
     ("admin", lambda c: (c.admin.host, c.admin.port, c.admin.token_env, c.admin.tls)),
     ("health_check", lambda c: c.health_check),
 )

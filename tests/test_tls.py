@@ -291,6 +291,30 @@ async def test_reload_applies_a_new_min_version_to_new_connections(
         await proxy.shutdown(timeout=0)
 
 
+async def test_turning_tls_on_or_off_by_reload_needs_a_restart(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    """The listener is created with TLS or without: a reload that turns it on or off says
+    that this waits for a restart (and the listener stays as it is)."""
+    pair = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "listen")
+    data = proxy_config([], [])
+    path = tmp_path / "turnout.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proxy = Proxy(parse_config(data), config_path=str(path))
+    try:
+        data["listen"]["tls"] = {"cert": pair[0], "key": pair[1]}
+        path.write_text(yaml.safe_dump(data))
+        change = await proxy.control.reload()
+        assert change.after["restart_needed"] == ["listen.tls"]
+        assert proxy.listener_tls is None
+        data["listen"].pop("tls")
+        path.write_text(yaml.safe_dump(data))
+        change = await proxy.control.reload()
+        assert "restart_needed" not in change.after
+    finally:
+        await proxy.shutdown(timeout=0)
+
+
 def turnout_check(tmp_path: Path, data: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     """`turnout check` of `data` written as a YAML file, as an operator runs it."""
     path = tmp_path / "bad.yaml"
