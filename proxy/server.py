@@ -376,9 +376,14 @@ class ClientConnection(asyncio.Protocol):
         )
         ex.response_started = True
         ex.status = status
+        if not ex.note:
+            ex.note = error  # the access log's reason: the proxy answered, not an upstream
         if close:
             ex.resp_close = True
-        self.write(head + (b"" if ex.no_body else body))
+        if not ex.no_body:
+            ex.bytes_out += len(body)
+            head += body
+        self.write(head)
 
     def _reject(self, status: int, detail: str) -> None:
         """Answer a request the parser refused, then close: the stream is out of step."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,26 @@ async def test_retries_and_sheds_are_named_in_the_log(
     assert retried, lines
     assert all(line["reason"] == "retried: status_503" for line in retried)
     assert all(line["upstream"] == blue.url for line in retried)
+
+
+async def test_answers_the_proxy_writes_itself_name_their_reason_and_size(
+    make_proxy: ProxyFactory, dead_url: Callable[[], str], tmp_path: Path
+) -> None:
+    # No upstream is reachable: the proxy answers 502/503 itself, JSON bodies of its own.
+    path = tmp_path / "access.log"
+    data = proxy_config([dead_url()], [], access_log={"to": str(path)}, retries={"attempts": 0})
+    data["health_check"] = {"interval": "60s"}
+    proxy = await make_proxy(data)
+    sizes: list[int] = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.get(f"http://127.0.0.1:{proxy.port}/") as resp:
+                assert resp.status in (502, 503)
+                sizes.append(len(await resp.read()))
+    lines = await logged(proxy, path, 3)
+    for line, size in zip(lines, sizes, strict=True):
+        assert line["reason"] in ("bad_gateway", "no_upstream"), line
+        assert line["bytes_out"] == size > 0
 
 
 async def test_sampling_is_honoured_within_statistical_bounds(
