@@ -117,8 +117,9 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     loop.add_signal_handler(signal.SIGUSR1, proxy.reopen_logs)
     # Said only once the handlers are in place: whoever reads it may signal at once.
-    print(f"turnout: proxy listening on http://{listen.host}:{port}", flush=True)
-    print(f"turnout: admin API on http://{admin.host}:{admin_port}", flush=True)
+    scheme, admin_scheme = ("https" if tls else "http" for tls in (listen.tls, admin.tls))
+    print(f"turnout: proxy listening on {scheme}://{listen.host}:{port}", flush=True)
+    print(f"turnout: admin API on {admin_scheme}://{admin.host}:{admin_port}", flush=True)
     if isinstance(proxy, LeaderProxy) and proxy.pool is not None:
         pids = ", ".join(str(w.pid) for w in proxy.pool.workers)
         print(f"turnout: {workers} workers share the port (pids {pids})", flush=True)

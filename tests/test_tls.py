@@ -349,3 +349,29 @@ def test_missing_cert_file_is_a_config_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "listen.tls.cert" in result.stderr
     assert "listen.tls.key" in result.stderr
+
+
+async def test_turnout_run_names_the_tls_listener_https(ca: trustme.CA, tmp_path: Path) -> None:
+    pair = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "listen")
+    data = proxy_config([], [], admin={"host": HOST, "port": 0})
+    data["listen"]["tls"] = {"cert": pair[0], "key": pair[1]}
+    path = tmp_path / "turnout.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "-c", str(path),
+        "--takeover-socket", str(tmp_path / "handover.sock"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(20):
+            lines = [await proc.stdout.readline() for _ in range(2)]
+            while not lines[-1].startswith(b"turnout: admin API on "):
+                lines.append(await proc.stdout.readline())
+                assert lines[-1], lines
+    finally:
+        proc.terminate()
+        await proc.wait()
+    said = b"".join(lines)
+    assert b"turnout: proxy listening on https://127.0.0.1:" in said, said
+    assert b"turnout: admin API on http://127.0.0.1:" in said, said
