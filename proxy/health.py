@@ -303,6 +303,13 @@ class HealthChecker:
         else:
             watch.failures += 1
             watch.passes = 0
+            if watch.cold and watch.probes == 1:
+                # Never healthy, so no transition will say why: say it once, at the first try.
+                log.warning(
+                    "upstream %s gets no traffic until a check passes; the first one failed: %s",
+                    upstream.key,
+                    result.detail,
+                )
             if upstream.healthy and watch.failures >= self.unhealthy_after:
                 reason = f"{_plural(watch.failures, 'failed')} (last: {result.detail})"
                 self._set(upstream, False, reason)

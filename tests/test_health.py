@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -448,7 +449,10 @@ async def test_streaks_follow_the_script_exactly() -> None:
     ]
 
 
-async def test_cold_upstream_failing_first_stays_out_until_its_first_pass() -> None:
+async def test_cold_upstream_failing_first_stays_out_until_its_first_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="turnout.health")
     prober = Prober(script=[False] * 5 + [True])
     changes = Changes(prober)
     hc = checker(changes, prober, healthy_after=3, unhealthy_after=1)
@@ -458,6 +462,9 @@ async def test_cold_upstream_failing_first_stays_out_until_its_first_pass() -> N
     await hc.close()
     assert upstream.healthy
     assert [(healthy, n) for _, healthy, _, n in changes.calls] == [(False, 0), (True, 6)]
+    # No transition says why it stayed out: the first failure is logged, once.
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "the first one failed" in warning and upstream.key in warning
 
 
 async def test_cold_watch_of_an_already_unhealthy_upstream_reports_only_the_pass() -> None:
