@@ -39,6 +39,13 @@ def write_pair(cert: trustme.LeafCert, tmp: Path, name: str) -> tuple[str, str]:
     return str(cert_path), str(key_path)
 
 
+def proxy_on_file(data: dict[str, Any], tmp_path: Path) -> tuple[Proxy, Path]:
+    """A proxy built from `data` written to a file first, so that a reload reads the file."""
+    path = tmp_path / "turnout.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return Proxy(parse_config(data), config_path=str(path)), path
+
+
 async def https_upstream(
     ca: trustme.CA, name: str, *, client_ca: trustme.CA | None = None
 ) -> tuple[web.AppRunner, int, list[Any]]:
@@ -185,9 +192,7 @@ async def test_certificate_rotation_under_load_fails_nothing(
         second = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "second")
         data = proxy_config([f"http://{HOST}:{runner.addresses[0][1]}"], [])
         data["listen"]["tls"] = {"cert": first[0], "key": first[1]}
-        path = tmp_path / "turnout.yaml"
-        path.write_text(yaml.safe_dump(data))
-        proxy = Proxy(parse_config(data), config_path=str(path))
+        proxy, path = proxy_on_file(data, tmp_path)
         await proxy.start()
         ctx = ssl.create_default_context()
         ca.configure_trust(ctx)
@@ -238,9 +243,7 @@ async def test_reload_with_a_mismatched_pair_changes_nothing(
     other = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "other")
     data = proxy_config([], [])
     data["listen"]["tls"] = {"cert": good[0], "key": good[1]}
-    path = tmp_path / "turnout.yaml"
-    path.write_text(yaml.safe_dump(data))
-    proxy = Proxy(parse_config(data), config_path=str(path))
+    proxy, path = proxy_on_file(data, tmp_path)
     try:
         data["listen"]["tls"] = {"cert": good[0], "key": other[1]}
         path.write_text(yaml.safe_dump(data))
@@ -262,9 +265,7 @@ async def test_reload_applies_a_new_min_version_to_new_connections(
     pair = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "listen")
     data = proxy_config([], [])
     data["listen"]["tls"] = {"cert": pair[0], "key": pair[1], "min_version": "1.3"}
-    path = tmp_path / "turnout.yaml"
-    path.write_text(yaml.safe_dump(data))
-    proxy = Proxy(parse_config(data), config_path=str(path))
+    proxy, path = proxy_on_file(data, tmp_path)
     await proxy.start()
     tls12 = ssl.create_default_context()
     ca.configure_trust(tls12)
@@ -298,9 +299,7 @@ async def test_turning_tls_on_or_off_by_reload_needs_a_restart(
     that this waits for a restart (and the listener stays as it is)."""
     pair = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "listen")
     data = proxy_config([], [])
-    path = tmp_path / "turnout.yaml"
-    path.write_text(yaml.safe_dump(data))
-    proxy = Proxy(parse_config(data), config_path=str(path))
+    proxy, path = proxy_on_file(data, tmp_path)
     try:
         data["listen"]["tls"] = {"cert": pair[0], "key": pair[1]}
         path.write_text(yaml.safe_dump(data))
