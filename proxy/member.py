@@ -96,10 +96,9 @@ class MemberProxy(Proxy):
         """Limits are per upstream: each worker enforces its share, so that the upstream sees
         at most the configured figures from all workers together."""
         limits, n = self.config.limits, self.workers
-        return {
+        return super().admission_settings() | {
             "max_in_flight": math.ceil(limits.max_in_flight / n),
             "queue": math.ceil(limits.queue / n),
-            "queue_timeout": limits.queue_timeout,
             "rate": None if limits.rate is None else limits.rate / n,
         }
 

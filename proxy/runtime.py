@@ -203,25 +203,11 @@ class Proxy:
     def breaker_settings(self) -> dict[str, Any]:
         """An upstream's breaker thresholds by the configuration in force."""
         b = self.config.breaker
-        return {
-            "consecutive_failures": b.consecutive_failures,
-            "failure_ratio": b.failure_ratio,
-            "min_requests": b.min_requests,
-            "window": b.window,
-            "open_for": b.open_for,
-            "half_open_requests": b.half_open_requests,
-            "max_open_for": max(b.open_for, min(60.0, 8 * b.open_for)),
-        }
+        return b.model_dump() | {"max_open_for": max(b.open_for, min(60.0, 8 * b.open_for))}
 
     def admission_settings(self) -> dict[str, Any]:
         """An upstream's limits by the configuration in force."""
-        limits = self.config.limits
-        return {
-            "max_in_flight": limits.max_in_flight,
-            "queue": limits.queue,
-            "queue_timeout": limits.queue_timeout,
-            "rate": limits.rate,
-        }
+        return self.config.limits.model_dump()
 
     def pool_context(self, pool: PoolName) -> ssl.SSLContext:
         """The client TLS context of a pool's https:// upstreams, built on first use."""
