@@ -174,11 +174,7 @@ class Control:
                 continue
             if any((u.host, u.port) == (cfg.host, cfg.port) for u in router.pools[name]):
                 continue
-            upstream = self.proxy.new_upstream(name, len(router.pools[name]), cfg)
-            router.pools[name] = (*router.pools[name], upstream)
-            self.proxy.watch(upstream, cold=item.get("healthy") is not True)
-            router.refresh()
-            self.events.publish("upstream_added", upstream=upstream.key, url=upstream.url)
+            self._append(name, cfg, cold=item.get("healthy") is not True)
         for item in _items(state.get("draining")):
             for upstream in router.pools[item["pool"]]:
                 if upstream.url == item["url"]:
@@ -319,12 +315,19 @@ class Control:
                 raise ControlError(
                     409, "duplicate upstream", f"{cfg.url} is already {existing.key}"
                 )
-        upstream = self.proxy.new_upstream(name, len(router.pools[name]), cfg)
-        router.pools[name] = (*router.pools[name], upstream)
-        self.proxy.watch(upstream)
+        upstream = self._append(name, cfg, cold=True)
+        return Change(f"add {upstream.key}", None, {"url": upstream.url, "weight": upstream.weight})
+
+    def _append(self, pool: PoolName, cfg: UpstreamConfig, *, cold: bool) -> Upstream:
+        """A new upstream at the end of `pool`, watched by the health checks (out of rotation
+        until its first pass when `cold`)."""
+        router = self.proxy.router
+        upstream = self.proxy.new_upstream(pool, len(router.pools[pool]), cfg)
+        router.pools[pool] = (*router.pools[pool], upstream)
+        self.proxy.watch(upstream, cold=cold)
         router.refresh()
         self.events.publish("upstream_added", upstream=upstream.key, url=upstream.url)
-        return Change(f"add {upstream.key}", None, {"url": upstream.url, "weight": upstream.weight})
+        return upstream
 
     def remove_upstream(self, pool: str, index: int, *, by: str = "operator") -> Change:
         upstream = self.upstream(pool, index)

@@ -14,6 +14,7 @@ from .health import probe
 from .strategy import Decision, StepState, Verdict, analysed_steps, decide_adaptive
 
 if TYPE_CHECKING:
+    from .config import ThresholdConfig
     from .runtime import Proxy
 
 TICK = 0.1
@@ -61,7 +62,8 @@ class RolloutController:
         self._gate_ok_at = -1.0
         self._error_test: ErrorTest | None = None
         self._latency_test: LatencyTest | None = None
-        self._threshold: object = None
+        # The threshold the tests were built with: a reload that brings another rebuilds them.
+        self._threshold: ThresholdConfig | None = None
         self._candidate_lost = False
         self._last_note: str | None = None
 
