@@ -74,8 +74,8 @@ class AccessLog:
         self._closing = threading.Event()
         self._file: IO[str] | None = None
         self._open()
-        self._thread = threading.Thread(target=self._run, name="turnout-access-log", daemon=True)
-        self._thread.start()
+        self._writer = threading.Thread(target=self._run, name="turnout-access-log", daemon=True)
+        self._writer.start()
 
     def wants(self) -> bool:
         """Whether this request is in the sample (decided before an entry is built)."""
@@ -96,7 +96,7 @@ class AccessLog:
     def close(self) -> None:
         """Write what is queued, then stop the writer (blocking: call it off the loop)."""
         self._closing.set()
-        self._thread.join(timeout=5)
+        self._writer.join(timeout=5)
         if self._file is not None and self.to not in ("stdout", "stderr"):
             self._file.close()
 

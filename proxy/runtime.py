@@ -31,7 +31,7 @@ from .routing import PoolName, SplitSpreader
 from .server import ClientConnection
 from .stats import Histogram, PoolStats
 from .tls import ListenerTLS, client_context, server_context
-from .upstream import Upstream
+from .upstream import Upstream, protocol_factory
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -126,8 +126,7 @@ class Proxy:
         self.settings = Settings.from_config(config)
         self.rng = rng or random.Random()
         self.spreader = SplitSpreader(config.split)
-        # The pool that holds the traffic; it flips at each promotion.
-        self.stable: PoolName = "green" if config.split == 100.0 else "blue"
+        self._stable: PoolName = "green" if config.split == 100.0 else "blue"
         self.events = EventBus()
         self._refresh_pending = False
         self.pool_tls: dict[PoolName, ssl.SSLContext] = {}
@@ -295,6 +294,19 @@ class Proxy:
 
     # what the data path reports --------------------------------------------------
 
+    @property
+    def stable(self) -> PoolName:
+        """The pool that holds the traffic; it flips at each promotion."""
+        return self._stable
+
+    @stable.setter
+    def stable(self, pool: PoolName) -> None:
+        self._stable = pool
+        self.stable_changed()
+
+    def stable_changed(self) -> None:
+        """Called when the stable pool flips (a supervisor tells its workers)."""
+
     def record_outcome(self, pool: PoolName, error: bool, latency: float) -> None:
         self.windows[pool].record(self.loop.time(), error, latency)
         if error and pool != self.stable:
@@ -343,7 +355,7 @@ class Proxy:
         sock = await self.checked_listener(sock)
         tls = self.listener_tls
         self.server = await self.loop.create_server(
-            lambda: ClientConnection(self),
+            protocol_factory(lambda: ClientConnection(self)),
             sock=sock,
             backlog=BACKLOG,
             ssl=tls.context if tls is not None else None,

@@ -42,8 +42,8 @@ class HeadError(Exception):
         self.detail = detail
 
 
-class ClientConnection(asyncio.Protocol):
-    """One client connection; runs its requests one at a time, in order."""
+class ClientConnection:
+    """One client connection (an asyncio protocol); runs its requests one at a time, in order."""
 
     PAUSE_PIPELINE = 1
     PAUSE_BODY = 2

@@ -19,6 +19,7 @@ Messages are plain JSON-ready dicts (`to_wire` / `from_wire`) so any transport c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,8 +31,6 @@ from .router import POOLS
 from .routing import PoolName
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
-
     from .runtime import Proxy
     from .upstream import Upstream
 
@@ -269,8 +268,13 @@ class SharedAdmission(Admission):
 
     __slots__ = ("members", "shed_totals")
 
-    def __init__(self, **limits: Any) -> None:
-        super().__init__(**limits)
+    def __init__(
+        self, *, max_in_flight: int, queue: int, queue_timeout: float, rate: float | None = None
+    ) -> None:
+        # Keywords spelled out: mypyc passes a **kwargs dict on to a compiled base wrongly.
+        super().__init__(
+            max_in_flight=max_in_flight, queue=queue, queue_timeout=queue_timeout, rate=rate
+        )
         self.members: dict[str, tuple[int, int]] = {}  # member -> (in flight, queued)
         self.shed_totals = dict.fromkeys(SHED_REASONS, 0)
 
@@ -305,8 +309,29 @@ class SharedBreaker(Breaker):
 
     __slots__ = ("members",)
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        *,
+        consecutive_failures: int,
+        failure_ratio: float,
+        min_requests: int,
+        window: float,
+        open_for: float,
+        half_open_requests: int,
+        clock: Callable[[], float],
+        max_open_for: float | None = None,
+    ) -> None:
+        # Keywords spelled out: mypyc passes a **kwargs dict on to a compiled base wrongly.
+        super().__init__(
+            consecutive_failures=consecutive_failures,
+            failure_ratio=failure_ratio,
+            min_requests=min_requests,
+            window=window,
+            open_for=open_for,
+            half_open_requests=half_open_requests,
+            clock=clock,
+            max_open_for=max_open_for,
+        )
         self.members: dict[str, BreakerState] = {}
 
     @property

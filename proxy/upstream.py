@@ -7,6 +7,7 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -173,15 +174,15 @@ class Upstream:
 
     async def connect(self, timeout: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
+        conn = UpstreamConnection(self)
+        factory = protocol_factory(lambda: conn)
         try:
             async with asyncio.timeout(timeout):
                 if self.ssl is None:
-                    _, conn = await loop.create_connection(
-                        lambda: UpstreamConnection(self), self.host, self.port
-                    )
+                    await loop.create_connection(factory, self.host, self.port)
                 else:
-                    _, conn = await loop.create_connection(
-                        lambda: UpstreamConnection(self),
+                    await loop.create_connection(
+                        factory,
                         self.host,
                         self.port,
                         ssl=self.ssl,
@@ -244,8 +245,16 @@ class Upstream:
         )
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection to an upstream, serving one exchange at a time."""
+def protocol_factory(factory: Callable[[], object]) -> Callable[[], asyncio.Protocol]:
+    """`factory` as the event loop's protocol factory. The data path's protocols do not
+    inherit asyncio.Protocol (compiled, they are native classes, which cannot): the loop only
+    calls their methods, and this tells the type checker so."""
+    return cast("Callable[[], asyncio.Protocol]", factory)
+
+
+class UpstreamConnection:
+    """One keep-alive HTTP/1.1 connection to an upstream, serving one exchange at a time
+    (an asyncio protocol)."""
 
     __slots__ = (
         "closed",
@@ -335,6 +344,9 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             # httptools re-raises a callback's exception as the context of its own error.
             self._fail(BadResponse(str(exc.__context__ or exc)))
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes; connection_lost reports to the exchange
 
     def pause_writing(self) -> None:
         if self.sink is not None:

@@ -59,7 +59,7 @@ STABLE_RUN = 10.0  # a worker that ran this long restarts without backoff
 LAG_HISTORY = 64
 
 
-class WorkerError(RuntimeError):
+class WorkerError(Exception):
     """The workers could not be started."""
 
 
@@ -79,10 +79,9 @@ class LeaderProxy(Proxy):
         command: Sequence[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        # Set before Proxy.__init__, which builds the upstreams (new_upstream) and sets stable.
+        # Set before Proxy.__init__, which builds the upstreams (new_upstream).
         self.shared: dict[UpstreamKey, Upstream] = {}
         self.pool: WorkerPool | None = None
-        self._stable: PoolName = "blue"
         self._clock = clock
         self._publish_pending = False
         super().__init__(config, config_path=config_path)
@@ -95,13 +94,7 @@ class LeaderProxy(Proxy):
 
     # shared state --------------------------------------------------------------
 
-    @property
-    def stable(self) -> PoolName:
-        return self._stable
-
-    @stable.setter
-    def stable(self, pool: PoolName) -> None:
-        self._stable = pool
+    def stable_changed(self) -> None:
         self.routing_changed()
 
     def set_split(self, split: float) -> None:
