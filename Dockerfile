@@ -9,16 +9,25 @@
 # your own. To reach the admin API from outside the container, set admin.host to 0.0.0.0 and
 # pass a token (-e TURNOUT_ADMIN_TOKEN=...). Give `docker stop` more time than drain.timeout
 # (30 s by default) so that requests in flight finish: --stop-timeout 35.
+
+# Build stage: the full image has the C compiler that mypyc needs to compile the data path
+# (setup.py); the wheels it builds carry the compiled modules into the slim image.
+FROM python:3.11 AS build
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY proxy ./proxy
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1
 
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY proxy ./proxy
-RUN pip install --no-cache-dir . && rm -rf /src
+COPY --from=build /wheels /wheels
+# Fails the build when the data path did not compile (it would run, at half the speed).
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+    && python -c "import sys, proxy.native as n; print(n.describe()); sys.exit(n.BUILD != 'compiled')"
 
 COPY config/turnout.yaml /etc/turnout/turnout.yaml
 RUN groupadd --system --gid 10001 turnout \

@@ -10,7 +10,9 @@
 Needs wrk (apt-get install wrk). The upstream is nginx serving fixed bodies when nginx is
 installed (apt-get install nginx), else Turnout's sample upstream (much slower, so the
 proxies' ratios to "direct" then say little). HAProxy is measured when installed
-(apt-get install haproxy). This script installs nothing. Every proxy runs as one process
+(apt-get install haproxy). When Turnout's data path is compiled (see setup.py) the same
+Turnout also runs from its Python sources (turnout-py, TURNOUT_PURE=1): what compiling gains.
+This script installs nothing. Every proxy runs as one process
 pinned to core 1; wrk and the upstream share core 0. Rounds are interleaved and medians
 reported; quote the ratios, not the absolute figures.
 """
@@ -34,6 +36,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
+
+from proxy import native
 
 HOST = "127.0.0.1"
 PROXY_CORE = "1"
@@ -327,6 +331,12 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
     (tmp / "turnout.yaml").write_text(turnout_conf(port, blue, green))
     turnout_cmd = [sys.executable, "-m", "proxy", "run", "-c", str(tmp / "turnout.yaml")]
     targets["turnout"] = (turnout_cmd, port)
+    if native.BUILD == "compiled":
+        # The same Turnout from its Python sources: what compiling the data path gains.
+        port = free_port()
+        (tmp / "turnout-py.yaml").write_text(turnout_conf(port, blue, green))
+        source_cmd = ["env", "TURNOUT_PURE=1", *turnout_cmd[:-1], str(tmp / "turnout-py.yaml")]
+        targets["turnout-py"] = (source_cmd, port)
     scrapes: dict[str, str] = {}
     if args.scrape:
         # The same Turnout, its /metrics read every `--scrape` seconds while wrk runs.

@@ -10,6 +10,7 @@ from typing import Any
 
 import uvloop
 
+from . import native
 from .admin import AdminSetupError
 from .config import Config
 from .control import ControlError
@@ -123,6 +124,7 @@ async def serve(
     if isinstance(proxy, LeaderProxy) and proxy.pool is not None:
         pids = ", ".join(str(w.pid) for w in proxy.pool.workers)
         print(f"turnout: {workers} workers share the port (pids {pids})", flush=True)
+    print(f"turnout: {native.describe()}", flush=True)
     # Hot restart hands over one process's sockets and state; not (yet) a supervisor's.
     handover = None
 

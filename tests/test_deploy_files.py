@@ -529,9 +529,10 @@ def test_dockerfile_copies_files_that_exist() -> None:
     for src in sources:
         assert (ROOT / src).exists(), src
         assert not ignored(src), f"{src} is excluded by .dockerignore"
-    # `pip install .` in the image needs the project file, its readme and the package.
+    # Building the wheel in the image needs the project file, its readme, setup.py (which
+    # compiles the data path) and the package.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert {"pyproject.toml", project["readme"], "proxy"} <= set(sources)
+    assert {"pyproject.toml", "setup.py", project["readme"], "proxy"} <= set(sources)
 
 
 def test_dockerfile_runs_turnout_as_non_root_with_its_ports() -> None:

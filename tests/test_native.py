@@ -1,0 +1,91 @@
+"""The compiled data path and its fallback: compiled modules run only while they match their
+sources; otherwise, or with TURNOUT_PURE=1, every one of them is imported from its source,
+and the proxy serves the same either way."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import SampleFactory, proxy_config
+from test_shutdown import ProcessFactory, turnout  # noqa: F401 (the fixture)
+
+import proxy
+from proxy import native
+
+PACKAGE = Path(proxy.__file__).parent
+WHICH = (
+    "import proxy.native as n, proxy.exchange as e, proxy.headers as h; "
+    "print(n.BUILD); print(n.WHY); print(e.__file__); print(h.__file__)"
+)
+
+
+def which(env: dict[str, str], cwd: Path | None = None) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", WHICH],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return out.stdout.splitlines()
+
+
+def plain_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TURNOUT_PURE"}
+    return env | extra
+
+
+def test_the_build_in_use_is_the_one_imported() -> None:
+    build, _, exchange, headers = which(plain_env())
+    suffix = ".py" if build == "source" else ".so"
+    if native.BUILD == "compiled":
+        assert build == "compiled"
+    assert exchange.endswith(suffix) and headers.endswith(suffix)
+
+
+def test_turnout_pure_imports_every_module_from_its_source() -> None:
+    build, why, exchange, headers = which(plain_env(TURNOUT_PURE="1"))
+    assert build == "source"
+    assert exchange.endswith("exchange.py") and headers.endswith("headers.py")
+    if native.BUILD == "compiled":
+        assert why == "TURNOUT_PURE is set"
+
+
+@pytest.mark.skipif(native.BUILD != "compiled", reason="the data path is not compiled here")
+def test_an_edited_source_is_not_shadowed_by_its_stale_compiled_module(tmp_path: Path) -> None:
+    copy = tmp_path / "proxy"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with (copy / "headers.py").open("a") as f:
+        f.write("\nEDITED = True\n")
+    env = plain_env(PYTHONPATH=str(tmp_path))
+    build, why, exchange, headers = which(env, cwd=tmp_path)
+    assert build == "source"
+    assert why == "headers.py changed since the install (reinstall to compile)"
+    # All of them, not only the edited one: compiled modules use each other's classes.
+    assert exchange == str(copy / "exchange.py")
+    assert headers == str(copy / "headers.py")
+
+
+async def test_a_proxy_on_the_sources_serves(
+    sample: SampleFactory,
+    turnout: ProcessFactory,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TURNOUT_PURE", "1")
+    blue, green = await sample("blue"), await sample("green")
+    process = await turnout(proxy_config([blue.url], [green.url]))
+    await process.wait_line(re.compile(r"^turnout: data path from Python sources: TURNOUT_PURE"))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.get(process.url + "/hello") as resp:
+                assert resp.status == 200
+                assert resp.headers["X-Upstream"] == "blue"
