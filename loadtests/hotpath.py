@@ -1,7 +1,7 @@
 """Python cost of one request on Turnout's data path, without sockets.
 
     python -m loadtests.hotpath                  # 20,000 requests a round, best of 7 rounds
-    python -m loadtests.hotpath --profile        # where the time goes (cProfile, by own time)
+    TURNOUT_PURE=1 python -m loadtests.hotpath --profile   # where the time goes (cProfile)
 
 Drives the real client and upstream protocols of a real proxy (every feature on: split,
 balancer, breakers, admission, retry budget, metrics, analysis windows) through in-memory
@@ -29,6 +29,7 @@ import httptools
 import uvloop
 import yaml
 
+from proxy import native
 from proxy.config import parse_config
 from proxy.runtime import Proxy
 from proxy.server import ClientConnection
@@ -161,7 +162,10 @@ async def measure(args: argparse.Namespace) -> None:
     baseline = llhttp_alone()
     gc.collect()
     gc.freeze()  # as `turnout run` does after start
+    print(native.describe())
     if args.profile:
+        if native.BUILD == "compiled":
+            print("the profiler cannot see into compiled modules: run with TURNOUT_PURE=1")
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(args.requests):
