@@ -66,9 +66,11 @@ def _choose() -> tuple[str, str]:
             return "compiled", "mypyc"
         if changed:
             why = f"{', '.join(f'{name}.py' for name in changed)} changed since the install"
+            why += " (reinstall to compile)"
+        elif len(missing) > len(sources):
+            why = "the install could not compile it (is a C compiler installed?)"
         else:
-            why = f"compiled modules missing: {', '.join(missing)}"
-        why += " (reinstall to compile)"
+            why = f"compiled modules missing: {', '.join(missing)} (reinstall to compile)"
     sys.meta_path.insert(0, SourcesFirst(list(sources)))
     return "source", why
 
