@@ -427,7 +427,8 @@ class Exchange:
             try:
                 conn = await upstream.connect(self.client.proxy.settings.connect_timeout)
             except ConnectError as exc:
-                self.detail = f"connect to {upstream.url} failed: {exc}"
+                # The upstream by its key: the answer goes to clients, its address must not.
+                self.detail = f"connect to {upstream.key} failed: {exc}"
                 self._settle(Outcome.CONNECT_ERROR)
                 return
             if self.client.closed or self.error is not None:

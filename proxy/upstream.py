@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 from collections import deque
@@ -197,7 +198,9 @@ class Upstream:
             log.warning("TLS to upstream %s failed: %s", self.url, exc)
             raise ConnectError(f"TLS handshake failed: {exc.reason or exc}") from exc
         except OSError as exc:
-            raise ConnectError(exc.strerror or str(exc)) from exc
+            # The reason alone ("Connection refused"): the loop's own text names the address.
+            reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
+            raise ConnectError(reason) from exc
         return conn
 
     def release(self, conn: UpstreamConnection, reusable: bool, now: float) -> None:
