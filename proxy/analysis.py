@@ -245,6 +245,10 @@ class PoolWindow:
         """Seconds of history always covered (the ring holds one partial bucket more)."""
         return (self._slots - 1) * self._bucket
 
+    @property
+    def buckets(self) -> int:
+        return self._slots
+
     def record(self, now: float, error: bool, latency: float) -> None:
         """Count one upstream outcome (hot path: O(1), no allocation of containers)."""
         tick = int(now * self._per_second)

@@ -114,6 +114,8 @@ def _validate_also(
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
 _DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_DURATION = 7 * 24 * 3600.0  # a week: no timeout or interval of a proxy needs more
+MAX_COUNT = 1_000_000
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
@@ -141,6 +143,8 @@ def parse_duration(value: object) -> float:
         raise ValueError(f"invalid duration {value!r}: must be finite")
     if seconds < 0:
         raise ValueError(f"invalid duration {value!r}: must not be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"invalid duration {value!r}: at most {MAX_DURATION // 3600:.0f}h")
     return seconds
 
 
@@ -268,6 +272,9 @@ def _split_url(url: str) -> tuple[str, str, int]:
 
 
 Port = Annotated[int, Strict(), Field(ge=0, le=65535)]
+# Counts that size queues and tables, or are divided among workers: bounded so that a typo of
+# a few digits is an error at check time rather than an overflow at run time.
+Count = Annotated[int, Strict(), Field(ge=1, le=MAX_COUNT)]
 Host = Annotated[str, Strict(), Field(min_length=1)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
@@ -300,7 +307,7 @@ class ListenConfig(_Model):
 
     host: Host = "0.0.0.0"
     port: Port = 8080
-    max_connections: Annotated[int, Strict(), Field(gt=0)] = 10000
+    max_connections: Count = 10000
     tls: TLSListen | None = None
 
 
@@ -420,8 +427,8 @@ class TimeoutsConfig(_Model):
 class LimitsConfig(_Model):
     """Per-upstream admission: in-flight limit, bounded queue, optional rate (requests/s)."""
 
-    max_in_flight: Annotated[int, Strict(), Field(ge=1)] = 256
-    queue: Annotated[int, Strict(), Field(ge=0)] = 512
+    max_in_flight: Count = 256
+    queue: Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)] = 512
     queue_timeout: PositiveDuration = 1.0
     rate: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] | None = None
 

@@ -40,6 +40,7 @@ log = logging.getLogger("turnout")
 
 TICK = 0.5
 BACKLOG = 4096
+WINDOW_BUCKETS = 1200  # time buckets of an analysis window at most
 ROLLBACK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -159,7 +160,10 @@ class Proxy:
 
     @staticmethod
     def _window(config: Config) -> PoolWindow:
-        return PoolWindow(span=max(60.0, 3 * config.rollout.interval), bucket=0.25)
+        # Three steps of history in quarter seconds; a long step gets coarser buckets rather
+        # than a table that grows with it (an hour-long step would take hundreds of MB).
+        span = max(60.0, 3 * config.rollout.interval)
+        return PoolWindow(span=span, bucket=max(0.25, span / WINDOW_BUCKETS))
 
     def _build_pools(self, config: Config) -> dict[PoolName, tuple[Upstream, ...]]:
         return {

@@ -26,6 +26,8 @@ from proxy.analysis import (
     WindowFigures,
     mixture_log_lr,
 )
+from proxy.config import parse_config
+from proxy.runtime import WINDOW_BUCKETS, Proxy
 
 
 def nearest_rank(values: list[float], percent: int) -> float:
@@ -138,6 +140,26 @@ def test_bad_shapes_are_refused() -> None:
         PoolWindow(span=0.5, bucket=1.0)
     with pytest.raises(ValueError):
         PoolWindow(span=5, bucket=0)
+
+
+@pytest.mark.parametrize(("interval", "bucket"), [("10s", 0.25), ("100s", 0.25), ("1h", 9.0)])
+async def test_a_long_rollout_step_gets_coarser_buckets_not_a_bigger_window(
+    interval: str, bucket: float
+) -> None:
+    # Three steps of history at most WINDOW_BUCKETS buckets: an hour-long step took 340 MB.
+    config = parse_config(
+        {
+            "pools": {
+                "blue": {"upstreams": [{"url": "http://127.0.0.1:1"}]},
+                "green": {"upstreams": [{"url": "http://127.0.0.1:2"}]},
+            },
+            "rollout": {"interval": interval},
+        }
+    )
+    window = Proxy(config).windows["blue"]
+    assert window.buckets <= WINDOW_BUCKETS + 1
+    assert window.span == pytest.approx(max(60.0, 3 * config.rollout.interval))
+    assert window.span / (window.buckets - 1) == pytest.approx(bucket)
 
 
 def test_quantiles_within_the_stated_error_bound() -> None:

@@ -18,6 +18,7 @@ from proxy import config as config_module
 from proxy.accesslog import log_problems
 from proxy.config import (
     DEFAULT_CONFIG_YAML,
+    MAX_DURATION,
     Config,
     ConfigError,
     UpstreamConfig,
@@ -163,8 +164,12 @@ def test_duration_forms(text: object, seconds: float) -> None:
 
 @given(st.integers(min_value=0, max_value=10**6), st.sampled_from(["ms", "s", "m", "h"]))
 def test_duration_units(number: int, unit: str) -> None:
-    factor = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
-    assert parse_duration(f"{number}{unit}") == pytest.approx(number * factor)
+    seconds = number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    if seconds > MAX_DURATION:
+        with pytest.raises(ValueError, match="at most 168h"):
+            parse_duration(f"{number}{unit}")
+    else:
+        assert parse_duration(f"{number}{unit}") == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize(
@@ -181,6 +186,8 @@ def test_duration_units(number: int, unit: str) -> None:
         (None, "invalid duration None"),
         ([1], "invalid duration [1]"),
         (math.inf, "must be finite"),
+        ("169h", "invalid duration '169h': at most 168h"),
+        (1e300, "at most 168h"),
     ],
 )
 def test_bad_durations(value: object, fragment: str) -> None:
@@ -189,6 +196,20 @@ def test_bad_durations(value: object, fragment: str) -> None:
     (line,) = errors_with(drain={"timeout": value})
     assert line.startswith("drain.timeout: ")
     assert fragment in line
+
+
+def test_counts_that_size_tables_are_bounded() -> None:
+    # A few digits too many is an error here, not an overflow when a queue is built (or when
+    # the limits are divided among workers).
+    huge = 10**20
+    assert errors_with(
+        limits={"max_in_flight": huge, "queue": huge}, listen={"max_connections": huge}
+    ) == [
+        "listen.max_connections: must be <= 1000000",
+        "limits.max_in_flight: must be <= 1000000",
+        "limits.queue: must be <= 1000000",
+    ]
+    assert config_with(limits={"queue": 1_000_000}).limits.queue == 1_000_000
 
 
 def test_positive_durations_refuse_zero() -> None:
@@ -209,7 +230,7 @@ def test_positive_durations_refuse_zero() -> None:
         ({"listen": {"port": -1}}, "listen.port: must be >= 0"),
         ({"listen": {"port": "80"}}, "listen.port: must be an integer, not '80'"),
         ({"listen": {"port": True}}, "listen.port: must be an integer, not true"),
-        ({"listen": {"max_connections": 0}}, "listen.max_connections: must be > 0"),
+        ({"listen": {"max_connections": 0}}, "listen.max_connections: must be >= 1"),
         ({"listen": {"host": ""}}, "listen.host: must not be empty"),
         ({"listen": {"tls": "yes"}}, "listen.tls: must be a mapping, not 'yes'"),
         ({"admin": {"port": 65536}}, "admin.port: must be <= 65535"),
