@@ -105,6 +105,8 @@ async def serve(
             log.info("reloaded %s", config_path)
         except ControlError as exc:
             log.error("reload refused, the running configuration stays: %s", exc.detail)
+        except Exception:
+            log.exception("reload of %s failed", config_path)
 
     reloads: set[asyncio.Task[None]] = set()
 

@@ -322,6 +322,10 @@ async def serve_worker(index: int, workers: int, listen_fd: int, link_fd: int) -
                     begin(float(message.get("timeout", proxy.settings.drain_timeout)))
         except (ValueError, KeyError, TypeError, ConnectionError) as exc:
             log.error("bad message from the supervisor: %s", exc)
+        except Exception:
+            # Never a worker that silently stops following: it drains, exits and the
+            # supervisor starts a fresh one with the state in force.
+            log.exception("cannot follow the supervisor")
         if not stop.is_set():
             log.warning("the supervisor is gone: draining and exiting")
             begin(proxy.settings.drain_timeout)
