@@ -260,6 +260,10 @@ def _split_url(url: str) -> tuple[str, str, int]:
         raise ValueError(f"invalid url {url!r}: must not contain user info")
     if not parts.hostname:
         raise ValueError(f"invalid url {url!r}: no host")
+    try:
+        parts.hostname.encode("idna")  # as the resolver will
+    except UnicodeError:
+        raise ValueError(f"invalid url {url!r}: not a valid host name") from None
     if parts.path not in ("", "/"):
         raise ValueError(f"invalid url {url!r}: must not have a path ({parts.path!r})")
     if parts.query or parts.fragment or url.endswith(("?", "#")):

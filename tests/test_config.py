@@ -509,6 +509,8 @@ def test_upstream_url_parts(url: str, scheme: str, host: str, port: int) -> None
         ("http://a:99999", "invalid url 'http://a:99999'"),
         ("http://a:port", "invalid url 'http://a:port'"),
         ("http://a:0", "port must be 1..65535"),
+        ("http://" + "a" * 64 + ".example:80", "not a valid host name"),
+        ("http://a..b:80", "not a valid host name"),
         ("http://a b", "empty or contains spaces"),
         ("", "empty or contains spaces"),
     ],
