@@ -90,7 +90,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from sys import getsizeof
-from typing import Literal
+from typing import Final, Literal
 
 __all__ = [
     "LATENCY_BINS",
@@ -112,17 +112,17 @@ __all__ = [
     "mixture_log_lr",
 ]
 
-LATENCY_MIN = 1e-5  # seconds; faster outcomes count as this
-LATENCY_MAX = 100.0  # seconds; slower outcomes count as this
-LATENCY_GROWTH = 1.04  # ratio of neighbouring bin edges
+LATENCY_MIN: Final = 1e-5  # seconds; faster outcomes count as this
+LATENCY_MAX: Final = 100.0  # seconds; slower outcomes count as this
+LATENCY_GROWTH: Final = 1.04  # ratio of neighbouring bin edges
 QUANTILE_ERROR = (LATENCY_GROWTH - 1) / (LATENCY_GROWTH + 1)
-_LOG_MIN = math.log(LATENCY_MIN)
-_LOG_GROWTH = math.log(LATENCY_GROWTH)
-_INV_LOG_GROWTH = 1.0 / _LOG_GROWTH
-LATENCY_BINS = math.ceil(math.log(LATENCY_MAX / LATENCY_MIN) / _LOG_GROWTH)
-_log = math.log
-_BIN_OFFSET = _LOG_MIN * _INV_LOG_GROWTH
-_ZERO_ROW = (0,) * (LATENCY_BINS + 1)
+_LOG_MIN: Final = math.log(LATENCY_MIN)
+_LOG_GROWTH: Final = math.log(LATENCY_GROWTH)
+_INV_LOG_GROWTH: Final = 1.0 / _LOG_GROWTH
+LATENCY_BINS: Final = math.ceil(math.log(LATENCY_MAX / LATENCY_MIN) / _LOG_GROWTH)
+_log: Final = math.log
+_BIN_OFFSET: Final = _LOG_MIN * _INV_LOG_GROWTH
+_ZERO_ROW: Final = (0,) * (LATENCY_BINS + 1)
 # A bin's representative value is within QUANTILE_ERROR of anything that falls into it.
 _VALUES = tuple(
     LATENCY_MIN * LATENCY_GROWTH**i * 2 * LATENCY_GROWTH / (1 + LATENCY_GROWTH)

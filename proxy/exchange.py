@@ -6,7 +6,7 @@ import json
 from collections.abc import Coroutine
 from enum import Enum
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from . import headers as h
 from .admission import Shed, ShedReason
@@ -25,7 +25,7 @@ SHED_DETAIL = {
 }
 
 # A request body up to this size is kept so that the request can be retried elsewhere.
-RETRY_BODY_LIMIT = 65536
+RETRY_BODY_LIMIT: Final = 65536
 
 
 class Outcome(Enum):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 RawHeaders: TypeAlias = list[tuple[bytes, bytes]]
 
 # RFC 9110 §7.6.1 plus the legacy names proxies meet in the wild. Framing headers
 # (content-length, transfer-encoding) are rewritten by the proxy, never copied.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -26,28 +26,28 @@ HOP_BY_HOP = frozenset(
 )
 
 # Most names are passed over on their length alone, without a lower().
-HOP_BY_HOP_LENGTHS = frozenset(len(name) for name in HOP_BY_HOP)
+HOP_BY_HOP_LENGTHS: Final = frozenset(len(name) for name in HOP_BY_HOP)
 
 # Headers whose values name further hop-by-hop headers.
-NAMING_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
+NAMING_HEADERS: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
 # Their most common values, which name nothing further: passed over without a split.
-PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
+PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
 
-MAX_TARGET = 8192
-MAX_HEAD = 32768
-MAX_HEADERS = 100
-MAX_RESPONSE_HEAD = 65536
+MAX_TARGET: Final = 8192
+MAX_HEAD: Final = 32768
+MAX_HEADERS: Final = 100
+MAX_RESPONSE_HEAD: Final = 65536
 # Raw bytes of a request head still arriving: the limits above plus the request line and
 # whitespace. httptools holds a header's pieces until the header ends; this bounds that.
-MAX_HEAD_BYTES = MAX_TARGET + MAX_HEAD + 1024
+MAX_HEAD_BYTES: Final = MAX_TARGET + MAX_HEAD + 1024
 
-CRLF = b"\r\n"
-CHUNK_END = b"0\r\n\r\n"
-CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
-VIA = b"1.1 turnout"
-VIA_10 = b"1.0 turnout"  # Via names the protocol version the message was received with
-VIA_LINE = b"Via: " + VIA + CRLF
-VIA_10_LINE = b"Via: " + VIA_10 + CRLF
+CRLF: Final = b"\r\n"
+CHUNK_END: Final = b"0\r\n\r\n"
+CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+VIA: Final = b"1.1 turnout"
+VIA_10: Final = b"1.0 turnout"  # Via names the protocol version the message was received with
+VIA_LINE: Final = b"Via: " + VIA + CRLF
+VIA_10_LINE: Final = b"Via: " + VIA_10 + CRLF
 
 
 def add_hop_names(named: set[bytes] | None, value: bytes) -> set[bytes] | None:
