@@ -73,6 +73,7 @@ class Exchange:
         "override",
         "pool",
         "queued",
+        "relayed",
         "request_headers",
         "rescue_from",
         "resp_chunked",
@@ -152,6 +153,9 @@ class Exchange:
         self.tried: tuple[Upstream, ...] = ()
         self.retry_to: Upstream | None = None
         self.response_started = False
+        # Some of the response left for the client (until then a bad response can still
+        # become a 502).
+        self.relayed = False
         self.resp_chunked = False
         self.resp_close = False
         self.resp_until_close = False
@@ -770,6 +774,7 @@ class Exchange:
         if out:
             self.client.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
+            self.relayed = True
 
     def upstream_done(self, conn: UpstreamConnection) -> None:
         if self.resp_chunked:
@@ -791,6 +796,16 @@ class Exchange:
                 self.conn = None
                 conn.close()
                 self._finish_attempt(Outcome.OK)
+                return
+            if not self.relayed and isinstance(exc, BadResponse):
+                # Invalid before anything left (a bad chunk size in the head's own read):
+                # the client can still be told so plainly.
+                self.out.clear()
+                self.response_started = False
+                self.resp_chunked = False
+                self.resp_close = False
+                self.status = 0
+                self._upstream_error(conn, Outcome.BAD_RESPONSE, f"invalid response: {exc}")
                 return
             # Never let a cut body look complete: cut the client's connection too.
             self.client.abort()

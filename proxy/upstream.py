@@ -261,7 +261,9 @@ class UpstreamConnection:
 
     __slots__ = (
         "closed",
+        "ended",
         "fields",
+        "head_request",
         "head_size",
         "idle_since",
         "in_head",
@@ -298,8 +300,12 @@ class UpstreamConnection:
         self.head_size = 0
         self.in_head = False
         self.closed = False
+        # A response ended during the current read: the exchange hears of it once the read
+        # is parsed, so a byte after the end can still make the connection unusable first.
+        self.ended = False
         self.reused = False
         self.no_body = False
+        self.head_request = False
         self.idle_since = 0.0
         self.keep_alive = False
 
@@ -339,14 +345,24 @@ class UpstreamConnection:
                 if self.head_size > MAX_RESPONSE_HEAD:
                     self._fail(BadResponse("response head too large"))
                     return
-            sink.flush()
         except httptools.HttpParserUpgrade as exc:
             sink = self.sink
             if sink is not None:
                 sink.upstream_upgraded(self, data[exc.args[0] :])
+            return
         except httptools.HttpParserError as exc:
-            # httptools re-raises a callback's exception as the context of its own error.
-            self._fail(BadResponse(str(exc.__context__ or exc)))
+            if not self.ended:
+                # httptools re-raises a callback's exception as the context of its own error.
+                self._fail(BadResponse(str(exc.__context__ or exc)))
+                return
+            # Bytes after the end of a response (see on_message_begin): the response itself
+            # is whole and goes to its client, but the connection is out of step.
+            self.keep_alive = False
+        if self.ended:
+            self.ended = False
+            self._done()
+        else:
+            sink.flush()
 
     def eof_received(self) -> bool | None:
         return None  # the transport closes; connection_lost reports to the exchange
@@ -362,6 +378,11 @@ class UpstreamConnection:
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self.ended:
+            # The upstream wrote more than the response it owed (a wrong Content-Length, a
+            # body after HEAD, 204 or 304): whatever follows would be read as the answer to
+            # the next client's request on this connection. Stop here; never reuse it.
+            raise BadResponse("bytes after the end of the response")
         self.fields = []
         self.length = None
         self.te = False
@@ -389,6 +410,8 @@ class UpstreamConnection:
     def on_headers_complete(self) -> None:
         self.in_head = False
         status = self.parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise BadResponse(f"status {status} outside 100-599")
         if 100 <= status < 200 and status != 101:
             return  # interim responses are consumed here; the proxy answers 100-continue itself
         sink = self.sink
@@ -397,20 +420,30 @@ class UpstreamConnection:
             self.keep_alive = bool(self.parser.should_keep_alive())
             sink.upstream_head(self, status)
             if self.no_body and self.sink is not None:
-                # A response to HEAD has no body whatever its headers say; llhttp cannot
-                # be told, so this message ends here and a fresh parser takes the next one.
+                # A response to HEAD (or a 204/304) has no body whatever its headers say;
+                # llhttp cannot be told, so this message ends here and a fresh parser takes
+                # the next one. An application that writes its GET body for HEAD too may
+                # send it in a later read, after the next request went out, where it would
+                # be read as that request's answer: after a HEAD whose head announced a body
+                # the connection is not reused. (llhttp itself knows 204 and 304 have none.)
                 self.parser = httptools.HttpResponseParser(self)
-                self._done()
+                if self.head_request and (
+                    self.te or (self.length is not None and self.length.strip(b" \t0"))
+                ):
+                    self.keep_alive = False
+                self.ended = True
 
     def on_body(self, body: bytes) -> None:
+        if self.ended:
+            raise BadResponse("body after a response that has none")
         sink = self.sink
         if sink is not None:
             sink.upstream_body(body)
 
     def on_message_complete(self) -> None:
-        if 100 <= self.parser.get_status_code() < 200:
+        if self.ended or 100 <= self.parser.get_status_code() < 200:
             return
-        self._done()
+        self.ended = True
 
     # helpers
 
@@ -430,7 +463,7 @@ class UpstreamConnection:
     def start(self, sink: ResponseSink, head: bytes, no_body: bool) -> None:
         """Begin one exchange: send the request head; the body follows via write()."""
         self.sink = sink
-        self.no_body = no_body
+        self.no_body = self.head_request = no_body
         assert self.transport is not None
         self.transport.write(head)
 

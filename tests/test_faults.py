@@ -275,7 +275,6 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
     ("payload", "close"),
     [
         pytest.param(CHUNKED_HEAD + b"5\r\nhello\r\n", True, id="closed-after-one-chunk"),
-        pytest.param(CHUNKED_HEAD + b"5\r\nhello\r\nzz\r\n", False, id="bad-chunk-size"),
         pytest.param(CHUNKED_HEAD + b"a\r\nhello", True, id="closed-mid-chunk"),
     ],
 )
@@ -292,6 +291,36 @@ async def test_chunked_body_cut_short_cuts_the_client(
     if parsed.status:
         assert parsed.status == 200
         assert b"zz" not in parsed.body
+
+
+async def test_bad_chunk_size_after_relaying_began_cuts_the_client(
+    raw_upstream: RawFactory, make_proxy: ProxyFactory
+) -> None:
+    relayed = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        writer.write(CHUNKED_HEAD + b"5\r\nhello\r\n")
+        await writer.drain()
+        await relayed.wait()
+        writer.write(b"zz\r\n")
+        await writer.drain()
+        await wait_closed_by_peer(reader)
+
+    upstream = await raw_upstream(script)
+    proxy = await make_proxy(proxy_config([upstream.url], [upstream.url]))
+    reader, writer = await asyncio.open_connection(HOST, proxy.port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(5):
+            data = await reader.readuntil(b"hello")
+            relayed.set()
+            data += await reader.read(-1)
+    finally:
+        writer.close()
+    parsed = parse_response(data)
+    assert parsed.status == 200
+    assert not parsed.complete, data
+    assert b"zz" not in data
 
 
 @pytest.mark.parametrize(
@@ -339,6 +368,12 @@ async def test_body_ended_by_close_is_complete(
             id="content-length-and-chunked",
         ),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello", id="negative-length"),
+        pytest.param(b"HTTP/1.1 600 OK\r\nContent-Length: 5\r\n\r\nhello", id="status-600"),
+        pytest.param(b"HTTP/1.1 099 OK\r\nContent-Length: 5\r\n\r\nhello", id="status-099"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n",
+            id="bad-chunk-size-in-the-head-read",
+        ),
         pytest.param(
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
             b"Upgrade: websocket\r\n\r\n",
@@ -361,6 +396,84 @@ async def test_invalid_upstream_response_is_502(
     # Nothing of what the upstream sent is relayed.
     for marker in (b"garbage", b"hello", b"Switching", b"HTTX"):
         assert marker not in data
+
+
+# -- bytes after the end of a response (response desync) -------------------------------------
+
+HONEST = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhonest"
+EVIL = b"HTTP/1.1 200 OK\r\nSet-Cookie: sid=evil\r\nContent-Length: 4\r\n\r\nevil"
+PIPELINED = b"%b /first HTTP/1.1\r\nHost: t\r\n\r\nGET /second HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def first_then_honest(first: bytes) -> Script:
+    """Answers the first request of the first connection with `first`, every other request
+    honestly, for as long as the proxy keeps the connection."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i: int) -> None:
+        writer.write(first if i == 0 else HONEST)
+        await writer.drain()
+        while True:
+            await read_head(reader)
+            writer.write(HONEST)
+            await writer.drain()
+
+    return script
+
+
+@pytest.mark.parametrize(
+    ("method", "first"),
+    [
+        pytest.param(b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + EVIL, id="full"),
+        pytest.param(
+            b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + EVIL[:20], id="partial"
+        ),
+        pytest.param(b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n" + EVIL, id="head"),
+        pytest.param(b"GET", b"HTTP/1.1 204 No Content\r\n\r\n" + EVIL, id="204"),
+        pytest.param(b"GET", b"HTTP/1.1 304 Not Modified\r\n\r\n" + EVIL, id="304"),
+    ],
+)
+async def test_bytes_after_a_response_never_answer_the_next_request(
+    raw_upstream: RawFactory, make_proxy: ProxyFactory, method: bytes, first: bytes
+) -> None:
+    """An upstream writes more than the response it owed, in the same write: the response is
+    relayed, the connection is closed instead of pooled, and the next request (here pipelined
+    behind it, so it is sent the moment the first ends) gets its own answer."""
+    upstream = await raw_upstream(first_then_honest(first))
+    proxy = await make_proxy(proxy_config([upstream.url], [upstream.url], **NO_RETRIES))
+    data = await raw_request(
+        proxy.port, PIPELINED % method + b"GET /c HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    assert b"evil" not in data, data
+    assert data.count(b"HTTP/1.1 ") == 3, data
+    assert data.endswith(b"honest"), data
+    assert upstream.connections == 2
+
+
+async def test_head_answer_announcing_a_body_is_not_reused(
+    raw_upstream: RawFactory, make_proxy: ProxyFactory
+) -> None:
+    """A HEAD answer whose head announces a body may be followed by that body in a later read,
+    after the next request went out on the connection: such a connection is never reused."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, i: int) -> None:
+        if i > 0:
+            await first_then_honest(HONEST)(reader, writer, i)
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+        await writer.drain()
+        await read_head(reader)  # the next request, if the proxy reused this connection
+        writer.write(EVIL)
+        await writer.drain()
+        await wait_closed_by_peer(reader)
+
+    upstream = await raw_upstream(script)
+    proxy = await make_proxy(proxy_config([upstream.url], [upstream.url], **NO_RETRIES))
+    head = b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n"
+    get = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    data = await raw_request(proxy.port, head + get)
+    assert b"evil" not in data, data
+    assert data.endswith(b"honest"), data
+    assert upstream.connections == 2
 
 
 def head_of(size: int) -> bytes:
