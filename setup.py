@@ -56,10 +56,24 @@ def record_sources() -> None:
     BUILD_RECORD.write_text("\n".join(lines))
 
 
+def remove_stale_libraries(package: Path = HERE / "proxy") -> None:
+    """An in-place build (pip install -e) leaves each compiled module beside its source, where
+    Python imports it before the .py: a module that left COMPILED would go on running its old
+    compiled code. Remove every compiled module of the package that this build will not make."""
+    keep = {*COMPILED, "_native__mypyc"}
+    for library in package.glob("*.so"):
+        if library.name.partition(".")[0] not in keep:
+            library.unlink()
+
+
 def extensions() -> list[object]:
+    remove_stale_libraries()
     if os.environ.get("TURNOUT_PURE"):
         BUILD_RECORD.unlink(missing_ok=True)
         return []
+    # Developers and CI set TURNOUT_REQUIRE_COMPILED=1: a compile error then fails the install
+    # instead of quietly installing the sources.
+    required = os.environ.get("TURNOUT_REQUIRE_COMPILED") == "1"
     from mypyc.build import mypycify
 
     record_sources()
@@ -70,13 +84,17 @@ def extensions() -> list[object]:
             opt_level="3",
         )
     except (Exception, SystemExit) as exc:
+        if required:
+            raise
         # mypyc refused the code: say so loudly, and install the sources (proxy/native.py).
         print(f"setup.py: NOT COMPILED: mypyc failed: {exc}", file=sys.stderr)
         return []
     for module in modules:
-        # Without a C compiler the install goes on and the sources run (proxy/native.py).
-        module.optional = True
+        # Without a C compiler the install goes on and the sources run (proxy/native.py),
+        # unless compiling is required.
+        module.optional = not required
     return list(modules)
 
 
-setup(ext_modules=extensions())
+if __name__ == "__main__":  # as setuptools runs it; tests import the functions above
+    setup(ext_modules=extensions())

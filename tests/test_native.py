@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -89,3 +90,15 @@ async def test_a_proxy_on_the_sources_serves(
             async with session.get(process.url + "/hello") as resp:
                 assert resp.status == 200
                 assert resp.headers["X-Upstream"] == "blue"
+
+
+def test_an_install_removes_compiled_modules_it_no_longer_builds(tmp_path: Path) -> None:
+    """A module taken out of setup.py's COMPILED keeps its old library beside its source in an
+    in-place build, where Python would import it before the .py: the next install removes it."""
+    build = runpy.run_path(str(PACKAGE.parent / "setup.py"), run_name="setup")
+    suffix = ".cpython-311-x86_64-linux-gnu.so"
+    for name in ("config", "exchange", "_native__mypyc"):
+        (tmp_path / f"{name}{suffix}").write_bytes(b"")
+    build["remove_stale_libraries"](tmp_path)
+    left = sorted(path.name.partition(".")[0] for path in tmp_path.glob("*.so"))
+    assert left == ["_native__mypyc", "exchange"]
