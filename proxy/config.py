@@ -220,6 +220,15 @@ def _log_target(value: object) -> str:
     return text
 
 
+def _upstream_protocol(value: object) -> str:
+    text = _string(value)
+    if text in ("h2c", "h2"):
+        raise ValueError(f"{text} upstreams are not supported yet: only http1 (HTTP/1.1)")
+    if text != "http1":
+        raise ValueError(f"must be http1, h2c or h2, not {text!r}")
+    return text
+
+
 def _method(value: object) -> str:
     text = _string(value)
     if not _TOKEN.fullmatch(text):
@@ -313,6 +322,8 @@ class ListenConfig(_Model):
     port: Port = 8080
     max_connections: Count = 10000
     tls: TLSListen | None = None
+    # HTTP/2 from clients beside HTTP/1.1: h2c with prior knowledge, ALPN h2 with tls.
+    http2: Annotated[bool, Strict()] = True
 
 
 class AdminConfig(_Model):
@@ -384,6 +395,8 @@ class PoolConfig(_Model):
 
     upstreams: tuple[UpstreamConfig, ...] = ()
     tls: UpstreamTLS | None = None
+    # How Turnout speaks to the pool's upstreams (HTTP/2 towards upstreams is to come).
+    protocol: Annotated[str, BeforeValidator(_upstream_protocol)] = "http1"
 
     @field_validator("upstreams", mode="wrap")
     @classmethod

@@ -10,7 +10,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -22,6 +22,7 @@ from .config import Config, UpstreamConfig
 from .control import Change, Control
 from .events import EventBus
 from .exchange import Outcome
+from .h2front import H2Session
 from .health import HealthChecker
 from .metrics import Metrics
 from .retry import RetryBudget
@@ -71,6 +72,15 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+class Session(Protocol):
+    """A client connection that serves many requests at once (an HTTP/2 connection): told of
+    the proxy's tick and of its shutdown, like a ClientConnection."""
+
+    def expire(self, now: float) -> None: ...
+    def shutdown(self, now: float) -> None: ...
+    def abort(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Values the hot path reads, prepared once per configuration."""
@@ -86,6 +96,7 @@ class Settings:
     breaker_statuses: frozenset[int]
     drain_timeout: float
     max_connections: int
+    http2: bool
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
@@ -111,6 +122,7 @@ class Settings:
             breaker_statuses=statuses,
             drain_timeout=config.drain.timeout,
             max_connections=config.listen.max_connections,
+            http2=config.listen.http2,
         )
 
 
@@ -131,7 +143,9 @@ class Proxy:
         self.events = EventBus()
         self._refresh_pending = False
         self.pool_tls: dict[PoolName, ssl.SSLContext] = {}
-        self.listener_tls = ListenerTLS(config.listen.tls) if config.listen.tls else None
+        self.listener_tls = (
+            ListenerTLS(config.listen.tls, http2=config.listen.http2) if config.listen.tls else None
+        )
         self.router = Router(config, self._build_pools(config), self.spreader, self.rng)
         self.control = Control(self)
         self.health = self._health_checker(config)
@@ -145,6 +159,9 @@ class Proxy:
         self.access_log = self._access_log(config)
         self.metrics = Metrics(self)
         self.connections: set[ClientConnection] = set()
+        # Client connections that serve several requests at once (HTTP/2): each of their
+        # requests runs on a connection of its own in `connections` as well.
+        self.sessions: set[Session] = set()
         self.tunnels: set[ClientConnection] = set()
         self.shutting_down = False
         self.server: asyncio.Server | None = None
@@ -354,6 +371,10 @@ class Proxy:
         self.listen_address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         return sock
 
+    def start_session(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Serve an HTTP/2 client on `transport`, which has sent `data` so far."""
+        H2Session(self, transport).start(data)
+
     async def start(self, sock: socket.socket | None = None) -> int:
         """Check the upstreams, then serve on the listener; returns the port."""
         sock = await self.checked_listener(sock)
@@ -405,6 +426,8 @@ class Proxy:
             now = self.loop.time()
             for conn in list(self.connections):
                 conn.expire(now)
+            for session in list(self.sessions):
+                session.expire(now)
             idle_before = now - self.settings.idle_timeout
             refresh = False
             for upstream in self.router.upstreams():
@@ -436,16 +459,20 @@ class Proxy:
         if self.server is not None:
             self.server.close()
         deadline = self.loop.time() + timeout
-        while self.connections and self.loop.time() < deadline:
+        while (self.connections or self.sessions) and self.loop.time() < deadline:
             now = self.loop.time()
             for conn in list(self.connections):
                 conn.shutdown(now)
+            for session in list(self.sessions):
+                session.shutdown(now)
             await asyncio.sleep(0.05)
         for conn in list(self.tunnels):
             conn.going_away()
         for conn in list(self.connections):
             if conn.tunnel is None:
                 conn.abort()
+        for session in list(self.sessions):
+            session.abort()
         if self._tick_task is not None:
             self._tick_task.cancel()
         await self.rollout.close()

@@ -119,8 +119,11 @@ class ClientConnection:
         if isinstance(peer, tuple):
             self.peer_ip = str(peer[0]).encode("latin-1")
         proxy = self.proxy
+        h2 = False
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = b"https"
+            ssl_object = transport.get_extra_info("ssl_object")
+            h2 = ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
         self.forwarded = b"X-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n" % (
             self.peer_ip,
             self.scheme,
@@ -130,6 +133,10 @@ class ClientConnection:
             self.transport.write(TOO_MANY_CONNECTIONS)
             self.transport.close()
             self.closed = True
+            return
+        if h2:
+            self.closed = True  # the HTTP/2 session takes the connection (ALPN said so)
+            proxy.start_session(self.transport, b"")
             return
         proxy.connections.add(self)
         self.idle_since = proxy.loop.time()
@@ -176,6 +183,8 @@ class ClientConnection:
             cause = exc.__context__
             if isinstance(cause, HeadError):
                 self._reject(cause.status, cause.detail)
+            elif data.startswith(h.H2_PREFACE_LINE) and self.active is None:
+                self._become_h2(data)
             else:
                 self._reject(400, str(exc) or "malformed request")
         else:
@@ -297,6 +306,21 @@ class ClientConnection:
                 ex.start()
 
     # upgrades -----------------------------------------------------------------
+
+    def _become_h2(self, data: bytes) -> None:
+        """The client opened with the HTTP/2 connection preface (h2c, prior knowledge)."""
+        proxy = self.proxy
+        transport = self.transport
+        if not proxy.settings.http2 or transport is None:
+            self._reject(400, "HTTP/2 is not enabled on this listener (listen.http2)")
+            return
+        # This protocol hands its transport to the HTTP/2 session and hears nothing more.
+        self.closed = True
+        self.transport = None
+        self.in_head = False
+        self.deadline = 0.0
+        proxy.connections.discard(self)
+        proxy.start_session(transport, data)
 
     def _on_upgrade(self, rest: bytes) -> None:
         ex = self.parsing or self.active

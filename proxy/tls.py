@@ -16,10 +16,10 @@ class TLSSetupError(Exception):
     """A certificate, key or CA file that cannot be used; the message says which and why."""
 
 
-def server_context(cfg: TLSListen) -> ssl.SSLContext:
+def server_context(cfg: TLSListen, *, http2: bool = False) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = VERSIONS[cfg.min_version]
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
     try:
         ctx.load_cert_chain(cfg.cert, cfg.key)
     except ssl.SSLError as exc:
@@ -36,16 +36,17 @@ class ListenerTLS:
     connection the *current* certificate's context (SNI callback), so a reload rotates
     certificates for new connections while established ones keep theirs."""
 
-    def __init__(self, cfg: TLSListen) -> None:
-        self.current = server_context(cfg)
-        self.context = server_context(cfg)
+    def __init__(self, cfg: TLSListen, *, http2: bool = False) -> None:
+        self.http2 = http2
+        self.current = server_context(cfg, http2=http2)
+        self.context = server_context(cfg, http2=http2)
         self.context.sni_callback = self._pick
 
     def _pick(self, sslobj: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
         sslobj.context = self.current
 
     def rotate(self, cfg: TLSListen) -> None:
-        self.current = server_context(cfg)
+        self.current = server_context(cfg, http2=self.http2)
         # Switching the context in the SNI callback swaps the certificate but not the protocol
         # versions, which OpenSSL copies from the listener's context when a connection starts:
         # set them there, so a reloaded min_version applies to new connections too.

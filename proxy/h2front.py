@@ -1,0 +1,574 @@
+"""HTTP/2 from clients: h2c with prior knowledge and ALPN `h2`, each stream served by the
+HTTP/1.1 data path.
+
+Every stream becomes one HTTP/1.1 request on an in-memory connection of the proxy's own (a
+ClientConnection over a StreamTransport). So split, stickiness, override, admission, breakers,
+retries, shielding, analysis, the access log and metrics apply per stream exactly as they do
+per HTTP/1.1 request, and the HTTP/1.1 path itself is unchanged. The price is an in-memory
+HTTP/1.1 encoding of each stream's head, small beside HTTP/2's framing in Python.
+
+Flow control runs end to end: a stream's request body is acknowledged (WINDOW_UPDATE) only
+as the data path takes it, and a response stream whose client window is exhausted pauses
+its upstream connection, so neither direction buffers more than a window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import httptools
+from hyperframe.frame import GoAwayFrame
+
+from .server import SHUTDOWN_IDLE_GRACE, ClientConnection
+
+if TYPE_CHECKING:
+    from .runtime import Proxy
+
+log = logging.getLogger("turnout.h2")
+
+MAX_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS we announce
+MAX_HEADER_LIST = 65536  # SETTINGS_MAX_HEADER_LIST_SIZE we announce and enforce
+# A response stream buffers at most this much beyond the client's window before its upstream
+# connection is paused.
+HIGH_WATER = 65536
+# Client resets of unfinished streams: a bucket of RESET_BURST refilled at RESET_RATE a second.
+# A client that cancels faster (rapid reset, CVE-2023-44487) is sent GOAWAY ENHANCE_YOUR_CALM.
+RESET_BURST = 200.0
+RESET_RATE = 100.0
+LAST_STREAM = 2**31 - 1
+
+# Response fields that are connection-specific in HTTP/1.1 and forbidden in HTTP/2.
+CONNECTION_FIELDS = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+)
+# Request fields not carried into the HTTP/1.1 request: HTTP/2 forbids the first ones, and
+# the stream's own framing replaces content-length only when there is none.
+DROPPED_REQUEST_FIELDS = frozenset((b"connection", b"keep-alive", b"te", b"host", b"cookie"))
+FORBIDDEN_BYTES = (b"\r", b"\n", b"\x00")
+
+FLOW = 1  # the client's flow-control window is exhausted
+TRANSPORT = 2  # the client connection's own write buffer is full
+
+
+class StreamTransport(asyncio.Transport):
+    """What one stream's in-memory ClientConnection writes to and reads from."""
+
+    __slots__ = ("closing", "stream")
+
+    def __init__(self, stream: H2Stream) -> None:
+        super().__init__()
+        self.stream = stream
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return default  # the stream is HTTP/1.1 to the data path, whatever ALPN said
+        return self.stream.session.transport.get_extra_info(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview[Any]) -> None:
+        if not self.closing:
+            self.stream.response_bytes(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.stream.session.loop.call_soon(self.stream.internal_closed)
+
+    def abort(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.stream.session.loop.call_soon(self.stream.internal_closed)
+
+    def pause_reading(self) -> None:
+        self.stream.reading_paused = True
+
+    def resume_reading(self) -> None:
+        self.stream.resume_body()
+
+    def get_write_buffer_size(self) -> int:
+        return self.stream.pending_size
+
+
+class H2Stream:
+    """One HTTP/2 stream: its request fed to the HTTP/1.1 data path, its response read back
+    from it (an httptools response parser) and sent as HTTP/2 frames."""
+
+    __slots__ = (
+        "blocked",
+        "chunked",
+        "client_done",
+        "complete",
+        "ended",
+        "fields",
+        "head_request",
+        "internal",
+        "parser",
+        "pending",
+        "pending_size",
+        "reading_paused",
+        "session",
+        "stream_id",
+        "transport",
+        "unacked",
+    )
+
+    def __init__(self, session: H2Session, stream_id: int, head_request: bool) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        self.head_request = head_request
+        self.transport = StreamTransport(self)
+        self.internal = ClientConnection(session.proxy)
+        self.parser = httptools.HttpResponseParser(self)
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.pending: deque[bytes] = deque()
+        self.pending_size = 0
+        self.blocked = 0
+        self.chunked = False
+        self.reading_paused = False
+        self.unacked = 0
+        self.client_done = False  # the request's END_STREAM came
+        self.complete = False  # the response message is whole (maybe not all sent yet)
+        self.ended = False  # END_STREAM or RST_STREAM sent: nothing more goes out
+
+    # request side ---------------------------------------------------------------
+
+    def begin(self, head: bytes, chunked: bool, end_stream: bool) -> None:
+        self.chunked = chunked
+        internal = self.internal
+        internal.connection_made(self.transport)
+        if self.session.transport_blocked:
+            self.block(TRANSPORT)
+        internal.data_received(head)
+        if end_stream:
+            self.end_body()
+
+    def body(self, data: bytes, flow_length: int) -> None:
+        if self.transport.closing:
+            self.session.acknowledge(self.stream_id, flow_length)
+            return
+        if data:
+            if self.chunked:
+                data = b"%x\r\n%b\r\n" % (len(data), data)
+            self.internal.data_received(data)
+        if self.reading_paused:
+            self.unacked += flow_length
+        else:
+            self.session.acknowledge(self.stream_id, flow_length)
+
+    def end_body(self) -> None:
+        self.client_done = True
+        if self.chunked and not self.transport.closing:
+            self.internal.data_received(b"0\r\n\r\n")
+
+    def resume_body(self) -> None:
+        self.reading_paused = False
+        if self.unacked:
+            unacked, self.unacked = self.unacked, 0
+            self.session.acknowledge(self.stream_id, unacked)
+            self.session.flush()
+
+    def reset_by_client(self) -> None:
+        self.ended = True
+        if not self.transport.closing:
+            self.transport.closing = True
+            self.internal.connection_lost(ConnectionResetError("stream reset by the client"))
+
+    # response side ----------------------------------------------------------------
+
+    def response_bytes(self, data: bytes) -> None:
+        if self.complete or self.ended:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            log.error("unparsable response from the data path on stream %d", self.stream_id)
+            self.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+            return
+        self.session.flush()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name not in CONNECTION_FIELDS:
+            self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            self.fields = []  # an interim answer (100 Continue): HTTP/2 clients need none
+            return
+        fields = [(b":status", b"%d" % status), *self.fields]
+        self.fields = []
+        no_body = self.head_request or status in (204, 304)
+        self.session.send_headers(self.stream_id, fields, no_body)
+        if no_body:
+            self.complete = self.ended = True
+
+    def on_body(self, body: bytes) -> None:
+        if not self.ended:
+            self.pending.append(body)
+            self.pending_size += len(body)
+            self.session.send_pending(self)
+            if self.pending_size > HIGH_WATER:
+                self.block(FLOW)
+
+    def on_message_complete(self) -> None:
+        if self.parser.get_status_code() < 200:
+            return
+        self.complete = True
+        self.session.send_pending(self)
+
+    def drained(self) -> None:
+        """Everything pending went out."""
+        self.unblock(FLOW)
+
+    def block(self, reason: int) -> None:
+        was = self.blocked
+        self.blocked |= reason
+        if not was and not self.transport.closing:
+            self.internal.pause_writing()
+
+    def unblock(self, reason: int) -> None:
+        if self.blocked & reason:
+            self.blocked &= ~reason
+            if not self.blocked and not self.transport.closing:
+                self.internal.resume_writing()
+
+    def reset(self, code: h2.errors.ErrorCodes) -> None:
+        if not self.ended:
+            self.ended = True
+            self.session.reset_stream(self.stream_id, code)
+        self.transport.abort()
+
+    def internal_closed(self) -> None:
+        """The data path is done with this stream's connection."""
+        self.internal.connection_lost(None)
+        if not self.complete and not self.ended:
+            # A response cut short (or never given): the client must not take it as whole.
+            self.ended = True
+            self.session.reset_stream(self.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        self.session.stream_closed(self)
+
+
+class H2Session:
+    """One HTTP/2 client connection (the transport's protocol after the hand-over)."""
+
+    def __init__(self, proxy: Proxy, transport: asyncio.Transport) -> None:
+        self.proxy = proxy
+        self.loop = proxy.loop
+        self.transport = transport
+        config = h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_inbound_headers=True
+        )
+        self.conn = h2.connection.H2Connection(config=config)
+        self.conn.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+            },
+        )
+        self.conn.max_inbound_frame_size = 16384
+        self.streams: dict[int, H2Stream] = {}
+        self.transport_blocked = False
+        self.closed = False
+        self.idle_since = self.loop.time()
+        self.reset_tokens = RESET_BURST
+        self.reset_at = self.idle_since
+        self.shutdown_at = 0.0
+        self.goaway_at = 0.0  # an announcing GOAWAY (no new streams) went out
+        self.last_stream: int | None = None  # the final GOAWAY's last stream id
+
+    # asyncio.Protocol -------------------------------------------------------------
+
+    def start(self, data: bytes) -> None:
+        self.transport.set_protocol(self)  # type: ignore[arg-type]
+        self.proxy.sessions.add(self)
+        self.conn.initiate_connection()
+        if data:
+            self.data_received(data)
+        else:
+            self.flush()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass  # the hand-over gives the transport (start)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.proxy.sessions.discard(self)
+        for stream in list(self.streams.values()):
+            stream.reset_by_client()
+        self.streams.clear()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def pause_writing(self) -> None:
+        self.transport_blocked = True
+        for stream in self.streams.values():
+            stream.block(TRANSPORT)
+
+    def resume_writing(self) -> None:
+        self.transport_blocked = False
+        for stream in list(self.streams.values()):
+            stream.unblock(TRANSPORT)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._fail(exc)
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self._request(event)
+            elif isinstance(event, h2.events.DataReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.body(event.data or b"", event.flow_controlled_length or 0)
+                elif event.flow_controlled_length:
+                    self.acknowledge(event.stream_id, event.flow_controlled_length)
+                if event.stream_ended is not None and stream is not None:
+                    stream.end_body()
+            elif isinstance(event, h2.events.StreamEnded):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None and not stream.client_done:
+                    stream.end_body()
+            elif isinstance(event, h2.events.StreamReset):
+                self._client_reset(event.stream_id)
+            elif isinstance(event, h2.events.WindowUpdated):
+                if event.stream_id:
+                    stream = self.streams.get(event.stream_id)
+                    if stream is not None:
+                        self.send_pending(stream)
+                else:
+                    for stream in list(self.streams.values()):
+                        self.send_pending(stream)
+            elif isinstance(event, h2.events.TrailersReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None and event.stream_ended is not None:
+                    stream.end_body()
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.flush()
+                self.transport.close()
+                return
+            if self.closed:
+                return
+        self.flush()
+
+    # requests ---------------------------------------------------------------------
+
+    def _request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        if self.last_stream is not None and stream_id > self.last_stream:
+            # Sent after the final GOAWAY: not processed, so the client may retry it.
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        head = request_head(event.headers or [], event.stream_ended is not None)
+        if head is None:
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        data, method, chunked = head
+        stream = H2Stream(self, stream_id, method == b"HEAD")
+        self.streams[stream_id] = stream
+        stream.begin(data, chunked, event.stream_ended is not None)
+
+    def _client_reset(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            return
+        if not stream.complete:
+            now = self.loop.time()
+            self.reset_tokens = min(
+                RESET_BURST, self.reset_tokens + (now - self.reset_at) * RESET_RATE
+            )
+            self.reset_at = now
+            self.reset_tokens -= 1.0
+            if self.reset_tokens < 0.0:
+                log.warning("HTTP/2 client resets streams too fast; closing its connection")
+                self.conn.close_connection(
+                    error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                    additional_data=b"too many stream resets",
+                )
+                self.flush()
+                self.transport.close()
+                self.closed = True
+        stream.reset_by_client()
+
+    # responses --------------------------------------------------------------------
+
+    def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
+        if self.closed:
+            return
+        try:
+            self.conn.send_headers(stream_id, fields, end_stream=end)
+        except h2.exceptions.ProtocolError:
+            return  # the stream was closed meanwhile (reset by the client)
+        if end:
+            self.flush()
+
+    def send_pending(self, stream: H2Stream) -> None:
+        """Send what the stream's window allows; end it once its response is whole and sent."""
+        if stream.ended or self.closed:
+            return
+        conn = self.conn
+        stream_id = stream.stream_id
+        pending = stream.pending
+        try:
+            while pending:
+                window = min(
+                    conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size
+                )
+                if window <= 0:
+                    return
+                chunk = pending[0]
+                if len(chunk) > window:
+                    pending[0] = chunk[window:]
+                    chunk = chunk[:window]
+                else:
+                    pending.popleft()
+                stream.pending_size -= len(chunk)
+                conn.send_data(stream_id, chunk)
+            stream.drained()
+            if stream.complete:
+                stream.ended = True
+                conn.end_stream(stream_id)
+        except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
+            stream.ended = True
+
+    def reset_stream(self, stream_id: int, code: h2.errors.ErrorCodes) -> None:
+        if self.closed:
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # closed on both sides
+            self.conn.reset_stream(stream_id, code)
+        self.flush()
+
+    def acknowledge(self, stream_id: int, length: int) -> None:
+        if length and not self.closed:
+            # A stream closed meanwhile raises; the connection's window was credited anyway.
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.acknowledge_received_data(length, stream_id)
+
+    def stream_closed(self, stream: H2Stream) -> None:
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        self.flush()
+        if not self.streams:
+            self.idle_since = self.loop.time()
+            if self.goaway_at:
+                self._close_gracefully()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.closed:
+            self.transport.write(data)
+
+    def _fail(self, exc: Exception) -> None:
+        """A connection error: h2 has queued GOAWAY with its code; send it and close."""
+        log.info("HTTP/2 connection error from %s: %s", self._peer(), exc)
+        self.flush()
+        self.transport.close()
+        self.closed = True
+
+    def _peer(self) -> str:
+        peer = self.transport.get_extra_info("peername")
+        return str(peer[0]) if isinstance(peer, tuple) else "?"
+
+    # the proxy's tick and shutdown --------------------------------------------------
+
+    def _goaway(self, last_stream_id: int) -> None:
+        """GOAWAY written beside h2's state machine, which would otherwise refuse to finish
+        the streams in flight once it has sent one."""
+        self.flush()
+        frame = GoAwayFrame(0, last_stream_id=last_stream_id, error_code=0)
+        self.transport.write(frame.serialize())
+
+    def expire(self, now: float) -> None:
+        if not self.streams and now - self.idle_since >= self.proxy.settings.idle_timeout:
+            self._close_gracefully()
+
+    def shutdown(self, now: float) -> None:
+        """Drain: close once no stream is in flight and none came for SHUTDOWN_IDLE_GRACE (as
+        idle HTTP/1.1 connections do), serving the streams that still come meanwhile. GOAWAY
+        goes out only then, naming the last stream served: clients on h2's state machine
+        (httpx) fail every stream still open when one arrives. A connection never idle by half
+        of drain.timeout is sent the announcing GOAWAY of RFC 9113 §6.8 (no new streams)."""
+        if self.closed or self.last_stream is not None:
+            return
+        if not self.shutdown_at:
+            self.shutdown_at = now
+        if not self.streams and now - self.idle_since >= SHUTDOWN_IDLE_GRACE:
+            self._close_gracefully()
+        elif not self.goaway_at and (
+            now - self.shutdown_at >= self.proxy.settings.drain_timeout / 2
+        ):
+            self.goaway_at = now
+            self._goaway(LAST_STREAM)
+
+    def _close_gracefully(self) -> None:
+        if self.last_stream is None and not self.closed:
+            self.last_stream = self.conn.highest_inbound_stream_id
+            self._goaway(self.last_stream)
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+
+def request_head(
+    fields: list[tuple[bytes, bytes]], end_stream: bool
+) -> tuple[bytes, bytes, bool] | None:
+    """The HTTP/1.1 request head for an HTTP/2 request: (head, method, chunked), or None for
+    a request that cannot be one (a byte HTTP/1.1 forbids, a missing pseudo-header)."""
+    method = path = authority = b""
+    lines: list[bytes] = []
+    cookies: list[bytes] = []
+    length = False
+    for name, value in fields:
+        if any(b in value or b in name for b in FORBIDDEN_BYTES):
+            return None
+        if name[:1] == b":":
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+            continue
+        if name in DROPPED_REQUEST_FIELDS:
+            if name == b"cookie":
+                cookies.append(value)  # HTTP/2 may split cookies into fields (RFC 9113 §8.2.3)
+            elif name == b"host" and not authority:
+                authority = value
+            continue
+        if name == b"content-length":
+            length = True
+        lines += (name, b": ", value, b"\r\n")
+    if not method or not path or b" " in path or b" " in method:
+        return None
+    if cookies:
+        lines += (b"cookie: ", b"; ".join(cookies), b"\r\n")
+    chunked = not end_stream and not length
+    if chunked:
+        lines.append(b"transfer-encoding: chunked\r\n")
+    host = b"host: %b\r\n" % authority if authority else b""
+    # One request per in-memory connection: `close` makes the data path end it after the answer.
+    head = b"%b %b HTTP/1.1\r\n%b%bconnection: close\r\n\r\n" % (
+        method,
+        path,
+        host,
+        b"".join(lines),
+    )
+    return head, method, chunked

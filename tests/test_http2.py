@@ -1,0 +1,360 @@
+"""HTTP/2 from clients (h2c with prior knowledge, ALPN h2 over TLS): every stream is routed,
+split, forced, retried and drained like an HTTP/1.1 request; flow control holds both ways;
+a client that resets streams in a loop is sent away."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import httpx
+import pytest
+import trustme
+from conftest import HOST, ProxyFactory, SampleFactory, Stack, proxy_config, wait_for
+from test_tls import write_pair
+
+from proxy.config import ConfigError, parse_config
+from proxy.h2front import HIGH_WATER, H2Session
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def h2c(port: int) -> httpx.AsyncClient:
+    """An HTTP/2-only client: prior knowledge over plain TCP, one connection."""
+    return httpx.AsyncClient(
+        http1=False, http2=True, base_url=f"http://{HOST}:{port}", timeout=10.0
+    )
+
+
+def sessions(stack: Stack) -> list[H2Session]:
+    return list(stack.proxy.sessions)  # type: ignore[arg-type]
+
+
+async def test_curl_with_prior_knowledge_is_answered_over_http2(stack: Stack) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "curl",
+        *("-sS", "-i", "--http2-prior-knowledge", f"http://{HOST}:{stack.proxy.port}/bytes/10"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/2 200"), head
+    assert b"x-upstream: blue" in head
+    assert b"via: 1.1 turnout" in head
+    assert body == bytes(range(10))
+
+
+async def test_split_is_per_stream_on_one_connection(
+    sample: SampleFactory, make_proxy: ProxyFactory
+) -> None:
+    blue = await sample("blue")
+    green = await sample("green")
+    proxy = await make_proxy(proxy_config([blue.url], [green.url], split=30))
+    seen: Counter[str] = Counter()
+    async with h2c(proxy.port) as client:
+        for start in range(0, 1000, 50):
+            answers = await asyncio.gather(*(client.get("/") for _ in range(50)))
+            for resp in answers:
+                assert resp.status_code == 200
+                assert resp.http_version == "HTTP/2"
+                seen[resp.headers["x-upstream"]] += 1
+            assert start < 1000
+    assert len(proxy.sessions) == 1  # one client connection carried every request
+    assert abs(seen["green"] / 10 - 30) <= 1.5, seen
+
+
+async def test_request_bodies_and_large_responses_stream_both_ways(stack: Stack) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB: far more than one flow-control window
+    async with h2c(stack.proxy.port) as client:
+        posted, fetched = await asyncio.gather(
+            client.post("/echo", content=payload),
+            client.get("/bytes/3000000"),
+        )
+        assert posted.status_code == 200 and posted.content == payload
+        assert fetched.status_code == 200
+        assert fetched.content == bytes(i % 256 for i in range(3000000))
+        head = await client.head("/bytes/100")
+        assert head.status_code == 200 and head.content == b""
+
+
+async def test_request_fields_reach_the_upstream_as_http11(stack: Stack) -> None:
+    async with h2c(stack.proxy.port) as client:
+        resp = await client.get("/headers/a%20b?q=1", headers={"x-custom": "v", "cookie": "a=1"})
+    received = {k.lower(): v for k, v in resp.json()["headers"]}
+    assert resp.json()["raw_path"] == "/headers/a%20b?q=1"
+    assert received["host"] == f"{HOST}:{stack.proxy.port}"
+    assert received["x-custom"] == "v"
+    assert received["cookie"] == "a=1"
+    assert received["x-forwarded-for"] == HOST
+    assert "transfer-encoding" not in received
+
+
+async def test_forced_pool_and_proxy_errors_per_stream(
+    sample: SampleFactory, make_proxy: ProxyFactory, dead_url: Any
+) -> None:
+    blue = await sample("blue")
+    green = await sample("green")
+    proxy = await make_proxy(proxy_config([blue.url], [green.url]))
+    dead = dead_url()
+    broken = await make_proxy(proxy_config([dead], [dead], retries={"attempts": 0}))
+    async with h2c(proxy.port) as client, h2c(broken.port) as failing:
+        forced = await client.get("/", headers={"x-turnout-pool": "green"})
+        assert forced.headers["x-upstream"] == "green"
+        refused = await failing.get("/")
+        assert refused.status_code in (502, 503)
+        assert refused.headers["content-type"] == "application/json"
+        assert refused.json()["pool"] == "blue"
+        # The connection goes on after a failed stream.
+        assert (await failing.get("/")).status_code == refused.status_code
+
+
+async def test_alpn_h2_over_tls(
+    sample: SampleFactory, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    cert, key = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "listener")
+    blue = await sample("blue")
+    proxy = await make_proxy(
+        proxy_config(
+            [blue.url],
+            [blue.url],
+            listen={"host": HOST, "port": 0, "tls": {"cert": cert, "key": key}},
+        )
+    )
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    async with httpx.AsyncClient(http2=True, verify=context, timeout=10.0) as client:
+        resp = await client.get(f"https://{HOST}:{proxy.port}/headers")
+    assert resp.http_version == "HTTP/2"
+    received = {k.lower(): v for k, v in resp.json()["headers"]}
+    assert received["x-forwarded-proto"] == "https"
+    # HTTP/1.1 clients on the same listener are unchanged.
+    async with httpx.AsyncClient(http2=False, verify=context, timeout=10.0) as client:
+        resp = await client.get(f"https://{HOST}:{proxy.port}/")
+    assert resp.http_version == "HTTP/1.1" and resp.status_code == 200
+
+
+async def test_http2_can_be_turned_off(sample: SampleFactory, make_proxy: ProxyFactory) -> None:
+    blue = await sample("blue")
+    proxy = await make_proxy(
+        proxy_config([blue.url], [blue.url], listen={"host": HOST, "port": 0, "http2": False})
+    )
+    reader, writer = await asyncio.open_connection(HOST, proxy.port)
+    writer.write(PREFACE)
+    async with asyncio.timeout(5):
+        data = await reader.read(-1)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert b"HTTP/2 is not enabled on this listener" in data
+
+
+class RawH2:
+    """A hand-driven HTTP/2 client on h2's state machine, for what real clients never do."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.events: list[h2.events.Event] = []
+        self.goaways: list[tuple[int, int]] = []  # (last stream id, error code)
+        self.buffer = b""
+        self.closed = False
+
+    @classmethod
+    async def open(cls, port: int, **settings: int) -> RawH2:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        client = cls(reader, writer)
+        client.conn.initiate_connection()
+        if settings:
+            client.conn.update_settings(settings)
+        client.flush()
+        return client
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.writer.is_closing():
+            self.writer.write(data)
+
+    def request(self, path: str, *, end: bool = True) -> int:
+        stream_id = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(
+            stream_id,
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"http"),
+                (b":authority", b"t"),
+                (b":path", path.encode()),
+            ],
+            end_stream=end,
+        )
+        self.flush()
+        return stream_id
+
+    async def read(self) -> bool:
+        data = await self.reader.read(65536)
+        if not data:
+            self.closed = True
+            return False
+        # GOAWAY frames are taken out and kept aside: h2's own state machine refuses every
+        # frame after one, even those of the streams it lets finish.
+        self.buffer += data
+        frames = bytearray()
+        while len(self.buffer) >= 9:
+            size = int.from_bytes(self.buffer[:3], "big") + 9
+            if len(self.buffer) < size:
+                break
+            frame, self.buffer = self.buffer[:size], self.buffer[size:]
+            if frame[3] == 0x7:
+                last = int.from_bytes(frame[9:13], "big") & 0x7FFFFFFF
+                self.goaways.append((last, int.from_bytes(frame[13:17], "big")))
+            else:
+                frames += frame
+        if frames:
+            self.events += self.conn.receive_data(bytes(frames))
+        self.flush()
+        return True
+
+    async def until(self, predicate: Any, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                if not await self.read():
+                    return
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_rapid_reset_is_sent_away_and_others_are_unaffected(stack: Stack) -> None:
+    attacker = await RawH2.open(stack.proxy.port)
+    try:
+        for _ in range(1000):
+            stream_id = attacker.request("/delay/200")
+            attacker.conn.reset_stream(stream_id)
+            attacker.flush()
+            if attacker.writer.is_closing():
+                break
+            await asyncio.sleep(0)  # let the proxy read
+        await attacker.until(lambda: attacker.goaways)
+        assert attacker.goaways[0][1] == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    finally:
+        attacker.close()
+    async with h2c(stack.proxy.port) as client:
+        assert (await client.get("/")).status_code == 200
+    # Every stream the attacker opened was let go: nothing of it is left in flight.
+    await wait_for(lambda: stack.proxy.in_flight == 0 and not stack.proxy.connections)
+
+
+async def test_a_reader_that_gives_no_window_holds_back_its_upstream(stack: Stack) -> None:
+    """The client's window is 65,535 bytes and never grows: the proxy buffers at most about
+    HIGH_WATER beyond it for the stream and stops reading its upstream."""
+    client = await RawH2.open(stack.proxy.port)
+    try:
+        stream_id = client.request("/bytes/20000000")
+        await client.until(lambda: client.of(h2.events.DataReceived))
+        await wait_for(lambda: any(sessions(stack)))
+        (session,) = sessions(stack)
+        await wait_for(lambda: stream_id in session.streams)
+        stream = session.streams[stream_id]
+        await wait_for(lambda: stream.blocked != 0)
+        buffered = stream.pending_size
+        assert buffered <= HIGH_WATER + 262144, buffered
+        # Held, not dropped: a window opened later lets the rest through.
+        received = sum(len(e.data) for e in client.of(h2.events.DataReceived))
+        client.conn.increment_flow_control_window(20000000)
+        client.conn.increment_flow_control_window(20000000, stream_id)
+        client.flush()
+        for event in client.of(h2.events.DataReceived):
+            client.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+
+        def done() -> bool:
+            return bool(client.of(h2.events.StreamEnded))
+
+        await client.until(done, timeout=30)
+        received = sum(len(e.data) for e in client.of(h2.events.DataReceived))
+        assert received == 20000000
+    finally:
+        client.close()
+
+
+async def test_shutdown_finishes_streams_in_flight_and_says_goaway(stack: Stack) -> None:
+    client = await RawH2.open(stack.proxy.port)
+    try:
+        stream_id = client.request("/delay/300")
+        await wait_for(lambda: stack.proxy.in_flight == 1)
+        shutdown = asyncio.create_task(stack.proxy.shutdown(timeout=5.0))
+        await client.until(lambda: client.of(h2.events.StreamEnded), timeout=10)
+        responses = client.of(h2.events.ResponseReceived)
+        assert [r.stream_id for r in responses] == [stream_id]
+        assert dict(responses[0].headers)[b":status"] == b"200"
+        await client.until(lambda: client.closed, timeout=10)
+        # Once the stream is done: the last stream served, then the connection closes.
+        assert client.goaways == [(stream_id, 0)]
+        await shutdown
+    finally:
+        client.close()
+
+
+async def test_a_request_in_flight_at_shutdown_is_answered_to_an_h2_library_client(
+    stack: Stack,
+) -> None:
+    """httpx (on h2's state machine) fails every open stream when a GOAWAY arrives: none is
+    sent while a stream is in flight."""
+    async with h2c(stack.proxy.port) as client:
+        assert (await client.get("/")).status_code == 200
+        slow = asyncio.create_task(client.get("/delay/300"))
+        await wait_for(lambda: stack.proxy.in_flight == 1)
+        shutdown = asyncio.create_task(stack.proxy.shutdown(timeout=5.0))
+        assert (await slow).status_code == 200
+        await shutdown
+
+
+async def test_header_injection_is_refused(stack: Stack) -> None:
+    client = await RawH2.open(stack.proxy.port)
+    try:
+        stream_id = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            stream_id,
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"http"),
+                (b":authority", b"t"),
+                (b":path", b"/"),
+                (b"x-a", b"1\r\ntransfer-encoding: chunked"),
+            ],
+            end_stream=True,
+        )
+        client.flush()
+
+        def refused() -> bool:
+            return bool(client.of(h2.events.StreamReset) or client.goaways)
+
+        await client.until(refused)
+        assert refused()
+        assert not client.of(h2.events.ResponseReceived)
+    finally:
+        client.close()
+
+
+def test_upstream_protocols_other_than_http1_are_refused_clearly() -> None:
+    pools: dict[str, Any] = {
+        "blue": {"upstreams": [{"url": "http://127.0.0.1:9"}], "protocol": "h2c"},
+        "green": {"upstreams": [{"url": "http://127.0.0.1:9"}]},
+    }
+    with pytest.raises(ConfigError, match=r"pools\.blue\.protocol: h2c upstreams are not"):
+        parse_config({"pools": pools})
+    pools["blue"]["protocol"] = "http1"
+    assert parse_config({"pools": pools}).pools.blue.protocol == "http1"
