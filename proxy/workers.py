@@ -330,7 +330,9 @@ class WorkerPool:
         if count < 1:
             raise ValueError("at least one worker")
         self.leader = leader
-        self.command = list(command or (sys.executable, "-m", "proxy", "worker"))
+        # -P: the current directory is not put first on sys.path, so an operator's own
+        # `proxy.py` or `proxy/` there cannot stand in for Turnout in the workers.
+        self.command = list(command or (sys.executable, "-P", "-m", "proxy", "worker"))
         self.clock = clock
         self.workers = [Worker(i) for i in range(count)]
         self.state: RoutingState | None = None
