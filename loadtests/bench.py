@@ -6,6 +6,7 @@
     python -m loadtests.bench --scrape 1         # Turnout with /metrics scraped every second too
     python -m loadtests.bench --extra naive="python ../shared/bench/naive_proxy.py --port {port} \
         --upstream {blue}=90 --upstream {green}=10"
+    python -m loadtests.bench --h2               # HTTP/2 clients (h2c, h2load), HTTP/1.1 upstreams
 
 Needs wrk (apt-get install wrk). The upstream is nginx serving fixed bodies when nginx is
 installed (apt-get install nginx), else Turnout's sample upstream (much slower, so the
@@ -15,6 +16,10 @@ Turnout also runs from its Python sources (turnout-py, TURNOUT_PURE=1): what com
 This script installs nothing. Every proxy runs as one process
 pinned to core 1; wrk and the upstream share core 0. Rounds are interleaved and medians
 reported; quote the ratios, not the absolute figures.
+
+With --h2 the clients speak HTTP/2 with prior knowledge (h2load from apt-get install
+nghttp2-client, 4 connections sharing the --connections streams) to every proxy, which speaks
+HTTP/1.1 to the upstream; there is no "direct" target then.
 """
 
 from __future__ import annotations
@@ -125,7 +130,7 @@ http {{
 """
 
 
-def nginx_proxy_conf(port: int, blue: int, green: int, tmp: Path) -> str:
+def nginx_proxy_conf(port: int, blue: int, green: int, tmp: Path, *, h2: bool = False) -> str:
     return f"""
 worker_processes 1;
 daemon off;
@@ -144,7 +149,7 @@ http {{
     keepalive 512;
   }}
   server {{
-    listen {HOST}:{port};
+    listen {HOST}:{port}{" http2" if h2 else ""};
     location / {{
       proxy_pass http://app;
       proxy_http_version 1.1;
@@ -155,7 +160,41 @@ http {{
 """
 
 
-def haproxy_conf(port: int, blue: int, green: int) -> str:
+H2LOAD_RPS = re.compile(r"finished in [\d.]+\w+, ([\d.]+) req/s")
+H2LOAD_FAILED = re.compile(r"requests: .*? (\d+) failed, (\d+) errored, (\d+) timeout")
+H2_CONNECTIONS = 4
+
+
+def h2load(url: str, streams: int, duration: int, tmp: Path) -> Result:
+    """HTTP/2 load: H2_CONNECTIONS connections carrying `streams` concurrent streams in all;
+    latency percentiles from h2load's per-request log (microseconds, third column)."""
+    log = tmp / "h2load.log"
+    clients = min(H2_CONNECTIONS, streams)
+    argv = ["h2load", f"-c{clients}", f"-m{max(1, streams // clients)}", f"-D{duration}"]
+    argv += [f"--log-file={log}", url]
+    out = subprocess.run(pinned(LOAD_CORE, argv), capture_output=True, text=True).stdout
+    rps_match = H2LOAD_RPS.search(out)
+    failed = H2LOAD_FAILED.search(out)
+    times = (
+        sorted(
+            int(line.split("\t")[2]) / 1000 for line in log.read_text().splitlines() if line.strip()
+        )
+        if log.exists()
+        else []
+    )
+
+    def pct(q: float) -> float:
+        return times[min(len(times) - 1, int(q * len(times)))] if times else 0.0
+
+    return Result(
+        rps=float(rps_match.group(1)) if rps_match else 0.0,
+        p50_ms=pct(0.50),
+        p99_ms=pct(0.99),
+        errors=sum(int(g) for g in failed.groups()) if failed else 0,
+    )
+
+
+def haproxy_conf(port: int, blue: int, green: int, *, h2: bool = False) -> str:
     return f"""
 global
   nbthread 1
@@ -167,7 +206,7 @@ defaults
   timeout server 60s
   http-reuse always
 frontend fe
-  bind {HOST}:{port}
+  bind {HOST}:{port}{" proto h2" if h2 else ""}
   default_backend app
 backend app
   balance roundrobin
@@ -283,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "log='access_log: {to: /tmp/access.log}'; {tmp} is a scratch directory",
     )
     ap.add_argument("--only", help="comma-separated targets to measure (e.g. turnout,haproxy)")
+    ap.add_argument("--h2", action="store_true", help="HTTP/2 clients (h2load) instead of wrk")
     ap.add_argument(
         "--rate",
         type=int,
@@ -298,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure a Turnout whose /metrics is read every SECONDS (metrics on vs off)",
     )
     args = ap.parse_args(argv)
-    if not shutil.which("wrk"):
+    if args.h2 and not shutil.which("h2load"):
+        print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
+        return 2
+    if not args.h2 and not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
         return 2
     conns = [int(c) for c in args.connections.split(",")]
@@ -326,7 +369,7 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
     haproxy = shutil.which("haproxy") or (
         "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
     )
-    targets: dict[str, tuple[list[str], int] | None] = {"direct": None}
+    targets: dict[str, tuple[list[str], int] | None] = {} if args.h2 else {"direct": None}
     port = free_port()
     (tmp / "turnout.yaml").write_text(turnout_conf(port, blue, green))
     turnout_cmd = [sys.executable, "-m", "proxy", "run", "-c", str(tmp / "turnout.yaml")]
@@ -358,13 +401,13 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
         )
     if nginx:
         port = free_port()
-        (tmp / "nginx-proxy.conf").write_text(nginx_proxy_conf(port, blue, green, tmp))
+        (tmp / "nginx-proxy.conf").write_text(nginx_proxy_conf(port, blue, green, tmp, h2=args.h2))
         targets["nginx"] = ([nginx, "-c", str(tmp / "nginx-proxy.conf")], port)
     else:
         print("nginx not installed (apt-get install nginx): skipped", file=sys.stderr)
     if haproxy:
         port = free_port()
-        (tmp / "haproxy.cfg").write_text(haproxy_conf(port, blue, green))
+        (tmp / "haproxy.cfg").write_text(haproxy_conf(port, blue, green, h2=args.h2))
         targets["haproxy"] = ([haproxy, "-f", str(tmp / "haproxy.cfg")], port)
     else:
         print("haproxy not installed (apt-get install haproxy): skipped", file=sys.stderr)
@@ -405,7 +448,10 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
                             url = f"http://{HOST}:{port}{paths[size]}"
                             idle = rss_mib(proc.pid) if isinstance(proc, subprocess.Popen) else 0
                             with scraping(scrapes.get(name), args.scrape) as scraped:
-                                res = wrk(url, c, args.duration, args.rate, tmp)
+                                if args.h2:
+                                    res = h2load(url, c, args.duration, tmp)
+                                else:
+                                    res = wrk(url, c, args.duration, args.rate, tmp)
                             if scraped:
                                 print(f"  /metrics read {scraped[0]} times", file=sys.stderr)
                             if isinstance(proc, subprocess.Popen):
