@@ -222,9 +222,7 @@ def _log_target(value: object) -> str:
 
 def _upstream_protocol(value: object) -> str:
     text = _string(value)
-    if text in ("h2c", "h2"):
-        raise ValueError(f"{text} upstreams are not supported yet: only http1 (HTTP/1.1)")
-    if text != "http1":
+    if text not in ("http1", "h2c", "h2"):
         raise ValueError(f"must be http1, h2c or h2, not {text!r}")
     return text
 
@@ -395,8 +393,21 @@ class PoolConfig(_Model):
 
     upstreams: tuple[UpstreamConfig, ...] = ()
     tls: UpstreamTLS | None = None
-    # How Turnout speaks to the pool's upstreams (HTTP/2 towards upstreams is to come).
+    # How Turnout speaks to the pool's upstreams: HTTP/1.1, HTTP/2 over plain TCP (prior
+    # knowledge) or HTTP/2 over TLS (ALPN h2).
     protocol: Annotated[str, BeforeValidator(_upstream_protocol)] = "http1"
+
+    @model_validator(mode="after")
+    def _schemes_fit_the_protocol(self) -> Self:
+        want = {"h2c": "http", "h2": "https"}.get(self.protocol)
+        problems: Problems = [
+            (("upstreams", index, "url"), f"protocol {self.protocol} needs {want}:// URLs")
+            for index, upstream in enumerate(self.upstreams)
+            if want is not None and upstream.scheme != want
+        ]
+        if problems:
+            raise _problems_error("PoolConfig", problems)
+        return self
 
     @field_validator("upstreams", mode="wrap")
     @classmethod

@@ -429,14 +429,15 @@ class Control:
                     continue
                 if cfg.scheme == "https" and tls is None:
                     try:
-                        tls = client_context(pool.tls)
+                        tls = client_context(pool.tls, h2=pool.protocol == "h2")
                     except TLSSetupError:
                         continue  # left cold: the health checker reports the problem
                 added.append(((name, cfg.host, cfg.port), tls if cfg.scheme == "https" else None))
+        h2 = {name for name in POOLS if getattr(config.pools, name).protocol != "http1"}
         results = await asyncio.gather(
             *(
-                probe(host, port, hc.path, hc.timeout, f"{host}:{port}", tls)
-                for (_, host, port), tls in added
+                probe(host, port, hc.path, hc.timeout, f"{host}:{port}", tls, h2=pool in h2)
+                for (pool, host, port), tls in added
             )
         )
         return {endpoint for (endpoint, _), result in zip(added, results, strict=True) if result.ok}

@@ -16,6 +16,7 @@ from typing import Final
 
 import httptools
 
+from .h2upstream import probe_h2
 from .upstream import Upstream
 
 log = logging.getLogger("turnout.health")
@@ -79,10 +80,15 @@ async def probe(
     timeout: float,
     host_header: str,
     tls: ssl.SSLContext | None = None,
+    *,
+    h2: bool = False,
 ) -> ProbeResult:
-    """One GET over a fresh connection; ok iff the status is 200..399. Reads only the head."""
+    """One GET over a fresh connection (HTTP/2 with `h2`); ok iff the status is 200..399.
+    Reads only the head."""
     if any(c in "\r\n" for c in path + host_header):
         raise ValueError("path and host header must not contain CR or LF")
+    if h2:
+        return await _probe_h2(host, port, path, timeout, host_header, tls)
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: turnout-health\r\n"
         "Accept: */*\r\nConnection: close\r\n\r\n"
@@ -115,6 +121,21 @@ async def probe(
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(_CLOSE_WAIT):
                     await writer.wait_closed()
+
+
+async def _probe_h2(
+    host: str, port: int, path: str, timeout: float, host_header: str, tls: ssl.SSLContext | None
+) -> ProbeResult:
+    try:
+        async with asyncio.timeout(timeout):
+            ok, detail = await probe_h2(host, port, path, host_header, tls)
+            return ProbeResult(ok, detail)
+    except TimeoutError:
+        return ProbeResult(False, _timeout_detail(timeout))
+    except ConnectionRefusedError:
+        return ProbeResult(False, "connect refused")
+    except OSError as exc:
+        return ProbeResult(False, f"connect failed: {exc.strerror or exc}")
 
 
 async def _read_head(reader: asyncio.StreamReader) -> ProbeResult:
@@ -195,6 +216,7 @@ class HealthChecker:
             self.timeout,
             upstream.host_header.decode("latin-1"),
             upstream.ssl,
+            h2=upstream.mux is not None,
         )
 
     # control

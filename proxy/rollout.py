@@ -442,7 +442,15 @@ class RolloutController:
         upstreams = proxy.router.pools[proxy.candidate]
         results = await asyncio.gather(
             *(
-                probe(u.host, u.port, gate.path, timeout, u.host_header.decode("latin-1"), u.ssl)
+                probe(
+                    u.host,
+                    u.port,
+                    gate.path,
+                    timeout,
+                    u.host_header.decode("latin-1"),
+                    u.ssl,
+                    h2=u.mux is not None,
+                )
                 for u in upstreams
             )
         )

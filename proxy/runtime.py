@@ -23,6 +23,7 @@ from .control import Change, Control
 from .events import EventBus
 from .exchange import Outcome
 from .h2front import H2Session
+from .h2upstream import H2Upstream
 from .health import HealthChecker
 from .metrics import Metrics
 from .retry import RetryBudget
@@ -195,6 +196,8 @@ class Proxy:
         upstream = Upstream(pool, index, cfg.url, cfg.host, cfg.port, cfg.weight)
         if cfg.scheme == "https":
             upstream.ssl = self.pool_context(pool)
+        if getattr(self.config.pools, pool).protocol != "http1":
+            upstream.mux = H2Upstream(upstream, self.loop, tls=upstream.ssl is not None)
         key = f"{pool}/{index}"
 
         def on_transition(old: BreakerState, new: BreakerState, reason: str) -> None:
@@ -233,7 +236,8 @@ class Proxy:
         """The client TLS context of a pool's https:// upstreams, built on first use."""
         ctx = self.pool_tls.get(pool)
         if ctx is None:
-            ctx = self.pool_tls[pool] = client_context(getattr(self.config.pools, pool).tls)
+            cfg = getattr(self.config.pools, pool)
+            ctx = self.pool_tls[pool] = client_context(cfg.tls, h2=cfg.protocol == "h2")
         return ctx
 
     def _access_log(self, config: Config) -> AccessLog | None:

@@ -53,7 +53,7 @@ class ListenerTLS:
         self.context.minimum_version = VERSIONS[cfg.min_version]
 
 
-def client_context(cfg: UpstreamTLS | None) -> ssl.SSLContext:
+def client_context(cfg: UpstreamTLS | None, *, h2: bool = False) -> ssl.SSLContext:
     """Verifies upstream certificates against the system store, or `ca` when given."""
     try:
         ctx = ssl.create_default_context(cafile=cfg.ca if cfg is not None else None)
@@ -63,7 +63,7 @@ def client_context(cfg: UpstreamTLS | None) -> ssl.SSLContext:
         raise TLSSetupError(f"cannot use the pool's TLS files: {exc.reason or exc}") from exc
     except OSError as exc:
         raise TLSSetupError(f"cannot read the pool's TLS files: {exc.strerror or exc}") from exc
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2"] if h2 else ["http/1.1"])
     return ctx
 
 

@@ -47,6 +47,13 @@ class BadResponse(Exception):
     """The upstream answered with something that is not valid HTTP/1.1."""
 
 
+class Multiplexer(Protocol):
+    """Connections to an upstream that carry many requests at once (HTTP/2): it gives each
+    UpstreamConnection of the data path a transport of its own on one of them."""
+
+    async def attach(self, conn: UpstreamConnection, timeout: float) -> None: ...
+
+
 class ResponseSink(Protocol):
     """What an upstream connection reports to while it serves one exchange."""
 
@@ -94,6 +101,7 @@ class Upstream:
         "host_header",
         "idle",
         "index",
+        "mux",
         "pool",
         "port",
         "requests",
@@ -125,6 +133,8 @@ class Upstream:
         self.admission = admission or Admission(**DEFAULT_LIMITS)
         # Client TLS towards an https:// upstream (None for http://).
         self.ssl: ssl.SSLContext | None = None
+        # HTTP/2 towards the upstream (None: HTTP/1.1, a connection per request in flight).
+        self.mux: Multiplexer | None = None
         self.requests = 0
         self.failures = 0
         # Final status codes answered from this upstream: plain ints bumped by the data
@@ -174,8 +184,11 @@ class Upstream:
         return None
 
     async def connect(self, timeout: float) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
         conn = UpstreamConnection(self)
+        if self.mux is not None:
+            await self.mux.attach(conn, timeout)
+            return conn
+        loop = asyncio.get_running_loop()
         factory = protocol_factory(lambda: conn)
         try:
             async with asyncio.timeout(timeout):

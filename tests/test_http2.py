@@ -15,12 +15,10 @@ import h2.connection
 import h2.errors
 import h2.events
 import httpx
-import pytest
 import trustme
 from conftest import HOST, ProxyFactory, SampleFactory, Stack, proxy_config, wait_for
 from test_tls import write_pair
 
-from proxy.config import ConfigError, parse_config
 from proxy.h2front import HIGH_WATER, H2Session
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -347,52 +345,3 @@ async def test_header_injection_is_refused(stack: Stack) -> None:
         assert not client.of(h2.events.ResponseReceived)
     finally:
         client.close()
-
-
-def test_upstream_protocols_other_than_http1_are_refused_clearly() -> None:
-    pools: dict[str, Any] = {
-        "blue": {"upstreams": [{"url": "http://127.0.0.1:9"}], "protocol": "h2c"},
-        "green": {"upstreams": [{"url": "http://127.0.0.1:9"}]},
-    }
-    with pytest.raises(ConfigError, match=r"pools\.blue\.protocol: h2c upstreams are not"):
-        parse_config({"pools": pools})
-    pools["blue"]["protocol"] = "http1"
-    assert parse_config({"pools": pools}).pools.blue.protocol == "http1"
-
-
-async def test_no_stream_fails_through_split_changes_and_drains(
-    sample: SampleFactory, make_proxy: ProxyFactory
-) -> None:
-    blues = [await sample("blue"), await sample("blue")]
-    green = await sample("green")
-    proxy = await make_proxy(proxy_config([b.url for b in blues], [green.url]))
-    control = proxy.control
-    statuses: Counter[int] = Counter()
-    pools: Counter[str] = Counter()
-    stop = asyncio.Event()
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        for _ in range(400):  # bounded: a stuck proxy ends the test, not the run
-            if stop.is_set():
-                return
-            resp = await client.get("/delay/2")
-            statuses[resp.status_code] += 1
-            pools[resp.headers.get("x-upstream", "?")] += 1
-
-    async with h2c(proxy.port) as client:
-        tasks = [asyncio.create_task(worker(client)) for _ in range(16)]
-        steps = [
-            lambda: control.set_split(50),
-            lambda: control.drain("blue", 0),
-            lambda: control.set_split(100),
-            lambda: control.undrain("blue", 0),
-            lambda: control.set_split(0),
-        ]
-        for step in steps:
-            total = sum(statuses.values())
-            await wait_for(lambda total=total: sum(statuses.values()) >= total + 100, timeout=20)
-            step()
-        stop.set()
-        await asyncio.gather(*tasks)
-    assert statuses == {200: sum(statuses.values())}, statuses
-    assert pools["green"] > 0 and pools["blue"] > 0

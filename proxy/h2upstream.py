@@ -1,0 +1,522 @@
+"""HTTP/2 towards upstreams (`pools.<pool>.protocol: h2c | h2`): a few multiplexed connections
+per upstream, each carrying many requests at once.
+
+The data path speaks HTTP/1.1 to an upstream connection. For an HTTP/2 pool each of its
+UpstreamConnections is virtual: its transport (a StreamTransport) reads the HTTP/1.1 request
+it is given and opens one stream for it on a shared HTTP/2 connection (an H2Link), and writes
+the stream's answer back as HTTP/1.1 (chunked, with the upstream's trailers). A virtual
+connection is pooled and reused like a real one; each request on it is a new stream. So
+limits, breakers, retries, shielding and analysis treat an HTTP/2 upstream exactly as any
+other, and a GOAWAY, a reset or a lost connection reach the data path as the connection
+faults it already handles.
+
+Flow control runs end to end: a response stream's data is acknowledged only while the client
+side reads (the data path pauses its upstream connection otherwise), and a request body waits
+for the upstream's window, pausing the client side when too much is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import httptools
+
+from .upstream import ConnectError, UpstreamConnection, protocol_factory
+
+if TYPE_CHECKING:
+    from .upstream import Upstream
+
+log = logging.getLogger("turnout.h2upstream")
+
+# Request fields that are connection-specific in HTTP/1.1 and forbidden in HTTP/2 (`host`
+# becomes :authority).
+CONNECTION_FIELDS = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host")
+)
+HIGH_WATER = 65536  # request body held for the upstream's window before the client is paused
+WINDOW = 1 << 20  # our receive window per stream and for the connection
+
+
+class StreamTransport(asyncio.Transport):
+    """The transport of one virtual upstream connection: one stream per request on a link."""
+
+    def __init__(self, link: H2Link, conn: UpstreamConnection) -> None:
+        super().__init__()
+        self.link = link
+        self.conn = conn
+        self.parser = httptools.HttpRequestParser(self)
+        self.closing = False
+        self.stream_id = 0  # the stream of the request under way (0: none)
+        self.url = b""
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.pending: deque[bytes] = deque()  # request body waiting for the upstream's window
+        self.pending_size = 0
+        self.request_done = False
+        self.paused = False  # the data path does not read (its client is slow)
+        self.unacked = 0
+        self.chunked = False  # the answer under way is relayed chunked
+
+    # what the UpstreamConnection calls -------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.link.transport.get_extra_info(name, default) if self.link.transport else default
+
+    def write(self, data: bytes | bytearray | memoryview[Any]) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(bytes(data))
+        except httptools.HttpParserError as exc:
+            log.error("unparsable request from the data path: %s", exc)
+            self.abort()
+        self.link.flush()
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.link.detach(self)
+            self.link.loop.call_soon(self.conn.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        if self.unacked:
+            unacked, self.unacked = self.unacked, 0
+            self.link.acknowledge(self.stream_id, unacked)
+            self.link.flush()
+
+    def get_write_buffer_size(self) -> int:
+        return self.pending_size
+
+    # httptools callbacks: the HTTP/1.1 request, turned into a stream --------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.fields = []
+        self.request_done = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        authority = b""
+        fields: list[tuple[bytes, bytes]] = []
+        grpc = False
+        for name, value in self.fields:
+            if name == b"host":
+                authority = value
+            elif name not in CONNECTION_FIELDS:
+                if name == b"content-type" and value.startswith(b"application/grpc"):
+                    grpc = True
+                if name != b"te":
+                    fields.append((name, value))
+        method = self.parser.get_method()
+        head = [
+            (b":method", method),
+            (b":scheme", self.link.scheme),
+            (b":authority", authority or self.link.authority),
+            (b":path", self.url),
+        ]
+        if grpc:
+            head.append((b"te", b"trailers"))  # gRPC servers require it (hop-by-hop in 1.1)
+        self.stream_id = self.link.open_stream(self, head + fields)
+
+    def on_body(self, body: bytes) -> None:
+        if self.stream_id:
+            self.pending.append(body)
+            self.pending_size += len(body)
+            self.link.send_pending(self)
+            if self.pending_size > HIGH_WATER:
+                self.conn.pause_writing()
+
+    def on_message_complete(self) -> None:
+        self.request_done = True
+        if self.stream_id:
+            self.link.send_pending(self)
+
+    def drained(self) -> None:
+        if self.pending_size <= HIGH_WATER:
+            self.conn.resume_writing()
+
+    # the stream's answer, relayed to the data path as HTTP/1.1 --------------------
+
+    def response(self, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
+        status = b"502"
+        lines: list[bytes] = []
+        length = False
+        for name, value in fields:
+            if name == b":status":
+                status = value
+            elif name[:1] != b":":
+                if name == b"content-length":
+                    length = True
+                lines += (name, b": ", value, b"\r\n")
+        # Without a length the body is relayed chunked, which also carries trailers (gRPC).
+        self.chunked = not length and not ended
+        framing = b"transfer-encoding: chunked\r\n" if self.chunked else b""
+        if ended and not length and not status.startswith(b"1"):
+            framing = b"content-length: 0\r\n"
+        self.feed(b"HTTP/1.1 %b \r\n%b%b\r\n" % (status, b"".join(lines), framing))
+
+    def data(self, data: bytes, flow_length: int) -> None:
+        if data:
+            self.feed(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        if self.paused:
+            self.unacked += flow_length
+        else:
+            self.link.acknowledge(self.stream_id, flow_length)
+
+    def trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+        lines = [b"%b: %b\r\n" % (name, value) for name, value in fields if name[:1] != b":"]
+        if self.chunked:
+            self.chunked = False
+            self.feed(b"0\r\n%b\r\n" % b"".join(lines))
+
+    def ended(self) -> None:
+        self.stream_id = 0
+        if self.chunked:
+            self.chunked = False
+            self.feed(b"0\r\n\r\n")
+
+    def reset(self, reason: str) -> None:
+        """The stream or its connection failed: this virtual connection fails with it."""
+        if not self.closing:
+            self.closing = True
+            self.stream_id = 0
+            self.link.detach(self)
+            self.conn.connection_lost(ConnectionResetError(reason))
+
+    def feed(self, data: bytes) -> None:
+        if not self.closing:
+            self.conn.data_received(data)
+
+
+class H2Link:
+    """One HTTP/2 connection to an upstream (an asyncio protocol), shared by the virtual
+    connections attached to it."""
+
+    def __init__(self, mux: H2Upstream) -> None:
+        self.mux = mux
+        self.loop = mux.loop
+        self.scheme = mux.scheme
+        self.authority = mux.authority
+        self.transport: asyncio.Transport | None = None
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self.attached: set[StreamTransport] = set()
+        self.streams: dict[int, StreamTransport] = {}
+        self.closed = False
+        self.draining = False  # the upstream sent GOAWAY: no new streams here
+
+    @property
+    def capacity(self) -> int:
+        if self.closed or self.draining:
+            return 0
+        return int(self.h2.remote_settings.max_concurrent_streams) - len(self.attached)
+
+    # asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(WINDOW - 65535)
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.mux.forget(self)
+        reason = f"upstream connection lost: {exc}" if exc else "upstream closed the connection"
+        for stream in list(self.attached):
+            stream.reset(reason)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def pause_writing(self) -> None:
+        for stream in self.attached:
+            stream.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        for stream in list(self.attached):
+            stream.conn.resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.warning("HTTP/2 protocol error from upstream %s: %s", self.mux.key, exc)
+            self.flush()
+            self.close()
+            return
+        for event in events:
+            stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
+            if isinstance(event, h2.events.ResponseReceived):
+                if stream is not None:
+                    stream.response(list(event.headers or []), event.stream_ended is not None)
+            elif isinstance(event, h2.events.DataReceived):
+                if stream is not None:
+                    stream.data(event.data or b"", event.flow_controlled_length or 0)
+                elif event.flow_controlled_length:
+                    self.acknowledge(event.stream_id or 0, event.flow_controlled_length)
+            elif isinstance(event, h2.events.TrailersReceived):
+                if stream is not None:
+                    stream.trailers(list(event.headers or []))
+            elif isinstance(event, h2.events.StreamEnded):
+                if stream is not None:
+                    del self.streams[event.stream_id or 0]
+                    stream.ended()
+            elif isinstance(event, h2.events.StreamReset):
+                if stream is not None:
+                    del self.streams[event.stream_id or 0]
+                    stream.reset(f"upstream reset the stream (code {event.error_code})")
+            elif isinstance(event, h2.events.WindowUpdated):
+                targets = [stream] if stream is not None else list(self.streams.values())
+                for target in targets:
+                    self.send_pending(target)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self._goaway(event.last_stream_id or 0)
+        self.flush()
+
+    def _goaway(self, last_stream_id: int) -> None:
+        """The upstream drains this connection: streams past `last_stream_id` were not
+        processed (their virtual connections fail as a reset the data path may retry), the
+        others finish; new requests go to a new connection."""
+        self.draining = True
+        self.mux.forget(self)
+        for stream_id, stream in list(self.streams.items()):
+            if stream_id > last_stream_id:
+                del self.streams[stream_id]
+                stream.reset("upstream sent GOAWAY before this stream")
+        for stream in list(self.attached):
+            if not stream.stream_id:
+                stream.reset("upstream connection draining")
+        if not self.streams:
+            self.close()
+
+    # what the virtual connections call --------------------------------------------
+
+    def open_stream(self, stream: StreamTransport, fields: list[tuple[bytes, bytes]]) -> int:
+        if self.closed or self.draining:
+            stream.reset("upstream connection draining")
+            return 0
+        stream_id = self.h2.get_next_available_stream_id()
+        try:
+            self.h2.send_headers(stream_id, fields)
+        except h2.exceptions.ProtocolError as exc:
+            stream.reset(f"cannot open a stream: {exc}")
+            return 0
+        self.streams[stream_id] = stream
+        return stream_id
+
+    def send_pending(self, stream: StreamTransport) -> None:
+        stream_id = stream.stream_id
+        if not stream_id or self.closed:
+            return
+        pending = stream.pending
+        try:
+            while pending:
+                window = min(
+                    self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size
+                )
+                if window <= 0:
+                    return
+                chunk = pending[0]
+                if len(chunk) > window:
+                    pending[0] = chunk[window:]
+                    chunk = chunk[:window]
+                else:
+                    pending.popleft()
+                stream.pending_size -= len(chunk)
+                self.h2.send_data(stream_id, chunk)
+            stream.drained()
+            if stream.request_done:
+                stream.request_done = False
+                self.h2.end_stream(stream_id)
+        except h2.exceptions.ProtocolError:
+            return  # the stream was reset meanwhile; its reset event fails the request
+
+    def acknowledge(self, stream_id: int, length: int) -> None:
+        if length and not self.closed:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.acknowledge_received_data(length, stream_id)
+
+    def detach(self, stream: StreamTransport) -> None:
+        """A virtual connection closed: cancel its stream if one is open."""
+        self.attached.discard(stream)
+        stream_id = stream.stream_id
+        if stream_id and self.streams.get(stream_id) is stream:
+            del self.streams[stream_id]
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            self.flush()
+        if not self.attached and (self.draining or not self.mux.keeps(self)):
+            self.close()
+
+    def flush(self) -> None:
+        if self.transport is not None and not self.closed:
+            data = self.h2.data_to_send()
+            if data:
+                self.transport.write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.mux.forget(self)
+            if self.transport is not None:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.h2.close_connection()
+                self.flush_closing()
+                self.transport.close()
+
+    def flush_closing(self) -> None:
+        if self.transport is not None:
+            data = self.h2.data_to_send()
+            if data:
+                self.transport.write(data)
+
+
+class H2Upstream:
+    """The HTTP/2 connections of one upstream: virtual connections attach to one with room
+    (the upstream's SETTINGS_MAX_CONCURRENT_STREAMS), else to a new one."""
+
+    def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop, tls: bool) -> None:
+        self.upstream = upstream
+        self.loop = loop
+        self.key = upstream.key
+        self.scheme = b"https" if tls else b"http"
+        self.authority = upstream.host_header
+        self.links: list[H2Link] = []
+        self._connecting: asyncio.Task[H2Link] | None = None
+
+    def keeps(self, link: H2Link) -> bool:
+        """Whether an unused link stays open for the next requests (the newest one does)."""
+        return bool(self.links) and self.links[-1] is link
+
+    def forget(self, link: H2Link) -> None:
+        if link in self.links:
+            self.links.remove(link)
+
+    async def attach(self, conn: UpstreamConnection, timeout: float) -> None:
+        """Give `conn` a stream transport on a link with room, connecting one if needed."""
+        while True:
+            link = next((link for link in self.links if link.capacity > 0), None)
+            if link is not None:
+                break
+            # Requests that find no room at once share one connect rather than open one each.
+            connecting = self._connecting
+            if connecting is None:
+                connecting = self._connecting = asyncio.ensure_future(self._connect(timeout))
+                connecting.add_done_callback(self._connected)
+            await asyncio.shield(connecting)
+        stream = StreamTransport(link, conn)
+        link.attached.add(stream)
+        conn.connection_made(stream)
+
+    def _connected(self, task: asyncio.Task[H2Link]) -> None:
+        self._connecting = None
+
+    async def _connect(self, timeout: float) -> H2Link:
+        upstream = self.upstream
+        link = H2Link(self)
+        try:
+            async with asyncio.timeout(timeout):
+                if upstream.ssl is None:
+                    await self.loop.create_connection(
+                        protocol_factory(lambda: link), upstream.host, upstream.port
+                    )
+                else:
+                    await self.loop.create_connection(
+                        protocol_factory(lambda: link),
+                        upstream.host,
+                        upstream.port,
+                        ssl=upstream.ssl,
+                        server_hostname=upstream.host,
+                        ssl_handshake_timeout=timeout,
+                    )
+        except TimeoutError as exc:
+            raise ConnectError(f"connect timeout after {timeout:g}s") from exc
+        except ssl.SSLError as exc:
+            raise ConnectError(f"TLS handshake failed: {exc.reason or exc}") from exc
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
+            raise ConnectError(reason) from exc
+        transport = link.transport
+        if upstream.ssl is not None and transport is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+                transport.close()
+                raise ConnectError("the upstream did not agree to HTTP/2 (ALPN h2)")
+        self.links.append(link)
+        return link
+
+
+async def probe_h2(
+    host: str, port: int, path: str, host_header: str, tls: ssl.SSLContext | None
+) -> tuple[bool, str]:
+    """One GET over a fresh HTTP/2 connection (the caller bounds the time): (ok, detail),
+    ok iff the status is 200..399."""
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=tls, server_hostname=host if tls is not None else None
+    )
+    try:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        conn.initiate_connection()
+        conn.send_headers(
+            1,
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"https" if tls is not None else b"http"),
+                (b":authority", host_header.encode("latin-1")),
+                (b":path", path.encode("latin-1")),
+                (b"user-agent", b"turnout-health"),
+            ],
+            end_stream=True,
+        )
+        writer.write(conn.data_to_send())
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers or []).get(b":status", b"0").decode("latin-1")
+                    return 200 <= int(status) <= 399, status
+                if isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
+                    return False, "stream refused by the upstream"
+            writer.write(conn.data_to_send())
+        return False, "connection closed before the response head"
+    except h2.exceptions.ProtocolError as exc:
+        return False, f"invalid HTTP/2: {exc}"
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
