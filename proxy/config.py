@@ -480,6 +480,9 @@ class HealthCheckConfig(_Model):
     timeout: PositiveDuration = 1.0
     healthy_after: Annotated[int, Strict(), Field(ge=1)] = 2
     unhealthy_after: Annotated[int, Strict(), Field(ge=1)] = 3
+    # gRPC's grpc.health.v1.Health/Check instead of a GET of `path` (HTTP/2 pools only).
+    grpc: Annotated[bool, Strict()] = False
+    service: Annotated[str, Strict(), Field(max_length=256)] = ""
 
 
 class RetriesConfig(_Model):
@@ -566,6 +569,18 @@ class Config(_Model):
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
     drain: DrainConfig = Field(default_factory=DrainConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+
+    @model_validator(mode="after")
+    def _grpc_checks_need_http2(self) -> Self:
+        if self.health_check.grpc:
+            problems: Problems = [
+                (("pools", name, "protocol"), "health_check.grpc needs protocol h2c or h2")
+                for name in ("blue", "green")
+                if getattr(self.pools, name).protocol == "http1"
+            ]
+            if problems:
+                raise _problems_error("Config", problems)
+        return self
 
     @model_validator(mode="after")
     def _listeners_apart(self) -> Self:

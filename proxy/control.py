@@ -436,7 +436,16 @@ class Control:
         h2 = {name for name in POOLS if getattr(config.pools, name).protocol != "http1"}
         results = await asyncio.gather(
             *(
-                probe(host, port, hc.path, hc.timeout, f"{host}:{port}", tls, h2=pool in h2)
+                probe(
+                    host,
+                    port,
+                    hc.path,
+                    hc.timeout,
+                    f"{host}:{port}",
+                    tls,
+                    h2=pool in h2,
+                    grpc_service=hc.service if hc.grpc else None,
+                )
                 for (pool, host, port), tls in added
             )
         )

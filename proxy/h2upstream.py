@@ -480,11 +480,39 @@ class H2Upstream:
         return link
 
 
+GRPC_HEALTH_PATH = b"/grpc.health.v1.Health/Check"
+GRPC_SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}, protobuf-encoded
+
+
+def grpc_health_request(service: str) -> bytes:
+    """HealthCheckRequest{service}, protobuf-encoded, in gRPC's length-prefixed framing."""
+    name = service.encode()
+    message = b"\x0a" + _varint(len(name)) + name if name else b""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
 async def probe_h2(
-    host: str, port: int, path: str, host_header: str, tls: ssl.SSLContext | None
+    host: str,
+    port: int,
+    path: str,
+    host_header: str,
+    tls: ssl.SSLContext | None,
+    grpc_service: str | None = None,
 ) -> tuple[bool, str]:
-    """One GET over a fresh HTTP/2 connection (the caller bounds the time): (ok, detail),
-    ok iff the status is 200..399."""
+    """One request over a fresh HTTP/2 connection (the caller bounds the time): (ok, detail).
+    A GET of `path`, ok iff the status is 200..399; or, with `grpc_service`, gRPC's
+    grpc.health.v1.Health/Check, ok iff the service is SERVING."""
+    if grpc_service is not None:
+        return await _grpc_health(host, port, host_header, tls, grpc_service)
     reader, writer = await asyncio.open_connection(
         host, port, ssl=tls, server_hostname=host if tls is not None else None
     )
@@ -514,6 +542,59 @@ async def probe_h2(
                     return False, "stream refused by the upstream"
             writer.write(conn.data_to_send())
         return False, "connection closed before the response head"
+    except h2.exceptions.ProtocolError as exc:
+        return False, f"invalid HTTP/2: {exc}"
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def _grpc_health(
+    host: str, port: int, host_header: str, tls: ssl.SSLContext | None, service: str
+) -> tuple[bool, str]:
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=tls, server_hostname=host if tls is not None else None
+    )
+    try:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        conn.initiate_connection()
+        conn.send_headers(
+            1,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"https" if tls is not None else b"http"),
+                (b":authority", host_header.encode("latin-1")),
+                (b":path", GRPC_HEALTH_PATH),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                (b"user-agent", b"turnout-health"),
+            ],
+        )
+        conn.send_data(1, grpc_health_request(service), end_stream=True)
+        writer.write(conn.data_to_send())
+        body = b""
+        fields: dict[bytes, bytes] = {}
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    fields.update(event.headers or [])
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data or b""
+                    conn.acknowledge_received_data(event.flow_controlled_length or 0, 1)
+                elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
+                    return False, "stream refused by the upstream"
+                if isinstance(event, h2.events.StreamEnded):
+                    code = fields.get(b"grpc-status", b"?").decode("latin-1")
+                    if code != "0":
+                        message = fields.get(b"grpc-message", b"").decode("latin-1")
+                        return False, f"grpc-status {code} {message}".rstrip()
+                    serving = body[5:] == GRPC_SERVING
+                    return serving, "SERVING" if serving else "NOT_SERVING"
+            writer.write(conn.data_to_send())
+        return False, "connection closed before the answer"
     except h2.exceptions.ProtocolError as exc:
         return False, f"invalid HTTP/2: {exc}"
     finally:

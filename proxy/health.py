@@ -82,13 +82,14 @@ async def probe(
     tls: ssl.SSLContext | None = None,
     *,
     h2: bool = False,
+    grpc_service: str | None = None,
 ) -> ProbeResult:
     """One GET over a fresh connection (HTTP/2 with `h2`); ok iff the status is 200..399.
     Reads only the head."""
     if any(c in "\r\n" for c in path + host_header):
         raise ValueError("path and host header must not contain CR or LF")
     if h2:
-        return await _probe_h2(host, port, path, timeout, host_header, tls)
+        return await _probe_h2(host, port, path, timeout, host_header, tls, grpc_service)
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: turnout-health\r\n"
         "Accept: */*\r\nConnection: close\r\n\r\n"
@@ -124,11 +125,17 @@ async def probe(
 
 
 async def _probe_h2(
-    host: str, port: int, path: str, timeout: float, host_header: str, tls: ssl.SSLContext | None
+    host: str,
+    port: int,
+    path: str,
+    timeout: float,
+    host_header: str,
+    tls: ssl.SSLContext | None,
+    grpc_service: str | None,
 ) -> ProbeResult:
     try:
         async with asyncio.timeout(timeout):
-            ok, detail = await probe_h2(host, port, path, host_header, tls)
+            ok, detail = await probe_h2(host, port, path, host_header, tls, grpc_service)
             return ProbeResult(ok, detail)
     except TimeoutError:
         return ProbeResult(False, _timeout_detail(timeout))
@@ -188,12 +195,14 @@ class HealthChecker:
         unhealthy_after: int,
         on_change: OnChange,
         prober: Prober | None = None,
+        grpc_service: str | None = None,
     ) -> None:
         if interval <= 0 or timeout <= 0:
             raise ValueError("interval and timeout must be > 0")
         if healthy_after < 1 or unhealthy_after < 1:
             raise ValueError("healthy_after and unhealthy_after must be >= 1")
         self.path = path
+        self.grpc_service = grpc_service  # checks are gRPC's Health/Check for this service
         self.interval = interval
         self.timeout = timeout
         self.healthy_after = healthy_after
@@ -217,6 +226,7 @@ class HealthChecker:
             upstream.host_header.decode("latin-1"),
             upstream.ssl,
             h2=upstream.mux is not None,
+            grpc_service=self.grpc_service,
         )
 
     # control

@@ -260,6 +260,7 @@ class Proxy:
             healthy_after=hc.healthy_after,
             unhealthy_after=hc.unhealthy_after,
             on_change=self._on_health_change,
+            grpc_service=hc.service if hc.grpc else None,
         )
 
     # seams for control, health and the breaker ----------------------------------
