@@ -5,6 +5,7 @@ a client that resets streams in a loop is sent away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import Counter
 from pathlib import Path
@@ -15,8 +16,10 @@ import h2.connection
 import h2.errors
 import h2.events
 import httpx
+import pytest
 import trustme
 from conftest import HOST, ProxyFactory, SampleFactory, Stack, proxy_config, wait_for
+from hyperframe.frame import ContinuationFrame, HeadersFrame, SettingsFrame
 from test_tls import write_pair
 
 from proxy.h2front import HIGH_WATER, H2Session
@@ -345,3 +348,44 @@ async def test_header_injection_is_refused(stack: Stack) -> None:
         assert not client.of(h2.events.ResponseReceived)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("attack", ["continuation-flood", "oversized-header-list"])
+async def test_header_floods_end_the_connection_not_the_proxy(stack: Stack, attack: str) -> None:
+    reader, writer = await asyncio.open_connection(HOST, stack.proxy.port)
+    writer.write(PREFACE + SettingsFrame(0).serialize())
+    if attack == "continuation-flood":
+        # A header block that never ends: HEADERS without END_HEADERS, then CONTINUATIONs.
+        first = HeadersFrame(1)
+        first.data = b"\x82\x86\x84"
+        writer.write(first.serialize())
+        more = ContinuationFrame(1)
+        more.data = b"\x40" + b"a" * 16000
+        frame = more.serialize()
+        for _ in range(200):
+            writer.write(frame)
+    else:
+        client = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        client.initiate_connection()
+        client.data_to_send()
+        fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"t")]
+        fields += [(b":path", b"/"), *[(b"x-big", b"a" * 4000)] * 50]
+        client.send_headers(1, fields, end_stream=True)
+        writer.write(client.data_to_send())
+    received = bytearray()
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(65536):
+                received += chunk
+    writer.close()
+    kinds = []
+    while len(received) >= 9:
+        size = int.from_bytes(received[:3], "big") + 9
+        kinds.append(received[3])
+        del received[:size]
+    assert 0x7 in kinds, kinds  # GOAWAY, then the connection closed
+    assert stack.proxy.in_flight == 0
+    async with h2c(stack.proxy.port) as other:
+        assert (await other.get("/")).status_code == 200
