@@ -1,0 +1,392 @@
+"""The dashboard at `GET /ui`, driven in a real headless Chromium (Debian's `chromium` and
+`chromium-driver`, through Selenium) against a real proxy with real upstreams and traffic.
+
+The proxy runs on an event loop in a thread of its own, so that the browser can be driven
+with Selenium's blocking calls; the test reaches it only over HTTP, like the browser does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import HOST, ProxyFactory, SampleFactory, proxy_config
+
+from proxy.config import parse_config
+from proxy.runtime import Proxy
+from proxy.sample import SampleSettings, start
+from proxy.ui import POLICY
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+TOKEN_ENV = "TURNOUT_DASHBOARD_TEST_TOKEN"
+TOKEN = "s3cret-dashboard-token"
+WAIT = 10.0
+SHOWN_WITHIN = 3.0  # a split changed through the API is on the page this soon
+CLIENTS = 4
+ARTEFACTS = Path(__file__).resolve().parent.parent / "reports" / "dashboard"
+
+
+# the proxy, on a loop of its own ---------------------------------------------------------
+
+
+class Running:
+    """A proxy with a token-protected admin API, blue and green upstreams and steady traffic,
+    served by an event loop in a background thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.stop = asyncio.Event()
+        self.sent = 0
+        self.proxy: Proxy = self.run(self._start())
+
+    def run(self, coro: Any, timeout: float = WAIT) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _start(self) -> Proxy:
+        self.runners = []
+        urls = []
+        for name in ("blue", "green"):
+            runner, port = await start(SampleSettings(name=name), HOST, 0)
+            self.runners.append(runner)
+            urls.append(f"http://{HOST}:{port}")
+        data = proxy_config(
+            [urls[0]],
+            [urls[1]],
+            admin={"host": HOST, "port": 0, "token_env": TOKEN_ENV},
+            health_check={"interval": "1s"},
+            rollout={
+                "strategy": "adaptive",
+                "steps": [10, 50, 100],
+                "interval": "60s",
+                "threshold": {"max_p99": "5s", "min_requests": 20},
+            },
+        )
+        proxy = Proxy(parse_config(data))
+        await proxy.start()
+        await proxy.start_admin()
+        self.session = aiohttp.ClientSession()
+        url = f"http://{HOST}:{proxy.port}/"
+        self.clients = [asyncio.create_task(self._client(url)) for _ in range(CLIENTS)]
+        return proxy
+
+    async def _client(self, url: str) -> None:
+        while not self.stop.is_set():
+            try:
+                async with self.session.get(url) as resp:
+                    await resp.read()
+            except aiohttp.ClientError:
+                pass
+            self.sent += 1
+            await asyncio.sleep(0.01)
+
+    async def _close(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.clients, return_exceptions=True)
+        await self.session.close()
+        await self.proxy.shutdown(timeout=1.0)
+        for runner in self.runners:
+            await runner.cleanup()
+
+    def close(self) -> None:
+        self.run(self._close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT)
+        self.loop.close()
+
+    @property
+    def admin(self) -> str:
+        return f"http://{HOST}:{self.proxy.admin_port}"
+
+    def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """One admin API call with the right token, as any client makes it."""
+        request = urllib.request.Request(
+            self.admin + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=WAIT) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read())
+
+    def status(self) -> dict[str, Any]:
+        code, answer = self.api("GET", "/status")
+        assert code == 200, answer
+        status: dict[str, Any] = answer
+        return status
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[Running]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TOKEN_ENV, TOKEN)
+        proxy = Running()
+        try:
+            yield proxy
+        finally:
+            proxy.close()
+
+
+# the browser ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.fail(
+            f"the dashboard tests need {CHROMIUM} and {CHROMEDRIVER} (.ci/run installs them)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download a driver
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1366,900"):
+        options.add_argument(arg)
+    options.add_argument("--disable-dev-shm-usage")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(WAIT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def until(condition: Callable[[], Any], timeout: float = WAIT, what: str = "") -> Any:
+    """Poll `condition` until it returns something true; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout} s: {what}")
+        time.sleep(0.02)
+
+
+def text(driver: Any, element_id: str) -> str:
+    value: str = driver.execute_script(
+        "const el = document.getElementById(arguments[0]); return el ? el.textContent : '';",
+        element_id,
+    )
+    return value
+
+
+def fresh_page(driver: Any, running: Running, token: str | None) -> None:
+    """The dashboard in a tab with no history, holding `token` (as if typed before)."""
+    driver.get(running.admin + "/ui")
+    driver.execute_script(
+        "sessionStorage.clear();"
+        "if (arguments[0]) sessionStorage.setItem('turnout.token', arguments[0]);",
+        token,
+    )
+    driver.get_log("browser")  # what the first load logged is not this page's
+    driver.refresh()
+    if token is not None:
+        until(lambda: text(driver, "contact") == "live", what="the page is live")
+        until(lambda: text(driver, "upstreams").count("http://") == 2, what="the upstream table")
+
+
+def leave_rollout(running: Running) -> None:
+    """End a rollout another test left in progress: the split is the operator's again."""
+    if running.status()["rollout"]["state"] in ("progressing", "insufficient_data", "paused"):
+        code, answer = running.api("POST", "/rollout/abort")
+        assert code == 200, answer
+
+
+# tests ----------------------------------------------------------------------------------------
+
+
+def test_the_page_loads_live_data_with_no_console_errors(browser: Any, running: Running) -> None:
+    fresh_page(browser, running, TOKEN)
+    until(lambda: text(browser, "state") in ("idle", "aborted", "rolled_back", "progressing"))
+    assert "token set for this tab" in text(browser, "auth")
+    assert text(browser, "stable") == "blue"
+    # Live figures, not a page's own data: the table carries the proxy's counters.
+    assert (
+        int(
+            browser.execute_script("return document.querySelectorAll('#upstreams tbody tr').length")
+        )
+        == 2
+    )
+    errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    assert errors == []
+
+
+def test_a_split_changed_through_the_api_shows_on_the_page(browser: Any, running: Running) -> None:
+    leave_rollout(running)
+    fresh_page(browser, running, TOKEN)
+    for green in (37.5, 12.0):
+        code, answer = running.api("PUT", "/split", {"green": green})
+        assert code == 200, answer
+        changed = time.monotonic()
+        until(
+            lambda green=green: text(browser, "split").startswith(f"{green:.1f}% green"),
+            timeout=SHOWN_WITHIN,
+            what=f"split {green} on the page",
+        )
+        assert time.monotonic() - changed < SHOWN_WITHIN
+
+
+def test_rollback_from_the_page_rolls_back(browser: Any, running: Running, tmp_path: Path) -> None:
+    leave_rollout(running)
+    code, answer = running.api("PUT", "/split", {"green": 0})
+    assert code == 200, answer
+    code, answer = running.api("POST", "/rollout/start", {"strategy": "adaptive"})
+    assert code == 200, answer
+    fresh_page(browser, running, TOKEN)
+    until(lambda: running.status()["split"]["green"] == 10.0, what="the rollout's first step")
+    until(lambda: text(browser, "state") == "progressing", what="the page shows progressing")
+    until(lambda: "10.0% green" in text(browser, "split"), what="the first step on the page")
+    until(lambda: "step 1" in text(browser, "events"), what="the step event in the log")
+    until(
+        lambda: (
+            int(
+                browser.execute_script(
+                    "return Number(document.getElementById('chart-rate').dataset.points || 0)"
+                )
+            )
+            >= 6
+        ),
+        what="a few seconds of traffic on the chart",
+    )
+    for path in (tmp_path / "rollout.png", ARTEFACTS / "rollout-in-progress.png"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(path))
+
+    browser.find_element("id", "rollback").click()
+    alert = until(lambda: _alert(browser), what="the confirmation")
+    assert "moves traffic" in alert.text
+    alert.accept()
+    until(lambda: text(browser, "state") == "rolled_back", what="the page shows rolled_back")
+    assert "rolled back by token@" in text(browser, "reason")
+    assert running.status()["rollout"]["state"] == "rolled_back"
+    assert running.status()["split"]["green"] == 0.0
+    assert "rollback: done" in text(browser, "action-result")
+    # Refused: the API's own words on the page.
+    browser.find_element("id", "pause").click()
+    until(lambda: "refused" in text(browser, "action-result"), what="the refusal")
+    assert text(browser, "action-result") == (
+        "pause refused: 409 cannot pause: the rollout is rolled_back"
+    )
+
+
+def _alert(driver: Any) -> Any:
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        return driver.switch_to.alert
+    except NoAlertPresentException:
+        return None
+
+
+def test_a_wrong_token_shows_the_401_message(browser: Any, running: Running) -> None:
+    fresh_page(browser, running, None)
+    until(lambda: "needs a token" in text(browser, "auth-error"), what="the token prompt")
+    assert "read-only" in text(browser, "auth")
+    assert browser.find_element("id", "rollback").get_attribute("disabled") is not None
+    field = browser.find_element("id", "token")
+    field.send_keys("not-the-token")
+    browser.find_element("id", "token-use").click()
+    until(lambda: "refused the token" in text(browser, "auth-error"), what="the 401 message")
+    message = text(browser, "auth-error")
+    assert "401 unauthorized: missing or wrong bearer token" in message
+    # Typed once, kept for the tab: the right one makes the page live.
+    browser.find_element("id", "token").send_keys(TOKEN)
+    browser.find_element("id", "token-use").click()
+    until(lambda: browser.find_element("id", "auth-error").get_attribute("hidden") is not None)
+    until(lambda: text(browser, "stable") == "blue", what="the page shows data")
+
+
+def test_the_chart_gains_points_while_traffic_flows(browser: Any, running: Running) -> None:
+    fresh_page(browser, running, TOKEN)
+
+    def points() -> int:
+        return int(
+            browser.execute_script(
+                "return Number(document.getElementById('chart-rate').dataset.points || 0)"
+            )
+        )
+
+    first = until(points, what="a first point")
+    sent = running.sent
+    until(lambda: points() >= first + 3, what="three more points")
+    assert running.sent > sent
+    until(
+        lambda: (
+            "req/s" in text(browser, "legend")
+            and not text(browser, "legend").startswith("blue: 0 req/s, ")
+        ),
+        what="a non-zero rate",
+    )
+
+
+async def test_the_page_is_served_without_the_token_under_a_strict_policy(
+    sample: SampleFactory, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    blue, green = await sample("blue"), await sample("green")
+    admin = {"host": HOST, "port": 0, "token_env": TOKEN_ENV}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TOKEN_ENV, TOKEN)
+        proxy = await make_proxy(proxy_config([blue.url], [green.url], admin=admin))
+        port = await proxy.start_admin()
+    base = f"http://{HOST}:{port}"
+    async with session.get(base + "/status") as resp:
+        assert resp.status == 401  # the data needs the token; the page does not
+    for path, kind in (
+        ("/ui", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/style.css", "text/css"),
+    ):
+        async with session.get(base + path) as resp:
+            assert resp.status == 200, path
+            assert resp.content_type == kind
+            assert resp.headers["Content-Security-Policy"] == POLICY
+            assert "default-src 'self'" in POLICY and "unsafe-inline" not in POLICY
+            body = await resp.text()
+    async with session.get(base + "/ui") as resp:
+        page = await resp.text()
+    # No inline script or style for the policy to refuse, and relative URLs only.
+    assert "<script>" not in page and "style=" not in page and "<style" not in page
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    # Only the page and its assets are open; anything else there is the API's, behind the token.
+    async with session.get(base + "/ui/secrets.txt") as resp:
+        assert resp.status == 401
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    async with session.get(base + "/ui/secrets.txt", headers=bearer) as resp:
+        assert resp.status == 404
+    assert body
+
+
+def test_status_carries_what_the_page_draws(running: Running) -> None:
+    status = running.status()
+    rollout = status["rollout"]
+    assert rollout["threshold"] == {
+        "max_error_rate": 0.01,
+        "max_p99_ms": 5000.0,
+        "max_p99_ratio": 1.5,
+        "min_requests": 20,
+    }
+    assert rollout["interval"] == 60.0
+    recent = status["recent"]
+    assert recent["seconds"] == 5.0
+    until(lambda: running.status()["recent"]["blue"]["requests"] > 0, what="recent traffic")
