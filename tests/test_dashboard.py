@@ -45,7 +45,8 @@ class Running:
     """A proxy with a token-protected admin API, blue and green upstreams and steady traffic,
     served by an event loop in a background thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, admin_port: int = 0) -> None:
+        self.admin_port = admin_port
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -66,7 +67,7 @@ class Running:
         data = proxy_config(
             [urls[0]],
             [urls[1]],
-            admin={"host": HOST, "port": 0, "token_env": TOKEN_ENV},
+            admin={"host": HOST, "port": self.admin_port, "token_env": TOKEN_ENV},
             health_check={"interval": "1s"},
             rollout={
                 "strategy": "adaptive",
@@ -315,6 +316,42 @@ def test_a_wrong_token_shows_the_401_message(browser: Any, running: Running) -> 
     browser.find_element("id", "token-use").click()
     until(lambda: browser.find_element("id", "auth-error").get_attribute("hidden") is not None)
     until(lambda: text(browser, "stable") == "blue", what="the page shows data")
+
+
+def chart_points(driver: Any, chart: str = "chart-rate") -> int:
+    script = "return Number(document.getElementById(arguments[0]).dataset.points || 0)"
+    return int(driver.execute_script(script, chart))
+
+
+def test_a_reload_keeps_the_picture(browser: Any, running: Running) -> None:
+    fresh_page(browser, running, TOKEN)
+    until(lambda: chart_points(browser) >= 4, what="a few points")
+    before = chart_points(browser)
+    events = text(browser, "events")
+    browser.refresh()  # returns once the page has loaded: too soon for more than a poll or two
+    assert chart_points(browser) >= before
+    assert text(browser, "events").startswith(events[:40])
+
+
+def test_the_page_says_when_it_lost_contact_and_comes_back(browser: Any, running: Running) -> None:
+    first = Running()
+    try:
+        fresh_page(browser, first, TOKEN)
+        port = first.proxy.admin_port
+    finally:
+        first.close()
+    until(lambda: "lost contact since" in text(browser, "contact"), what="lost contact")
+    assert "reconnecting" in text(browser, "contact")
+    second = Running(admin_port=port)  # the proxy back on the same address
+    try:
+        until(lambda: text(browser, "contact") == "live", what="live again")
+        code, answer = second.api("PUT", "/split", {"green": 42})
+        assert code == 200, answer
+        # The event stream is back too: the new proxy's events reach the log.
+        until(lambda: "split 0% → 42% green" in text(browser, "events"), what="a new event")
+        until(lambda: text(browser, "split").startswith("42.0% green"), what="the new split")
+    finally:
+        second.close()
 
 
 def test_the_chart_gains_points_while_traffic_flows(browser: Any, running: Running) -> None:

@@ -46,19 +46,22 @@
 
   let saveTimer = null;
   function saveSoon() {
-    if (saveTimer !== null) return;
-    saveTimer = setTimeout(() => {
-      saveTimer = null;
-      const now = Date.now();
-      const h = state.history;
-      h.samples = h.samples.filter((s) => now - s.t <= HISTORY_MS);
-      h.events = h.events.slice(-MAX_EVENTS);
-      try {
-        sessionStorage.setItem(STORE_KEY, JSON.stringify(h));
-      } catch (err) {
-        h.samples = h.samples.slice(Math.floor(h.samples.length / 2));
-      }
-    }, 2000);
+    if (saveTimer === null) saveTimer = setTimeout(save, 2000);
+  }
+
+  function save() {
+    clearTimeout(saveTimer);
+    saveTimer = null;
+    const now = Date.now();
+    const h = state.history;
+    h.samples = h.samples.filter((s) => now - s.t <= HISTORY_MS);
+    h.events = h.events.slice(-MAX_EVENTS);
+    try {
+      sessionStorage.setItem(STORE_KEY, JSON.stringify(h));
+    } catch (err) {
+      // Over the storage quota: keep the newer half, the next save tries again.
+      h.samples = h.samples.slice(Math.floor(h.samples.length / 2));
+    }
   }
 
   // the admin API ---------------------------------------------------------
@@ -777,6 +780,8 @@
     bindActions();
     renderAuth();
     renderEvents();
+    renderCharts({}); // the stored picture at once; the first answer brings the limits
+    window.addEventListener("pagehide", save);
     poll();
     stream();
   });
