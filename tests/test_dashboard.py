@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import shutil
+import ssl
 import threading
 import time
 import urllib.error
@@ -21,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from conftest import HOST, ProxyFactory, SampleFactory, proxy_config
 
 from proxy.config import parse_config
@@ -45,8 +47,15 @@ class Running:
     """A proxy with a token-protected admin API, blue and green upstreams and steady traffic,
     served by an event loop in a background thread."""
 
-    def __init__(self, admin_port: int = 0) -> None:
+    def __init__(
+        self,
+        admin_port: int = 0,
+        admin_tls: dict[str, str] | None = None,
+        ca: Path | None = None,
+    ) -> None:
         self.admin_port = admin_port
+        self.admin_tls = admin_tls
+        self.client_tls = None if ca is None else ssl.create_default_context(cafile=str(ca))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -67,7 +76,12 @@ class Running:
         data = proxy_config(
             [urls[0]],
             [urls[1]],
-            admin={"host": HOST, "port": self.admin_port, "token_env": TOKEN_ENV},
+            admin={
+                "host": HOST,
+                "port": self.admin_port,
+                "token_env": TOKEN_ENV,
+                "tls": self.admin_tls,
+            },
             health_check={"interval": "1s"},
             rollout={
                 "strategy": "adaptive",
@@ -110,7 +124,8 @@ class Running:
 
     @property
     def admin(self) -> str:
-        return f"http://{HOST}:{self.proxy.admin_port}"
+        scheme = "https" if self.admin_tls else "http"
+        return f"{scheme}://{HOST}:{self.proxy.admin_port}"
 
     def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """One admin API call with the right token, as any client makes it."""
@@ -121,7 +136,7 @@ class Running:
             headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=WAIT) as resp:
+            with urllib.request.urlopen(request, timeout=WAIT, context=self.client_tls) as resp:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             with exc:
@@ -148,12 +163,9 @@ def running() -> Iterator[Running]:
 # the browser ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def start_browser(*, insecure_certs: bool = False) -> Any:
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.fail(
-            f"the dashboard tests need {CHROMIUM} and {CHROMEDRIVER} (.ci/run installs them)"
-        )
+        pytest.fail(f"the dashboard tests need {CHROMIUM} and {CHROMEDRIVER} (.ci/run)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -164,8 +176,15 @@ def browser() -> Iterator[Any]:
         options.add_argument(arg)
     options.add_argument("--disable-dev-shm-usage")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.accept_insecure_certs = insecure_certs
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     driver.set_page_load_timeout(WAIT)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    driver = start_browser()
     try:
         yield driver
     finally:
@@ -352,6 +371,32 @@ def test_the_page_says_when_it_lost_contact_and_comes_back(browser: Any, running
         until(lambda: text(browser, "split").startswith("42.0% green"), what="the new split")
     finally:
         second.close()
+
+
+def test_the_page_works_over_admin_tls(running: Running, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert, key, ca_path = tmp_path / "admin.pem", tmp_path / "admin.key", tmp_path / "ca.pem"
+    leaf = ca.issue_cert(HOST)
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_path))
+    over_tls = Running(admin_tls={"cert": str(cert), "key": str(key)}, ca=ca_path)
+    # A browser of its own, that trusts the test CA's certificate, and quits before the proxy
+    # stops (its idle TLS connections would otherwise wait for its close_notify).
+    browser = start_browser(insecure_certs=True)
+    try:
+        assert over_tls.admin.startswith("https://")
+        fresh_page(browser, over_tls, TOKEN)
+        assert browser.current_url == over_tls.admin + "/ui"
+        until(lambda: chart_points(browser) >= 2, what="samples over TLS")
+        code, answer = over_tls.api("PUT", "/split", {"green": 5})
+        assert code == 200, answer
+        until(lambda: "→ 5% green" in text(browser, "events"), what="the event stream over TLS")
+        errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+        assert errors == []
+    finally:
+        browser.quit()
+        over_tls.close()
 
 
 def test_the_chart_gains_points_while_traffic_flows(browser: Any, running: Running) -> None:
