@@ -465,7 +465,7 @@
     $("split").textContent = `${num(status.split.green, 1)}% green · ${num(status.split.blue, 1)}% blue${ramp}`;
     $("stable").textContent = status.stable;
     $("candidate").textContent = status.candidate;
-    $("steps").textContent = r.steps.map((s) => `${s}%`).join(" → ") + (r.interval ? `, each ≥ ${r.interval} s` : "");
+    $("steps").textContent = r.steps.map((s) => `${s}%`).join(" → ") + (r.interval ? `, each ≥ ${num(r.interval, 1)} s` : "");
     const t = r.threshold;
     $("thresholds").textContent = t
       ? `error rate ≤ ${pct(t.max_error_rate, 2)}, p99 ≤ ${t.max_p99_ms} ms and ≤ ${t.max_p99_ratio}× stable, ≥ ${t.min_requests} requests a step`
@@ -669,11 +669,12 @@
       nodes.push(el("line", { x1: L, x2: W - R, y1: ys(v), y2: ys(v), class: "grid" }));
       nodes.push(el("text", { x: L - 4, y: ys(v) + 4, class: "axis", "text-anchor": "end" }, format(v)));
     }
-    for (const secs of [-10, -5, 0]) {
-      const t = now + secs * 60000;
-      if (t < t0) continue;
-      nodes.push(el("text", { x: xs(t), y: H - 4, class: "axis", "text-anchor": secs === 0 ? "end" : "middle" },
-        secs === 0 ? "now" : `${secs} min`));
+    const spanMin = (now - t0) / 60000;
+    const every = [1, 2, 5].find((m) => spanMin / m <= 5) || 5;
+    for (let m = 0; m <= spanMin; m += every) {
+      const t = now - m * 60000;
+      nodes.push(el("text", { x: xs(t), y: H - 4, class: "axis", "text-anchor": m === 0 ? "end" : "middle" },
+        m === 0 ? "now" : `-${m} min`));
     }
     for (const mark of marks) {
       if (mark.t < t0) continue;
@@ -748,10 +749,16 @@
         { name: "errors", cls: "errors", points: evidence("errors") },
         { name: "latency", cls: "latency", points: evidence("latency") },
       ],
-      yMax: 1, marks, format: (v) => `1e${v.toFixed(1)}`,
+      yMax: 1, marks, format: (v) => ratioText(10 ** v),
       lines: [{ value: r.evidence_limit ? log10(r.evidence_limit) : null, label: "limit (1/alpha)" }],
     });
     renderLegend(samples);
+  }
+
+  function ratioText(x) {
+    if (x >= 1e6) return x.toExponential(0);
+    if (x >= 1000) return `${(x / 1000).toFixed(1)}k`;
+    return x >= 10 ? x.toFixed(0) : x.toFixed(1);
   }
 
   function renderLegend(samples) {
