@@ -91,9 +91,10 @@
 
   async function call(method, path, body) {
     const init = { method, headers: headers(), cache: "no-store", credentials: "omit" };
-    if (body !== undefined) {
+    if (method !== "GET") {
+      // Every mutation is JSON, even one without fields: the admin API may insist on it.
       init.headers["Content-Type"] = "application/json";
-      init.body = JSON.stringify(body);
+      init.body = JSON.stringify(body === undefined ? {} : body);
     }
     return fetch(path, init);
   }
@@ -410,6 +411,13 @@
   }
 
   function setToken(token) {
+    if (/[^\x21-\x7e]/.test(token)) {
+      // An HTTP header carries printable ASCII only: say so rather than fail every call.
+      const alert = $("auth-error");
+      alert.textContent = "A token is printable ASCII without spaces: check what was typed.";
+      alert.hidden = false;
+      return;
+    }
     state.token = token;
     $("token").value = "";
     if (token) sessionStorage.setItem(TOKEN_KEY, token);
