@@ -294,9 +294,7 @@ def test_rollback_from_the_page_rolls_back(browser: Any, running: Running, tmp_p
         assert browser.save_screenshot(str(path))
 
     browser.find_element("id", "rollback").click()
-    alert = until(lambda: _alert(browser), what="the confirmation")
-    assert "moves traffic" in alert.text
-    alert.accept()
+    assert "moves traffic" in confirm(browser)
     until(lambda: text(browser, "state") == "rolled_back", what="the page shows rolled_back")
     assert "rolled back by token@" in text(browser, "reason")
     assert running.status()["rollout"]["state"] == "rolled_back"
@@ -308,6 +306,38 @@ def test_rollback_from_the_page_rolls_back(browser: Any, running: Running, tmp_p
     assert text(browser, "action-result") == (
         "pause refused: 409 cannot pause: the rollout is rolled_back"
     )
+
+
+def confirm(driver: Any) -> str:
+    """Accept the confirmation the page asks for; what it asked."""
+    alert = until(lambda: _alert(driver), what="the confirmation")
+    question: str = alert.text
+    alert.accept()
+    return question
+
+
+def test_shift_drain_and_undrain_from_the_page(browser: Any, running: Running) -> None:
+    leave_rollout(running)
+    fresh_page(browser, running, TOKEN)
+    browser.find_element("id", "shift-green").send_keys("30")
+    browser.find_element("id", "shift-over").send_keys("1s")
+    browser.find_element("id", "shift").click()
+    assert confirm(browser) == "Shift the split to 30% green over 1s?"
+    until(lambda: running.status()["split"]["green"] == 30.0, what="the ramp to 30")
+    until(lambda: text(browser, "split").startswith("30.0% green"), what="30 on the page")
+    assert "ramp from" in text(browser, "events")
+
+    row = "#upstreams tr[data-key='green/0']"
+    browser.find_element("css selector", f"{row} button").click()
+    assert confirm(browser) == "Drain green/0? This moves traffic."
+    until(lambda: running.status()["pools"]["green"]["upstreams"][0]["draining"], what="drain")
+    until(lambda: "drain" in browser.find_element("css selector", f"{row} td:nth-child(3)").text)
+    button = browser.find_element("css selector", f"{row} button")
+    until(lambda: button.text == "Undrain", what="the button turns to Undrain")
+    button.click()
+    assert confirm(browser) == "Undrain green/0? This moves traffic."
+    until(lambda: not running.status()["pools"]["green"]["upstreams"][0]["draining"])
+    until(lambda: browser.find_element("css selector", f"{row} td:nth-child(3)").text == "up")
 
 
 def _alert(driver: Any) -> Any:
