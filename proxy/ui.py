@@ -18,7 +18,7 @@ ASSETS = {
     "icon.svg": "image/svg+xml",
 }
 PAGE = "/ui"
-PATHS = frozenset({PAGE, *(f"{PAGE}/{name}" for name in ASSETS)})
+PATHS = frozenset({PAGE, f"{PAGE}/", *(f"{PAGE}/{name}" for name in ASSETS)})
 # Everything from this origin only, no inline script or style, no framing, no form posts:
 # the page is a client of the admin API and nothing else.
 POLICY = (
@@ -55,5 +55,10 @@ def add_routes(router: web.UrlDispatcher) -> None:
             raise web.HTTPNotFound()
         return serve(name)
 
+    async def to_page(request: web.Request) -> web.Response:
+        # The page's URLs are relative to /ui: from /ui/ they would miss.
+        raise web.HTTPFound("../ui")
+
     router.add_get(PAGE, page)
+    router.add_get(PAGE + "/", to_page)
     router.add_get(PAGE + "/{name}", asset)
