@@ -24,6 +24,10 @@ import aiohttp
 import pytest
 import trustme
 from conftest import HOST, ProxyFactory, SampleFactory, proxy_config
+from selenium import webdriver
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.keys import Keys
 
 from proxy.config import parse_config
 from proxy.runtime import Proxy
@@ -166,9 +170,6 @@ def running() -> Iterator[Running]:
 def start_browser(*, insecure_certs: bool = False) -> Any:
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
         pytest.fail(f"the dashboard tests need {CHROMIUM} and {CHROMEDRIVER} (.ci/run)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download a driver
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -341,8 +342,6 @@ def test_shift_drain_and_undrain_from_the_page(browser: Any, running: Running) -
 
 
 def _alert(driver: Any) -> Any:
-    from selenium.common.exceptions import NoAlertPresentException
-
     try:
         return driver.switch_to.alert
     except NoAlertPresentException:
@@ -360,11 +359,30 @@ def test_a_wrong_token_shows_the_401_message(browser: Any, running: Running) -> 
     until(lambda: "refused the token" in text(browser, "auth-error"), what="the 401 message")
     message = text(browser, "auth-error")
     assert "401 unauthorized: missing or wrong bearer token" in message
-    # Typed once, kept for the tab: the right one makes the page live.
-    browser.find_element("id", "token").send_keys(TOKEN)
-    browser.find_element("id", "token-use").click()
+    # Typed once (from the keyboard alone), kept for the tab: the right one makes it live.
+    browser.find_element("id", "token").send_keys(TOKEN + Keys.ENTER)
     until(lambda: browser.find_element("id", "auth-error").get_attribute("hidden") is not None)
     until(lambda: text(browser, "stable") == "blue", what="the page shows data")
+
+
+def test_without_a_token_configured_actions_work_directly(browser: Any, running: Running) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(TOKEN_ENV)
+        open_admin = Running()
+    try:
+        fresh_page(browser, open_admin, None)
+        until(lambda: "no token configured" in text(browser, "auth"), what="no token needed")
+        assert browser.find_element("id", "auth-error").get_attribute("hidden") is not None
+        browser.find_element("id", "strategy-choice").send_keys("lazy")
+        browser.find_element("id", "start").click()
+        assert confirm(browser) == "Start a lazy rollout? It moves traffic to the candidate."
+        until(lambda: text(browser, "state") == "progressing", what="the lazy rollout")
+        assert open_admin.status()["rollout"]["strategy"] == "lazy"
+        browser.find_element("id", "abort").click()  # moves no traffic: no question asked
+        until(lambda: text(browser, "state") == "aborted", what="aborted")
+        assert "abort: done (progressing → aborted" in text(browser, "action-result")
+    finally:
+        open_admin.close()
 
 
 def chart_points(driver: Any, chart: str = "chart-rate") -> int:
