@@ -25,7 +25,6 @@
     history: loadHistory(),
     seen: new Set(),
     streamAbort: null,
-    contact: null,
     lostSince: null,
   };
   for (const event of state.history.events) state.seen.add(eventKey(event));
@@ -127,7 +126,6 @@
       el.dataset.contact = "lost";
       el.textContent = `lost contact since ${clock(state.lostSince)} (${why}); reconnecting…`;
     }
-    state.contact = ok;
   }
 
   // status polling --------------------------------------------------------
