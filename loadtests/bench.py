@@ -4,6 +4,7 @@
     python -m loadtests.bench --sizes 100,16384,1048576 --rounds 3
     python -m loadtests.bench --rate 8000        # latency at one offered rate, 64 vs 256 conns
     python -m loadtests.bench --scrape 1         # Turnout with /metrics scraped every second too
+    python -m loadtests.bench --dashboard        # Turnout with its dashboard open too
     python -m loadtests.bench --extra naive="python ../shared/bench/naive_proxy.py --port {port} \
         --upstream {blue}=90 --upstream {green}=10"
     python -m loadtests.bench --h2               # HTTP/2 clients (h2c, h2load), HTTP/1.1 upstreams
@@ -59,6 +60,7 @@ class Result:
     rss_mib: float = 0.0  # peak
     idle_mib: float = 0.0  # before the load
     after_mib: float = 0.0  # a second after it
+    cpu_us: float = 0.0  # the proxy process's CPU time per request served (user + system)
 
 
 def free_port() -> int:
@@ -292,6 +294,50 @@ def scraping(url: str | None, every: float) -> Iterator[list[int]]:
         thread.join()
 
 
+@contextmanager
+def dashboard_open(admin: str | None) -> Iterator[list[int]]:
+    """What an open dashboard (`GET /ui`) asks of the admin API while the block runs: the page
+    and its assets once, `/status` every second and one `/events` stream held open; yields a
+    one-item list counting the /status reads (empty when there is no admin URL)."""
+    if admin is None:
+        yield []
+        return
+    count = [0]
+    stop = threading.Event()
+
+    def poll() -> None:
+        for path in ("/ui", "/ui/app.js", "/ui/style.css", "/ui/icon.svg"):
+            with suppress(OSError), urllib.request.urlopen(admin + path, timeout=5) as resp:
+                resp.read()
+        while not stop.wait(1.0):
+            with suppress(OSError), urllib.request.urlopen(admin + "/status", timeout=5) as resp:
+                resp.read()
+                count[0] += 1
+
+    def stream() -> None:
+        with suppress(OSError), urllib.request.urlopen(admin + "/events?replay=100") as resp:
+            while not stop.is_set() and resp.read1(65536):
+                pass
+
+    threads = [threading.Thread(target=t, daemon=True) for t in (poll, stream)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield count
+    finally:
+        stop.set()
+        threads[0].join()
+        # The stream thread ends at the next event or keep-alive, or with the process.
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far, user and system (less noisy than req/s on a busy host)."""
+    with suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
     """A process's resident memory now (VmRSS) or at its peak (VmHWM)."""
     with suppress(OSError):
@@ -336,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         metavar="SECONDS",
         help="also measure a Turnout whose /metrics is read every SECONDS (metrics on vs off)",
+    )
+    ap.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="also measure a Turnout with its dashboard open: /status read every second and "
+        "an /events stream held, as the page does (page open vs closed)",
     )
     args = ap.parse_args(argv)
     if args.h2 and not shutil.which("h2load"):
@@ -390,6 +442,16 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
             port,
         )
         scrapes["turnout-scraped"] = f"http://{HOST}:{admin}/metrics"
+    dashboards: dict[str, str] = {}
+    if args.dashboard:
+        # The same Turnout, its dashboard open while wrk runs.
+        port, admin = free_port(), free_port()
+        (tmp / "turnout-dashboard.yaml").write_text(turnout_conf(port, blue, green, admin))
+        targets["turnout-dashboard"] = (
+            [sys.executable, "-m", "proxy", "run", "-c", str(tmp / "turnout-dashboard.yaml")],
+            port,
+        )
+        dashboards["turnout-dashboard"] = f"http://{HOST}:{admin}"
     for spec in args.turnout_variant:
         name, _, extra = spec.partition("=")
         port = free_port()
@@ -446,15 +508,25 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
                     for size in sizes:
                         for c in conns:
                             url = f"http://{HOST}:{port}{paths[size]}"
-                            idle = rss_mib(proc.pid) if isinstance(proc, subprocess.Popen) else 0
-                            with scraping(scrapes.get(name), args.scrape) as scraped:
+                            popen = isinstance(proc, subprocess.Popen)
+                            idle = rss_mib(proc.pid) if popen else 0
+                            cpu = cpu_seconds(proc.pid) if popen else 0.0
+                            with (
+                                scraping(scrapes.get(name), args.scrape) as scraped,
+                                dashboard_open(dashboards.get(name)) as polled,
+                            ):
                                 if args.h2:
                                     res = h2load(url, c, args.duration, tmp)
                                 else:
                                     res = wrk(url, c, args.duration, args.rate, tmp)
                             if scraped:
                                 print(f"  /metrics read {scraped[0]} times", file=sys.stderr)
+                            if polled:
+                                print(f"  /status read {polled[0]} times", file=sys.stderr)
                             if isinstance(proc, subprocess.Popen):
+                                served = res.rps * args.duration
+                                used = cpu_seconds(proc.pid) - cpu
+                                res.cpu_us = used / served * 1e6 if served else 0.0
                                 res.rss_mib = rss_mib(proc.pid, "VmHWM")
                                 time.sleep(1.0)
                                 res.idle_mib, res.after_mib = idle, rss_mib(proc.pid)
@@ -462,7 +534,7 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
                             print(
                                 f"round {rnd + 1} {name:>8} {size:>8}B c={c:<4} "
                                 f"{res.rps:9.0f} req/s p50 {res.p50_ms:6.2f} ms "
-                                f"p99 {res.p99_ms:6.2f} ms",
+                                f"p99 {res.p99_ms:6.2f} ms cpu {res.cpu_us:5.0f} us/req",
                                 file=sys.stderr,
                                 flush=True,
                             )
@@ -486,13 +558,14 @@ def report(
             rss_mib=max(r.rss_mib for r in rs),
             idle_mib=min(r.idle_mib for r in rs),
             after_mib=max(r.after_mib for r in rs),
+            cpu_us=statistics.median(r.cpu_us for r in rs),
         )
 
     print(
         "| target | size | conns | req/s | p50 ms | p99 ms | errors | RSS MiB idle/peak/after "
-        "| turnout/this |"
+        "| CPU µs/req | turnout/this |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
         for c in conns:
             t = med("turnout", size, c)
@@ -502,7 +575,7 @@ def report(
                 print(
                     f"| {name} | {size} | {c} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
                     f"{r.errors} | {r.idle_mib:.0f}/{r.rss_mib:.0f}/{r.after_mib:.0f} | "
-                    f"{ratio:.2f} |"
+                    f"{r.cpu_us:.0f} | {ratio:.2f} |"
                 )
     if len(conns) > 1:
         low, high = conns[0], conns[-1]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from . import ui
 from .client import ADMIN_HEADER
 from .config import parse_duration
 from .control import Change, ControlError
@@ -27,7 +28,8 @@ audit_log = logging.getLogger("turnout.audit")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy")
 AUTHENTICATED: web.RequestKey[bool] = web.RequestKey("authenticated", bool)
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# The dashboard's page and assets carry no data: the page asks for the token itself.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", *ui.PATHS})
 SSE_HEARTBEAT = 15.0
 MAX_BODY = 65536
 
@@ -316,4 +318,5 @@ def build_admin_app(proxy: Proxy, token: str | None) -> web.Application:
     r.add_post("/pools/{pool}/upstreams", api.add_upstream)
     r.add_delete("/pools/{pool}/upstreams/{index}", api.remove_upstream)
     r.add_post("/pools/{pool}/upstreams/{index}/{action:drain|undrain}", api.drain)
+    ui.add_routes(r)
     return app

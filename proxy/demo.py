@@ -132,6 +132,7 @@ def demo_config(blue_port: int, green_port: int, duration: float) -> dict[str, A
     interval = Timeline.fit(duration).interval
     return {
         "listen": {"host": HOST, "port": 0},
+        "admin": {"host": HOST, "port": 0},
         "pools": {
             "blue": {"upstreams": [{"url": f"http://{HOST}:{blue_port}"}]},
             "green": {"upstreams": [{"url": f"http://{HOST}:{green_port}"}]},
@@ -222,6 +223,7 @@ async def demo(
     proxy = Proxy(parse_config(demo_config(blue_port, green_port, duration)))
     try:
         port = await proxy.start()
+        await proxy.start_admin()
         return await _drive(proxy, port, bad_green, duration, write, (blue_port, green_port))
     finally:
         await proxy.shutdown(timeout=2.0)
@@ -243,6 +245,7 @@ async def _drive(
         f"turnout demo: blue on :{ports[0]}, green on :{ports[1]}, proxy on :{port}; "
         f"{CLIENTS} clients sending requests for about {duration:g} s"
     )
+    write(f"dashboard: http://{HOST}:{proxy.admin_port}/ui (while the demo runs)")
     if bad_green:
         write(
             f"green answers {BAD_GREEN_ERROR_RATE:.0%} of requests with {BAD_GREEN_STATUS}; "

@@ -101,6 +101,13 @@ class RolloutController:
             "candidate_share": self.candidate_share,
             "reason": self.reason,
             "windows": {p: _window_dict(proxy.figures(p, since)) for p in ("blue", "green")},
+            "interval": proxy.config.rollout.interval,
+            "threshold": _threshold_dict(proxy.config.rollout.threshold),
+            # The last verdict's measurements, and the likelihood ratio a test must reach.
+            "figures": self.last_figures,
+            "evidence_limit": (
+                None if self._error_test is None else 1.0 / self._error_test.test_alpha
+            ),
         }
 
     def __repr__(self) -> str:
@@ -514,6 +521,15 @@ class RolloutController:
 
 def _share(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 100
+
+
+def _threshold_dict(threshold: ThresholdConfig) -> dict[str, Any]:
+    return {
+        "max_error_rate": threshold.max_error_rate,
+        "max_p99_ms": round(threshold.max_p99 * 1000, 3),
+        "max_p99_ratio": threshold.max_p99_ratio,
+        "min_requests": threshold.min_requests,
+    }
 
 
 def _window_dict(figures: WindowFigures) -> dict[str, Any]:

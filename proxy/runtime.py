@@ -43,6 +43,7 @@ log = logging.getLogger("turnout")
 TICK = 0.5
 BACKLOG = 4096
 WINDOW_BUCKETS = 1200  # time buckets of an analysis window at most
+RECENT = 5.0  # seconds of outcomes in /status "recent"
 ROLLBACK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -360,6 +361,14 @@ class Proxy:
     def figures(self, pool: PoolName, since: float | None = None) -> WindowFigures:
         return self.windows[pool].figures(self.loop.time(), since)
 
+    def recent_figures(self) -> dict[str, Any]:
+        """Each pool's outcomes over the last RECENT seconds, for watching traffic live."""
+        since = self.loop.time() - RECENT
+        figures: dict[str, Any] = {"seconds": RECENT}
+        for name in POOLS:
+            figures[name] = self.figures(name, since).as_dict()
+        return figures
+
     # lifecycle -------------------------------------------------------------------
 
     async def checked_listener(self, sock: socket.socket | None) -> socket.socket:
@@ -522,6 +531,7 @@ class Proxy:
             "ramp": self.control.ramp_status(),
             "pools": pools,
             "rollout": self.rollout.status(),
+            "recent": self.recent_figures(),
             "connections": len(self.connections),
             "rescued": self.rescued,
         }

@@ -3,8 +3,10 @@ rolled back, both with no failed client request, a live progress display and a s
 
 from __future__ import annotations
 
+import asyncio
 import re
 
+import aiohttp
 import pytest
 
 from proxy.cli import DEMO_MIN_DURATION, build_parser, main
@@ -17,6 +19,9 @@ PROGRESS = re.compile(
     r" \| green\s+(?P<green>\d+) req\s+(?P<green_err>[\d.]+)% err p99 .+"
     r" \| failed (?P<failed>\d+)$"
 )
+
+
+DASHBOARD = re.compile(r"^dashboard: (?P<base>http://127\.0\.0\.1:\d+)/ui \(while the demo runs\)$")
 
 
 def progress(lines: list[str]) -> list[re.Match[str]]:
@@ -83,6 +88,34 @@ async def test_a_bad_green_is_rolled_back_and_blue_answers_for_it() -> None:
     assert "final state        rolled_back (expected rolled_back)" in text
     assert "ms from green's first failure to split 0" in text
     assert "failed requests    0 (expected 0)" in text
+
+
+async def test_the_demo_serves_its_dashboard_while_it_runs() -> None:
+    lines: list[str] = []
+    seen: list[tuple[str, int, str]] = []
+    told = asyncio.Event()
+
+    def write(line: str) -> None:
+        lines.append(line)
+        if line.startswith("dashboard: "):
+            told.set()
+
+    async def visit() -> None:
+        await told.wait()
+        url = DASHBOARD.match(next(x for x in lines if x.startswith("dashboard: ")))
+        assert url is not None
+        async with aiohttp.ClientSession() as session:
+            for path in ("/ui", "/status"):
+                async with session.get(url["base"] + path) as resp:
+                    seen.append((path, resp.status, await resp.text()))
+
+    visitor = asyncio.ensure_future(visit())
+    summary = await demo(False, 4.0, write=write)
+    await asyncio.wait_for(visitor, 1.0)
+    assert summary.ok
+    assert [(path, code) for path, code, _ in seen] == [("/ui", 200), ("/status", 200)]
+    assert "<title>Turnout dashboard</title>" in seen[0][2]
+    assert '"rollout"' in seen[1][2]
 
 
 def test_the_rollout_fits_the_duration() -> None:

@@ -227,6 +227,10 @@ async def test_both_workers_serve_and_every_request_is_counted_once(
         assert 'turnout_requests_total{code="200",pool="blue"' in text
         assert metric_sum(text, "turnout_request_duration_seconds_count") == sent
         assert 'turnout_workers{state="ready"} 2.0' in text
+        # The dashboard is the supervisor's, beside the admin API it reads.
+        async with session.get(process.admin + "/ui") as resp:
+            assert resp.status == 200 and "Turnout dashboard" in await resp.text()
+            assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
 
 
 async def test_a_split_change_reaches_every_worker_within_100ms(
