@@ -756,13 +756,11 @@ async def test_status_events_and_metrics_tell_the_story_of_a_rollback(rig: RigFa
     doc = await r.status()
     assert doc["rollout"]["state"] == "rolled_back" and doc["split"]["green"] == 0.0
     assert doc["rollout"]["reason"] == rolled["reason"]
-    # Each failed green request was either answered by blue (rescued) or, when the retry
-    # budget was spent (25% of the requests failing at once is more than its 20%), seen by
-    # its client: a bounded number, each a denied retry.
-    denied = r.proxy.retry_budget.snapshot().denied
+    # Each failed green request was answered by blue (rescued): the retry budget (20% of the
+    # recent requests, at least 10 a second) lets the burst of green's failures through.
     assert doc["rescued"] == r.proxy.rescued > 0
-    assert r.proxy.rescued + load.failed == r.green.errors, (load, r.green)
-    assert load.failed == denied and set(load.failures) <= {"HTTP 503"}
+    assert r.proxy.rescued == r.green.errors, (load, r.green)
+    assert load.failed == 0 and r.proxy.retry_budget.snapshot().denied == 0, load
 
     metrics = await r.metrics()
     assert metrics["turnout_rollout_step"] == 0.0
@@ -787,7 +785,7 @@ async def test_status_events_and_metrics_tell_the_story_of_a_rollback(rig: RigFa
     assert metrics['turnout_split_percent{pool="green"}'] == 0.0
     retried = metrics.get('turnout_retries_total{pool="green",reason="status_503"}', 0.0)
     assert retried == r.proxy.rescued
-    print(f"\nrollback at 25%: {load!r}, {denied} retries denied by the budget")
+    print(f"\nrollback at 25%: {load!r}, {r.proxy.retry_budget!r}")
 
 
 async def test_a_manual_split_during_an_automatic_rollout_is_refused(
