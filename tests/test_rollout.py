@@ -465,6 +465,59 @@ async def test_green_failing_everything_rolls_back_within_a_second_and_shields_c
     )
 
 
+async def test_a_candidate_answering_500_costs_no_client_request(rig: RigFactory) -> None:
+    """Green answers 500, a status retries.on does not list but the analysis counts as a
+    failure, to 16 clients at the first step: rollout.shield (every 5xx by default) retries
+    each of them once on blue, so no client sees one; the analysis still counts them and
+    rolls back, and every green attempt is on the per-upstream attempt counters."""
+    rollout = rollout_config(steps=[10, 50, 100], interval="3s")
+    r = await rig(green={"error_status": 500}, rollout=rollout)
+    async with Load(r.url, clients=16) as load:
+        assert (await r.post("start"))[0] == 200
+        await r.until_share(10.0)
+        await load.until(lambda: r.green.served[200] >= 10)
+        r.green.settings.error_rate = 1.0
+        await r.until_state("rolled_back")
+        await load.until(lambda: load.sent >= 200)  # bounded: traffic goes on, on blue
+    print(
+        f"\ngreen answering 500: {load.failed} client failures of {load.sent},"
+        f" {r.green.errors} green 500s, {r.proxy.rescued} rescued, {r.proxy.retry_budget!r}"
+    )
+    assert load.failed == 0, load
+    assert r.green.errors > 0 and r.proxy.rescued == r.green.errors
+    breach = r.kinds("breach")[0]
+    assert breach["figures"]["candidate"]["errors"] >= 1
+    metrics = await r.metrics()
+    green = r.green.url
+    assert metrics['turnout_retries_total{pool="green",reason="status_500"}'] == r.green.errors
+    assert metrics["turnout_rescued_total"] == r.green.errors
+    attempts = f'turnout_upstream_attempts_total{{outcome="500",pool="green",upstream="{green}"}}'
+    assert metrics[attempts] == r.green.errors
+    assert not any(k.startswith("turnout_requests_total") and 'code="500"' in k for k in metrics)
+
+
+async def test_shield_off_lets_the_candidate_answer(rig: RigFactory) -> None:
+    """rollout.shield: [] turns shielding off: a candidate's 500 (outside retries.on) reaches
+    its client, while a 503 (in retries.on) is still retried."""
+    r = await rig(
+        green={"error_status": 500, "error_rate": 1.0},
+        rollout=rollout_config(shield=[]),
+        split=50,
+    )
+    async with aiohttp.ClientSession() as session:
+        statuses = Counter[int]()
+        for _ in range(10):
+            async with session.get(r.url) as resp:
+                statuses[resp.status] += 1
+        assert statuses == {200: 5, 500: 5}
+        r.green.settings.error_status = 503
+        for _ in range(10):
+            async with session.get(r.url) as resp:
+                assert resp.status == 200
+                assert resp.headers["X-Upstream"] == "blue"
+    assert r.proxy.rescued == 5
+
+
 # -- adaptive: a green that fails some --------------------------------------------------------
 
 
