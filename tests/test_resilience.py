@@ -538,6 +538,46 @@ async def test_pool_down_at_start_fails_over_with_no_client_error(
     assert sum(u.requests for u in proxy.router.pools["blue"]) == 0
 
 
+async def test_a_forced_pool_never_fails_over(
+    sample: SampleFactory,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    dead_url: Callable[[], str],
+) -> None:
+    """X-Turnout-Pool: green while no green upstream is available answers 503 naming the pool
+    and why, never blue's 200; and a green answering 503 is retried inside green only."""
+    blue = await sample("blue")
+    unhealthy = await sample("green1", healthy=False)
+    proxy = await make_proxy(proxy_config([blue.url], [dead_url(), unhealthy.url]))
+    url = url_of(proxy) + "/smoke"
+    async with session.get(url, headers={"X-Turnout-Pool": "green"}) as resp:
+        assert resp.status == 503
+        body = await resp.json()
+    assert (body["error"], body["pool"]) == ("no_upstream", "green")
+    assert body["detail"].startswith(
+        "pool green forced by X-Turnout-Pool has no available upstream: green/0 down (GET"
+        " /healthz failed: "
+    )
+    assert body["detail"].endswith("green/1 down (GET /healthz answered 503)")
+    # Without the header the same request fails over to blue.
+    async with session.get(url) as resp:
+        assert (resp.status, resp.headers["X-Upstream"]) == (200, "blue")
+    assert proxy.router.pools["blue"][0].requests == 1
+
+    failing = {"error_rate": 1.0, "error_status": 503}
+    greens = [await sample(f"green{i}", **failing) for i in range(2)]
+    proxy = await make_proxy(proxy_config([blue.url], [g.url for g in greens]))
+    async with session.get(url_of(proxy) + "/smoke", headers={"X-Turnout-Pool": "green"}) as resp:
+        assert resp.status == 503
+        assert resp.headers["X-Upstream"] in ("green0", "green1")
+    assert proxy.router.pools["blue"][0].requests == 0
+    assert [u.attempts for u in proxy.router.pools["green"]] == [{"503": 1}, {"503": 1}]
+    assert metric(proxy, "turnout_retries_total") == [
+        ({"pool": "green", "reason": "status_503"}, 1.0)
+    ]
+    assert proxy.rescued == 0
+
+
 async def test_pool_dying_under_load_fails_over_with_no_client_error(
     sample: SampleFactory, make_proxy: ProxyFactory, load: LoadFactory
 ) -> None:

@@ -144,6 +144,10 @@ class Rig:
     def kinds(self, kind: str) -> list[dict[str, Any]]:
         return [e.data for _, e in self.events if e.kind == kind]
 
+    def proxy_events(self, kind: str) -> list[dict[str, Any]]:
+        """Every event of `kind` the proxy has published (its own history)."""
+        return [e.data for e in self.proxy.events.history if e.kind == kind]
+
     def states(self) -> list[str]:
         return [d["after"] for d in self.kinds("rollout")]
 
@@ -516,6 +520,69 @@ async def test_shield_off_lets_the_candidate_answer(rig: RigFactory) -> None:
                 assert resp.status == 200
                 assert resp.headers["X-Upstream"] == "blue"
     assert r.proxy.rescued == 5
+
+
+# Checks every 100 ms, one failure takes an upstream out and one pass brings it back.
+FAST_CHECKS: dict[str, Any] = {"interval": "100ms", "unhealthy_after": 1, "healthy_after": 1}
+
+
+async def get(url: str) -> tuple[int, str, dict[str, Any] | None]:
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        body = await resp.json() if resp.content_type == "application/json" else None
+        return resp.status, resp.headers.get("X-Upstream", ""), body
+
+
+async def test_no_failover_to_a_candidate_just_rolled_back(rig: RigFactory) -> None:
+    """After a rollback, blue going down does not move its traffic onto the green that was just
+    rolled back: 503, saying why. The next rollout lifts that."""
+    r = await rig(green={"error_status": 500}, health_check=FAST_CHECKS)
+    assert (await r.post("start"))[0] == 200
+    await r.until_share(5.0)
+    r.green.settings.error_rate = 1.0
+    async with Load(r.url) as load:
+        await r.until_state("rolled_back")
+    assert load.failed == 0, load
+    r.green.settings.error_rate = 0.0
+    green_served = r.green.served[200]
+
+    r.blue.settings.healthy = False
+    await wait_for(lambda: not r.proxy.router.candidates["blue"])
+    status, _, body = await get(r.url)
+    assert status == 503 and body is not None
+    assert (body["error"], body["pool"]) == ("no_upstream", "blue")
+    assert body["detail"].startswith(
+        "pool blue has no available upstream (blue/0 down (GET /healthz answered 503)), and no"
+        " request fails over to green: the rollout rolled green back (breach: "
+    )
+    assert body["detail"].endswith("it takes no failover traffic until a rollout starts")
+    assert r.green.served[200] == green_served
+    assert r.proxy.status()["pools"]["green"]["available"] == 1
+
+    # A new rollout starts: green may take blue's traffic again.
+    assert (await r.post("start"))[0] == 200
+    status, upstream, _ = await get(r.url)
+    assert (status, upstream) == (200, "green")
+
+
+async def test_every_failover_to_the_candidate_is_logged_loudly(
+    rig: RigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Blue down at split 0: requests fail over to green (DESIGN, Routing), each one counted,
+    and said in a warning and an event, at once and then at most every 5 s."""
+    r = await rig(health_check=FAST_CHECKS)
+    r.blue.settings.healthy = False
+    await wait_for(lambda: not r.proxy.router.candidates["blue"])
+    with caplog.at_level("WARNING", logger="turnout"):
+        for _ in range(20):
+            assert (await get(r.url))[:2] == (200, "green")
+    lines = [rec.getMessage() for rec in caplog.records if "FAILOVER" in rec.getMessage()]
+    assert lines == [
+        "FAILOVER to the candidate pool green: 1 request(s) for the stable pool blue since the"
+        " last such line (latest: no upstream available; blue/0 down (GET /healthz answered"
+        " 503))"
+    ]
+    assert r.proxy.candidate_failovers == 20
+    assert [(d["to"], d["requests"]) for d in r.proxy_events("failover")] == [("green", 1)]
 
 
 # -- adaptive: a green that fails some --------------------------------------------------------
