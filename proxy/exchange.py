@@ -584,7 +584,7 @@ class Exchange:
         self._finish()
 
     def _finish(self) -> None:
-        """The exchange is over: settle its retry budget, record it, free the connection."""
+        """The exchange is over: record it, free the connection."""
         if self.finished:
             return
         self.finished = True
