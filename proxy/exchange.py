@@ -369,7 +369,8 @@ class Exchange:
         answer 503 when none is left."""
         while True:
             if upstream is None:
-                pool = self.pool or "blue"
+                pool = self.pool
+                assert pool is not None  # chosen by start() before any attempt
                 detail = self.client.proxy.no_upstream_detail(pool, self.override is not None)
                 self.client.send_error(self, 503, "no_upstream", detail, pool)
                 self._finish()

@@ -38,7 +38,8 @@ class RetryBudgetSnapshot:
 class RetryBudget:
     """Linkerd-style retry budget: retries over the last `window` seconds <= budget x requests
     over the same window + min_per_second x window. The window is a ring of `buckets` time
-    buckets, so a request or a retry costs two additions and a comparison."""
+    buckets (so it reaches back between window - window/buckets and window), and a request or a
+    retry costs two additions and a comparison."""
 
     __slots__ = (
         "_budget",
