@@ -527,7 +527,14 @@ FAST_CHECKS: dict[str, Any] = {"interval": "100ms", "unhealthy_after": 1, "healt
 
 
 async def get(url: str) -> tuple[int, str, dict[str, Any] | None]:
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+    async with aiohttp.ClientSession() as session:
+        return await get_on(session, url)
+
+
+async def get_on(
+    session: aiohttp.ClientSession, url: str
+) -> tuple[int, str, dict[str, Any] | None]:
+    async with session.get(url) as resp:
         body = await resp.json() if resp.content_type == "application/json" else None
         return resp.status, resp.headers.get("X-Upstream", ""), body
 
@@ -564,6 +571,19 @@ async def test_no_failover_to_a_candidate_just_rolled_back(rig: RigFactory) -> N
     assert (status, upstream) == (200, "green")
 
 
+async def test_a_hot_restart_keeps_a_rolled_back_candidate_fenced(rig: RigFactory) -> None:
+    r = await rig()
+    assert (await r.post("start"))[0] == 200
+    await r.until_share(5.0)
+    assert (await r.post("rollback"))[0] == 200
+    assert r.proxy.router.fenced == "green"
+    successor = await rig(upstreams=(r.blue, r.green))
+    assert successor.proxy.router.fenced is None
+    successor.proxy.rollout.restore(r.proxy.rollout.handover_state())
+    assert successor.proxy.router.fenced == "green"
+    assert "rolled green back (rolled back by" in successor.proxy.fence_reason
+
+
 async def test_every_failover_to_the_candidate_is_logged_loudly(
     rig: RigFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -573,8 +593,9 @@ async def test_every_failover_to_the_candidate_is_logged_loudly(
     r.blue.settings.healthy = False
     await wait_for(lambda: not r.proxy.router.candidates["blue"])
     with caplog.at_level("WARNING", logger="turnout"):
-        for _ in range(20):
-            assert (await get(r.url))[:2] == (200, "green")
+        async with aiohttp.ClientSession() as session:
+            for _ in range(20):
+                assert (await get_on(session, r.url))[:2] == (200, "green")
     lines = [rec.getMessage() for rec in caplog.records if "FAILOVER" in rec.getMessage()]
     assert lines == [
         "FAILOVER to the candidate pool green: 1 request(s) for the stable pool blue since the"
