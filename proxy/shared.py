@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .admission import Admission, AdmissionSnapshot
 from .analysis import latency_bin
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 REPORT_INTERVAL = 0.05
 SHED_REASONS = ("queue_full", "queue_timeout", "rate_limited")
 _SEVERITY = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
-
-_Key = TypeVar("_Key", int, str)
 
 # An upstream as both ends name it: its pool and "host:port" (indexes move when one is removed).
 UpstreamKey = tuple[PoolName, str]
@@ -408,7 +406,7 @@ def merge_report(
         upstream.requests += seen.requests
         upstream.failures += seen.failures
         _add_codes(upstream.codes, seen.codes)
-        _add_codes(upstream.attempts, seen.attempts)
+        _add_attempts(upstream.attempts, seen.attempts)
         admission = upstream.admission
         if isinstance(admission, SharedAdmission):
             admission.members[report.member] = (seen.in_flight, seen.queued)
@@ -435,9 +433,14 @@ def forget_member(upstreams: Iterable[Upstream], member: str) -> None:
             breaker.members.pop(member, None)
 
 
-def _add_codes(into: dict[_Key, int], codes: Mapping[_Key, int]) -> None:
+def _add_codes(into: dict[int, int], codes: Mapping[int, int]) -> None:
     for code, count in codes.items():
         into[code] = into.get(code, 0) + count
+
+
+def _add_attempts(into: dict[str, int], attempts: Mapping[str, int]) -> None:
+    for outcome, count in attempts.items():
+        into[outcome] = into.get(outcome, 0) + count
 
 
 # a member's end ----------------------------------------------------------------------------
