@@ -246,6 +246,29 @@ def _retry_on(value: object) -> object:
     raise ValueError(f"must be connect_error, timeout or a status 500..599, not {_describe(value)}")
 
 
+def _shield_entry(value: object) -> object:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 500 <= value <= 599:
+            return value
+        raise ValueError(f"status {value} is not a 5xx status (500..599)")
+    if isinstance(value, str) and value.strip().lower() == "5xx":
+        return "5xx"
+    raise ValueError(f"must be a status 500..599 or 5xx, not {_describe(value)}")
+
+
+def shield_statuses(entries: tuple[int | str, ...]) -> frozenset[int]:
+    """The statuses a `rollout.shield` list names (a class names its hundred statuses)."""
+    statuses: set[int] = set()
+    for entry in entries:
+        if entry == "5xx":
+            statuses.update(range(500, 600))
+        elif isinstance(entry, int):
+            statuses.add(entry)
+    return frozenset(statuses)
+
+
 def _upstream_url(value: object) -> str:
     _split_url(_string(value))
     return str(value)
@@ -296,6 +319,8 @@ Ratio = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
 Step = Annotated[float, Strict(), Field(gt=0, le=100, allow_inf_nan=False)]
 Method = Annotated[str, BeforeValidator(_method)]
 RetryOn = Annotated[Literal["connect_error", "timeout"] | int, BeforeValidator(_retry_on)]
+# The statuses the rollout's analysis counts as failures: a status 500..599 or the class 5xx.
+ShieldEntry = Annotated[Literal["5xx"] | int, BeforeValidator(_shield_entry)]
 
 
 class _Model(BaseModel):
@@ -490,6 +515,10 @@ class RetriesConfig(_Model):
 
     attempts: Annotated[int, Strict(), Field(ge=0, le=10)] = 2
     budget: Ratio = 0.2
+    # The floor of the budget: this many retries per second are allowed whatever the ratio.
+    min_per_second: Annotated[float, Strict(), Field(ge=0, le=MAX_COUNT, allow_inf_nan=False)] = (
+        10.0
+    )
     methods: tuple[Method, ...] = ("GET", "HEAD", "OPTIONS")
     on: tuple[RetryOn, ...] = ("connect_error", 502, 503, 504)
 
@@ -530,6 +559,12 @@ class RolloutConfig(_Model):
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
     fallback: Literal["rollback", "pause"] = "rollback"
     gate: GateConfig = Field(default_factory=GateConfig)
+    shield: tuple[ShieldEntry, ...] = ("5xx",)
+
+    @field_validator("shield")
+    @classmethod
+    def _dedupe(cls, items: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(dict.fromkeys(items))
 
     @field_validator("steps", mode="wrap")
     @classmethod

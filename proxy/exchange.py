@@ -13,6 +13,7 @@ from .admission import Shed, ShedReason
 from .headers import RawHeaders
 from .router import OTHER
 from .routing import PoolName, parse_override
+from .stats import CODE_LABELS
 from .upstream import BadResponse, ConnectError, Upstream, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -39,17 +40,23 @@ class Outcome(Enum):
     CLIENT_GONE = "client_gone"
 
 
+# A candidate's connection failures and broken answers are shielded like its failing statuses.
+SHIELDED_OUTCOMES: Final = frozenset({Outcome.CONNECT_ERROR, Outcome.RESET, Outcome.BAD_RESPONSE})
+# Outcomes whose attempt is labelled by the status of the upstream's answer, when one came.
+ANSWERED_OUTCOMES: Final = frozenset({Outcome.OK, Outcome.RETRY_STATUS, Outcome.CLIENT_GONE})
+
+
 class Exchange:
     """State of one request; callbacks from both connections meet here."""
 
     __slots__ = (
+        "answered",
         "attempt_started",
         "attempts",
         "attempts_left",
         "begun",
         "body_done",
         "body_size",
-        "budgeted",
         "buffered",
         "buffered_size",
         "bytes_out",
@@ -80,7 +87,6 @@ class Exchange:
         "resp_close",
         "resp_until_close",
         "response_started",
-        "retries",
         "retry_to",
         "reused_conn",
         "started",
@@ -139,12 +145,11 @@ class Exchange:
         self.queued = False
         self.waiting = False
         self.finished = False
-        self.budgeted = False
         self.epoch = 0
         self.attempt_started = 0.0
         self.status = 0
+        self.answered = 0  # the status of the attempt's answer (0: none yet)
         self.attempts_left = 0
-        self.retries = 0
         self.rescue_from: PoolName | None = None
         self.pool: PoolName | None = None
         # Durations are timed on the monotonic clock itself: the loop's clock (uvloop) moves
@@ -327,10 +332,6 @@ class Exchange:
         if not self.begun:
             self.start()  # it answers nothing more, but finishes the exchange
 
-    def retriable(self) -> bool:
-        settings = self.client.proxy.settings
-        return self.method in settings.retry_methods and self.buffered is not None
-
     # the attempts --------------------------------------------------------------
     # The common case runs to its end in callbacks, with no task: start() picks an upstream,
     # takes its breaker trial and admission slot and sends the request on a pooled connection;
@@ -355,9 +356,11 @@ class Exchange:
             pool = router.choose_pool(self.override, self.sticky_key)
             self.pool = pool
             self.attempts_left = proxy.settings.retry_attempts
-            proxy.retry_budget.request_started()
-            self.budgeted = True
-            self._next(router.pick_admissible(pool))
+            proxy.retry_budget.request(self.started)
+            upstream = router.pick_admissible(pool, self.override is not None)
+            if upstream is not None and upstream.pool != pool and upstream.pool != proxy.stable:
+                proxy.failed_over_to_candidate(pool, False)
+            self._next(upstream)
         except Exception as exc:
             self._crash(exc)
 
@@ -366,8 +369,9 @@ class Exchange:
         answer 503 when none is left."""
         while True:
             if upstream is None:
-                pool = self.pool or ""
-                detail = f"no healthy upstream in pool {pool} or the other pool"
+                pool = self.pool
+                assert pool is not None  # chosen by start() before any attempt
+                detail = self.client.proxy.no_upstream_detail(pool, self.override is not None)
                 self.client.send_error(self, 503, "no_upstream", detail, pool)
                 self._finish()
                 return
@@ -417,6 +421,7 @@ class Exchange:
         self.upstream = upstream
         self.epoch = epoch
         self.holding = True
+        self.answered = 0
         upstream.requests += 1
         self.attempts += 1
         self.attempt_started = monotonic()
@@ -508,8 +513,14 @@ class Exchange:
         self._release(verdict)
         proxy = self.client.proxy
         self.upstream_time = monotonic() - self.attempt_started
+        answered = self.answered
+        label = (
+            CODE_LABELS[answered] if answered and outcome in ANSWERED_OUTCOMES else outcome.value
+        )
+        attempts = upstream.attempts
+        attempts[label] = attempts.get(label, 0) + 1
         if verdict is not None:
-            error = not verdict or self.status >= 500
+            error = not verdict or answered >= 500
             proxy.record_outcome(upstream.pool, error, self.upstream_time)
         if outcome is Outcome.OK or outcome is Outcome.CLIENT_GONE:
             if outcome is Outcome.OK and self.rescue_from not in (None, upstream.pool):
@@ -529,10 +540,8 @@ class Exchange:
             return
         if outcome is Outcome.RETRY_STATUS:
             retry_to = self.retry_to  # chosen when the answer's head was seen
-        elif outcome in proxy.settings.retry_outcomes:
-            retry_to = self._retry_target(upstream, outcome.value)
         else:
-            retry_to = None
+            retry_to = self._retry_target(upstream, outcome, 0)
         if retry_to is not None:
             self._reset_attempt()
             self._next(retry_to)
@@ -576,18 +585,12 @@ class Exchange:
         self._finish()
 
     def _finish(self) -> None:
-        """The exchange is over: settle its retry budget, record it, free the connection."""
+        """The exchange is over: record it, free the connection."""
         if self.finished:
             return
         self.finished = True
         client = self.client
         try:
-            if self.budgeted:
-                budget = client.proxy.retry_budget
-                budget.request_finished()
-                if self.retries:
-                    for _ in range(self.retries):
-                        budget.end_retry()
             client.proxy.record_response(self)
         finally:
             client.exchange_finished(self)
@@ -601,8 +604,9 @@ class Exchange:
     def _verdict(self, outcome: Outcome) -> bool | None:
         """The outcome as the breaker sees it: True ok, False failure, None not the
         upstream's doing."""
-        if outcome is Outcome.OK:
-            return self.status not in self.client.proxy.settings.breaker_statuses
+        if outcome is Outcome.OK or outcome is Outcome.RETRY_STATUS:
+            # A shielded status outside retries.on is the analysis' failure, not the breaker's.
+            return self.answered not in self.client.proxy.settings.breaker_statuses
         if outcome is Outcome.CLIENT_GONE:
             return None
         if outcome is Outcome.RESET and self.reused_conn:
@@ -612,48 +616,68 @@ class Exchange:
     def _untried(self, failed: Upstream) -> Upstream | None:
         """Any available upstream not tried yet, own pool first (a rare path: the breaker
         refused a pick made from fresh candidates)."""
-        candidates = self.client.proxy.router.candidates
-        for pool in (failed.pool, OTHER[failed.pool]):
-            for upstream in candidates[pool]:
+        router = self.client.proxy.router
+        own = failed.pool
+        pools = (own,) if self._stays_in(own) else (own, OTHER[own])
+        for pool in pools:
+            for upstream in router.candidates[pool]:
                 if upstream not in self.tried:
                     return upstream
         return None
 
-    def _retry_target(self, failed: Upstream, reason: str) -> Upstream | None:
-        """Where a retry would go, or None when none may be made. A failed candidate request
-        goes to the stable pool (a shielded canary); otherwise another upstream of the same
-        pool first, then the other pool; never one this request has tried, and only within
-        the retry budget."""
-        if self.attempts_left <= 0:
+    def _stays_in(self, pool: PoolName) -> bool:
+        """Whether a retry must stay in `pool`: forced by the override header, or the other
+        pool fenced (a candidate just rolled back)."""
+        return self.override is not None or not self.client.proxy.router.may_fail_over(pool)
+
+    def _retry_target(self, failed: Upstream, outcome: Outcome, status: int) -> Upstream | None:
+        """Where a retry of the failed attempt goes (`status`: its answer's, 0 when none came),
+        or None when none may be made. A failed candidate request is shielded: retried once
+        on the stable pool (rollout.shield), on top of retries.attempts. A failure in
+        retries.on goes to another upstream of the same pool first, then the other pool. Never
+        to an upstream this request has tried, out of a pool the override header forced or
+        into a fenced one, and only within the retry budget."""
+        if self.buffered is None:
             return None
-        if not self.retriable() and (reason != "connect_error" or self.buffered is None):
+        proxy = self.client.proxy
+        settings = proxy.settings
+        if status:
+            retry = status in settings.retry_statuses
+            shield = status in settings.shield_statuses
+        else:
+            retry = outcome in settings.retry_outcomes
+            shield = settings.shield_failures and outcome in SHIELDED_OUTCOMES
+        if self.method not in settings.retry_methods and outcome is not Outcome.CONNECT_ERROR:
             # Any method may be re-sent after a connect error: nothing reached an upstream
             # (Envoy's connect-failure, HAProxy's conn-failure).
             return None
-        proxy = self.client.proxy
-        self.tried = (*self.tried, failed)
         stable = proxy.stable
-        if failed.pool != stable:
+        own = failed.pool
+        shield = shield and own != stable and self.override is None and self.rescue_from is None
+        if not shield and not (retry and self.attempts_left > 0):
+            return None
+        self.tried = (*self.tried, failed)
+        if shield:
             upstream = self._pick_untried(stable, failed)
         else:
-            upstream = self._pick_untried(failed.pool, failed) or self._pick_untried(
-                OTHER[failed.pool], failed
-            )
+            upstream = self._pick_untried(own, failed)
+            if upstream is None and not self._stays_in(own):
+                upstream = self._pick_untried(OTHER[own], failed)
         if upstream is None:
             return None
-        if reason == "connect_error":
-            # The request never reached an upstream: sending it on adds load nowhere, so it
-            # does not draw on the budget (which bounds the extra load retries put on
-            # upstreams). It still counts against attempts and in the retries metric.
-            pass
-        elif proxy.retry_budget.try_begin_retry():
-            self.retries += 1  # budget slots held until the request ends
-        else:
+        # A request that never reached an upstream adds load nowhere when sent on, so a connect
+        # error's retry does not draw on the budget (which bounds the extra load retries put on
+        # upstreams). It still counts against attempts and in the retries metric.
+        if outcome is not Outcome.CONNECT_ERROR and not proxy.retry_budget.try_retry(monotonic()):
             return None
-        self.attempts_left -= 1
-        if failed.pool != stable:
-            self.rescue_from = failed.pool
-        proxy.pool_stats[failed.pool].retried(reason)
+        if not shield:
+            self.attempts_left -= 1
+        if own != stable and upstream.pool == stable:
+            self.rescue_from = own
+        elif upstream.pool != own:
+            proxy.failed_over_to_candidate(own, True)
+        reason = f"status_{status}" if status else outcome.value
+        proxy.pool_stats[own].retried(reason)
         self.note = f"retried: {reason}"
         return upstream
 
@@ -700,13 +724,15 @@ class Exchange:
 
     def upstream_head(self, conn: UpstreamConnection, status: int) -> None:
         self.client.head_deadline = 0.0
+        self.answered = status
         if status == 101 and not self.websocket:
             self._upstream_error(conn, Outcome.BAD_RESPONSE, "101 to a request without upgrade")
             return
         if (
-            status in self.client.proxy.settings.retry_statuses
+            status in self.client.proxy.settings.failure_statuses
             and self.upstream is not None
-            and (retry_to := self._retry_target(self.upstream, f"status_{status}")) is not None
+            and (retry_to := self._retry_target(self.upstream, Outcome.RETRY_STATUS, status))
+            is not None
         ):
             # Swallowed only when a retry will be made; the last answer reaches the client.
             self.retry_to = retry_to

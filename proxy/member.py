@@ -159,6 +159,8 @@ class MemberProxy(Proxy):
             self.router.refresh()
         self.config_generation = state.config_generation
         self.stable = state.stable
+        if state.fence != self.fence_reason:
+            self.fence_candidate(state.fence)
         if state.split != self.spreader.split:
             self.control.set_split(state.split, by="supervisor")
         self.generation = state.generation

@@ -55,6 +55,18 @@ class ProxyCollector(Collector):
                 requests.add_metric((pool, "", str(code)), count)
         yield requests
 
+        attempts = CounterMetricFamily(
+            "turnout_upstream_attempts",
+            "Every attempt sent to an upstream (a retried or shielded one too), by the status"
+            " it answered or what went wrong (connect_error, timeout, reset, bad_response, cut,"
+            " client_gone)",
+            labels=("pool", "upstream", "outcome"),
+        )
+        for u in upstreams:
+            for outcome, count in sorted(u.attempts.items()):
+                attempts.add_metric((u.pool, u.url, outcome), count)
+        yield attempts
+
         duration = HistogramMetricFamily(
             "turnout_request_duration_seconds",
             "Time from request head to the end of the response, by pool",

@@ -170,6 +170,7 @@ class RolloutController:
         self._gate_ok_at = -1.0
         self._candidate_lost = False
         self._new_tests()
+        proxy.fence_candidate("")
         self._set_state(
             RolloutState.PROGRESSING,
             f"{strategy} rollout from {proxy.stable} to {proxy.candidate} started by {by}",
@@ -231,6 +232,8 @@ class RolloutController:
         reason = state.get("reason")
         reason = reason if isinstance(reason, str) else phase.value
         self._set_state(phase, f"{reason} (carried over by a hot restart)", "hot restart")
+        if phase is RolloutState.ROLLED_BACK:
+            self._fence(reason)
         if phase in ACTIVE or phase is RolloutState.PAUSED:
             self._task = self.proxy.loop.create_task(self._run())
 
@@ -238,6 +241,7 @@ class RolloutController:
         proxy = self.proxy
         self._set_share(100.0, by)
         old = proxy.stable
+        proxy.fence_candidate("")
         proxy.stable = proxy.candidate
         self.step = None
         self._set_state(
@@ -253,7 +257,17 @@ class RolloutController:
         if self.first_failure is not None:
             self.proxy.rollback_seconds.observe(time.monotonic() - self.first_failure)
         self.step = None
+        self._fence(reason)
         self._set_state(RolloutState.ROLLED_BACK, reason, by, figures=figures)
+
+    def _fence(self, reason: str) -> None:
+        """A rolled-back candidate takes no failover traffic until the next rollout starts."""
+        proxy = self.proxy
+        candidate = proxy.candidate
+        proxy.fence_candidate(
+            f"the rollout rolled {candidate} back ({reason}); it takes no failover traffic"
+            " until a rollout starts"
+        )
 
     # data path seam ----------------------------------------------------------
 

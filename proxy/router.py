@@ -26,6 +26,7 @@ class Router:
     __slots__ = (
         "balancer",
         "candidates",
+        "fenced",
         "override_header",
         "pools",
         "spreader",
@@ -48,6 +49,8 @@ class Router:
         self.sticky_cookie = sticky.cookie.encode("latin-1") if sticky.cookie else None
         self.sticky_header = sticky.header.lower().encode("latin-1") if sticky.header else None
         self.candidates: dict[PoolName, tuple[Upstream, ...]] = {"blue": (), "green": ()}
+        # A pool no request fails over to: the candidate a rollout has just rolled back.
+        self.fenced: PoolName | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -69,36 +72,43 @@ class Router:
                 return value
         return header or None
 
-    def pick(self, pool: PoolName, exclude: Upstream | None = None) -> Upstream | None:
-        """An upstream of `pool`, else of the other pool (failover)."""
-        upstream: Upstream | None = self.balancer.pick(self.candidates[pool], exclude)
-        if upstream is None:
-            upstream = self.balancer.pick(self.candidates[OTHER[pool]], exclude)
-        return upstream
+    def may_fail_over(self, pool: PoolName) -> bool:
+        """Whether a request for `pool` may go to the other pool when `pool` has nothing left."""
+        return OTHER[pool] != self.fenced
 
     def pick_in(self, pool: PoolName, exclude: Upstream | None = None) -> Upstream | None:
         """An upstream of `pool` only."""
         upstream: Upstream | None = self.balancer.pick(self.candidates[pool], exclude)
         return upstream
 
-    def pick_admissible(self, pool: PoolName) -> Upstream | None:
-        """Like pick(), but an upstream whose in-flight limit and queue are full is passed
-        over for another one of the same pool when there is one. Never for the other pool:
-        overload is shed with 503 there, not spilled onto a pool the split (or the override
-        header) did not choose."""
-        upstream = self.pick(pool)
-        if upstream is not None and upstream.admission.full:
-            other = self.pick_in(upstream.pool, upstream)
-            if other is not None and not other.admission.full:
-                return other
+    def pick_admissible(self, pool: PoolName, forced: bool = False) -> Upstream | None:
+        """An upstream of `pool`, else of the other pool (failover) unless the pool is `forced`
+        (by the override header) or the other pool is fenced. An upstream whose in-flight
+        limit and queue are full is passed over for another one of the same pool when there is
+        one; never for the other pool: overload is shed with 503 there, not spilled onto a pool
+        the split (or the override header) did not choose."""
+        balancer = self.balancer
+        upstream: Upstream | None = balancer.pick(self.candidates[pool], None)
+        if upstream is None:
+            other = OTHER[pool]
+            if forced or other == self.fenced:
+                return None
+            upstream = balancer.pick(self.candidates[other], None)
+            if upstream is None:
+                return None
+        if upstream.admission.full:
+            spare = self.pick_in(upstream.pool, upstream)
+            if spare is not None and not spare.admission.full:
+                return spare
         return upstream
 
     def upstreams(self) -> list[Upstream]:
         return [u for name in POOLS for u in self.pools[name]]
 
     def __repr__(self) -> str:
+        fenced = f" fenced={self.fenced}" if self.fenced else ""
         return (
-            f"<Router split={self.spreader.split:g} blue={len(self.candidates['blue'])}/"
+            f"<Router{fenced} split={self.spreader.split:g} blue={len(self.candidates['blue'])}/"
             f"{len(self.pools['blue'])} green={len(self.candidates['green'])}/"
             f"{len(self.pools['green'])}>"
         )

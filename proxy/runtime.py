@@ -18,7 +18,7 @@ from .accesslog import AccessLog, Entry
 from .admission import Admission
 from .analysis import PoolWindow, WindowFigures
 from .breaker import Breaker, BreakerState
-from .config import Config, UpstreamConfig
+from .config import Config, UpstreamConfig, shield_statuses
 from .control import Change, Control
 from .events import EventBus
 from .exchange import Outcome
@@ -45,6 +45,8 @@ BACKLOG = 4096
 WINDOW_BUCKETS = 1200  # time buckets of an analysis window at most
 RECENT = 5.0  # seconds of outcomes in /status "recent"
 ROLLBACK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+# Failovers to the candidate are logged at once, then at most once per this many seconds.
+FAILOVER_LOG_INTERVAL = 5.0
 
 
 def freeze_startup_heap() -> None:
@@ -96,6 +98,11 @@ class Settings:
     retry_statuses: frozenset[int]
     retry_outcomes: frozenset[Outcome]
     breaker_statuses: frozenset[int]
+    # A candidate's answers retried on the stable pool (rollout.shield), and with them every
+    # status the data path looks at twice: one lookup per answer.
+    shield_statuses: frozenset[int]
+    shield_failures: bool
+    failure_statuses: frozenset[int]
     drain_timeout: float
     max_connections: int
     http2: bool
@@ -110,6 +117,7 @@ class Settings:
         if "timeout" in r.on:
             outcomes.add(Outcome.TIMEOUT)
         statuses = frozenset(x for x in r.on if isinstance(x, int))
+        shield = shield_statuses(config.rollout.shield)
         return cls(
             connect_timeout=t.connect,
             response_headers_timeout=t.response_headers,
@@ -122,6 +130,9 @@ class Settings:
             # The upstream's own 5xx answers that count as breaker failures: those the
             # operator also treats as retriable (502/503/504 by default).
             breaker_statuses=statuses,
+            shield_statuses=shield,
+            shield_failures=bool(config.rollout.shield),
+            failure_statuses=statuses | shield,
             drain_timeout=config.drain.timeout,
             max_connections=config.listen.max_connections,
             http2=config.listen.http2,
@@ -151,11 +162,17 @@ class Proxy:
         self.router = Router(config, self._build_pools(config), self.spreader, self.rng)
         self.control = Control(self)
         self.health = self._health_checker(config)
-        self.retry_budget = RetryBudget(config.retries.budget)
+        self.retry_budget = RetryBudget(config.retries.budget, config.retries.min_per_second)
         self.pool_stats: dict[PoolName, PoolStats] = {p: PoolStats() for p in POOLS}
         self.windows: dict[PoolName, PoolWindow] = {p: self._window(config) for p in POOLS}
         self.unrouted: dict[str, dict[int, int]] = {}
         self.rescued = 0
+        # Requests for the stable pool that went to the candidate; the last logged count.
+        self.candidate_failovers = 0
+        self._failovers_logged = 0
+        self._failover_logged_at = float("-inf")
+        # Why no request fails over to the candidate ("" when they may): a rollback's reason.
+        self.fence_reason = ""
         self.rollback_seconds = Histogram(ROLLBACK_BUCKETS)
         self.rollout = RolloutController(self)
         self.access_log = self._access_log(config)
@@ -303,6 +320,8 @@ class Proxy:
                     upstream.breaker.retune(**breaker)
                     upstream.admission.retune(**admission)
         self.settings = Settings.from_config(config)
+        if config.retries != old.retries:
+            self.retry_budget = RetryBudget(config.retries.budget, config.retries.min_per_second)
         if config.access_log != old_log:
             if self.access_log is not None:
                 # Its thread writes what it holds and stops; the loop does not wait for it.
@@ -314,7 +333,9 @@ class Proxy:
                 upstream.ssl = self.pool_context(name) if upstream.url.startswith("https") else None
         if self.listener_tls is not None and config.listen.tls is not None:
             self.listener_tls.rotate(config.listen.tls)
+        fenced = self.router.fenced
         self.router = Router(config, pools, self.spreader, self.rng)
+        self.router.fenced = fenced
 
     def set_split(self, split: float) -> None:
         self.spreader.set_split(split)
@@ -333,6 +354,74 @@ class Proxy:
 
     def stable_changed(self) -> None:
         """Called when the stable pool flips (a supervisor tells its workers)."""
+
+    def fence_candidate(self, reason: str) -> None:
+        """From now on no request fails over to the candidate pool, because of `reason` (a
+        rollback's); an empty reason lifts the fence (a new rollout, a promotion)."""
+        self.fence_reason = reason
+        self.router.fenced = self.candidate if reason else None
+
+    def failed_over_to_candidate(self, pool: PoolName, retried: bool) -> None:
+        """A request for the stable `pool` went to the candidate: `pool` had no upstream
+        available, or (`retried`) none left untried. Said loudly, at once and then at most
+        every FAILOVER_LOG_INTERVAL with the count since."""
+        self.candidate_failovers += 1
+        now = self.loop.time()
+        if now < self._failover_logged_at + FAILOVER_LOG_INTERVAL:
+            return
+        count = self.candidate_failovers - self._failovers_logged
+        self._failovers_logged = self.candidate_failovers
+        self._failover_logged_at = now
+        candidate = OTHER[pool]
+        why = "retried after its upstreams failed" if retried else "no upstream available"
+        problems = self.pool_problems(pool)
+        log.warning(
+            "FAILOVER to the candidate pool %s: %d request(s) for the stable pool %s since the"
+            " last such line (latest: %s; %s)",
+            candidate,
+            count,
+            pool,
+            why,
+            problems,
+        )
+        self.events.publish(
+            "failover", to=candidate, pool=pool, requests=count, reason=why, upstreams=problems
+        )
+
+    def pool_problems(self, pool: PoolName) -> str:
+        """Each upstream of `pool` and its state, with the last health check of those down."""
+        upstreams = self.router.pools[pool]
+        if not upstreams:
+            return f"pool {pool} has no upstreams"
+        checks = self.health.snapshot()
+        path = self.config.health_check.path
+        parts: list[str] = []
+        for u in upstreams:
+            part = f"{u.key} {u.state_name()}"
+            check = checks.get(u.key)
+            if not u.healthy and check is not None and check.last_detail is not None:
+                detail = check.last_detail
+                said = f"answered {detail}" if detail.isdigit() else f"failed: {detail}"
+                part += f" (GET {path} {said})"
+            parts.append(part)
+        return ", ".join(parts)
+
+    def no_upstream_detail(self, pool: PoolName, forced: bool) -> str:
+        """Why a request for `pool` found no upstream to go to: the 503's detail."""
+        problems = self.pool_problems(pool)
+        if forced:
+            header = self.config.override_header
+            return f"pool {pool} forced by {header} has no available upstream: {problems}"
+        other = OTHER[pool]
+        if self.router.fenced == other:
+            return (
+                f"pool {pool} has no available upstream ({problems}), and no request fails"
+                f" over to {other}: {self.fence_reason}"
+            )
+        return (
+            f"no available upstream in pool {pool} ({problems})"
+            f" nor in pool {other} ({self.pool_problems(other)})"
+        )
 
     def record_outcome(self, pool: PoolName, error: bool, latency: float) -> None:
         self.windows[pool].record(self.loop.time(), error, latency)

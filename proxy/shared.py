@@ -73,6 +73,7 @@ class RoutingState:
     config_generation: int
     pools: Mapping[PoolName, tuple[UpstreamRoute, ...]]
     published_at: float  # the leader's monotonic clock (one machine: comparable across processes)
+    fence: str = ""  # why no request fails over to the candidate ("" when they may)
 
     def to_wire(self, *, with_config: bool = True) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -87,6 +88,7 @@ class RoutingState:
                 for name in POOLS
             },
             "published_at": self.published_at,
+            "fence": self.fence,
         }
         if with_config:
             wire["config"] = self.config.model_dump(mode="json")
@@ -119,6 +121,7 @@ class RoutingState:
             config_generation=int(wire["config_generation"]),
             pools=pools,
             published_at=float(wire["published_at"]),
+            fence=str(wire.get("fence", "")),
         )
 
 
@@ -166,6 +169,7 @@ class UpstreamOutcomes:
     failures: int = 0
     codes: dict[int, int] = field(default_factory=dict)
     shed: dict[str, int] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -176,6 +180,7 @@ class UpstreamOutcomes:
             "failures": self.failures,
             "codes": {str(k): v for k, v in self.codes.items()},
             "shed": self.shed,
+            "attempts": self.attempts,
         }
 
     @classmethod
@@ -188,6 +193,7 @@ class UpstreamOutcomes:
             failures=int(wire["failures"]),
             codes={int(k): int(v) for k, v in wire["codes"].items()},
             shed={k: int(v) for k, v in wire["shed"].items() if k in SHED_REASONS},
+            attempts={str(k): int(v) for k, v in wire.get("attempts", {}).items()},
         )
 
 
@@ -365,6 +371,7 @@ def routing_state(
         config_generation=config_generation,
         pools=pools,
         published_at=now,
+        fence=proxy.fence_reason,
     )
 
 
@@ -399,6 +406,7 @@ def merge_report(
         upstream.requests += seen.requests
         upstream.failures += seen.failures
         _add_codes(upstream.codes, seen.codes)
+        _add_attempts(upstream.attempts, seen.attempts)
         admission = upstream.admission
         if isinstance(admission, SharedAdmission):
             admission.members[report.member] = (seen.in_flight, seen.queued)
@@ -430,18 +438,33 @@ def _add_codes(into: dict[int, int], codes: Mapping[int, int]) -> None:
         into[code] = into.get(code, 0) + count
 
 
+def _add_attempts(into: dict[str, int], attempts: Mapping[str, int]) -> None:
+    for outcome, count in attempts.items():
+        into[outcome] = into.get(outcome, 0) + count
+
+
 # a member's end ----------------------------------------------------------------------------
 
 
 class _Seen:
     """An upstream's cumulative counters as of the last report."""
 
-    __slots__ = ("breaker", "codes", "failures", "in_flight", "queued", "requests", "shed")
+    __slots__ = (
+        "attempts",
+        "breaker",
+        "codes",
+        "failures",
+        "in_flight",
+        "queued",
+        "requests",
+        "shed",
+    )
 
     def __init__(self) -> None:
         self.requests = 0
         self.failures = 0
         self.codes: dict[int, int] = {}
+        self.attempts: dict[str, int] = {}
         self.shed = (0, 0, 0)
         self.in_flight = 0
         self.queued = 0
@@ -571,6 +594,7 @@ def _upstream_delta(upstream: Upstream, seen: _Seen) -> UpstreamOutcomes | None:
     shed = (adm.shed_queue_full, adm.shed_queue_timeout, adm.shed_rate_limited)
     breaker = upstream.breaker.state
     codes = upstream.codes
+    attempts = upstream.attempts
     same = (
         upstream.requests == seen.requests
         and upstream.failures == seen.failures
@@ -579,6 +603,7 @@ def _upstream_delta(upstream: Upstream, seen: _Seen) -> UpstreamOutcomes | None:
         and adm.queued == seen.queued
         and breaker is seen.breaker
         and codes == seen.codes
+        and attempts == seen.attempts
     )
     if same:
         return None
@@ -590,8 +615,14 @@ def _upstream_delta(upstream: Upstream, seen: _Seen) -> UpstreamOutcomes | None:
         failures=upstream.failures - seen.failures,
         codes={c: n - seen.codes.get(c, 0) for c, n in codes.items() if n != seen.codes.get(c, 0)},
         shed={r: n - o for r, n, o in zip(SHED_REASONS, shed, seen.shed, strict=True) if n != o},
+        attempts={
+            a: n - seen.attempts.get(a, 0)
+            for a, n in attempts.items()
+            if n != seen.attempts.get(a, 0)
+        },
     )
     seen.requests, seen.failures, seen.shed = upstream.requests, upstream.failures, shed
     seen.in_flight, seen.queued, seen.breaker = adm.in_flight, adm.queued, breaker
     seen.codes = dict(codes)
+    seen.attempts = dict(attempts)
     return delta

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
+from typing import Final
 
 # Seconds; Prometheus' defaults stretched down to the sub-millisecond range a proxy lives in.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -23,6 +24,10 @@ DURATION_BUCKETS: tuple[float, ...] = (
     10.0,
     30.0,
 )
+
+
+# The label of every status code an upstream may answer (llhttp reads three digits), made once.
+CODE_LABELS: Final = tuple(str(code) for code in range(1000))
 
 
 @dataclass(frozen=True, slots=True)

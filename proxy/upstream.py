@@ -90,6 +90,7 @@ class Upstream:
 
     __slots__ = (
         "admission",
+        "attempts",
         "breaker",
         "codes",
         "connections",
@@ -140,6 +141,9 @@ class Upstream:
         # Final status codes answered from this upstream: plain ints bumped by the data
         # path, read by /metrics at scrape time.
         self.codes: dict[int, int] = {}
+        # Every attempt's outcome (a retried or shielded one too): its status code, or what
+        # went wrong ("connect_error", "reset", ...); stats.CODE_LABELS spares a str per count.
+        self.attempts: dict[str, int] = {}
         self.healthy = True
         self.draining = False
         self.drained = False

@@ -101,6 +101,10 @@ class LeaderProxy(Proxy):
         super().set_split(split)
         self.routing_changed()
 
+    def fence_candidate(self, reason: str) -> None:
+        super().fence_candidate(reason)
+        self.routing_changed()
+
     def apply(self, config: Config, pools: dict[PoolName, tuple[Upstream, ...]]) -> None:
         super().apply(config, pools)
         self.routing_changed()
@@ -237,9 +241,10 @@ class LeaderProxy(Proxy):
 
 
 def _same_routing(a: RoutingState, b: RoutingState) -> bool:
-    return (a.split, a.stable, a.config_generation, a.pools) == (
+    return (a.split, a.stable, a.fence, a.config_generation, a.pools) == (
         b.split,
         b.stable,
+        b.fence,
         b.config_generation,
         b.pools,
     )

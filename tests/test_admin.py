@@ -547,6 +547,12 @@ async def test_metrics_agree_with_the_requests_sent(admin_factory: AdminFactory)
         frozenset({("pool", "blue"), ("upstream", blue), ("code", "404")}): 5.0,
         frozenset({("pool", "green"), ("upstream", green), ("code", "200")}): 10.0,
     }
+    # No retries: one attempt per request.
+    assert m.labelled("turnout_upstream_attempts_total") == {
+        frozenset({("pool", "blue"), ("upstream", blue), ("outcome", "200")}): 30.0,
+        frozenset({("pool", "blue"), ("upstream", blue), ("outcome", "404")}): 5.0,
+        frozenset({("pool", "green"), ("upstream", green), ("outcome", "200")}): 10.0,
+    }
     assert m.value("turnout_request_duration_seconds_count", pool="blue") == 35.0
     assert m.value("turnout_request_duration_seconds_count", pool="green") == 10.0
     assert m.value("turnout_request_duration_seconds_bucket", pool="blue", le="+Inf") == 35.0
@@ -621,7 +627,8 @@ async def test_metrics_of_retries_rescues_and_a_rollout(
 ) -> None:
     admin = await admin_factory(
         retries={"attempts": 2, "budget": 1.0},
-        rollout={"steps": [20, 100], "interval": "1m"},
+        # A breach pauses: the split stays, so which requests go to green stays known.
+        rollout={"steps": [20, 100], "interval": "1m", "fallback": "pause"},
     )
     admin.green[0].settings.error_rate = 1.0
     admin.green[0].settings.error_status = 503
@@ -635,14 +642,18 @@ async def test_metrics_of_retries_rescues_and_a_rollout(
     assert states["progressing"] + states["insufficient_data"] == 1.0
     assert m.value("turnout_split_percent", pool="green") == 20.0
 
-    # A failing candidate request is answered by the stable pool: a retry and a rescue.
-    for _ in range(3):
-        resp = await admin.get("/shielded", **{"X-Turnout-Pool": "green"})
+    # A forced pool is never shielded: the tester sees the candidate's own answer.
+    resp = await admin.get("/forced", **{"X-Turnout-Pool": "green"})
+    assert (resp.status, resp.headers["X-Upstream"]) == (503, "green0")
+    # 2 of these 10 go to green; each failure is answered by the stable pool: a retry and a
+    # rescue.
+    for _ in range(10):
+        resp = await admin.get("/shielded")
         assert (resp.status, resp.headers["X-Upstream"]) == (200, "blue0")
     await admin.ok("POST", "/rollout/rollback")
     m = await admin.metrics()
-    assert m.value("turnout_retries_total", pool="green", reason="status_503") == 3.0
-    assert m.value("turnout_rescued_total") == 3.0
+    assert m.value("turnout_retries_total", pool="green", reason="status_503") == 2.0
+    assert m.value("turnout_rescued_total") == 2.0
     assert m.value("turnout_rollout_state", state="rolled_back") == 1.0
     assert m.value("turnout_rollout_step") == 0.0
     assert m.value("turnout_split_percent", pool="green") == 0.0
@@ -650,11 +661,16 @@ async def test_metrics_of_retries_rescues_and_a_rollout(
     assert m.value("turnout_rollback_seconds_bucket", le="+Inf") == 1.0
     green = admin.green[0].url
     blue = admin.blue[0].url
-    # The client saw blue's answers; green's 503s were swallowed by the retries.
+    # Clients saw blue's answers and the forced request's 503; the shielded 503s of green
+    # appear only among the attempts.
     assert m.labelled("turnout_requests_total") == {
-        frozenset({("pool", "blue"), ("upstream", blue), ("code", "200")}): 3.0,
+        frozenset({("pool", "blue"), ("upstream", blue), ("code", "200")}): 10.0,
+        frozenset({("pool", "green"), ("upstream", green), ("code", "503")}): 1.0,
     }
-    assert green not in {dict(k)["upstream"] for k in m.labelled("turnout_requests_total")}
+    assert m.labelled("turnout_upstream_attempts_total") == {
+        frozenset({("pool", "blue"), ("upstream", blue), ("outcome", "200")}): 10.0,
+        frozenset({("pool", "green"), ("upstream", green), ("outcome", "503")}): 3.0,
+    }
 
 
 # --- events -------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from proxy.config import (
     load_config,
     parse_config,
     parse_duration,
+    shield_statuses,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -103,7 +104,7 @@ def test_defaults() -> None:
         3,
     )
     r = c.retries
-    assert (r.attempts, r.budget) == (2, 0.2)
+    assert (r.attempts, r.budget, r.min_per_second) == (2, 0.2, 10.0)
     assert r.methods == ("GET", "HEAD", "OPTIONS")
     assert r.on == ("connect_error", 502, 503, 504)
     assert c.drain.timeout == 30.0
@@ -122,6 +123,7 @@ def test_defaults() -> None:
         50,
     )
     assert (ro.gate.path, ro.gate.expect_status) == ("/healthz", 200)
+    assert ro.shield == ("5xx",)
 
 
 def test_default_config_matches_its_yaml() -> None:
@@ -276,6 +278,13 @@ def test_positive_durations_refuse_zero() -> None:
         ({"health_check": {"unhealthy_after": 0}}, "health_check.unhealthy_after: must be >= 1"),
         ({"retries": {"attempts": 11}}, "retries.attempts: must be <= 10"),
         ({"retries": {"budget": -0.1}}, "retries.budget: must be >= 0"),
+        ({"retries": {"min_per_second": -1}}, "retries.min_per_second: must be >= 0"),
+        ({"rollout": {"shield": [404]}}, "rollout.shield[0]: status 404 is not a 5xx status"),
+        (
+            {"rollout": {"shield": ["5xx", "4xx"]}},
+            "rollout.shield[1]: must be a status 500..599 or 5xx, not '4xx'",
+        ),
+        ({"rollout": {"shield": "5xx"}}, "rollout.shield: must be a list, not '5xx'"),
         ({"retries": {"methods": "GET"}}, "retries.methods: must be a list, not 'GET'"),
         ({"retries": {"methods": ["GE T"]}}, "retries.methods[0]: 'GE T' is not a valid HTTP"),
         ({"retries": {"on": [502, 404]}}, "retries.on[1]: status 404 is not a 5xx status"),
@@ -770,3 +779,27 @@ def test_an_access_log_that_cannot_be_written_is_a_config_problem(tmp_path: Path
         "access_log.to: directory /nonexistent/dir does not exist"
     ]
     assert problems(str(tmp_path)) == [f"access_log.to: {tmp_path} is a directory"]
+
+
+@pytest.mark.parametrize(
+    ("shield", "statuses"),
+    [
+        (["5xx"], set(range(500, 600))),
+        ([500, "503", 500], {500, 503}),
+        (["5XX", 502], set(range(500, 600))),
+        ([], set()),
+    ],
+)
+def test_rollout_shield_names_statuses_or_the_5xx_class(
+    shield: list[object], statuses: set[int]
+) -> None:
+    config = parse_config(
+        {
+            "pools": {
+                "blue": {"upstreams": [{"url": "http://127.0.0.1:1"}]},
+                "green": {"upstreams": [{"url": "http://127.0.0.1:2"}]},
+            },
+            "rollout": {"shield": shield},
+        }
+    )
+    assert shield_statuses(config.rollout.shield) == statuses

@@ -293,6 +293,10 @@ def test_dashboard_covers_the_operator_questions() -> None:
     assert some(r"by \([^)]*reason[^)]*\) \(rate\(turnout_shed_total")
     assert some(r"rate\(turnout_retries_total")
     assert some(r"rate\(turnout_rescued_total")
+    # A panel per pool of every attempt: a candidate's shielded failures are not idle.
+    for pool in ("blue", "green"):
+        attempts = rf'turnout_upstream_attempts_total\{{[^}}]*pool="{pool}"'
+        assert some(r"by \(upstream, outcome\).*" + attempts)
     assert some(r"by \(state\) \(turnout_rollout_state")
     assert some(r"turnout_rollout_step")
     assert some(r"turnout_rollback_seconds_(bucket|sum|count)")

@@ -283,13 +283,10 @@ async def test_failing_upstream_opens_its_breaker_under_load(
                 "open_for": f"{OPEN_FOR}s",
                 "half_open_requests": 2,
             },
-            # A 503 reached the upstream, so its retry draws on the budget: concurrent retries
-            # <= budget x requests in flight. The six failures around the opening come within
-            # a millisecond, while a fast proxy has only a few of the 20 clients' requests in
-            # flight (seen: 4 retries wanted with 7 in flight), so any budget below 1 may
-            # refuse one. At 1.0 it never does here: each retrying request is itself in
-            # flight. A refused connection reached nothing and is re-sent without the budget.
-            retries={"attempts": attempts, "budget": 1.0 if fault == "status_503" else 0.2},
+            # The default budget (20% of the last 10 s of requests, at least 10 retries a
+            # second) lets the burst of failures around the opening through. A refused
+            # connection reached nothing and is re-sent without drawing on the budget.
+            retries={"attempts": attempts},
             health_check=SLOW_CHECKS,
         )
     )
@@ -541,6 +538,46 @@ async def test_pool_down_at_start_fails_over_with_no_client_error(
     assert sum(u.requests for u in proxy.router.pools["blue"]) == 0
 
 
+async def test_a_forced_pool_never_fails_over(
+    sample: SampleFactory,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    dead_url: Callable[[], str],
+) -> None:
+    """X-Turnout-Pool: green while no green upstream is available answers 503 naming the pool
+    and why, never blue's 200; and a green answering 503 is retried inside green only."""
+    blue = await sample("blue")
+    unhealthy = await sample("green1", healthy=False)
+    proxy = await make_proxy(proxy_config([blue.url], [dead_url(), unhealthy.url]))
+    url = url_of(proxy) + "/smoke"
+    async with session.get(url, headers={"X-Turnout-Pool": "green"}) as resp:
+        assert resp.status == 503
+        body = await resp.json()
+    assert (body["error"], body["pool"]) == ("no_upstream", "green")
+    assert body["detail"].startswith(
+        "pool green forced by X-Turnout-Pool has no available upstream: green/0 down (GET"
+        " /healthz failed: "
+    )
+    assert body["detail"].endswith("green/1 down (GET /healthz answered 503)")
+    # Without the header the same request fails over to blue.
+    async with session.get(url) as resp:
+        assert (resp.status, resp.headers["X-Upstream"]) == (200, "blue")
+    assert proxy.router.pools["blue"][0].requests == 1
+
+    failing = {"error_rate": 1.0, "error_status": 503}
+    greens = [await sample(f"green{i}", **failing) for i in range(2)]
+    proxy = await make_proxy(proxy_config([blue.url], [g.url for g in greens]))
+    async with session.get(url_of(proxy) + "/smoke", headers={"X-Turnout-Pool": "green"}) as resp:
+        assert resp.status == 503
+        assert resp.headers["X-Upstream"] in ("green0", "green1")
+    assert proxy.router.pools["blue"][0].requests == 0
+    assert [u.attempts for u in proxy.router.pools["green"]] == [{"503": 1}, {"503": 1}]
+    assert metric(proxy, "turnout_retries_total") == [
+        ({"pool": "green", "reason": "status_503"}, 1.0)
+    ]
+    assert proxy.rescued == 0
+
+
 async def test_pool_dying_under_load_fails_over_with_no_client_error(
     sample: SampleFactory, make_proxy: ProxyFactory, load: LoadFactory
 ) -> None:
@@ -751,7 +788,7 @@ async def test_retry_budget_bounds_retries_in_an_outage(
     sample: SampleFactory, make_proxy: ProxyFactory, session: aiohttp.ClientSession
 ) -> None:
     """Every upstream answers 503 after 200 ms: of 60 requests sent at once, only as many are
-    retried as the budget allows (0.2 x requests in flight, at least 3)."""
+    retried as the budget allows (0.2 x the window's requests + min_per_second x 10 s)."""
     slow = {"error_rate": 1.0, "error_status": 503, "latency": 0.2}
     blues = [await sample(f"blue{i}", **slow) for i in range(2)]
     green = await sample("green", **slow)
@@ -759,7 +796,7 @@ async def test_retry_budget_bounds_retries_in_an_outage(
         proxy_config(
             [b.url for b in blues],
             [green.url],
-            retries={"attempts": 2, "budget": 0.2},
+            retries={"attempts": 2, "budget": 0.2, "min_per_second": 0.5},
             breaker={"consecutive_failures": 1000, "min_requests": 1000},
         )
     )
@@ -769,10 +806,90 @@ async def test_retry_budget_bounds_retries_in_an_outage(
     retries = sum(sum(s.retries.values()) for s in proxy.pool_stats.values())
     budget = proxy.retry_budget.snapshot()
     print(f"\nbudget: {retries} retries of {n} failed requests, {budget}")
-    assert 3 <= retries <= 0.2 * n + 3
+    assert 5 <= retries <= 0.2 * n + 5
     assert budget.denied >= n - retries  # every request not retried was refused a retry
     assert sum(u.requests for u in proxy.router.upstreams()) == n + retries
     assert sum(v for _, v in metric(proxy, "turnout_retries_total")) == retries
+
+
+BURSTS = 5
+
+
+async def test_one_upstream_dying_under_load_costs_no_client_request(
+    sample: SampleFactory, make_proxy: ProxyFactory, load: LoadFactory
+) -> None:
+    """Three blue upstreams, 16 concurrent clients; one starts answering 503 to everything,
+    then recovers, five times over. Each time its requests in flight fail together: the budget
+    (20% of the last 10 s of requests, at least 10 retries a second) lets all their retries
+    through, where one on concurrent retries (at most max(20% in flight, 3)) refused some."""
+    # 20 ms of latency keeps about five requests in flight on each upstream; the failing one
+    # answers them all at once (the sample decides after its latency).
+    blues = [await sample(f"blue{i}", latency=0.02) for i in range(3)]
+    green = await sample("green")
+    proxy = await make_proxy(
+        proxy_config(
+            [b.url for b in blues],
+            [green.url],
+            breaker={"consecutive_failures": CONSECUTIVE, "open_for": "200ms"},
+            health_check=SLOW_CHECKS,
+        )
+    )
+    bad = proxy.router.pools["blue"][1]
+    seen = witness(proxy, "breaker", bad.key)
+    traffic = load(url_of(proxy), clients=16, total=40_000)
+    await traffic.more(200)
+    for burst in range(BURSTS):
+        blues[1].settings.error_status = 503
+        blues[1].settings.error_rate = 1.0
+        opened, closed = 3 * burst + 1, 3 * burst + 3
+        await traffic.until(lambda n=opened: len(seen) >= n, msg=lambda: seen)
+        blues[1].settings.error_rate = 0.0
+        await traffic.until(lambda n=closed: len(seen) >= n, msg=lambda: seen)
+    await traffic.stop()
+    retried = sum(v for _, v in metric(proxy, "turnout_retries_total", pool="blue"))
+    print(
+        f"\none upstream dying {BURSTS} times: {len(traffic.failures)} client failures of"
+        f" {traffic.sent}, {retried:g} retries, {proxy.retry_budget!r}"
+    )
+    assert not traffic.failures, traffic
+    assert [(t.before, t.after) for t in seen] == [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ] * BURSTS
+    assert retried >= BURSTS * CONSECUTIVE
+    assert proxy.retry_budget.snapshot().denied == 0
+
+
+async def test_a_retry_storm_is_capped_at_the_budget_ratio(
+    sample: SampleFactory, make_proxy: ProxyFactory, load: LoadFactory
+) -> None:
+    """Every upstream answers 503 to 16 concurrent clients, and each request would be retried
+    twice: the metrics show retries held to budget x requests, plus the floor of
+    min_per_second over the 10 s window."""
+    failing = {"error_rate": 1.0, "error_status": 503}
+    blues = [await sample(f"blue{i}", **failing) for i in range(3)]
+    green = await sample("green", **failing)
+    ratio, floor, n = 0.2, 1.0, 1500
+    proxy = await make_proxy(
+        proxy_config(
+            [b.url for b in blues],
+            [green.url],
+            retries={"attempts": 2, "budget": ratio, "min_per_second": floor},
+            breaker={"consecutive_failures": 1000, "min_requests": 1000},
+            health_check=SLOW_CHECKS,
+        )
+    )
+    traffic = load(url_of(proxy), clients=16, total=n)
+    await traffic.until(lambda: traffic.finished, timeout=20)
+    requests = sum(v for _, v in metric(proxy, "turnout_requests_total"))
+    retries = sum(v for _, v in metric(proxy, "turnout_retries_total"))
+    attempts = sum(v for _, v in metric(proxy, "turnout_upstream_attempts_total"))
+    print(f"\nretry storm: {retries:g} retries for {requests:g} requests, {proxy.retry_budget!r}")
+    assert requests == n and len(traffic.failures) == n
+    assert attempts == requests + retries
+    assert ratio * requests <= retries <= ratio * requests + floor * 10
+    assert proxy.retry_budget.snapshot().denied >= n - retries
 
 
 # -- rate limit and connection limit ------------------------------------------------------------

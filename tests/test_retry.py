@@ -9,112 +9,104 @@ from hypothesis import strategies as st
 from proxy.retry import RetryBudget, is_retriable_method
 
 
-def started(budget: RetryBudget, n: int) -> RetryBudget:
+def requests(budget: RetryBudget, n: int, now: float = 0.0) -> RetryBudget:
     for _ in range(n):
-        budget.request_started()
+        budget.request(now)
     return budget
 
 
-def take_all(budget: RetryBudget) -> int:
+def take_all(budget: RetryBudget, now: float = 0.0) -> int:
     n = 0
-    while budget.try_begin_retry():
+    while budget.try_retry(now):
         n += 1
         assert n < 10_000
     return n
 
 
-def test_floor_allows_retries_when_idle() -> None:
-    budget = RetryBudget(0.2)
-    assert take_all(budget) == 3
-    assert budget.retries_in_flight == 3
-    snap = budget.snapshot()
-    assert (snap.limit, snap.retries, snap.denied) == (3, 3, 1)
-
-
-def test_floor_holds_below_the_proportional_limit() -> None:
-    budget = started(RetryBudget(0.2, floor=3), 10)  # 0.2 x 10 = 2 < floor
-    assert take_all(budget) == 3
+def test_the_floor_allows_retries_when_idle() -> None:
+    budget = RetryBudget(0.2, min_per_second=10.0)  # 10/s over a 10 s window: 100
+    assert take_all(budget) == 100
+    snap = budget.snapshot(0.0)
+    assert (snap.limit, snap.window_retries, snap.retries, snap.denied) == (100, 100, 100, 1)
 
 
 @pytest.mark.parametrize(
-    ("ratio", "in_flight", "allowed"),
-    [(0.2, 100, 20), (0.2, 101, 20), (0.2, 104, 20), (0.2, 105, 21), (0.29, 100, 29), (1.0, 7, 7)],
+    ("ratio", "requests_made", "allowed"),
+    [(0.2, 100, 20), (0.2, 104, 20), (0.2, 105, 21), (0.29, 100, 29), (1.0, 7, 7), (0.0, 50, 0)],
 )
-def test_proportional_to_requests_in_flight(ratio: float, in_flight: int, allowed: int) -> None:
-    budget = started(RetryBudget(ratio, floor=0), in_flight)
+def test_retries_are_a_share_of_the_window_requests(
+    ratio: float, requests_made: int, allowed: int
+) -> None:
+    budget = requests(RetryBudget(ratio, min_per_second=0.0), requests_made)
     assert take_all(budget) == allowed
-    assert budget.snapshot().limit == allowed
+    assert budget.snapshot(0.0).limit == allowed
     assert repr(budget) == (
-        f"<RetryBudget retries={allowed}/{allowed} in_flight={in_flight}"
-        f" budget={ratio:g} floor=0 denied=1>"
+        f"<RetryBudget retries={allowed}/{allowed} requests={requests_made} in 10s"
+        f" budget={ratio:g} min_per_second=0 denied=1>"
     )
 
 
-def test_end_retry_frees_a_slot() -> None:
-    budget = started(RetryBudget(0.5), 10)
-    assert take_all(budget) == 5
-    budget.end_retry()
-    assert budget.retries_in_flight == 4
-    assert budget.try_begin_retry()
-    assert not budget.try_begin_retry()
+def test_a_burst_of_retries_is_let_through() -> None:
+    """The failure that motivated the window: a few requests in flight, all failing at once.
+    A budget on concurrent retries (max(0.2 x 16 in flight, 3)) refused the fourth; this one
+    counts the recent requests, and the floor covers a quiet proxy."""
+    budget = requests(RetryBudget(0.2, min_per_second=10.0), 1000, now=5.0)
+    assert all(budget.try_retry(5.0) for _ in range(16))
 
 
-def test_fewer_requests_shrink_the_budget_for_new_retries() -> None:
-    budget = started(RetryBudget(0.5, floor=1), 10)
-    assert take_all(budget) == 5
-    for _ in range(6):
-        budget.request_finished()
-    assert budget.in_flight == 4
-    assert budget.retries_in_flight == 5  # retries already running are not revoked
-    for _ in range(3):
-        budget.end_retry()
-    assert budget.retries_in_flight == 2
-    assert not budget.try_begin_retry()  # limit is now max(0.5 x 4, 1) = 2
-    budget.end_retry()
-    assert budget.try_begin_retry()
+def test_old_requests_and_retries_leave_the_window() -> None:
+    budget = RetryBudget(0.5, min_per_second=0.0, window=10.0, buckets=10)
+    requests(budget, 10, now=0.5)
+    assert take_all(budget, now=0.5) == 5
+    requests(budget, 10, now=4.5)
+    assert take_all(budget, now=4.5) == 5  # 20 requests, 10 retries
+    # At 10.5 the bucket of 0..1 s has left the window: its 10 requests and 5 retries.
+    assert budget.snapshot(10.5).requests == 10
+    assert not budget.try_retry(10.5)  # 5 retries against 0.5 x 10
+    requests(budget, 2, now=10.5)
+    assert budget.try_retry(10.5)
+    # Long after, the window is empty again.
+    snap = budget.snapshot(100.0)
+    assert (snap.requests, snap.window_retries, snap.limit) == (0, 0, 0)
+    assert (snap.retries, snap.denied) == (11, 3)
 
 
-def test_zero_budget_and_floor_forbids_retries() -> None:
-    budget = started(RetryBudget(0.0, floor=0), 1000)
-    assert not budget.try_begin_retry()
-
-
-def test_unmatched_calls_are_errors() -> None:
-    budget = RetryBudget(0.2)
-    with pytest.raises(RuntimeError):
-        budget.end_retry()
-    with pytest.raises(RuntimeError):
-        budget.request_finished()
+def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError):
         RetryBudget(-0.1)
     with pytest.raises(ValueError):
-        RetryBudget(0.2, floor=-1)
+        RetryBudget(0.2, min_per_second=-1)
+    with pytest.raises(ValueError):
+        RetryBudget(0.2, window=0.0)
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     ratio=st.sampled_from([0.0, 0.1, 0.2, 0.5, 1.0]),
-    floor=st.integers(0, 4),
-    ops=st.lists(st.sampled_from(["start", "finish", "retry", "end"]), max_size=200),
+    floor=st.sampled_from([0.0, 0.1, 0.5, 2.0]),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["request", "retry"]), st.floats(0.0, 3.0)), max_size=300
+    ),
 )
-def test_retries_never_exceed_the_budget(ratio: float, floor: int, ops: list[str]) -> None:
-    budget = RetryBudget(ratio, floor=floor)
-    requests = retries = 0
-    for op in ops:
-        if op == "start":
-            budget.request_started()
-            requests += 1
-        elif op == "finish" and requests:
-            budget.request_finished()
-            requests -= 1
-        elif op == "retry":
-            limit = max(int(ratio * requests + 1e-9), floor)
-            assert budget.try_begin_retry() is (retries + 1 <= limit)
-            retries += retries + 1 <= limit
-        elif op == "end" and retries:
-            budget.end_retry()
-            retries -= 1
-        assert (budget.in_flight, budget.retries_in_flight) == (requests, retries)
+def test_retries_never_exceed_the_budget(
+    ratio: float, floor: float, ops: list[tuple[str, float]]
+) -> None:
+    """Against a plain list of every event. The ten buckets reach back between 9 and 10 s, so
+    at every retry: the retries of the last 9 s stay within ratio x the requests of the last
+    10 s + floor x 10."""
+    budget = RetryBudget(ratio, min_per_second=floor, window=10.0, buckets=10)
+    now = 0.0
+    events: list[tuple[float, str]] = []
+    for op, step in ops:
+        now += step
+        if op == "request":
+            budget.request(now)
+            events.append((now, "request"))
+        elif budget.try_retry(now):
+            events.append((now, "retry"))
+            retries = sum(1 for at, kind in events if kind == "retry" and at > now - 9.0)
+            made = sum(1 for at, kind in events if kind == "request" and at > now - 10.0)
+            assert retries <= ratio * made + floor * 10.0 + 1e-9
 
 
 def test_retriable_methods() -> None:

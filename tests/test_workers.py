@@ -447,7 +447,9 @@ async def test_routing_state_crosses_the_wire_without_change() -> None:
     config = parse_config(two_pools(["http://127.0.0.1:9001"], ["http://127.0.0.1:9002"]))
     leader = LeaderProxy(config, workers=2)
     leader.set_split(12.5)
+    leader.fence_candidate("green was rolled back")
     first = routing_state(leader, 1, 1, 3.0)
+    assert first.fence == "green was rolled back"
     wire = json.loads(json.dumps(first.to_wire()))
     assert RoutingState.from_wire(wire, None) == first
     # Without the configuration it refers to a state is refused, with it the previous one's.
@@ -475,6 +477,8 @@ async def test_members_report_and_the_leader_adds_them_up() -> None:
         for n in range(3 + i):
             member.record_outcome("green", n == 0, 0.01)
             green.codes[500 if n == 0 else 200] = green.codes.get(500 if n == 0 else 200, 0) + 1
+            outcome = "500" if n == 0 else "200"
+            green.attempts[outcome] = green.attempts.get(outcome, 0) + 1
         green.admission.try_enter()  # one request in flight in each member
     for member in members:
         report = member.report()
@@ -485,6 +489,7 @@ async def test_members_report_and_the_leader_adds_them_up() -> None:
     assert (figures.requests, figures.errors) == (7, 2)
     green = leader.router.pools["green"][0]
     assert green.codes == {500: 2, 200: 5}
+    assert green.attempts == {"500": 2, "200": 5}
     assert green.in_flight == 2
     # A breaker open in one member shows on the leader; a member gone no longer counts.
     members[1].router.pools["green"][0].breaker._open("test")
@@ -520,6 +525,13 @@ async def test_members_follow_drains_removals_splits_and_promotions() -> None:
     assert blue[0] in member.retiring
     assert member.stable == "green"
     assert member.generation == 2
+    # A rollback's fence on the candidate (now blue) reaches the member, and its lifting.
+    leader.fence_candidate("blue was rolled back")
+    member.follow(routing_state(leader, 3, 1, 0.0))
+    assert (member.router.fenced, member.fence_reason) == ("blue", "blue was rolled back")
+    leader.fence_candidate("")
+    member.follow(routing_state(leader, 4, 1, 0.0))
+    assert (member.router.fenced, member.fence_reason) == (None, "")
     await member.shutdown(timeout=0)
     await leader.control.close()
 
