@@ -50,6 +50,11 @@ MAX_RESPONSE_HEAD: Final = 65536
 # Raw bytes of a request head still arriving: the limits above plus the request line and
 # whitespace. httptools holds a header's pieces until the header ends; this bounds that.
 MAX_HEAD_BYTES: Final = MAX_TARGET + MAX_HEAD + 1024
+# Raw bytes of one chunk-size line (with its extensions) or of the trailer section of a
+# chunked body, and trailer fields, in both directions: bounded like a head (a chunked body
+# could otherwise end in an endless trailer section). Trailers are not relayed.
+MAX_CHUNK_FRAMING: Final = 32768
+MAX_TRAILERS: Final = 100
 
 CRLF: Final = b"\r\n"
 # How an HTTP/2 client with prior knowledge opens (RFC 9113 §3.4): llhttp stops at this line.
