@@ -204,10 +204,19 @@ class Exchange:
         xff: bytes | None = None
         via: bytes | None = None
         named: set[bytes] | None = None
+        singletons: set[bytes] | None = None
         # The forwarded head: request line, then the fields passed on as they came.
         head = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
         for name, value in self.request_headers:
             lname = name.lower()
+            if len(lname) in h.SINGLETON_LENGTHS and lname in h.SINGLETONS:
+                if singletons is None:
+                    singletons = {lname}
+                elif lname in singletons:
+                    self.error = (400, f"duplicate {name.decode('latin-1')} header")
+                    return
+                else:
+                    singletons.add(lname)
             if lname in h.HOP_BY_HOP:
                 if lname == b"transfer-encoding":
                     if te_seen or not h.valid_transfer_encoding(value):

@@ -28,10 +28,20 @@ HOP_BY_HOP: Final = frozenset(
 # Most names are passed over on their length alone, without a lower().
 HOP_BY_HOP_LENGTHS: Final = frozenset(len(name) for name in HOP_BY_HOP)
 
+# Never dropped because Connection names them: an HTTP/1.1 request must carry Host (framing
+# headers are hop-by-hop already, and the proxy sets them itself).
+NEVER_NAMED: Final = HOP_BY_HOP | {b"host"}
+
 # Headers whose values name further hop-by-hop headers.
 NAMING_HEADERS: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
 # Their most common values, which name nothing further: passed over without a split.
 PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close"})
+
+# Fields RFC 9110 defines as singletons whose repetition a request may use to be read one way
+# here and another way further on (which credentials, which media type): a repeat is a 400.
+# Host is checked apart. Only names of these lengths are looked up.
+SINGLETONS: Final = frozenset({b"authorization", b"proxy-authorization", b"content-type"})
+SINGLETON_LENGTHS: Final = frozenset(len(name) for name in SINGLETONS)
 
 MAX_TARGET: Final = 8192
 MAX_HEAD: Final = 32768
@@ -40,6 +50,11 @@ MAX_RESPONSE_HEAD: Final = 65536
 # Raw bytes of a request head still arriving: the limits above plus the request line and
 # whitespace. httptools holds a header's pieces until the header ends; this bounds that.
 MAX_HEAD_BYTES: Final = MAX_TARGET + MAX_HEAD + 1024
+# Raw bytes of one chunk-size line (with its extensions) or of the trailer section of a
+# chunked body, and trailer fields, in both directions: bounded like a head (a chunked body
+# could otherwise end in an endless trailer section). Trailers are not relayed.
+MAX_CHUNK_FRAMING: Final = 32768
+MAX_TRAILERS: Final = 100
 
 CRLF: Final = b"\r\n"
 # How an HTTP/2 client with prior knowledge opens (RFC 9113 §3.4): llhttp stops at this line.
@@ -56,7 +71,7 @@ def add_hop_names(named: set[bytes] | None, value: bytes) -> set[bytes] | None:
     """`named` with the header names one Connection/Keep-Alive/Proxy-Connection value lists."""
     for item in value.split(b","):
         token = item.strip().lower()
-        if token and token not in HOP_BY_HOP and token != b"close" and b"=" not in token:
+        if token and token not in NEVER_NAMED and token != b"close" and b"=" not in token:
             if named is None:
                 named = set()
             named.add(token)

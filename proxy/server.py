@@ -62,7 +62,10 @@ class ClientConnection:
         "head_timer",
         "head_timer_at",
         "headers",
+        "held",
+        "held_at",
         "idle_since",
+        "in_frame",
         "in_head",
         "parser",
         "parsing",
@@ -72,6 +75,7 @@ class ClientConnection:
         "proxy",
         "scheme",
         "task",
+        "trailers",
         "transport",
         "tunnel",
         "tunnel_exchange",
@@ -89,9 +93,16 @@ class ClientConnection:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
-        # Raw bytes of the head being received, counted while in_head (first byte to its end).
+        # Raw bytes of the head being received, counted while in_head (first byte to its end),
+        # and likewise of a chunk-size line or a trailer section while in_frame.
         self.head_bytes = 0
         self.in_head = False
+        self.in_frame = False
+        self.trailers = 0
+        # Bytes read but not parsed yet (from held_at on), while a complete request waits
+        # behind the active one: at most one read, since reading is paused meanwhile.
+        self.held: bytes | None = None
+        self.held_at = 0
         self.paused = 0
         self.write_paused = False
         self.closing = False
@@ -159,6 +170,7 @@ class ClientConnection:
             if ex is not None:
                 ex.client_lost()
         self.pipeline.clear()
+        self.held = None
 
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
@@ -171,33 +183,97 @@ class ClientConnection:
             ex.upgrade_rest.append(data)
             self.pause_reading(self.PAUSE_TUNNEL)
             return
-        in_head = self.in_head
-        if in_head:
-            self.head_bytes += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._on_upgrade(data[exc.args[0] :])
-        except httptools.HttpParserError as exc:
-            # httptools re-raises a callback's exception as the context of its own error.
-            cause = exc.__context__
-            if isinstance(cause, HeadError):
-                self._reject(cause.status, cause.detail)
-            elif data.startswith(h.H2_PREFACE_LINE) and self.active is None:
-                self._become_h2(data)
-            else:
-                self._reject(400, str(exc) or "malformed request")
-        else:
+        held = self.held
+        if held is not None:
+            # Reading is paused while bytes are held; a read that was under way joins them.
+            self.held = None
+            data = held[self.held_at :] + data
+        self._parse(data, 0)
+
+    def _parse(self, data: bytes, pos: int) -> None:
+        """Parse data[pos:], but never past a complete request queued behind the active one:
+        a client pipelining without reading would make each read thousands of exchanges. The
+        rest is held (reading stays paused) until the queue drains."""
+        start, end = pos, len(data)
+        while True:
+            if self.pipeline and self.parsing is None:
+                self.held = data
+                self.held_at = pos
+                return
+            cut = self._request_end(data, pos)
+            if self.in_head or self.in_frame:
+                self.head_bytes += cut - pos
+            try:
+                self.parser.feed_data(
+                    data if pos == 0 and cut == end else memoryview(data)[pos:cut]
+                )
+            except httptools.HttpParserUpgrade as exc:
+                self._on_upgrade(data[pos + exc.args[0] :])
+                return
+            except httptools.HttpParserError as exc:
+                # httptools re-raises a callback's exception as the context of its own error.
+                cause = exc.__context__
+                if isinstance(cause, HeadError):
+                    self._reject(cause.status, cause.detail)
+                elif self.active is None and data.startswith(h.H2_PREFACE_LINE, start):
+                    # llhttp stops at the preface's second line: what to hand over starts
+                    # where this parse did.
+                    self._become_h2(data[start:] if start else data)
+                else:
+                    self._reject(400, str(exc) or "malformed request")
+                return
+            # A phase that began during this piece restarted the count: head_bytes holds only
+            # pieces that were wholly inside the head (or chunk framing) still under way.
             if self.in_head:
-                if in_head and self.head_bytes > h.MAX_HEAD_BYTES:
-                    # Still inside the head that was under way: all of `data` belongs to it. A
-                    # header that never ends reaches no callback, so its size is bounded here.
+                if self.head_bytes > h.MAX_HEAD_BYTES:
+                    # A header that never ends reaches no callback, so its size is bounded here.
                     self._reject(431, "request header fields too large")
-                elif not self.deadline:
+                    return
+                if not self.deadline:
                     # A head begun in this read has request_headers to arrive whole. Set here,
                     # not per message: most heads arrive whole in the read that began them.
                     proxy = self.proxy
                     self.deadline = proxy.loop.time() + proxy.settings.request_headers_timeout
+            elif self.in_frame and self.head_bytes > h.MAX_CHUNK_FRAMING:
+                # A chunk extension or a trailer field that never ends reaches no callback.
+                self._reject(400, "chunk size line or trailer section too large")
+                return
+            if cut == end:
+                return
+            pos = cut
+
+    def _request_end(self, data: bytes, pos: int) -> int:
+        """How far data[pos:] may be parsed at once without passing the end of the request
+        under way: to the end of a body of known length, else to the next blank line (every
+        head and every chunked body ends with one). One read is almost always one piece."""
+        ex = self.parsing
+        first = data[pos]
+        if ex is not None and not ex.chunked:
+            left = ex.content_length - ex.body_size
+            if left > 0:
+                return min(pos + left, len(data))
+        if first == 10 or first == 13:
+            # A blank line the previous read began may end here: one byte at a time.
+            return pos + 1
+        if ex is not None and ex.chunked and first != 48:
+            # In a chunked body the blank line that ends it follows the last chunk's line
+            # ("0" after a line break): blank lines in the data before it are passed over.
+            last = data.find(b"\n0", pos)
+            if last < 0:
+                return len(data)
+            pos = last
+        blank = data.find(b"\r\n\r\n", pos)
+        return len(data) if blank < 0 else blank + 4
+
+    def _parse_held(self) -> None:
+        """The queue drained: parse what was held, then read again if nothing waits."""
+        data = self.held
+        if data is None or self.closed:
+            return
+        self.held = None
+        self._parse(data, self.held_at)
+        if self.held is None and not self.pipeline and not self.closing:
+            self.resume_reading(self.PAUSE_PIPELINE)
 
     def eof_received(self) -> bool | None:
         """The client half-closed: a request it sent in full still gets its response, unless
@@ -246,6 +322,7 @@ class ClientConnection:
         self.head_size = 0
         self.head_bytes = 0
         self.in_head = True
+        self.trailers = 0
         self.deadline = 0.0  # see data_received
 
     def on_url(self, url: bytes) -> None:
@@ -255,7 +332,12 @@ class ClientConnection:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.parsing is not None:
-            return  # trailers of a chunked body are not forwarded
+            # A trailer field of a chunked body: not forwarded; counted like the head's (their
+            # size is bounded in _parse).
+            self.trailers += 1
+            if self.trailers > h.MAX_TRAILERS:
+                raise HeadError(400, "too many trailer fields")
+            return
         self.head_size += len(name) + len(value) + 4
         headers = self.headers
         headers.append((name, value))
@@ -266,6 +348,9 @@ class ClientConnection:
         parser = self.parser
         self.deadline = 0.0
         self.in_head = False
+        # A chunk-size line (or a body) comes next: counted until a body byte arrives.
+        self.in_frame = True
+        self.head_bytes = 0
         transport = self.transport
         if transport is None or transport.is_closing():
             # An exchange that finished earlier in this read closed the connection: what the
@@ -293,11 +378,23 @@ class ClientConnection:
             self.pause_reading(self.PAUSE_PIPELINE)
 
     def on_body(self, body: bytes) -> None:
+        self.in_frame = False
         ex = self.parsing
         if ex is not None:
             ex.feed_body(body)
 
+    def on_chunk_header(self) -> None:
+        # The chunk's data follows, or after the last chunk the trailer section: counted
+        # afresh until a body byte arrives.
+        self.head_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        # The next chunk-size line, or the end of the body, follows.
+        self.in_frame = True
+        self.head_bytes = 0
+
     def on_message_complete(self) -> None:
+        self.in_frame = False
         ex = self.parsing
         if ex is not None:
             self.parsing = None
@@ -445,10 +542,14 @@ class ClientConnection:
         if self.pipeline:
             nxt = self.pipeline.popleft()
             self.active = nxt
-            if not self.pipeline:
-                self.resume_reading(self.PAUSE_PIPELINE)
             # Not from here: a run of pipelined answers that need no upstream would recurse.
-            self.proxy.loop.call_soon(nxt.start)
+            loop = self.proxy.loop
+            loop.call_soon(nxt.start)
+            if not self.pipeline:
+                if self.held is not None:
+                    loop.call_soon(self._parse_held)  # which then reads again
+                else:
+                    self.resume_reading(self.PAUSE_PIPELINE)
             return
         proxy = self.proxy
         self.idle_since = proxy.loop.time()
@@ -528,4 +629,8 @@ class ClientConnection:
 
     def __repr__(self) -> str:
         state = "tunnel" if self.tunnel else ("busy" if self.active else "idle")
-        return f"<ClientConnection {self.peer_ip.decode()} {state} pipeline={len(self.pipeline)}>"
+        held = len(self.held) - self.held_at if self.held is not None else 0
+        return (
+            f"<ClientConnection {self.peer_ip.decode()} {state} pipeline={len(self.pipeline)}"
+            f" held={held}>"
+        )

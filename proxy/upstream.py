@@ -19,6 +19,7 @@ from .breaker import Breaker, BreakerState
 from .headers import (
     HOP_BY_HOP,
     HOP_BY_HOP_LENGTHS,
+    MAX_CHUNK_FRAMING,
     MAX_RESPONSE_HEAD,
     NAMING_HEADERS,
     PLAIN_CONNECTION,
@@ -280,6 +281,7 @@ class UpstreamConnection:
         "closed",
         "ended",
         "fields",
+        "framing",
         "head_request",
         "head_size",
         "idle_since",
@@ -316,6 +318,8 @@ class UpstreamConnection:
         # field: a check per field costs more than the rest of the field's handling).
         self.head_size = 0
         self.in_head = False
+        # Likewise a chunk-size line or the trailer section (none of it is relayed).
+        self.framing = False
         self.closed = False
         # A response ended during the current read: the exchange hears of it once the read
         # is parsed, so a byte after the end can still make the connection unusable first.
@@ -354,14 +358,19 @@ class UpstreamConnection:
             self.close()
             return
         sink = self.sink
+        if self.in_head or self.framing:
+            # Counted before parsing: a phase that begins in this read starts its count afresh.
+            self.head_size += len(data)
         try:
             self.parser.feed_data(data)
             if self.in_head:
                 # The head goes on in the next read: what llhttp holds of it is bounded here.
-                self.head_size += len(data)
                 if self.head_size > MAX_RESPONSE_HEAD:
                     self._fail(BadResponse("response head too large"))
                     return
+            elif self.framing and self.head_size > MAX_CHUNK_FRAMING:
+                self._fail(BadResponse("chunk size line or trailer section too large"))
+                return
         except httptools.HttpParserUpgrade as exc:
             sink = self.sink
             if sink is not None:
@@ -406,12 +415,15 @@ class UpstreamConnection:
         self.named = None
         self.head_size = 0
         self.in_head = True
+        self.framing = False
         self.reason = b""
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.framing:
+            return  # a trailer field: not relayed (their size is bounded in data_received)
         if len(name) in HOP_BY_HOP_LENGTHS:
             lname = name.lower()
             if lname in HOP_BY_HOP:
@@ -426,6 +438,9 @@ class UpstreamConnection:
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        # A chunked body begins with a chunk-size line: counted until a body byte arrives.
+        self.framing = self.te
+        self.head_size = 0
         status = self.parser.get_status_code()
         if not 100 <= status <= 599:
             raise BadResponse(f"status {status} outside 100-599")
@@ -451,11 +466,21 @@ class UpstreamConnection:
                 self.ended = True
 
     def on_body(self, body: bytes) -> None:
+        self.framing = False
         if self.ended:
             raise BadResponse("body after a response that has none")
         sink = self.sink
         if sink is not None:
             sink.upstream_body(body)
+
+    def on_chunk_header(self) -> None:
+        # The chunk's data follows, or after the last chunk the trailer section.
+        self.head_size = 0
+
+    def on_chunk_complete(self) -> None:
+        # The next chunk-size line, or the end of the body, follows.
+        self.framing = True
+        self.head_size = 0
 
     def on_message_complete(self) -> None:
         if self.ended or 100 <= self.parser.get_status_code() < 200:

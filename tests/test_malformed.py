@@ -33,6 +33,14 @@ BAD_REQUESTS: dict[str, bytes] = {
     "missing host": b"GET / HTTP/1.1\r\n\r\n",
     "duplicate host": b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
     "duplicate host, same value": b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+    "duplicate Authorization": b"GET / HTTP/1.1\r\nHost: a\r\nAuthorization: Basic YTpi\r\n"
+    b"authorization: Basic Yzpk\r\n\r\n",
+    "duplicate Authorization, same value": b"GET / HTTP/1.1\r\nHost: a\r\n"
+    b"Authorization: Bearer t\r\nX-A: b\r\nAuthorization: Bearer t\r\n\r\n",
+    "duplicate Proxy-Authorization": b"GET / HTTP/1.1\r\nHost: a\r\n"
+    b"Proxy-Authorization: Basic YTpi\r\nProxy-Authorization: Basic Yzpk\r\n\r\n",
+    "duplicate Content-Type": HEAD + b"Content-Type: text/plain\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
     "space before colon": b"GET / HTTP/1.1\r\nHost: a\r\nX-Foo : bar\r\n\r\n",
     "space before colon of Host": b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
     "obs-fold with space": b"GET / HTTP/1.1\r\nHost: a\r\nX-Foo: a\r\n b\r\n\r\n",
