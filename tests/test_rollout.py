@@ -438,7 +438,7 @@ async def test_green_failing_everything_rolls_back_within_a_second_and_shields_c
             # Steady state at the first step: green takes its share.
             await load.until(lambda: green.served[200] >= 10)
             before, began = green.served[200], loop.time()
-            await load.until(lambda: green.served[200] >= before + 10)
+            await load.until(lambda before=before: green.served[200] >= before + 10)
             rate = (green.served[200] - before) / (loop.time() - began)
             assert r.split == 10.0
 
