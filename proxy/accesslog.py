@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import re
+import stat
 import sys
 import threading
 import time
@@ -50,12 +51,21 @@ def log_problems(config: Config) -> list[str]:
     if os.path.isdir(to):
         return [f"access_log.to: {to} is a directory"]
     if os.path.exists(to):
-        writable = os.access(to, os.W_OK)
-    else:
-        parent = os.path.dirname(os.path.abspath(to))
-        if not os.path.isdir(parent):
-            return [f"access_log.to: directory {parent} does not exist"]
-        writable = os.access(parent, os.W_OK | os.X_OK)
+        if not stat.S_ISREG(os.stat(to).st_mode):
+            # A FIFO would block the writer, a device or /proc file refuse lines at run time.
+            return [f"access_log.to: {to} is not a regular file (or use stdout, stderr)"]
+        try:
+            # As the log will open it (appending leaves an existing file as it is): a file root
+            # may write by its mode can still refuse, e.g. those under /proc.
+            with open(to, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            return [f"access_log.to: cannot write {to}: {exc.strerror or exc}"]
+        return []
+    parent = os.path.dirname(os.path.abspath(to))
+    if not os.path.isdir(parent):
+        return [f"access_log.to: directory {parent} does not exist"]
+    writable = os.access(parent, os.W_OK | os.X_OK)
     return [] if writable else [f"access_log.to: {to} is not writable"]
 
 
