@@ -190,7 +190,7 @@ def test_duration_units(number: int, unit: str) -> None:
         ("169h", "invalid duration '169h': at most 168h"),
         (1e300, "at most 168h"),
         # One ASCII number and one unit: full-width digits and compound forms are refused.
-        ("１s", "invalid duration '１s': expected a number with a unit"),
+        ("\uff11s", "invalid duration '\uff11s': expected a number with a unit"),
         ("1h1m", "invalid duration '1h1m': expected a number with a unit"),
         (".5s", "invalid duration '.5s': expected a number with a unit"),
         ("2s ms", "invalid duration '2s ms'"),
