@@ -27,6 +27,7 @@ from conftest import HOST, SampleFactory, proxy_config, wait_for
 from proxy import accesslog
 from proxy.accesslog import AccessLog, Entry
 from proxy.admin import AdminSetupError
+from proxy.client import AdminClient
 from proxy.config import parse_config
 from proxy.runtime import Proxy
 
@@ -223,6 +224,29 @@ async def test_the_cli_sends_json_and_passes(
         code = await asyncio.to_thread(cli.main, [*argv, "--admin", admin.url])
         assert code == 0, capsys.readouterr()
     assert admin.proxy.router.pools["blue"][0].draining
+
+
+async def test_the_cli_says_json_even_without_a_body() -> None:
+    heads: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Turnout-Admin: 1\r\n"
+            b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, HOST, 0)
+    async with server:
+        client = AdminClient(f"http://{HOST}:{server.sockets[0].getsockname()[1]}", None)
+        for method, path in (("POST", "/rollout/pause"), ("POST", "/reload"), ("GET", "/status")):
+            await asyncio.to_thread(client.request, method, path)
+    pause, reload, status = (head.lower() for head in heads)
+    assert b"\r\ncontent-type: application/json\r\n" in pause
+    assert b"\r\ncontent-type: application/json\r\n" in reload
+    assert b"content-type" not in status
 
 
 @pytest.mark.parametrize("token", [" ", "\t\n"])
