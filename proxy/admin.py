@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -34,13 +33,12 @@ AUTHENTICATED: web.RequestKey[bool] = web.RequestKey("authenticated", bool)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", *ui.PATHS})
 SSE_HEARTBEAT = 15.0
 MAX_BODY = 65536
-MAX_JSON_DEPTH = 32  # our bodies are flat objects; json.loads recurses once per level
+MAX_JSON_DEPTH = 32  # our bodies are flat objects
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # What a page of another site may send without asking first (CORS "simple" requests): a
 # change never comes with one of these, even without a body.
 FORM_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
-_JSON_STRING_OR_BRACKET = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 class AdminSetupError(Exception):
@@ -248,29 +246,34 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise ControlError(413, "body too large", f"at most {MAX_BODY} bytes") from None
     if not raw.strip():
         return {}
-    if json_depth(raw) > MAX_JSON_DEPTH:
-        raise ControlError(400, "malformed request", f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    too_deep = ControlError(400, "malformed request", f"JSON nested deeper than {MAX_JSON_DEPTH}")
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ControlError(400, "malformed JSON", str(exc)) from exc
+    except RecursionError:
+        raise too_deep from None  # the decoder recurses once per level
+    if nested_deeper(data, MAX_JSON_DEPTH):
+        raise too_deep
     if not isinstance(data, dict):
         raise ControlError(400, "malformed request", "the body must be a JSON object")
     return data
 
 
-def json_depth(raw: bytes) -> int:
-    """How deeply arrays and objects nest in a JSON text (strings skipped), counted before
-    json.loads, which recurses once per level and fails with RecursionError."""
-    depth = deepest = 0
-    for match in _JSON_STRING_OR_BRACKET.finditer(raw):
-        token = match[0]
-        if token in (b"[", b"{"):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif token in (b"]", b"}"):
-            depth -= 1
-    return deepest
+def nested_deeper(value: object, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than `limit` in decoded JSON: walked a level at
+    a time, without recursion, before anything formats or walks it recursively."""
+    level = [value] if isinstance(value, dict | list) else []
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 def allow_keys(data: dict[str, Any], allowed: set[str]) -> None:
