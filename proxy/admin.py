@@ -9,10 +9,11 @@ import json
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
 from . import ui
@@ -32,6 +33,12 @@ AUTHENTICATED: web.RequestKey[bool] = web.RequestKey("authenticated", bool)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", *ui.PATHS})
 SSE_HEARTBEAT = 15.0
 MAX_BODY = 65536
+MAX_JSON_DEPTH = 32  # our bodies are flat objects
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# What a page of another site may send without asking first (CORS "simple" requests): a
+# change never comes with one of these, even without a body.
+FORM_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
 
 
 class AdminSetupError(Exception):
@@ -49,7 +56,11 @@ def is_loopback(host: str) -> bool:
 
 def admin_token(proxy: Proxy) -> str | None:
     admin = proxy.config.admin
-    token = os.environ.get(admin.token_env) or None
+    raw = os.environ.get(admin.token_env, "")
+    if raw and not raw.strip():
+        raise AdminSetupError(f"{admin.token_env} holds only whitespace: set a token or unset it")
+    # The bearer token a client sends is compared without surrounding whitespace.
+    token = raw.strip() or None
     if token is None and not is_loopback(admin.host):
         raise AdminSetupError(
             f"the admin API would listen on {admin.host}, which is not loopback, without a token: "
@@ -90,11 +101,112 @@ def audit(request: web.Request, change: Change) -> None:
     )
 
 
-def make_middleware(token: str | None) -> Middleware:
+def _name_and_port(authority: str, scheme: str) -> tuple[str, int] | None:
+    """(host name, port) of a Host header or an origin's authority; None if malformed."""
+    try:
+        parts = urlsplit(f"//{authority}")
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname or parts.path or parts.query or parts.fragment:
+        return None
+    return parts.hostname.rstrip("."), port or DEFAULT_PORTS.get(scheme, 0)
+
+
+def foreign_host(request: web.Request, names: frozenset[str]) -> str | None:
+    """The Host header when it names something other than this admin API, else None.
+
+    A page on another site that resolves its own name to 127.0.0.1 (DNS rebinding) reaches
+    a loopback admin API with that name in Host. Loopback addresses, `localhost`, the address
+    the request came in on and the configured names are ours. The port is not compared: an
+    SSH or kubectl port-forward changes it, and rebinding cannot forge the name.
+    """
+    raw = request.headers.get(hdrs.HOST)
+    if raw is None:
+        return None  # HTTP/1.0 without Host: not a browser
+    parsed = _name_and_port(raw, request.scheme)
+    if parsed is None:
+        return raw
+    name = parsed[0]
+    if name in names:
+        return None
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return raw
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    local = sockname[0] if isinstance(sockname, tuple) else None
+    return None if address.is_loopback or name == local else raw
+
+
+def same_origin(request: web.Request, origin: str) -> bool:
+    """Whether an Origin header is this admin API as the client addressed it (scheme://Host)."""
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    scheme = parts.scheme.lower()
+    host = request.headers.get(hdrs.HOST)
+    if scheme != request.scheme or host is None or parts.path not in ("", "/"):
+        return False
+    theirs = _name_and_port(parts.netloc, scheme)
+    return theirs is not None and theirs == _name_and_port(host, scheme)
+
+
+def cross_site(request: web.Request, names: frozenset[str] | None) -> web.Response | None:
+    """The refusal of a request a web page on another site may have made, else None.
+
+    A browser sends a "simple" cross-site request (a form, or fetch with a text/plain body)
+    without asking first: such a request must not change anything. With no token, the Host
+    is checked too (`names`), against DNS rebinding.
+    """
+    if names is not None:
+        host = foreign_host(request, names)
+        if host is not None:
+            return json_error(
+                403,
+                "forbidden host",
+                f"Host {host[:100]!r} is not a name of this admin API: use 127.0.0.1, "
+                "localhost, or a name listed in admin.allowed_hosts",
+            )
+    if request.method in SAFE_METHODS:
+        return None
+    origin = request.headers.get(hdrs.ORIGIN)
+    if origin is not None and not same_origin(request, origin):
+        return json_error(
+            403,
+            "forbidden origin",
+            f"a change requested by a page of {origin[:100]!r} is refused: "
+            "the admin API takes changes from its own origin only",
+        )
+    content_type = request.headers.get(hdrs.CONTENT_TYPE)
+    mime = request.content_type.lower() if content_type is not None else None
+    if mime in FORM_TYPES or (request.body_exists and mime != "application/json"):
+        return json_error(
+            415,
+            "unsupported media type",
+            "a change takes a JSON body with Content-Type: application/json (or no body), "
+            f"not {(content_type or 'no Content-Type')[:100]!r}",
+        )
+    return None
+
+
+def own_names(admin_host: str, allowed_hosts: Iterable[str]) -> frozenset[str]:
+    """Host names that mean this admin API (IP addresses are checked as addresses)."""
+    return frozenset({"localhost", admin_host.lower().rstrip("."), *allowed_hosts})
+
+
+def make_middleware(token: str | None, names: frozenset[str]) -> Middleware:
     expected = token.encode() if token else None
+    # Without a token, knowing the name is all it takes: a rebound name must be refused.
+    # With one, a page of another site cannot send it, so any name the operator uses is fine.
+    checked_names = names if expected is None else None
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        refused = cross_site(request, checked_names)
+        if refused is not None:
+            return refused
         if expected is not None and request.path not in OPEN_PATHS:
             scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -134,13 +246,34 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise ControlError(413, "body too large", f"at most {MAX_BODY} bytes") from None
     if not raw.strip():
         return {}
+    too_deep = ControlError(400, "malformed request", f"JSON nested deeper than {MAX_JSON_DEPTH}")
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ControlError(400, "malformed JSON", str(exc)) from exc
+    except RecursionError:
+        raise too_deep from None  # the decoder recurses once per level
+    if nested_deeper(data, MAX_JSON_DEPTH):
+        raise too_deep
     if not isinstance(data, dict):
         raise ControlError(400, "malformed request", "the body must be a JSON object")
     return data
+
+
+def nested_deeper(value: object, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than `limit` in decoded JSON: walked a level at
+    a time, without recursion, before anything formats or walks it recursively."""
+    level = [value] if isinstance(value, dict | list) else []
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 def allow_keys(data: dict[str, Any], allowed: set[str]) -> None:
@@ -302,7 +435,9 @@ class AdminAPI:
 
 
 def build_admin_app(proxy: Proxy, token: str | None) -> web.Application:
-    app = web.Application(middlewares=[make_middleware(token)], client_max_size=MAX_BODY)
+    admin = proxy.config.admin
+    names = own_names(admin.host, admin.allowed_hosts)
+    app = web.Application(middlewares=[make_middleware(token, names)], client_max_size=MAX_BODY)
     app.on_response_prepare.append(_mark_as_admin)
     app[PROXY_KEY] = proxy
     api = AdminAPI(proxy)

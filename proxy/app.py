@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import select
 import signal
 import sys
 from typing import Any
@@ -163,9 +165,24 @@ async def serve(
         # would log steps and verdicts twice.
         proxy.control.stop_ramp()
         await proxy.rollout.close()
-    print("turnout: shutting down, draining requests in flight", flush=True)
+    say("turnout: shutting down, draining requests in flight")
     await proxy.shutdown()
     return EXIT_OK
+
+
+def say(line: str) -> None:
+    """A line on stdout if it has room now, else none: a stdout nobody reads (a full pipe)
+    must not hold up a shutdown."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        print(line, flush=True)
+        return
+    try:
+        if select.select([], [fd], [], 0)[1]:
+            os.write(fd, f"{line}\n".encode()[: select.PIPE_BUF])
+    except OSError:
+        pass  # stdout is gone: nobody to tell
 
 
 async def start_handover(handover: HandoverServer) -> None:

@@ -76,6 +76,8 @@ class AdminClient:
         data = None
         if body is not None:
             data = json.dumps(body).encode()
+        if method not in ("GET", "HEAD"):
+            # The admin API takes changes in JSON only (a cross-site form cannot send that).
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from collections.abc import Callable
 from itertools import pairwise
 from typing import Annotated, Any, Literal, Self
@@ -111,16 +112,18 @@ def _validate_also(
 
 # --- scalar types --------------------------------------------------------------------------
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
-_DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
+# One ASCII number and one unit: `\d` would also take full-width and other Unicode digits.
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_DURATION = 7 * 24 * 3600.0  # a week: no timeout or interval of a proxy needs more
+MIN_DURATION = 0.001  # below a millisecond a timer only keeps the loop busy
+MIN_INTERVAL = 0.01  # a periodic task (a health check) at most 100 times a second
 MAX_COUNT = 1_000_000
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from ``250ms``, ``2s``, ``1.5s``, ``1m``, ``1h``, ``1m30s`` or a bare number."""
+    """Seconds from ``250ms``, ``2s``, ``1.5s``, ``1m``, ``1h`` or a bare number (seconds)."""
     if isinstance(value, bool):
         raise ValueError(f"invalid duration {value!r}: expected e.g. 250ms, 2s, 1m")
     if isinstance(value, int | float):
@@ -129,14 +132,13 @@ def parse_duration(value: object) -> float:
         text = value.strip()
         if text.startswith("-") and _DURATION.fullmatch(text[1:]):
             raise ValueError(f"invalid duration {value!r}: must not be negative")
-        if not _DURATION.fullmatch(text):
+        match = _DURATION.fullmatch(text)
+        if match is None:
             raise ValueError(
                 f"invalid duration {value!r}: expected a number with a unit ms, s, m or h "
-                "(e.g. 250ms, 2s, 1.5s, 1m)"
+                "(e.g. 250ms, 2s, 1.5s, 1m; one unit, ASCII digits)"
             )
-        seconds = sum(
-            float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART.findall(text)
-        )
+        seconds = float(match[1]) * _UNIT_SECONDS[match[2]]
     else:
         raise ValueError(f"invalid duration {value!r}: expected e.g. 250ms, 2s, 1m")
     if not math.isfinite(seconds):
@@ -145,6 +147,8 @@ def parse_duration(value: object) -> float:
         raise ValueError(f"invalid duration {value!r}: must not be negative")
     if seconds > MAX_DURATION:
         raise ValueError(f"invalid duration {value!r}: at most {MAX_DURATION // 3600:.0f}h")
+    if 0 < seconds < MIN_DURATION:
+        raise ValueError(f"invalid duration {value!r}: 0 or at least 1ms")
     return seconds
 
 
@@ -152,6 +156,13 @@ def _positive_duration(value: object) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
         raise ValueError(f"duration {value!r} must be > 0")
+    return seconds
+
+
+def _interval(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds < MIN_INTERVAL:
+        raise ValueError(f"interval {value!r} must be at least {MIN_INTERVAL * 1000:g}ms")
     return seconds
 
 
@@ -194,6 +205,25 @@ def _readable_file(value: object) -> str:
     if not os.access(path, os.R_OK):
         raise ValueError(f"file not readable: {text}")
     return path
+
+
+def _host_name(value: object) -> str:
+    text = _string(value)
+    try:
+        parts = urlsplit(f"//{text}")
+        port = parts.port
+    except ValueError:
+        port = None
+        parts = None
+    if (
+        parts is None
+        or port is not None
+        or not parts.hostname
+        or parts.netloc != text
+        or any(c.isspace() for c in text)
+    ):
+        raise ValueError(f"{text!r} is not a host name or address (without a port)")
+    return parts.hostname.rstrip(".")
 
 
 def _url_path(value: object) -> str:
@@ -312,8 +342,10 @@ Count = Annotated[int, Strict(), Field(ge=1, le=MAX_COUNT)]
 Host = Annotated[str, Strict(), Field(min_length=1)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
+Interval = Annotated[float, BeforeValidator(_interval)]
 FilePath = Annotated[str, BeforeValidator(_readable_file)]
 HeaderName = Annotated[str, BeforeValidator(_header_token)]
+HostName = Annotated[str, BeforeValidator(_host_name)]
 UrlPath = Annotated[str, BeforeValidator(_url_path)]
 Ratio = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
 Step = Annotated[float, Strict(), Field(gt=0, le=100, allow_inf_nan=False)]
@@ -356,6 +388,7 @@ class AdminConfig(_Model):
     port: Port = 9901
     token_env: Annotated[str, Strict(), Field(min_length=1)] = "TURNOUT_ADMIN_TOKEN"
     tls: TLSListen | None = None
+    allowed_hosts: tuple[HostName, ...] = ()
 
 
 class AccessLogConfig(_Model):
@@ -501,7 +534,7 @@ class HealthCheckConfig(_Model):
     """Active health checks of every upstream."""
 
     path: UrlPath = "/healthz"
-    interval: PositiveDuration = 2.0
+    interval: Interval = 2.0
     timeout: PositiveDuration = 1.0
     healthy_after: Annotated[int, Strict(), Field(ge=1)] = 2
     unhealthy_after: Annotated[int, Strict(), Field(ge=1)] = 3
@@ -748,8 +781,54 @@ class _DuplicateKeyError(yaml.constructor.ConstructorError):
     pass
 
 
+# A configuration is a few hundred values, nested a few levels: these bounds are far above any
+# real file and refuse bombs (alias expansion, deep nesting, huge numbers) before they cost.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_NESTING = 64
+MAX_VALUES = 100_000
+MAX_INT_CHARS = 32
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans (only true/false, so `off` stays a string); duplicate keys refused."""
+    """YAML 1.2 booleans (only true/false, so `off` stays a string); duplicate keys refused;
+    nesting, alias expansion and integer length bounded."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        # The composer recurses once per level: without a bound, [[[[... ends in RecursionError.
+        if self._depth >= MAX_NESTING:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"nested deeper than {MAX_NESTING} levels",
+                self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        # Aliases share nodes, so a small document may stand for an exponential tree of values:
+        # count the tree as it would be built (each shared node once) before building any of it.
+        if node is not None and _expanded_size(node, {}, set()) > MAX_VALUES:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"the document expands to more than {MAX_VALUES:,} values (YAML aliases?)",
+                node.start_mark,
+            )
+        return node
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        if len(node.value) > MAX_INT_CHARS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer longer than {MAX_INT_CHARS} characters", node.start_mark
+            )
+        return super().construct_yaml_int(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[object] = set()
@@ -763,6 +842,32 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], inside: set[int]) -> int:
+    """How many values `node` stands for with every alias expanded; stops counting past
+    MAX_VALUES. An alias that contains itself counts once (it is reported later, with its path)."""
+    key = id(node)
+    known = sizes.get(key)
+    if known is not None:
+        return known
+    if key in inside or not isinstance(node, yaml.CollectionNode):
+        return 1
+    inside.add(key)
+    total = 1
+    children = (
+        [part for pair in node.value for part in pair]
+        if isinstance(node, yaml.MappingNode)
+        else node.value
+    )
+    for child in children:
+        total += _expanded_size(child, sizes, inside)
+        if total > MAX_VALUES:
+            break
+    inside.discard(key)
+    sizes[key] = total
+    return total
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
@@ -787,17 +892,31 @@ def _load_yaml(text: str, source: str) -> object:
         raise ConfigError([f"{source}: invalid YAML: {exc}"]) from None
 
 
+def _read_text(source: str) -> str:
+    """A configuration file's text: a regular file of at most MAX_CONFIG_BYTES. Opened without
+    blocking, so a FIFO is refused rather than waited on, and never read past the bound."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as file:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+                raise ConfigError([f"{source}: cannot read: {kind}"])
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{source}: larger than {MAX_CONFIG_BYTES >> 20} MiB"])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{source}: not UTF-8 text: {exc.reason}"]) from None
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a YAML configuration file."""
     source = os.fspath(path)
-    try:
-        with open(source, encoding="utf-8") as file:
-            text = file.read()
-    except OSError as exc:
-        raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{source}: not UTF-8 text: {exc.reason}"]) from None
-    data = _load_yaml(text, source)
+    data = _load_yaml(_read_text(source), source)
     if data is not None and not isinstance(data, dict):
         raise ConfigError([f"{source}: top level must be a mapping, not {_describe(data)}"])
     return parse_config(data)

@@ -158,6 +158,11 @@ class ProxyCollector(Collector):
             "Candidate failures answered by the stable pool",
             value=proxy.rescued,
         )
+        yield CounterMetricFamily(
+            "turnout_access_log_dropped",
+            "Access log lines dropped because the log could not keep up (a stuck disk or pipe)",
+            value=proxy.access_log_dropped(),
+        )
         rb = proxy.rollback_seconds.snapshot()
         rollback = HistogramMetricFamily(
             "turnout_rollback_seconds",

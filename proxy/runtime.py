@@ -176,6 +176,7 @@ class Proxy:
         self.rollback_seconds = Histogram(ROLLBACK_BUCKETS)
         self.rollout = RolloutController(self)
         self.access_log = self._access_log(config)
+        self.access_log_dropped_before = 0  # by the access logs a reload replaced
         self.metrics = Metrics(self)
         self.connections: set[ClientConnection] = set()
         # Client connections that serve several requests at once (HTTP/2): each of their
@@ -264,6 +265,14 @@ class Proxy:
             return None
         return AccessLog(cfg.to, cfg.sample, self.rng)
 
+    def _count_dropped(self, retired: AccessLog) -> None:
+        self.access_log_dropped_before += retired.dropped
+
+    def access_log_dropped(self) -> int:
+        """Access log lines lost to a writer that could not keep up, since the start."""
+        current = self.access_log.dropped if self.access_log is not None else 0
+        return self.access_log_dropped_before + current
+
     def reopen_logs(self) -> None:
         """SIGUSR1: the access log file was rotated away; open it anew."""
         if self.access_log is not None:
@@ -323,9 +332,11 @@ class Proxy:
         if config.retries != old.retries:
             self.retry_budget = RetryBudget(config.retries.budget, config.retries.min_per_second)
         if config.access_log != old_log:
-            if self.access_log is not None:
+            retired = self.access_log
+            if retired is not None:
                 # Its thread writes what it holds and stops; the loop does not wait for it.
-                self.loop.run_in_executor(None, self.access_log.close)
+                closed = self.loop.run_in_executor(None, retired.close)
+                closed.add_done_callback(lambda _: self._count_dropped(retired))
             self.access_log = self._access_log(config)
         self.pool_tls = {}
         for name, ups in pools.items():

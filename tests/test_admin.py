@@ -60,6 +60,7 @@ class Admin:
         kwargs: dict[str, Any] = {"headers": headers or {}}
         if raw is not None:
             kwargs["data"] = raw
+            kwargs["headers"].setdefault("Content-Type", "application/json")
         elif body is not None:
             kwargs["json"] = body
         async with asyncio.timeout(TIMEOUT):

@@ -148,10 +148,11 @@ def test_complete_example_documents_the_defaults() -> None:
         ("250ms", 0.25),
         ("2s", 2.0),
         ("1.5s", 1.5),
-        (".5s", 0.5),
+        ("0.5s", 0.5),
         ("1m", 60.0),
+        ("1.5m", 90.0),
         ("1h", 3600.0),
-        ("1m30s", 90.0),
+        ("1ms", 0.001),
         ("0s", 0.0),
         (3, 3.0),
         (0.25, 0.25),
@@ -190,6 +191,14 @@ def test_duration_units(number: int, unit: str) -> None:
         (math.inf, "must be finite"),
         ("169h", "invalid duration '169h': at most 168h"),
         (1e300, "at most 168h"),
+        # One ASCII number and one unit: full-width digits and compound forms are refused.
+        ("\uff11s", "invalid duration '\uff11s': expected a number with a unit"),
+        ("1h1m", "invalid duration '1h1m': expected a number with a unit"),
+        (".5s", "invalid duration '.5s': expected a number with a unit"),
+        ("2s ms", "invalid duration '2s ms'"),
+        # Below a millisecond a timer only keeps the loop busy.
+        (1.0e-300, "invalid duration 1e-300: 0 or at least 1ms"),
+        ("0.5ms", "invalid duration '0.5ms': 0 or at least 1ms"),
     ],
 )
 def test_bad_durations(value: object, fragment: str) -> None:
@@ -345,7 +354,7 @@ def test_every_error_at_once() -> None:
         "pools.green: required",
         "split: must be <= 100",
         "timeouts.connect: invalid duration '2 sec': expected a number with a unit ms, s, m or h "
-        "(e.g. 250ms, 2s, 1.5s, 1m)",
+        "(e.g. 250ms, 2s, 1.5s, 1m; one unit, ASCII digits)",
         "retries.on[0]: status 404 is not a 5xx status (500..599)",
         "rollout.steps[2]: must be > 25",
         "rollout.threshold.max_p99: invalid duration '-1s': must not be negative",
