@@ -32,6 +32,9 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from .grpcstatus import CODES as GRPC_CODES
+from .grpcstatus import DEFAULT_FAILURES as GRPC_DEFAULT_FAILURES
+
 __all__ = [
     "DEFAULT_CONFIG_YAML",
     "AccessLogConfig",
@@ -567,6 +570,22 @@ class DrainConfig(_Model):
     timeout: Duration = 30.0
 
 
+def _grpc_code(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 16:
+        return next(name for name, code in GRPC_CODES.items() if code == value)
+    text = _string(value).upper()
+    if text not in GRPC_CODES:
+        raise ValueError(f"{value!r} is not a gRPC status code (a name such as UNAVAILABLE)")
+    return text
+
+
+class GrpcConfig(_Model):
+    """gRPC calls (content-type application/grpc): which grpc-status codes count as the
+    server's failure for the analysis, the shield and retries."""
+
+    failures: tuple[Annotated[str, BeforeValidator(_grpc_code)], ...] = GRPC_DEFAULT_FAILURES
+
+
 class ThresholdConfig(_Model):
     """Limits green must stay within for an adaptive rollout to advance."""
 
@@ -637,6 +656,7 @@ class Config(_Model):
     retries: RetriesConfig = Field(default_factory=RetriesConfig)
     drain: DrainConfig = Field(default_factory=DrainConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
 
     @model_validator(mode="after")
     def _grpc_checks_need_http2(self) -> Self:

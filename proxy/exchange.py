@@ -8,6 +8,7 @@ from enum import Enum
 from time import monotonic
 from typing import TYPE_CHECKING, Final
 
+from . import grpcstatus
 from . import headers as h
 from .admission import Shed, ShedReason
 from .headers import RawHeaders
@@ -70,6 +71,7 @@ class Exchange:
         "expect_continue",
         "finished",
         "forward_head",
+        "grpc",
         "holding",
         "host",
         "keep_alive",
@@ -131,6 +133,9 @@ class Exchange:
         self.sticky_key: bytes | None = None
         self.forward_head: bytes | None = None
         self.no_body = method == b"HEAD"
+        # A gRPC call (content-type application/grpc...): judged by its grpc-status, answered
+        # in gRPC's terms when the proxy itself answers.
+        self.grpc = False
         # Body chunks received so far, kept while they fit the retry limit.
         self.buffered: list[bytes] | None = []
         self.buffered_size = 0
@@ -217,6 +222,8 @@ class Exchange:
                     return
                 else:
                     singletons.add(lname)
+                if lname == b"content-type" and value.startswith(b"application/grpc"):
+                    self.grpc = True
             if lname in h.HOP_BY_HOP:
                 if lname == b"transfer-encoding":
                     if te_seen or not h.valid_transfer_encoding(value):
@@ -656,7 +663,11 @@ class Exchange:
         else:
             retry = outcome in settings.retry_outcomes
             shield = settings.shield_failures and outcome in SHIELDED_OUTCOMES
-        if self.method not in settings.retry_methods and outcome is not Outcome.CONNECT_ERROR:
+        if (
+            self.method not in settings.retry_methods
+            and outcome is not Outcome.CONNECT_ERROR
+            and not self.grpc  # a gRPC call is a POST; one whose request is buffered may go again
+        ):
             # Any method may be re-sent after a connect error: nothing reached an upstream
             # (Envoy's connect-failure, HAProxy's conn-failure).
             return None
@@ -711,6 +722,14 @@ class Exchange:
             self, status, err, self.detail or outcome.value, upstream.pool, upstream.key
         )
 
+    def _grpc_answered(self, fields: list[bytes] | None, status: int) -> int:
+        """A gRPC call's answer as the status the analysis, breakers and retries judge: the
+        HTTP status unless its grpc-status is a failure (grpc.failures)."""
+        code = grpcstatus.status_in(fields)
+        if code is None or code not in self.client.proxy.settings.grpc_failures:
+            return status
+        return grpcstatus.as_http_status(code)
+
     def _reset_attempt(self) -> None:
         self.conn = None
         self.detail = ""
@@ -733,19 +752,23 @@ class Exchange:
 
     def upstream_head(self, conn: UpstreamConnection, status: int) -> None:
         self.client.head_deadline = 0.0
-        self.answered = status
+        # A gRPC answer that is all head (trailers-only) carries the call's status here.
+        answered = self._grpc_answered(conn.fields, status) if self.grpc else status
+        self.answered = answered
         if status == 101 and not self.websocket:
             self._upstream_error(conn, Outcome.BAD_RESPONSE, "101 to a request without upgrade")
             return
         if (
-            status in self.client.proxy.settings.failure_statuses
+            answered in self.client.proxy.settings.failure_statuses
             and self.upstream is not None
-            and (retry_to := self._retry_target(self.upstream, Outcome.RETRY_STATUS, status))
+            and (retry_to := self._retry_target(self.upstream, Outcome.RETRY_STATUS, answered))
             is not None
         ):
             # Swallowed only when a retry will be made; the last answer reaches the client.
             self.retry_to = retry_to
             self.detail = f"upstream answered {status}"
+            if answered != status:
+                self.detail += f" with grpc-status {grpcstatus.status_in(conn.fields)}"
             conn.detach()
             self._finish_attempt(Outcome.RETRY_STATUS)
             return
@@ -812,8 +835,11 @@ class Exchange:
             self.relayed = True
 
     def upstream_done(self, conn: UpstreamConnection) -> None:
+        trailers = conn.trailers
         if self.resp_chunked:
-            self.out.append(h.CHUNK_END)
+            self.out.append(h.CHUNK_END if trailers is None else h.last_chunk(trailers))
+        if self.grpc:
+            self.answered = self._grpc_answered(trailers, self.answered)
         self.flush()
         upstream = conn.upstream
         reusable = self.body_done and conn.should_keep_alive()

@@ -114,6 +114,7 @@ class H2Stream:
         "ended",
         "fields",
         "head_request",
+        "in_trailers",
         "internal",
         "parser",
         "pending",
@@ -121,6 +122,7 @@ class H2Stream:
         "reading_paused",
         "session",
         "stream_id",
+        "trailers",
         "transport",
         "unacked",
     )
@@ -133,6 +135,8 @@ class H2Stream:
         self.internal = ClientConnection(session.proxy)
         self.parser = httptools.HttpResponseParser(self)
         self.fields: list[tuple[bytes, bytes]] = []
+        self.in_trailers = False  # the response's head is done: fields now are trailers
+        self.trailers: list[tuple[bytes, bytes]] = []
         self.pending: deque[bytes] = deque()
         self.pending_size = 0
         self.blocked = 0
@@ -202,7 +206,7 @@ class H2Stream:
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name not in CONNECTION_FIELDS:
-            self.fields.append((name, value))
+            (self.trailers if self.in_trailers else self.fields).append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -211,7 +215,12 @@ class H2Stream:
             return
         fields = [(b":status", b"%d" % status), *self.fields]
         self.fields = []
-        no_body = self.head_request or status in (204, 304)
+        self.in_trailers = True
+        # A gRPC status in an empty answer's head: trailers-only, one HEADERS that ends it.
+        trailers_only = (b"content-length", b"0") in fields and any(
+            name == b"grpc-status" for name, _ in fields
+        )
+        no_body = self.head_request or status in (204, 304) or trailers_only
         self.session.send_headers(self.stream_id, fields, no_body)
         if no_body:
             self.complete = self.ended = True
@@ -444,7 +453,10 @@ class H2Session:
             stream.drained()
             if stream.complete:
                 stream.ended = True
-                conn.end_stream(stream_id)
+                if stream.trailers:
+                    conn.send_headers(stream_id, stream.trailers, end_stream=True)
+                else:
+                    conn.end_stream(stream_id)
         except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
             stream.ended = True
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Final, TypeAlias
 
+from . import grpcstatus
+
 RawHeaders: TypeAlias = list[tuple[bytes, bytes]]
 
 # RFC 9110 §7.6.1 plus the legacy names proxies meet in the wild. Framing headers
@@ -85,6 +87,27 @@ def without_named(fields: list[bytes], named: set[bytes]) -> list[bytes]:
         if fields[i].lower() not in named:
             kept += fields[i : i + 4]
     return kept
+
+
+def grpc_error_head(status: int, error: str, detail: str, pool: str, close: bool) -> bytes:
+    """The proxy's own answer to a gRPC call, as gRPC clients read it: HTTP 200 with the
+    status in a trailers-only head (UNAVAILABLE for no upstream, DEADLINE_EXCEEDED for a
+    timeout), the reason in grpc-message."""
+    message = f"{error}: {detail}" + (f" (pool {pool})" if pool and pool not in detail else "")
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\ngrpc-status: %d\r\n"
+        b"grpc-message: %b\r\nContent-Length: 0\r\n%b\r\n"
+        % (
+            grpcstatus.from_http_status(status),
+            grpcstatus.encode_message(message),
+            b"Connection: close\r\n" if close else b"",
+        )
+    )
+
+
+def last_chunk(trailers: list[bytes]) -> bytes:
+    """The end of a chunked body with its trailer fields (runs of name, ": ", value, CRLF)."""
+    return b"0\r\n%b\r\n" % b"".join(trailers)
 
 
 def chunk(data: bytes) -> bytes:

@@ -459,7 +459,11 @@ class RolloutController:
         if now - self._gate_ok_at < GATE_RECHECK:
             return True
         gate = proxy.config.rollout.gate
-        timeout = proxy.config.health_check.timeout
+        hc = proxy.config.health_check
+        timeout = hc.timeout
+        # With gRPC health checks the gate asks the same question: is the service SERVING.
+        service = hc.service if hc.grpc else None
+        expected = "SERVING" if hc.grpc else str(gate.expect_status)
         upstreams = proxy.router.pools[proxy.candidate]
         results = await asyncio.gather(
             *(
@@ -471,15 +475,17 @@ class RolloutController:
                     u.host_header.decode("latin-1"),
                     u.ssl,
                     h2=u.mux is not None,
+                    grpc_service=service,
                 )
                 for u in upstreams
             )
         )
         for upstream, result in zip(upstreams, results, strict=True):
-            if result.detail != str(gate.expect_status):
+            if result.detail != expected:
+                asked = f"grpc.health.v1 Check({service!r})" if hc.grpc else gate.path
                 self._note(
-                    f"gate failed on {upstream.key}: {gate.path} answered {result.detail}, "
-                    f"expected {gate.expect_status}"
+                    f"gate failed on {upstream.key}: {asked} answered {result.detail}, "
+                    f"expected {expected}"
                 )
                 return False
         self._gate_ok_at = now

@@ -22,6 +22,7 @@ from .config import Config, UpstreamConfig, shield_statuses
 from .control import Change, Control
 from .events import EventBus
 from .exchange import Outcome
+from .grpcstatus import parse_codes
 from .h2front import H2Session
 from .h2upstream import H2Upstream
 from .health import HealthChecker
@@ -106,6 +107,7 @@ class Settings:
     drain_timeout: float
     max_connections: int
     http2: bool
+    grpc_failures: frozenset[int]  # grpc-status codes that count as the server's failure
 
     @classmethod
     def from_config(cls, config: Config) -> Settings:
@@ -136,6 +138,7 @@ class Settings:
             drain_timeout=config.drain.timeout,
             max_connections=config.listen.max_connections,
             http2=config.listen.http2,
+            grpc_failures=parse_codes(list(config.grpc.failures)),
         )
 
 

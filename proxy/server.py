@@ -486,15 +486,20 @@ class ClientConnection:
         pool: str = "",
         upstream: str = "",
     ) -> None:
-        body = ex.error_body(status, error, detail, pool, upstream)
         close = self.closing or not ex.keep_alive or not ex.body_done or status == 400
-        extra = b"Retry-After: 1\r\n" if status == 503 else b""
-        head = b"%bContent-Type: application/json\r\nContent-Length: %d\r\n%b%b\r\n" % (
-            h.status_line(status),
-            len(body),
-            extra,
-            b"Connection: close\r\n" if close else b"",
-        )
+        if ex.grpc:
+            # A gRPC client reads only gRPC: a trailers-only answer with the status in it.
+            body = b""
+            head = h.grpc_error_head(status, error, detail, pool, close)
+        else:
+            body = ex.error_body(status, error, detail, pool, upstream)
+            extra = b"Retry-After: 1\r\n" if status == 503 else b""
+            head = b"%bContent-Type: application/json\r\nContent-Length: %d\r\n%b%b\r\n" % (
+                h.status_line(status),
+                len(body),
+                extra,
+                b"Connection: close\r\n" if close else b"",
+            )
         ex.response_started = True
         ex.status = status
         if not ex.note:

@@ -295,6 +295,7 @@ class UpstreamConnection:
         "reused",
         "sink",
         "te",
+        "trailers",
         "transport",
         "tunnel",
         "upstream",
@@ -310,6 +311,8 @@ class UpstreamConnection:
         # (name, b": ", value, CRLF) runs, ready to relay; Content-Length; whether a
         # Transfer-Encoding came; the further names Connection declared hop-by-hop.
         self.fields: list[bytes] = []
+        # The trailer fields of a chunked response, as runs like `fields` (None: none came).
+        self.trailers: list[bytes] | None = None
         self.length: bytes | None = None
         self.te = False
         self.named: set[bytes] | None = None
@@ -410,6 +413,7 @@ class UpstreamConnection:
             # the next client's request on this connection. Stop here; never reuse it.
             raise BadResponse("bytes after the end of the response")
         self.fields = []
+        self.trailers = None
         self.length = None
         self.te = False
         self.named = None
@@ -423,7 +427,14 @@ class UpstreamConnection:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.framing:
-            return  # a trailer field: not relayed (their size is bounded in data_received)
+            # A trailer field (gRPC's status travels here), relayed at the end of the body;
+            # their size is bounded in data_received.
+            if len(name) not in HOP_BY_HOP_LENGTHS or name.lower() not in HOP_BY_HOP:
+                trailers = self.trailers
+                if trailers is None:
+                    trailers = self.trailers = []
+                trailers += (name, b": ", value, b"\r\n")
+            return
         if len(name) in HOP_BY_HOP_LENGTHS:
             lname = name.lower()
             if lname in HOP_BY_HOP:

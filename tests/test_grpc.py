@@ -1,8 +1,12 @@
-"""gRPC behind Turnout, with grpcio servers as upstreams: health checks by
-grpc.health.v1.Health/Check."""
+"""gRPC behind Turnout, with grpcio servers as upstreams and a grpcio client: every kind of
+call passes with its metadata and trailers, a call's outcome is its grpc-status, Turnout's own
+errors are gRPC answers, a split applies per call on one channel, a failing candidate is
+shielded and rolled back, and health checks use grpc.health.v1.Health/Check."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,15 +17,22 @@ from conftest import HOST, ProxyFactory, proxy_config, wait_for
 from proxy.config import ConfigError, parse_config
 
 SERVING, NOT_SERVING = b"\x08\x01", b"\x08\x02"
+SERVICE = "test.Echo"
 
 
 class GrpcUpstream:
-    """A grpcio server; raw bytes in and out (no generated code)."""
+    """A grpcio server with raw-bytes methods (no generated code): Unary echoes and names the
+    server, Split streams a reply per byte asked for, Sum adds up a client stream, Chat
+    echoes each message of a bidirectional stream."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.health = SERVING
         self.health_requests: list[bytes] = []
+        self.fail: grpc.StatusCode | None = None  # every call ends with this code when set
+        self.delay = 0.0  # seconds every call waits before it answers
+        self.calls = 0
+        self.metadata: list[dict[str, str]] = []
         self.server = grpc.aio.server()
         self.port = 0
 
@@ -33,12 +44,49 @@ class GrpcUpstream:
         self.health_requests.append(request)
         return self.health
 
+    async def _begin(self, context: Any) -> None:
+        self.calls += 1
+        self.metadata.append({k: v for k, v in context.invocation_metadata() if isinstance(v, str)})
+        context.set_trailing_metadata((("x-served-by", self.name),))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            await context.abort(self.fail, f"{self.name} fails")
+
+    async def unary(self, request: bytes, context: Any) -> bytes:
+        await self._begin(context)
+        return self.name.encode() + b":" + request
+
+    async def split(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        await self._begin(context)
+        for i in range(len(request)):
+            yield bytes([request[i]]) * (i + 1)
+
+    async def sum(self, requests: AsyncIterator[bytes], context: Any) -> bytes:
+        await self._begin(context)
+        total = 0
+        async for message in requests:
+            total += len(message)
+        return str(total).encode()
+
+    async def chat(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        await self._begin(context)
+        async for message in requests:
+            yield message.upper()
+
     async def start(self) -> None:
-        handlers = {
-            "Check": grpc.unary_unary_rpc_method_handler(self.check),
+        echo = {
+            "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
+            "Split": grpc.unary_stream_rpc_method_handler(self.split),
+            "Sum": grpc.stream_unary_rpc_method_handler(self.sum),
+            "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
         }
+        health = {"Check": grpc.unary_unary_rpc_method_handler(self.check)}
         self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("grpc.health.v1.Health", handlers),)
+            (
+                grpc.method_handlers_generic_handler(SERVICE, echo),
+                grpc.method_handlers_generic_handler("grpc.health.v1.Health", health),
+            )
         )
         self.port = self.server.add_insecure_port(f"{HOST}:0")
         await self.server.start()
@@ -66,7 +114,152 @@ def grpc_config(blue: str, green: str, **overrides: Any) -> dict[str, Any]:
     data = proxy_config([blue], [green], **overrides)
     for pool in ("blue", "green"):
         data["pools"][pool]["protocol"] = "h2c"
+    data.setdefault("health_check", {}).update({"grpc": True, "interval": "200ms"})
     return data
+
+
+class Channel:
+    """A grpcio client channel through the proxy, calling the test service with raw bytes."""
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.aio.insecure_channel(f"{HOST}:{port}")
+        self.unary = self.channel.unary_unary(f"/{SERVICE}/Unary")
+        self.split = self.channel.unary_stream(f"/{SERVICE}/Split")
+        self.sum = self.channel.stream_unary(f"/{SERVICE}/Sum")
+        self.chat = self.channel.stream_stream(f"/{SERVICE}/Chat")
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+
+async def ready(proxy: Any) -> None:
+    await wait_for(lambda: all(u.healthy for u in proxy.router.upstreams()), timeout=10)
+
+
+async def test_every_kind_of_call_passes_with_metadata_and_trailers(
+    grpc_upstream: GrpcFactory, make_proxy: ProxyFactory
+) -> None:
+    blue, green = await grpc_upstream("blue"), await grpc_upstream("green")
+    proxy = await make_proxy(grpc_config(blue.url, green.url))
+    await ready(proxy)
+    async with Channel(proxy.port) as ch:
+        call = ch.unary(b"hello", metadata=(("x-tenant", "acme"),), timeout=10)
+        assert await call == b"blue:hello"
+        assert dict(await call.trailing_metadata())["x-served-by"] == "blue"
+        assert await call.code() == grpc.StatusCode.OK
+        assert blue.metadata[-1]["x-tenant"] == "acme"
+        assert [m async for m in ch.split(b"abc", timeout=10)] == [b"a", b"bb", b"ccc"]
+
+        async def messages() -> AsyncIterator[bytes]:
+            for size in (1, 10, 100, 1000):
+                yield b"x" * size
+
+        assert await ch.sum(messages(), timeout=10) == b"1111"
+        chat = ch.chat(timeout=10)
+        replies = []
+        for word in (b"one", b"two", b"three"):
+            await chat.write(word)
+            replies.append(await chat.read())
+        await chat.done_writing()
+        assert replies == [b"ONE", b"TWO", b"THREE"]
+        assert await chat.code() == grpc.StatusCode.OK
+        big = bytes(range(256)) * 8192  # 2 MiB each way
+        assert await ch.unary(big, timeout=20) == b"blue:" + big
+
+
+async def test_a_calls_outcome_is_its_grpc_status(
+    grpc_upstream: GrpcFactory, make_proxy: ProxyFactory
+) -> None:
+    blue, green = await grpc_upstream("blue"), await grpc_upstream("green")
+    blue.fail = grpc.StatusCode.INTERNAL
+    proxy = await make_proxy(grpc_config(blue.url, green.url, retries={"attempts": 0}))
+    await ready(proxy)
+    async with Channel(proxy.port) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await ch.unary(b"x", timeout=10)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        assert failed.value.details() == "blue fails"
+        blue.fail = grpc.StatusCode.NOT_FOUND  # an application answer, not a failure
+        with pytest.raises(grpc.aio.AioRpcError) as answered:
+            await ch.unary(b"x", timeout=10)
+        assert answered.value.code() == grpc.StatusCode.NOT_FOUND
+    window = proxy.windows["blue"].figures(proxy.loop.time())
+    assert (window.requests, window.errors) == (2, 1)
+
+
+async def test_turnouts_own_errors_are_grpc_answers(
+    grpc_upstream: GrpcFactory, make_proxy: ProxyFactory
+) -> None:
+    blue, green = await grpc_upstream("blue"), await grpc_upstream("green")
+    proxy = await make_proxy(grpc_config(blue.url, green.url))
+    await ready(proxy)
+    await green.server.stop(0)
+    await wait_for(lambda: not proxy.router.pools["green"][0].healthy, timeout=10)
+    async with Channel(proxy.port) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as forced:
+            await ch.unary(b"x", metadata=(("x-turnout-pool", "green"),), timeout=10)
+        # A forced pool that is down: UNAVAILABLE, never the other pool's answer.
+        assert forced.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "green" in (forced.value.details() or "")
+        slow = await make_proxy(
+            grpc_config(blue.url, blue.url, timeouts={"response_headers": "100ms"})
+        )
+        await ready(slow)
+
+    blue.delay = 2.0
+    async with Channel(slow.port) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await ch.unary(b"x", timeout=10)
+    # No answer within timeouts.response_headers: DEADLINE_EXCEEDED, as Envoy now says too
+    # (UNAVAILABLE made clients retry calls that had timed out).
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "upstream_timeout" in (late.value.details() or "")
+
+
+async def test_a_split_applies_per_call_on_one_channel(
+    grpc_upstream: GrpcFactory, make_proxy: ProxyFactory
+) -> None:
+    blue, green = await grpc_upstream("blue"), await grpc_upstream("green")
+    proxy = await make_proxy(grpc_config(blue.url, green.url, split=30))
+    await ready(proxy)
+    seen: Counter[bytes] = Counter()
+    async with Channel(proxy.port) as ch:
+        for _ in range(20):
+            answers = await asyncio.gather(*(ch.unary(b"", timeout=10) for _ in range(50)))
+            seen.update(a.split(b":")[0] for a in answers)
+    assert sum(seen.values()) == 1000
+    assert abs(seen[b"green"] / 10 - 30) <= 1.5, seen
+
+
+async def test_a_green_answering_internal_is_rolled_back_with_no_failed_call(
+    grpc_upstream: GrpcFactory, make_proxy: ProxyFactory
+) -> None:
+    blue, green = await grpc_upstream("blue"), await grpc_upstream("green")
+    green.fail = grpc.StatusCode.INTERNAL
+    rollout = {
+        "strategy": "adaptive",
+        "steps": [10, 50, 100],
+        "interval": "2s",
+        "threshold": {"min_requests": 20},
+    }
+    proxy = await make_proxy(grpc_config(blue.url, green.url, rollout=rollout))
+    await ready(proxy)
+    failed: list[grpc.StatusCode] = []
+    async with Channel(proxy.port) as ch:
+        proxy.rollout.start("adaptive", by="test")
+        for _ in range(60):
+            answers = await asyncio.gather(
+                *(ch.unary(b"x", timeout=10) for _ in range(10)), return_exceptions=True
+            )
+            failed += [a.code() for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+            if proxy.rollout.snapshot().state == "rolled_back":
+                break
+    assert proxy.rollout.snapshot().state == "rolled_back"
+    assert failed == []
+    assert green.calls > 0 and proxy.rescued == green.calls
 
 
 async def test_grpc_health_checks_follow_the_serving_status(
