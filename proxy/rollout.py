@@ -202,10 +202,11 @@ class RolloutController:
             "reason": self.reason,
         }
 
-    def restore(self, state: object) -> None:
-        """Carry on the rollout of the process this one replaces. The outcomes it judged stay
-        behind with it, so the step it was on starts afresh: held again for `interval` and
-        `min_requests` before the next advance, never skipped."""
+    def restore(self, state: object, *, by: str = "a hot restart") -> None:
+        """Carry on the rollout of the process this one replaces (or of the fleet's previous
+        leader). The outcomes it judged stay behind with it, so the step it was on starts
+        afresh: held again for `interval` and `min_requests` before the next advance, never
+        skipped."""
         if not isinstance(state, dict):
             return
         try:
@@ -231,7 +232,7 @@ class RolloutController:
         self._new_tests()
         reason = state.get("reason")
         reason = reason if isinstance(reason, str) else phase.value
-        self._set_state(phase, f"{reason} (carried over by a hot restart)", "hot restart")
+        self._set_state(phase, f"{reason} (carried over by {by})", by)
         if phase is RolloutState.ROLLED_BACK:
             self._fence(reason)
         if phase in ACTIVE or phase is RolloutState.PAUSED:
@@ -532,6 +533,13 @@ class RolloutController:
         if previous is not None:
             data["previous_stable"] = previous
         self.proxy.events.publish("rollout", **data)
+
+    async def stand_down(self) -> None:
+        """Stop deciding (a fleet member that no longer leads): the fleet's leader decides."""
+        await self.close()
+        self.state = RolloutState.IDLE
+        self.step = None
+        self.first_failure = None
 
     async def close(self) -> None:
         if self._task is not None:

@@ -1,0 +1,494 @@
+"""Fleet: several Turnout instances follow one split and one rollout through a real etcd.
+
+Every test here starts its own etcd processes (data under /dev/shm, loopback ports, 1 s
+leases) and real proxies: in this process on port 0, or `python -m proxy run` processes where
+a member must be paused or killed. The figures measured (apply lag, skew) are printed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from conftest import HOST, SampleFactory, proxy_config, wait_for
+from test_drain_reload import Load
+from test_shutdown import ADMIN_API, LISTENING, ProxyProcess, admin_get
+
+from proxy.config import parse_config
+from proxy.fleet import join
+from proxy.fleet.state import FleetState
+from proxy.fleet.store import EtcdStore
+from proxy.runtime import Proxy
+
+ETCD = shutil.which("etcd")
+pytestmark = pytest.mark.skipif(
+    ETCD is None, reason="the etcd binary is not installed (.ci/run installs etcd-server)"
+)
+TIMEOUT = 10.0
+TTL = "1s"
+
+
+# etcd ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Etcd:
+    """One etcd process (a cluster member); its data in a directory under /dev/shm."""
+
+    name: str
+    client: str
+    peer: str
+    data: str
+    proc: asyncio.subprocess.Process | None = None
+    log: Path | None = None
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
+                self.proc.kill()
+            await self.proc.wait()
+
+
+def _ports() -> tuple[int, int]:
+    # etcd takes no port 0; a clash is caught (etcd exits) and the start retried elsewhere.
+    base = random.randrange(20000, 60000, 2)
+    return base, base + 1
+
+
+async def _healthy(url: str, proc: asyncio.subprocess.Process, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                return False
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with asyncio.timeout(1), session.get(url + "/health") as resp:
+                    if resp.status == 200 and '"health":"true"' in await resp.text():
+                        return True
+            await asyncio.sleep(0.05)
+    return False
+
+
+async def start_cluster(size: int, base: Path) -> list[Etcd]:
+    """`size` etcd members on loopback, each with its own data directory."""
+    assert ETCD is not None
+    for _ in range(5):
+        members = []
+        for i in range(size):
+            client, peer = _ports()
+            members.append(
+                Etcd(
+                    f"e{i}",
+                    f"http://{HOST}:{client}",
+                    f"http://{HOST}:{peer}",
+                    tempfile.mkdtemp(dir=base),
+                )
+            )
+        cluster = ",".join(f"{m.name}={m.peer}" for m in members)
+        for m in members:
+            m.log = Path(m.data) / "etcd.log"
+            with m.log.open("wb") as out:
+                m.proc = await asyncio.create_subprocess_exec(
+                    ETCD,
+                    *("--name", m.name, "--data-dir", str(Path(m.data) / "data")),
+                    *("--listen-client-urls", m.client, "--advertise-client-urls", m.client),
+                    *("--listen-peer-urls", m.peer, "--initial-advertise-peer-urls", m.peer),
+                    *("--initial-cluster", cluster, "--initial-cluster-state", "new"),
+                    *("--heartbeat-interval", "50", "--election-timeout", "500"),
+                    *("--log-level", "warn", "--logger", "zap"),
+                    stdout=out,
+                    stderr=out,
+                )
+        results = await asyncio.gather(*(_healthy(m.client, m.proc) for m in members if m.proc))
+        if all(results):
+            return members
+        for m in members:
+            await m.stop()
+    raise AssertionError("etcd did not start (5 attempts)")
+
+
+@pytest.fixture
+async def etcd_cluster() -> AsyncIterator[Callable[[int], Awaitable[list[Etcd]]]]:
+    base = Path(tempfile.mkdtemp(prefix="turnout-fleet-", dir="/dev/shm"))
+    started: list[Etcd] = []
+
+    async def make(size: int = 1) -> list[Etcd]:
+        members = await start_cluster(size, base)
+        started.extend(members)
+        return members
+
+    yield make
+    for m in started:
+        await m.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+async def etcd(etcd_cluster: Callable[[int], Awaitable[list[Etcd]]]) -> Etcd:
+    return (await etcd_cluster(1))[0]
+
+
+# members -------------------------------------------------------------------------------------
+
+
+def fleet_config(
+    endpoints: list[str], blue: str, green: str, instance: str, **overrides: Any
+) -> dict[str, Any]:
+    fleet = {"etcd": endpoints, "name": "shop", "instance": instance, "lease_ttl": TTL}
+    fleet.update(overrides.pop("fleet", {}))
+    data = proxy_config([blue], [green], fleet=fleet, **overrides)
+    data["admin"] = {"host": HOST, "port": 0}
+    data["health_check"] = {"interval": "200ms", "timeout": "500ms"}
+    return data
+
+
+@dataclass
+class Fleet:
+    """Proxies in this process, each a fleet member."""
+
+    proxies: list[Proxy] = field(default_factory=list)
+
+    def member(self, proxy: Proxy) -> Any:
+        assert proxy.fleet is not None
+        return proxy.fleet
+
+    def leader(self) -> Proxy | None:
+        leading = [p for p in self.proxies if p.fleet is not None and p.fleet.leading]
+        return leading[0] if len(leading) == 1 else None
+
+    def followers(self) -> list[Proxy]:
+        return [p for p in self.proxies if p.fleet is not None and not p.fleet.leading]
+
+    def formed(self) -> bool:
+        """One leader, every member knows it and applied the fleet's newest state."""
+        leader = self.leader()
+        if leader is None or leader.fleet is None:
+            return False
+        revision = leader.fleet.revision
+        return revision > 0 and all(
+            p.fleet is not None
+            and p.fleet.leader == leader.fleet.instance
+            and p.fleet.applied_revision == revision
+            and len(p.fleet.members) == len(self.proxies)
+            for p in self.proxies
+        )
+
+
+@pytest.fixture
+async def fleet_factory() -> AsyncIterator[Callable[..., Awaitable[Fleet]]]:
+    fleets: list[Fleet] = []
+
+    async def make(configs: list[dict[str, Any]]) -> Fleet:
+        fleet = Fleet()
+        fleets.append(fleet)
+        for data in configs:
+            proxy = Proxy(parse_config(data), rng=random.Random(1))
+            await proxy.start_admin()
+            await proxy.start()
+            fleet.proxies.append(proxy)
+            join(proxy)
+        await wait_for(fleet.formed, TIMEOUT)
+        return fleet
+
+    yield make
+    for fleet in fleets:
+        for proxy in fleet.proxies:
+            await proxy.shutdown(timeout=1.0)
+
+
+async def admin_call(
+    session: aiohttp.ClientSession, method: str, url: str, body: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
+    async with asyncio.timeout(TIMEOUT), session.request(method, url, json=body) as resp:
+        return resp.status, await resp.json()
+
+
+def admin_url(proxy: Proxy) -> str:
+    return f"http://{HOST}:{proxy.admin_port}"
+
+
+def split_events(proxy: Proxy, after: float) -> list[float]:
+    return [e.time for e in proxy.events.history if e.kind == "split" and e.time >= after]
+
+
+async def realised_green(url: str, requests: int = 1000) -> float:
+    async with Load(url, clients=8, limit=requests) as load:
+        await load.until(requests)
+    assert not load.failures()
+    went = Counter(r.upstream for r in load.done)
+    return 100.0 * went["green"] / sum(went.values())
+
+
+# 1. a shift on one member applies on all ------------------------------------------------------
+
+
+async def test_shift_on_one_member_applies_on_every_member(
+    etcd: Etcd, sample: SampleFactory, fleet_factory: Callable[..., Awaitable[Fleet]]
+) -> None:
+    blue, green = await sample("blue"), await sample("green")
+    fleet = await fleet_factory(
+        [fleet_config([etcd.client], blue.url, green.url, f"m{i}") for i in range(3)]
+    )
+    follower = fleet.followers()[0]
+    before = time.time()
+    async with aiohttp.ClientSession() as session:
+        code, answer = await admin_call(
+            session, "PUT", admin_url(follower) + "/split", {"green": 25}
+        )
+        answered = time.time()
+        assert code == 200, answer
+        # It answered once the fleet's state held the split and it applied it itself.
+        assert follower.spreader.split == 25.0
+        await wait_for(lambda: all(p.spreader.split == 25.0 for p in fleet.proxies), 1.0)
+        applied = [split_events(p, before)[-1] for p in fleet.proxies]
+        print(
+            f"\nfleet shift: answered after {answered - before:.3f} s; applied "
+            f"{min(applied) - before:.3f}..{max(applied) - before:.3f} s after the command "
+            f"(skew {1000 * (max(applied) - min(applied)):.1f} ms)"
+        )
+        assert max(applied) - before < 1.0
+        for proxy in fleet.proxies:
+            share = await realised_green(f"http://{HOST}:{proxy.port}")
+            assert abs(share - 25.0) <= 1.5, (proxy.fleet, share)
+        # The state says who wrote it, with revisions every member reports.
+        _, status = await admin_call(session, "GET", admin_url(follower) + "/status")
+    fleet_status = status["fleet"]
+    assert fleet_status["leader"] == fleet.member(fleet.leader()).instance
+    assert fleet_status["connected"] is True
+    assert {m["instance"] for m in fleet_status["members"]} == {"m0", "m1", "m2"}
+    assert status["split"]["green"] == 25.0
+
+
+# members as processes ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def turnout_fleet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[[list[dict[str, Any]]], Awaitable[list[ProxyProcess]]]]:
+    """`python -m proxy run -c FILE` per member, each with its own file and log."""
+    monkeypatch.delenv("TURNOUT_ADMIN_TOKEN", raising=False)
+    started: list[ProxyProcess] = []
+
+    async def start(configs: list[dict[str, Any]]) -> list[ProxyProcess]:
+        processes = []
+        for i, data in enumerate(configs):
+            path = tmp_path / f"turnout-{i}.yaml"
+            path.write_text(yaml.safe_dump(data))
+            log = tmp_path / f"turnout-{i}.log"
+            with log.open("wb") as stderr:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    *("-m", "proxy", "run", "-c", str(path)),
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=stderr,
+                )
+            process = ProxyProcess(proc, log)
+            started.append(process)
+            processes.append(process)
+        for process in processes:
+            process.port = int((await process.wait_line(LISTENING))[2])
+            process.admin_port = int((await process.wait_line(ADMIN_API))[2])
+        return processes
+
+    yield start
+    for process in started:
+        if process.alive:
+            with contextlib.suppress(ProcessLookupError):
+                process.signal(signal.SIGCONT)
+                process.signal(signal.SIGTERM)
+            try:
+                await process.exit_code(TIMEOUT)
+            except TimeoutError:
+                process.proc.kill()
+        await process.proc.wait()
+        await process._reader
+
+
+async def fleet_status(session: aiohttp.ClientSession, process: ProxyProcess) -> dict[str, Any]:
+    code, doc = await admin_get(session, process.admin + "/status")
+    assert code == 200, doc
+    return dict(doc)
+
+
+async def until_status(
+    session: aiohttp.ClientSession,
+    processes: list[ProxyProcess],
+    predicate: Callable[[list[dict[str, Any]]], bool],
+    timeout: float = TIMEOUT,
+) -> list[dict[str, Any]]:
+    """Poll every process's /status until `predicate` holds for them all together."""
+    async with asyncio.timeout(timeout):
+        while True:
+            docs = [await fleet_status(session, p) for p in processes]
+            if predicate(docs):
+                return docs
+            await asyncio.sleep(0.02)
+
+
+def one_leader(docs: list[dict[str, Any]]) -> str | None:
+    """The leader every document names, when they agree and it says it leads."""
+    leaders = {d["fleet"]["leader"] for d in docs}
+    leading = [d["fleet"]["instance"] for d in docs if d["fleet"]["leading"]]
+    if len(leaders) == 1 and leading == list(leaders):
+        return leading[0]
+    return None
+
+
+def same_revision(docs: list[dict[str, Any]]) -> bool:
+    revisions = {d["fleet"]["revision"] for d in docs}
+    return len(revisions) == 1 and revisions != {0}
+
+
+ROLLOUT = {"strategy": "adaptive", "steps": [10, 50, 100], "interval": "60s"}
+
+
+async def process_fleet(
+    etcd: Etcd,
+    sample: SampleFactory,
+    turnout_fleet: Callable[[list[dict[str, Any]]], Awaitable[list[ProxyProcess]]],
+    session: aiohttp.ClientSession,
+    size: int = 3,
+) -> tuple[list[ProxyProcess], list[dict[str, Any]]]:
+    blue, green = await sample("blue"), await sample("green")
+    processes = await turnout_fleet(
+        [
+            fleet_config([etcd.client], blue.url, green.url, f"p{i}", rollout=ROLLOUT)
+            for i in range(size)
+        ]
+    )
+    docs = await until_status(
+        session,
+        processes,
+        lambda docs: (
+            one_leader(docs) is not None
+            and same_revision(docs)
+            and all(len(d["fleet"]["members"]) == size for d in docs)
+        ),
+    )
+    return processes, docs
+
+
+def by_instance(processes: list[ProxyProcess], docs: list[dict[str, Any]], name: str) -> int:
+    return next(i for i, d in enumerate(docs) if d["fleet"]["instance"] == name)
+
+
+# 3. the leader dies mid-rollout ---------------------------------------------------------------
+
+
+async def test_killed_leader_is_replaced_and_the_rollout_holds_its_step(
+    etcd: Etcd,
+    sample: SampleFactory,
+    turnout_fleet: Callable[[list[dict[str, Any]]], Awaitable[list[ProxyProcess]]],
+    session: aiohttp.ClientSession,
+) -> None:
+    processes, docs = await process_fleet(etcd, sample, turnout_fleet, session)
+    follower = next(p for p, d in zip(processes, docs, strict=True) if not d["fleet"]["leading"])
+    code, answer = await admin_call(
+        session, "POST", follower.admin + "/rollout/start", {"strategy": "adaptive"}
+    )
+    assert code == 200, answer
+    docs = await until_status(
+        session,
+        processes,
+        lambda docs: (
+            same_revision(docs)
+            and all(d["rollout"]["step"] == 1 and d["split"]["green"] == 10.0 for d in docs)
+        ),
+    )
+    old = one_leader(docs)
+    assert old is not None
+    before = docs[0]["fleet"]["revision"]
+    victim = processes[by_instance(processes, docs, old)]
+    rest = [p for p in processes if p is not victim]
+    victim.signal(signal.SIGKILL)
+    killed = time.monotonic()
+    docs = await until_status(
+        session, rest, lambda docs: one_leader(docs) not in (None, old), timeout=TIMEOUT
+    )
+    took = time.monotonic() - killed
+    new = one_leader(docs)
+    print(f"\nfleet failover: {new} leads {took:.3f} s after {old} was killed (lease 1 s)")
+    assert took < 5.0
+    # The step is held, judged afresh by the new leader, not advanced on the old one's figures.
+    assert all(d["rollout"]["step"] == 1 and d["split"]["green"] == 10.0 for d in docs)
+    assert all(d["rollout"]["state"] in ("progressing", "insufficient_data") for d in docs)
+    # The new leader's decisions are new revisions every member applies.
+    code, answer = await admin_call(session, "POST", rest[0].admin + "/rollout/pause")
+    assert code == 200, answer
+    docs = await until_status(
+        session,
+        rest,
+        lambda docs: same_revision(docs) and all(d["rollout"]["state"] == "paused" for d in docs),
+    )
+    assert docs[0]["fleet"]["revision"] > before
+    assert all(d["split"]["green"] == 10.0 for d in docs)
+
+
+# 4. a paused leader's write is refused ---------------------------------------------------------
+
+
+async def test_paused_leader_is_fenced_by_etcd(
+    etcd: Etcd,
+    sample: SampleFactory,
+    turnout_fleet: Callable[[list[dict[str, Any]]], Awaitable[list[ProxyProcess]]],
+    session: aiohttp.ClientSession,
+) -> None:
+    processes, docs = await process_fleet(etcd, sample, turnout_fleet, session)
+    old = one_leader(docs)
+    assert old is not None
+    victim = processes[by_instance(processes, docs, old)]
+    rest = [p for p in processes if p is not victim]
+    victim.signal(signal.SIGSTOP)
+    docs = await until_status(session, rest, lambda docs: one_leader(docs) not in (None, old))
+    new = one_leader(docs)
+    code, answer = await admin_call(session, "PUT", rest[0].admin + "/split", {"green": 30})
+    assert code == 200, answer
+    store = EtcdStore([etcd.client])
+    try:
+        kvs, _ = await store.get("/turnout/shop/state")
+        state_before = kvs[0]
+        victim.signal(signal.SIGCONT)
+        every = [*rest, victim]
+        docs = await until_status(
+            session,
+            every,
+            lambda docs: (
+                one_leader(docs) == new
+                and same_revision(docs)
+                and len(docs[0]["fleet"]["members"]) == 3
+            ),
+        )
+        old_doc = docs[-1]
+        assert old_doc["fleet"]["fenced_writes"] == 1
+        assert old_doc["split"]["green"] == 30.0
+        async with session.get(victim.admin + "/metrics") as resp:
+            metrics = await resp.text()
+        assert "turnout_fleet_fenced_writes_total 1.0" in metrics
+        assert "turnout_fleet_is_leader 0.0" in metrics
+        # The state is the new leader's, untouched by the old one.
+        kvs, _ = await store.get("/turnout/shop/state")
+        assert kvs[0].mod_revision == state_before.mod_revision
+        assert FleetState.decode(kvs[0].value).writer == new
+    finally:
+        await store.close()
+    assert "event fleet_fenced" in victim.log.read_text()
