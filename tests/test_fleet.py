@@ -492,3 +492,55 @@ async def test_paused_leader_is_fenced_by_etcd(
     finally:
         await store.close()
     assert "event fleet_fenced" in victim.log.read_text()
+
+
+# 5. etcd stops under load ---------------------------------------------------------------------
+
+
+async def test_etcd_paused_under_load_fails_no_request_and_nobody_advances(
+    etcd: Etcd, sample: SampleFactory, fleet_factory: Callable[..., Awaitable[Fleet]]
+) -> None:
+    blue, green = await sample("blue"), await sample("green")
+    rollout = ROLLOUT | {"interval": "1s", "threshold": {"min_requests": 20}}
+    fleet = await fleet_factory(
+        [
+            fleet_config([etcd.client], blue.url, green.url, f"m{i}", rollout=rollout)
+            for i in range(3)
+        ]
+    )
+    loads = [Load(f"http://{HOST}:{p.port}", clients=3, limit=200_000) for p in fleet.proxies]
+    for load in loads:
+        await load.__aenter__()
+    try:
+        async with aiohttp.ClientSession() as session:
+            code, answer = await admin_call(
+                session, "POST", admin_url(fleet.followers()[0]) + "/rollout/start"
+            )
+        assert code == 200, answer
+        await wait_for(lambda: all(p.spreader.split == 10.0 for p in fleet.proxies), TIMEOUT)
+        etcd.signal(signal.SIGSTOP)
+        stopped = time.time()
+        try:
+            await wait_for(
+                lambda: all(p.fleet is not None and not p.fleet.connected for p in fleet.proxies),
+                TIMEOUT,
+            )
+            served = [len(load.done) for load in loads]
+            await asyncio.sleep(2.0)  # etcd stays away past two lease periods, under load
+            assert all(len(load.done) > n for load, n in zip(loads, served, strict=True))
+            assert all(p.spreader.split == 10.0 for p in fleet.proxies)
+            assert not any(p.fleet is not None and p.fleet.leading for p in fleet.proxies)
+        finally:
+            etcd.signal(signal.SIGCONT)
+        resumed = time.time()
+        moved = [split_events(p, stopped) for p in fleet.proxies]
+        assert all(t >= resumed for times in moved for t in times), moved
+        # The fleet comes back on the stored state and the rollout goes on from its step.
+        await wait_for(fleet.formed, TIMEOUT)
+        await wait_for(lambda: all(p.spreader.split >= 50.0 for p in fleet.proxies), TIMEOUT)
+    finally:
+        for load in loads:
+            await load.finish()
+    failures = [f for load in loads for f in load.failures()]
+    assert not failures, failures[:5]
+    print(f"\nfleet: {sum(len(load.done) for load in loads)} requests, etcd paused 2 s+, 0 failed")

@@ -207,17 +207,15 @@ class FleetMember:
             await asyncio.sleep(self.ttl / 3)
 
     async def _renew(self) -> None:
-        if self.term == 0:
-            await self._campaign()
         if self.suspect:
             await self._prove()
         sent = self.loop.time()
         ttl = await self.store.keepalive(self.lease)
         if ttl <= 0:
-            if self.suspect:
-                await self._prove()  # the write of a leader whose lease is gone: refused
             raise SessionLost("the lease expired")
         self._renewed(sent, ttl)
+        if self.term == 0:
+            await self._campaign()
 
     def _renewed(self, sent: float, ttl: int) -> None:
         self.lease_deadline = sent + ttl
