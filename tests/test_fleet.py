@@ -278,6 +278,66 @@ async def test_shift_on_one_member_applies_on_every_member(
     assert status["split"]["green"] == 25.0
 
 
+# 2. a failing green is rolled back fleet-wide --------------------------------------------------
+
+
+@pytest.mark.parametrize("failing", ["every", "one"])
+async def test_green_failing_behind_members_rolls_the_fleet_back(
+    failing: str,
+    etcd: Etcd,
+    sample: SampleFactory,
+    fleet_factory: Callable[..., Awaitable[Fleet]],
+) -> None:
+    blue = await sample("blue")
+    # 503: an answer the proxy retries on the stable pool, so clients see none of them.
+    greens = [await sample("green", error_status=503) for _ in range(3)]
+    fleet = await fleet_factory(
+        [
+            fleet_config([etcd.client], blue.url, g.url, f"m{i}", rollout=ROLLOUT)
+            for i, g in enumerate(greens)
+        ]
+    )
+    loads = [Load(f"http://{HOST}:{p.port}", clients=3, limit=200_000) for p in fleet.proxies]
+    for load in loads:
+        await load.__aenter__()
+    try:
+        async with aiohttp.ClientSession() as session:
+            code, answer = await admin_call(
+                session, "POST", admin_url(fleet.proxies[0]) + "/rollout/start"
+            )
+        assert code == 200, answer
+        await wait_for(lambda: all(p.spreader.split == 10.0 for p in fleet.proxies), TIMEOUT)
+        await asyncio.gather(*(load.more(100) for load in loads))
+        if failing == "every":
+            broken = greens
+        else:
+            # Behind one member that does not lead: the leader sees it only in the fleet's
+            # published outcomes.
+            follower = fleet.followers()[0]
+            broken = [greens[fleet.proxies.index(follower)]]
+        failed_at = time.time()
+        for green in broken:
+            green.settings.error_rate = 1.0
+        await wait_for(lambda: all(p.spreader.split == 0.0 for p in fleet.proxies), TIMEOUT)
+        applied = [split_events(p, failed_at)[-1] for p in fleet.proxies]
+        leader = fleet.leader()
+        assert leader is not None
+        state = leader.rollout.state.value
+        print(
+            f"\nfleet rollback ({failing} failing): split 0 everywhere "
+            f"{max(applied) - failed_at:.3f} s after green started failing"
+        )
+        assert max(applied) - failed_at < 2.0
+        assert state == "rolled_back"
+        await asyncio.gather(*(load.more(50) for load in loads))
+    finally:
+        for load in loads:
+            await load.finish()
+    failures = [f for load in loads for f in load.failures()]
+    assert not failures, failures[:5]
+    assert all(p.status()["rollout"]["state"] == "rolled_back" for p in fleet.proxies)
+
+
 # members as processes ------------------------------------------------------------------------
 
 
