@@ -147,6 +147,141 @@ async def etcd(etcd_cluster: Callable[[int], Awaitable[list[Etcd]]]) -> Etcd:
     return (await etcd_cluster(1))[0]
 
 
+class Forwarder:
+    """A TCP forwarder between a member and etcd that a test can cut (a partition: bytes
+    stop flowing, connections stay open), heal (the held connections close, new ones flow)
+    or break (every connection closes at once)."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.server: asyncio.Server | None = None
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._client, HOST, 0)
+        return f"http://{HOST}:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        try:
+            await self.flowing.wait()
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            self.writers.discard(writer)
+            return
+        self.writers.add(up_writer)
+        pipes = [
+            asyncio.create_task(self._pipe(reader, up_writer)),
+            asyncio.create_task(self._pipe(up_reader, writer)),
+        ]
+        self.tasks.update(pipes)
+        await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        for task in pipes:
+            task.cancel()
+        for w in (writer, up_writer):
+            w.close()
+            self.writers.discard(w)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+
+    def cut(self) -> None:
+        self.flowing.clear()
+
+    def drop(self) -> None:
+        for writer in list(self.writers):
+            writer.transport.abort()
+
+    def heal(self) -> None:
+        self.drop()
+        self.flowing.set()
+
+    async def close(self) -> None:
+        self.heal()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+@pytest.fixture
+async def forwarder() -> AsyncIterator[Callable[[str], Awaitable[tuple[Forwarder, str]]]]:
+    started: list[Forwarder] = []
+
+    async def make(target: str) -> tuple[Forwarder, str]:
+        fwd = Forwarder(target)
+        started.append(fwd)
+        return fwd, await fwd.start()
+
+    yield make
+    for fwd in started:
+        await fwd.close()
+
+
+# the store -----------------------------------------------------------------------------------
+
+
+async def test_watch_resumes_after_a_broken_connection_without_a_gap(
+    etcd: Etcd, forwarder: Callable[[str], Awaitable[tuple[Forwarder, str]]]
+) -> None:
+    fwd, url = await forwarder(etcd.client)
+    direct, watching = EtcdStore([etcd.client]), EtcdStore([url])
+    seen: list[int] = []
+
+    async def watch(start: int) -> None:
+        async for batch in watching.watch("/w/", prefix=True, start_revision=start):
+            assert batch.snapshot is None
+            seen.extend(event.kv.mod_revision for event in batch.events)
+
+    try:
+        _, revision = await direct.get("/w/", prefix=True)
+        task = asyncio.create_task(watch(revision + 1))
+        written = [await direct.put(f"/w/{i}", b"x") for i in range(5)]
+        await wait_for(lambda: len(seen) == 5, TIMEOUT)
+        fwd.drop()  # the watch's connection breaks between two batches
+        written += [await direct.put(f"/w/{i}", b"y") for i in range(5, 10)]
+        await wait_for(lambda: len(seen) == 10, TIMEOUT)
+        assert seen == written
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await direct.close()
+        await watching.close()
+
+
+async def test_watch_from_a_compacted_revision_reads_the_keys_anew(etcd: Etcd) -> None:
+    store = EtcdStore([etcd.client])
+    try:
+        first = await store.put("/c/a", b"1")
+        await store.put("/c/b", b"2")
+        last = await store.put("/c/a", b"3")
+        async with aiohttp.ClientSession() as session:
+            body = {"revision": str(last), "physical": True}
+            async with session.post(etcd.client + "/v3/kv/compaction", json=body) as resp:
+                assert resp.status == 200
+        stream = store.watch("/c/", prefix=True, start_revision=first)
+        batch = await anext(stream)
+        assert batch.snapshot is not None and batch.revision >= last
+        assert {kv.key: kv.value for kv in batch.snapshot} == {"/c/a": b"3", "/c/b": b"2"}
+        later = await store.put("/c/b", b"4")
+        batch = await anext(stream)
+        assert [e.kv.mod_revision for e in batch.events] == [later]
+        await stream.aclose()
+    finally:
+        await store.close()
+
+
 # members -------------------------------------------------------------------------------------
 
 
@@ -604,3 +739,68 @@ async def test_etcd_paused_under_load_fails_no_request_and_nobody_advances(
     failures = [f for load in loads for f in load.failures()]
     assert not failures, failures[:5]
     print(f"\nfleet: {sum(len(load.done) for load in loads)} requests, etcd paused 2 s+, 0 failed")
+
+
+# 6. a member cut off from etcd -----------------------------------------------------------------
+
+
+async def test_cut_off_member_rolls_back_locally_and_says_so_when_back(
+    etcd: Etcd,
+    sample: SampleFactory,
+    fleet_factory: Callable[..., Awaitable[Fleet]],
+    forwarder: Callable[[str], Awaitable[tuple[Forwarder, str]]],
+) -> None:
+    fwd, through = await forwarder(etcd.client)
+    blue = await sample("blue")
+    greens = [await sample("green", error_status=503) for _ in range(3)]
+    endpoints = [[etcd.client], [etcd.client], [through]]
+    fleet = await fleet_factory(
+        [
+            fleet_config(endpoints[i], blue.url, g.url, f"m{i}", rollout=ROLLOUT)
+            for i, g in enumerate(greens)
+        ]
+    )
+    cut_off = fleet.proxies[2]
+    member = fleet.member(cut_off)
+    assert not member.leading
+    loads = [Load(f"http://{HOST}:{p.port}", clients=3, limit=200_000) for p in fleet.proxies]
+    for load in loads:
+        await load.__aenter__()
+    try:
+        async with aiohttp.ClientSession() as session:
+            code, answer = await admin_call(
+                session, "POST", admin_url(fleet.proxies[0]) + "/rollout/start"
+            )
+            assert code == 200, answer
+            await wait_for(lambda: all(p.spreader.split == 10.0 for p in fleet.proxies), TIMEOUT)
+            fwd.cut()
+            await wait_for(lambda: not member.connected, TIMEOUT)
+            # Cut off, it neither moves toward the candidate nor takes commands.
+            code, answer = await admin_call(session, "POST", admin_url(cut_off) + "/rollout/pause")
+            assert code == 503, answer
+            assert answer["error"] == "no fleet leader"
+            greens[2].settings.error_rate = 1.0
+            await wait_for(lambda: cut_off.spreader.split == 0.0, TIMEOUT)
+            assert member.partition.override["in_force"] is True
+            # The others saw nothing wrong: they follow their leader.
+            assert [p.spreader.split for p in fleet.proxies[:2]] == [10.0, 10.0]
+            await loads[2].more(50)
+            fwd.heal()
+            await wait_for(lambda: member.connected, TIMEOUT)
+            leader = fleet.proxies[0]
+            _, status = await admin_call(session, "GET", admin_url(cut_off) + "/status")
+            assert status["fleet"]["override"]["split"] == 0.0
+            assert "local rollback" in status["fleet"]["override"]["reason"]
+
+            def reported() -> bool:
+                assert leader.fleet is not None
+                view = {m["instance"]: m for m in leader.fleet.status()["members"]}
+                return bool((view.get("m2") or {}).get("override"))
+
+            await wait_for(reported, TIMEOUT)
+            assert cut_off.spreader.split == 0.0
+    finally:
+        for load in loads:
+            await load.finish()
+    failures = [f for load in loads for f in load.failures()]
+    assert not failures, failures[:5]
