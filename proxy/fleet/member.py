@@ -124,6 +124,7 @@ class FleetMember:
         self._pending_apply: asyncio.TimerHandle | None = None
         self._applied_event = asyncio.Event()
         self._results: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._taken: set[str] = set()  # command keys this leader serves or served
         self._guard: asyncio.TimerHandle | None = None
         self._wake_lead = asyncio.Event()
         self._member_dirty = asyncio.Event()
@@ -333,7 +334,7 @@ class FleetMember:
                 name, record.admin, record.applied_revision, self.wall(), record.override
             )
         elif kind == "commands" and self.leading:
-            self._spawn(self._serve_command(kv))
+            self._take_command(kv)
         elif kind == "results":
             waiter = self._results.pop(name, None)
             if waiter is not None and not waiter.done():
@@ -353,6 +354,8 @@ class FleetMember:
                 self.term = 0  # the lease ran out; the session finds out and campaigns anew
         elif kind == "members":
             self.members.pop(name, None)
+        elif kind == "commands":
+            self._taken.discard(kv.key)
         elif kind == "outcomes":
             self.tap.forget(name)
 
@@ -434,6 +437,8 @@ class FleetMember:
         self._decided = state.split if state is not None else None
         self._written = self._key(state) if state is not None else None
         self.tap.restart()
+        self._taken = set()
+        self._spawn(self._take_pending_commands())
         if state is not None and state.rollout.state in {s.value for s in ACTIVE} | {"paused"}:
             rollout = state.rollout
             self.proxy.rollout.restore(
@@ -601,6 +606,21 @@ class FleetMember:
         await self._until_applied(int(result.get("state_revision") or result["_revision"]))
         answer: dict[str, Any] = result.get("answer", {})
         return answer
+
+    def _take_command(self, kv: KV) -> None:
+        if kv.key not in self._taken:
+            self._taken.add(kv.key)
+            self._spawn(self._serve_command(kv))
+
+    async def _take_pending_commands(self) -> None:
+        """Commands put while no member led (or before this one knew it leads)."""
+        try:
+            kvs, _ = await self.store.get(self.keys.commands, prefix=True)
+        except StoreError:
+            return  # the member that sent one gets no answer in time and says so
+        for kv in kvs:
+            if self.leading:
+                self._take_command(kv)
 
     async def _forget_result(self, ident: str) -> None:
         with contextlib.suppress(StoreError):  # else it goes with the leader's lease
