@@ -673,8 +673,12 @@ class FleetMember:
     # what this member says about itself ----------------------------------------
 
     async def _publish_members(self) -> None:
+        """This member's record: at once when it changes, else once per lease period (so its
+        age in /status says how lately it was heard from)."""
         while True:
-            await self._member_dirty.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.ttl):
+                    await self._member_dirty.wait()
             self._member_dirty.clear()
             if not self.lease:
                 continue
