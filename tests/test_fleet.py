@@ -30,6 +30,7 @@ from test_shutdown import ADMIN_API, LISTENING, ProxyProcess, admin_get
 
 from proxy.config import parse_config
 from proxy.fleet import join
+from proxy.fleet.demo import fleet_demo
 from proxy.fleet.state import FleetState
 from proxy.fleet.store import EtcdStore
 from proxy.runtime import Proxy
@@ -852,3 +853,15 @@ async def test_etcd_raft_leader_killed_loses_no_decision(
         # Every decision reached every member, in order.
         splits = [e.data["after"] for e in proxy.events.history if e.kind == "split"]
         assert splits[-2:] == [25.0, 40.0], splits
+
+
+# turnout demo --fleet ------------------------------------------------------------------------
+
+
+async def test_fleet_demo_rolls_three_members_back_together() -> None:
+    lines: list[str] = []
+    summary = await fleet_demo(3, True, 6.0, lines.append)
+    assert summary.ok, "\n".join(lines)
+    assert summary.final_state == "rolled_back" and summary.failed == 0
+    assert "every member's split: i1 0%, i2 0%, i3 0%" in lines
+    assert any("which does not lead" in line for line in lines)
