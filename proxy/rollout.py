@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeGuard
@@ -66,6 +67,9 @@ class RolloutController:
         self._threshold: ThresholdConfig | None = None
         self._candidate_lost = False
         self._last_note: str | None = None
+        # A fleet's leader: why the outcomes it holds do not cover the fleet, or None; a
+        # decision other than a breach waits (insufficient_data) while they do not.
+        self.coverage: Callable[[], str | None] | None = None
 
     # views -------------------------------------------------------------------
 
@@ -371,8 +375,9 @@ class RolloutController:
             return None
         if breach_only:
             return None
-        if decision.verdict is Verdict.INSUFFICIENT_DATA:
-            problem = self._candidate_problem()
+        short = self.coverage() if self.coverage is not None else None
+        if decision.verdict is Verdict.INSUFFICIENT_DATA or short is not None:
+            problem = self._candidate_problem() if short is None else short
             reason = decision.reason if problem is None else f"{decision.reason}; {problem}"
             if self.state is not RolloutState.INSUFFICIENT_DATA:
                 self._set_state(

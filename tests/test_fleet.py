@@ -31,7 +31,7 @@ from test_shutdown import ADMIN_API, LISTENING, ProxyProcess, admin_get
 from proxy.config import parse_config
 from proxy.fleet import join
 from proxy.fleet.demo import fleet_demo
-from proxy.fleet.state import FleetState
+from proxy.fleet.state import FleetState, MemberRecord
 from proxy.fleet.store import EtcdStore
 from proxy.runtime import Proxy
 
@@ -865,3 +865,40 @@ async def test_fleet_demo_rolls_three_members_back_together() -> None:
     assert summary.final_state == "rolled_back" and summary.failed == 0
     assert "every member's split: i1 0%, i2 0%, i3 0%" in lines
     assert any("which does not lead" in line for line in lines)
+
+
+# coverage ------------------------------------------------------------------------------------
+
+
+async def test_leader_holds_the_rollout_while_too_few_members_report(
+    etcd: Etcd, sample: SampleFactory, fleet_factory: Callable[..., Awaitable[Fleet]]
+) -> None:
+    blue, green = await sample("blue"), await sample("green")
+    rollout = ROLLOUT | {"interval": "500ms", "threshold": {"min_requests": 10}}
+    fleet = await fleet_factory(
+        [fleet_config([etcd.client], blue.url, green.url, "m0", rollout=rollout)]
+    )
+    proxy = fleet.proxies[0]
+    member = fleet.member(proxy)
+    # Two live members that publish no outcomes (e.g. an older version, or a stuck one).
+    store = EtcdStore([etcd.client])
+    leases = [await store.grant(5) for _ in range(2)]
+    for i, lease in enumerate(leases):
+        record = MemberRecord(f"silent{i}", "http://127.0.0.1:1", 0).encode()
+        await store.put(f"/turnout/shop/members/silent{i}", record, lease=lease)
+    try:
+        await wait_for(lambda: len(member.members) == 3, TIMEOUT)
+        async with Load(f"http://{HOST}:{proxy.port}", clients=3, limit=200_000) as load:
+            await proxy.rollout_action("start", {}, "test")
+            await wait_for(lambda: proxy.rollout.state.value == "insufficient_data", TIMEOUT)
+            assert "fleet coverage 33%" in proxy.rollout.reason
+            await load.more(200)
+            assert proxy.rollout.state.value == "insufficient_data"
+            assert proxy.spreader.split == 10.0
+            for lease in leases:
+                await store.revoke(lease)
+            # Every live member reports again: the rollout goes on.
+            await wait_for(lambda: proxy.spreader.split >= 50.0, TIMEOUT)
+        assert not load.failures()
+    finally:
+        await store.close()

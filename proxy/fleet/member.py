@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import FleetConfig
 from ..control import ControlError
 from ..rollout import ACTIVE
-from .outcomes import OutcomeTap
+from .outcomes import FRESH, OutcomeTap
 from .partition import PartitionGuard
 from .state import FleetRollout, FleetState, Keys, MemberRecord, StateError, leader_of
 from .state import toward_candidate as moves_toward_candidate
@@ -58,6 +58,7 @@ COMMAND_TIMEOUT = 3.0
 APPLY_TIMEOUT = 2.0
 RETRY = 0.2
 REPORT_EVERY = 0.25
+COVERAGE_MIN = 0.5  # share of live members whose outcomes the leader must have seen lately
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +438,7 @@ class FleetMember:
         self._decided = state.split if state is not None else None
         self._written = self._key(state) if state is not None else None
         self.tap.restart()
+        self.proxy.rollout.coverage = self._coverage_problem
         self._taken = set()
         self._spawn(self._take_pending_commands())
         if state is not None and state.rollout.state in {s.value for s in ACTIVE} | {"paused"}:
@@ -462,6 +464,9 @@ class FleetMember:
         self._decided = None
         self._wake_lead.set()
         self.tap.restart()
+        self.proxy.rollout.coverage = None
+        # A ramp this member was walking stops where it got; the fleet's leader decides now.
+        self.proxy.control.stop_ramp()
         self.proxy.events.publish("fleet_stood_down", instance=self.instance, reason=why)
         self._spawn(self.proxy.rollout.stand_down())
 
@@ -716,6 +721,15 @@ class FleetMember:
         live = set(self.members) | {self.instance}
         reported = self.tap.reporting(self.wall()) & live
         return round((len(reported) + (self.instance not in reported)) / len(live), 3)
+
+    def _coverage_problem(self) -> str | None:
+        share = self.coverage()
+        if share is None or share >= COVERAGE_MIN:
+            return None
+        return (
+            f"fleet coverage {share:.0%}: fewer than {COVERAGE_MIN:.0%} of the live members "
+            f"reported outcomes within {FRESH:g}s"
+        )
 
     def status(self) -> dict[str, Any]:
         now = self.wall()
