@@ -480,21 +480,24 @@ async def test_green_failing_behind_members_rolls_the_fleet_back(
 @pytest.fixture
 async def turnout_fleet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[Callable[[list[dict[str, Any]]], Awaitable[list[ProxyProcess]]]]:
+) -> AsyncIterator[Callable[..., Awaitable[list[ProxyProcess]]]]:
     """`python -m proxy run -c FILE` per member, each with its own file and log."""
     monkeypatch.delenv("TURNOUT_ADMIN_TOKEN", raising=False)
     started: list[ProxyProcess] = []
 
-    async def start(configs: list[dict[str, Any]]) -> list[ProxyProcess]:
+    async def start(
+        configs: list[dict[str, Any]], workers: tuple[int, ...] = ()
+    ) -> list[ProxyProcess]:
         processes = []
         for i, data in enumerate(configs):
+            extra = ("--workers", str(workers[i])) if i < len(workers) else ()
             path = tmp_path / f"turnout-{i}.yaml"
             path.write_text(yaml.safe_dump(data))
             log = tmp_path / f"turnout-{i}.log"
             with log.open("wb") as stderr:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable,
-                    *("-m", "proxy", "run", "-c", str(path)),
+                    *("-m", "proxy", "run", "-c", str(path), *extra),
                     stdout=asyncio.subprocess.PIPE,
                     stderr=stderr,
                 )
@@ -555,13 +558,41 @@ def same_revision(docs: list[dict[str, Any]]) -> bool:
     return len(revisions) == 1 and revisions != {0}
 
 
+async def test_a_supervisor_with_workers_is_its_host_s_one_member(
+    etcd: Etcd,
+    sample: SampleFactory,
+    turnout_fleet: Callable[..., Awaitable[list[ProxyProcess]]],
+    session: aiohttp.ClientSession,
+) -> None:
+    blue, green = await sample("blue"), await sample("green")
+    configs = [fleet_config([etcd.client], blue.url, green.url, f"p{i}") for i in range(2)]
+    processes = await turnout_fleet(configs, (1, 2))
+    docs = await until_status(
+        session,
+        processes,
+        lambda docs: (
+            one_leader(docs) is not None
+            and same_revision(docs)
+            and all(len(d["fleet"]["members"]) == 2 for d in docs)
+        ),
+    )
+    assert len(docs[1]["workers"]) == 2
+    code, answer = await admin_call(session, "PUT", processes[0].admin + "/split", {"green": 25})
+    assert code == 200, answer
+    await until_status(
+        session, processes, lambda docs: all(d["split"]["green"] == 25.0 for d in docs)
+    )
+    share = await realised_green(processes[1].url)
+    assert abs(share - 25.0) <= 1.5, share
+
+
 ROLLOUT = {"strategy": "adaptive", "steps": [10, 50, 100], "interval": "60s"}
 
 
 async def process_fleet(
     etcd: Etcd,
     sample: SampleFactory,
-    turnout_fleet: Callable[[list[dict[str, Any]]], Awaitable[list[ProxyProcess]]],
+    turnout_fleet: Callable[..., Awaitable[list[ProxyProcess]]],
     session: aiohttp.ClientSession,
     size: int = 3,
 ) -> tuple[list[ProxyProcess], list[dict[str, Any]]]:
@@ -594,7 +625,7 @@ def by_instance(processes: list[ProxyProcess], docs: list[dict[str, Any]], name:
 async def test_killed_leader_is_replaced_and_the_rollout_holds_its_step(
     etcd: Etcd,
     sample: SampleFactory,
-    turnout_fleet: Callable[[list[dict[str, Any]]], Awaitable[list[ProxyProcess]]],
+    turnout_fleet: Callable[..., Awaitable[list[ProxyProcess]]],
     session: aiohttp.ClientSession,
 ) -> None:
     processes, docs = await process_fleet(etcd, sample, turnout_fleet, session)
@@ -646,7 +677,7 @@ async def test_killed_leader_is_replaced_and_the_rollout_holds_its_step(
 async def test_paused_leader_is_fenced_by_etcd(
     etcd: Etcd,
     sample: SampleFactory,
-    turnout_fleet: Callable[[list[dict[str, Any]]], Awaitable[list[ProxyProcess]]],
+    turnout_fleet: Callable[..., Awaitable[list[ProxyProcess]]],
     session: aiohttp.ClientSession,
 ) -> None:
     processes, docs = await process_fleet(etcd, sample, turnout_fleet, session)
