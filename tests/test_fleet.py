@@ -831,6 +831,19 @@ async def test_cut_off_member_rolls_back_locally_and_says_so_when_back(
 
             await wait_for(reported, TIMEOUT)
             assert cut_off.spreader.split == 0.0
+            # A newer fleet state that decides no other split keeps the local rollback...
+            code, answer = await admin_call(session, "POST", admin_url(leader) + "/rollout/pause")
+            assert code == 200, answer
+            revision = fleet.member(leader).revision
+            await wait_for(lambda: member.applied_revision == revision, TIMEOUT)
+            assert [p.spreader.split for p in fleet.proxies] == [10.0, 10.0, 0.0]
+            # ...and the fleet's next decision supersedes it.
+            code, answer = await admin_call(
+                session, "POST", admin_url(leader) + "/rollout/rollback"
+            )
+            assert code == 200, answer
+            await wait_for(lambda: all(p.spreader.split == 0.0 for p in fleet.proxies), TIMEOUT)
+            await wait_for(lambda: member.partition.override["in_force"] is False, TIMEOUT)
     finally:
         for load in loads:
             await load.finish()

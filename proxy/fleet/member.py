@@ -403,12 +403,13 @@ class FleetMember:
     def _apply(self, state: FleetState, revision: int) -> None:
         self._pending_apply = None
         proxy = self.proxy
-        if proxy.stable != state.stable:
-            proxy.stable = state.stable
-        if proxy.spreader.split != state.split:
-            proxy.control.apply_split_now(state.split, f"fleet ({state.writer})")
+        if not self.partition.holds(state):
+            self.partition.superseded()
+            if proxy.stable != state.stable:
+                proxy.stable = state.stable
+            if proxy.spreader.split != state.split:
+                proxy.control.apply_split_now(state.split, f"fleet ({state.writer})")
         self.applied, self.applied_revision = state, revision
-        self.partition.superseded()
         self._applied_event.set()
         self._applied_event = asyncio.Event()
         self._member_dirty.set()

@@ -14,6 +14,7 @@ from ..strategy import analysed_steps
 
 if TYPE_CHECKING:
     from .member import FleetMember
+    from .state import FleetState
 
 log = logging.getLogger("turnout.fleet")
 
@@ -40,8 +41,18 @@ class PartitionGuard:
             self._task.cancel()
             self._task = None
 
+    def holds(self, state: FleetState) -> bool:
+        """Whether a local rollback stays in force over `state`: until the fleet decides a
+        split or stable pool other than the one this member rolled back from."""
+        override = self.override
+        return bool(
+            override is not None
+            and override.get("in_force")
+            and (state.split, state.stable) == (override["fleet_split"], override["fleet_stable"])
+        )
+
     def superseded(self) -> None:
-        """A newer fleet state was applied: the override no longer holds."""
+        """A newer fleet decision was applied: the override no longer holds."""
         if self.override is not None and self.override.get("in_force"):
             self.override = self.override | {"in_force": False}
 
@@ -71,9 +82,12 @@ class PartitionGuard:
         green = 0.0 if proxy.stable == "blue" else 100.0
         before = proxy.spreader.split
         proxy.control.apply_split_now(green, "fleet partition policy")
+        applied = member.applied
         self.override = {
             "split": green,
             "before": before,
+            "fleet_split": applied.split if applied is not None else before,
+            "fleet_stable": applied.stable if applied is not None else proxy.stable,
             "reason": f"local rollback while cut off from etcd: {reason}",
             "at": member.wall(),
             "fleet_revision": member.applied_revision,
