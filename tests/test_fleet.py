@@ -753,6 +753,12 @@ async def test_etcd_paused_under_load_fails_no_request_and_nobody_advances(
                 TIMEOUT,
             )
             served = [len(load.done) for load in loads]
+            async with aiohttp.ClientSession() as session:
+                for proxy in fleet.proxies:
+                    code, answer = await admin_call(
+                        session, "POST", admin_url(proxy) + "/rollout/pause"
+                    )
+                    assert (code, answer["error"]) == (503, "no fleet leader"), answer
             await asyncio.sleep(2.0)  # etcd stays away past two lease periods, under load
             assert all(len(load.done) > n for load, n in zip(loads, served, strict=True))
             assert all(p.spreader.split == 10.0 for p in fleet.proxies)

@@ -576,7 +576,15 @@ class FleetMember:
         comes once the fleet's state holds it and this member applied it."""
         if self.leading:
             done = await self._execute(kind, data, by)
-            written, revision = await self._write_state()
+            try:
+                written, revision = await self._write_state()
+            except StoreError as exc:
+                raise ControlError(
+                    503,
+                    "fleet state not written",
+                    f"fleet {self.name}: etcd did not take it ({exc}); this member writes it "
+                    "when etcd answers again, if it still leads then",
+                ) from exc
             await self._until_applied(revision if written else self.revision)
             return done
         if self.leader is None or not self.connected:
@@ -597,15 +605,18 @@ class FleetMember:
             async with asyncio.timeout(COMMAND_TIMEOUT):
                 result = await waiter
         except (StoreError, TimeoutError) as exc:
+            # Withdrawn, so that no later leader acts on a command already answered 503.
+            self._spawn(self._withdraw(self.keys.commands + ident))
+            why = str(exc) or f"no answer within {COMMAND_TIMEOUT:g}s"
             raise ControlError(
                 503,
                 "no fleet leader",
-                f"fleet {self.name}: the leader ({self.leader}) did not take the command: "
-                f"{exc or 'no answer within ' + format(COMMAND_TIMEOUT, 'g') + 's'}",
+                f"fleet {self.name}: the leader ({self.leader}) did not take the command "
+                f"({why}); it was withdrawn",
             ) from exc
         finally:
             self._results.pop(ident, None)
-        self._spawn(self._forget_result(ident))
+        self._spawn(self._withdraw(self.keys.results + ident))
         if "error" in result:
             status = int(result.get("status", 409))
             raise ControlError(status, result["error"], result.get("detail"))
@@ -628,9 +639,10 @@ class FleetMember:
             if self.leading:
                 self._take_command(kv)
 
-    async def _forget_result(self, ident: str) -> None:
-        with contextlib.suppress(StoreError):  # else it goes with the leader's lease
-            await self.store.txn([], [Delete(self.keys.results + ident)], read_on_failure=False)
+    async def _withdraw(self, key: str) -> None:
+        """Delete a command or result key (else it goes with its lease)."""
+        with contextlib.suppress(StoreError):
+            await self.store.txn([], [Delete(key)], read_on_failure=False)
 
     async def _serve_command(self, kv: KV) -> None:
         _, ident = self.keys.kind(kv.key)
