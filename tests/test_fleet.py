@@ -952,3 +952,39 @@ async def test_leader_holds_the_rollout_while_too_few_members_report(
         assert not load.failures()
     finally:
         await store.close()
+
+
+async def test_promotion_takes_effect_at_the_same_instant_on_every_member(
+    etcd: Etcd, sample: SampleFactory, fleet_factory: Callable[..., Awaitable[Fleet]]
+) -> None:
+    blue, green = await sample("blue"), await sample("green")
+    rollout = {"steps": [50, 100], "interval": "300ms", "threshold": {"min_requests": 10}}
+    fleet = await fleet_factory(
+        [
+            fleet_config([etcd.client], blue.url, green.url, f"m{i}", rollout=rollout)
+            for i in range(3)
+        ]
+    )
+    began = time.time()
+    loads = [Load(f"http://{HOST}:{p.port}", clients=2, limit=200_000) for p in fleet.proxies]
+    for load in loads:
+        await load.__aenter__()
+    try:
+        leader = fleet.leader()
+        assert leader is not None
+        await leader.rollout_action("start", {}, "test")
+        await wait_for(lambda: all(p.stable == "green" for p in fleet.proxies), TIMEOUT)
+        await wait_for(lambda: all(p.spreader.split == 100.0 for p in fleet.proxies), TIMEOUT)
+    finally:
+        for load in loads:
+            await load.finish()
+    assert not [f for load in loads for f in load.failures()]
+    promoted = [
+        next(e.time for e in p.events.history if e.kind == "split" and e.data["after"] == 100.0)
+        for p in fleet.proxies
+    ]
+    # The leader decided it; it moved with the others, at effective_at, not 300 ms ahead.
+    skew = max(promoted) - min(promoted)
+    print(f"\nfleet promotion: skew between members {skew * 1000:.1f} ms")
+    assert skew < 0.15
+    assert all(t > began for t in promoted)

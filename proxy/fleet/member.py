@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import FleetConfig
 from ..control import ControlError
-from ..rollout import ACTIVE
 from .outcomes import FRESH, OutcomeTap
 from .partition import PartitionGuard
 from .state import FleetRollout, FleetState, Keys, MemberRecord, StateError, leader_of
@@ -393,9 +392,17 @@ class FleetMember:
         if self._pending_apply is not None:
             self._pending_apply.cancel()
             self._pending_apply = None
+        # The direction is judged against the fleet state applied last, not the proxy's own
+        # pool flags: a leader flips its stable pool at a promotion before the split follows.
         proxy = self.proxy
+        applied = self.applied
+        split, stable = (
+            (applied.split, applied.stable)
+            if applied is not None
+            else (proxy.spreader.split, proxy.stable)
+        )
         delay = state.effective_at - self.wall()
-        if delay > 0 and moves_toward_candidate(proxy.spreader.split, proxy.stable, state.split):
+        if delay > 0 and moves_toward_candidate(split, stable, state.split):
             self._pending_apply = self.loop.call_later(delay, self._apply, state, kv.mod_revision)
         else:
             self._apply(state, kv.mod_revision)
@@ -442,7 +449,8 @@ class FleetMember:
         self.proxy.rollout.coverage = self._coverage_problem
         self._taken = set()
         self._spawn(self._take_pending_commands())
-        if state is not None and state.rollout.state in {s.value for s in ACTIVE} | {"paused"}:
+        if state is not None and state.rollout.state != "idle":
+            # Under way: carried on, the step held afresh. Ended: kept for /status.
             rollout = state.rollout
             self.proxy.rollout.restore(
                 {
