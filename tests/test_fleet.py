@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 import yaml
 from conftest import HOST, SampleFactory, proxy_config, wait_for
 from test_drain_reload import Load
@@ -32,7 +34,7 @@ from proxy.config import parse_config
 from proxy.fleet import join
 from proxy.fleet.demo import fleet_demo
 from proxy.fleet.state import FleetState, MemberRecord
-from proxy.fleet.store import EtcdStore
+from proxy.fleet.store import EtcdStore, StoreError, client_tls
 from proxy.runtime import Proxy
 
 ETCD = shutil.which("etcd")
@@ -75,9 +77,10 @@ def _ports() -> tuple[int, int]:
     return base, base + 1
 
 
-async def _healthy(url: str, proc: asyncio.subprocess.Process, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
+async def _healthy(url: str, proc: asyncio.subprocess.Process, tls: ssl.SSLContext | None) -> bool:
+    deadline = time.monotonic() + 15.0
+    connector = aiohttp.TCPConnector(ssl=tls if tls is not None else False)
+    async with aiohttp.ClientSession(connector=connector) as session:
         while time.monotonic() < deadline:
             if proc.returncode is not None:
                 return False
@@ -89,9 +92,13 @@ async def _healthy(url: str, proc: asyncio.subprocess.Process, timeout: float = 
     return False
 
 
-async def start_cluster(size: int, base: Path) -> list[Etcd]:
-    """`size` etcd members on loopback, each with its own data directory."""
+async def start_cluster(
+    size: int, base: Path, tls: tuple[str, ...] = (), checker: ssl.SSLContext | None = None
+) -> list[Etcd]:
+    """`size` etcd members on loopback, each with its own data directory; `tls`: etcd's
+    flags for TLS towards clients (then its client URLs are https, checked with `checker`)."""
     assert ETCD is not None
+    scheme = "https" if tls else "http"
     for _ in range(5):
         members = []
         for i in range(size):
@@ -99,7 +106,7 @@ async def start_cluster(size: int, base: Path) -> list[Etcd]:
             members.append(
                 Etcd(
                     f"e{i}",
-                    f"http://{HOST}:{client}",
+                    f"{scheme}://{HOST}:{client}",
                     f"http://{HOST}:{peer}",
                     tempfile.mkdtemp(dir=base),
                 )
@@ -115,11 +122,13 @@ async def start_cluster(size: int, base: Path) -> list[Etcd]:
                     *("--listen-peer-urls", m.peer, "--initial-advertise-peer-urls", m.peer),
                     *("--initial-cluster", cluster, "--initial-cluster-state", "new"),
                     *("--heartbeat-interval", "50", "--election-timeout", "500"),
-                    *("--log-level", "warn", "--logger", "zap"),
+                    *("--log-level", "warn", "--logger", "zap", *tls),
                     stdout=out,
                     stderr=out,
                 )
-        results = await asyncio.gather(*(_healthy(m.client, m.proc) for m in members if m.proc))
+        results = await asyncio.gather(
+            *(_healthy(m.client, m.proc, checker) for m in members if m.proc is not None)
+        )
         if all(results):
             return members
         for m in members:
@@ -981,3 +990,53 @@ async def test_promotion_takes_effect_at_the_same_instant_on_every_member(
     skew = max(promoted) - min(promoted)
     print(f"\nfleet promotion: skew between members {skew * 1000:.1f} ms")
     assert skew < 0.15
+
+
+# TLS towards etcd ---------------------------------------------------------------------------
+
+
+async def test_members_reach_etcd_over_mutual_tls(
+    tmp_path: Path, sample: SampleFactory, fleet_factory: Callable[..., Awaitable[Fleet]]
+) -> None:
+    ca = trustme.CA()
+    server = ca.issue_cert(HOST)
+    client = ca.issue_cert("turnout")
+    paths = {
+        name: str(tmp_path / f"{name}.pem")
+        for name in ("ca", "server_cert", "server_key", "client_cert", "client_key")
+    }
+    ca.cert_pem.write_to_path(paths["ca"])
+    server.cert_chain_pems[0].write_to_path(paths["server_cert"])
+    server.private_key_pem.write_to_path(paths["server_key"])
+    client.cert_chain_pems[0].write_to_path(paths["client_cert"])
+    client.private_key_pem.write_to_path(paths["client_key"])
+    base = Path(tempfile.mkdtemp(prefix="turnout-fleet-", dir="/dev/shm"))
+    flags = (
+        *("--cert-file", paths["server_cert"], "--key-file", paths["server_key"]),
+        *("--trusted-ca-file", paths["ca"], "--client-cert-auth"),
+    )
+    context = client_tls(paths["ca"], paths["client_cert"], paths["client_key"])
+    (etcd,) = await start_cluster(1, base, flags, context)
+    try:
+        blue, green = await sample("blue"), await sample("green")
+        tls = {"ca": paths["ca"], "cert": paths["client_cert"], "key": paths["client_key"]}
+        fleet = await fleet_factory(
+            [
+                fleet_config([etcd.client], blue.url, green.url, f"m{i}", fleet={"tls": tls})
+                for i in range(2)
+            ]
+        )
+        async with aiohttp.ClientSession() as session:
+            code, answer = await admin_call(
+                session, "PUT", admin_url(fleet.followers()[0]) + "/split", {"green": 40}
+            )
+        assert code == 200, answer
+        assert all(p.spreader.split == 40.0 for p in fleet.proxies)
+        # Without the client certificate etcd refuses the connection.
+        store = EtcdStore([etcd.client], tls=client_tls(paths["ca"], None, None))
+        with pytest.raises(StoreError):
+            await store.get("/turnout/shop/state")
+        await store.close()
+    finally:
+        await etcd.stop()
+        shutil.rmtree(base, ignore_errors=True)
