@@ -126,9 +126,14 @@ async def start_cluster(
                     stdout=out,
                     stderr=out,
                 )
-        results = await asyncio.gather(
-            *(_healthy(m.client, m.proc, checker) for m in members if m.proc is not None)
-        )
+        try:
+            results = await asyncio.gather(
+                *(_healthy(m.client, m.proc, checker) for m in members if m.proc is not None)
+            )
+        except BaseException:
+            for m in members:
+                await m.stop()
+            raise
         if all(results):
             return members
         for m in members:
