@@ -547,6 +547,7 @@ RESTART_ONLY = (
     ("listen.tls", lambda c: c.listen.tls is None),
     ("admin", lambda c: (c.admin.host, c.admin.port, c.admin.token_env, c.admin.tls)),
     ("health_check", lambda c: c.health_check),
+    ("fleet", lambda c: c.fleet),
 )
 
 

@@ -615,7 +615,8 @@ class Proxy:
     # views -----------------------------------------------------------------------
 
     def rollout_snapshot(self) -> RolloutSnapshot:
-        return self.rollout.snapshot()
+        local = self.rollout.snapshot()
+        return local if self.fleet is None else self.fleet.rollout_snapshot(local)
 
     async def rollout_action(self, action: str, data: dict[str, Any], by: str) -> Change:
         return await self.rollout.action(action, data, by)

@@ -486,6 +486,9 @@ async def test_green_failing_behind_members_rolls_the_fleet_back(
     failures = [f for load in loads for f in load.failures()]
     assert not failures, failures[:5]
     assert all(p.status()["rollout"]["state"] == "rolled_back" for p in fleet.proxies)
+    for proxy in fleet.followers():
+        seen = [e.data["state"] for e in proxy.events.history if e.kind == "fleet_rollout"]
+        assert seen[-2:] == ["progressing", "rolled_back"], seen
 
 
 # members as processes ------------------------------------------------------------------------
@@ -659,6 +662,17 @@ async def test_killed_leader_is_replaced_and_the_rollout_holds_its_step(
     old = one_leader(docs)
     assert old is not None
     before = docs[0]["fleet"]["revision"]
+    async with session.get(follower.admin + "/metrics") as resp:
+        metrics = await resp.text()
+    for line in (
+        'turnout_rollout_state{state="progressing"} 1.0',
+        "turnout_rollout_step 1.0",
+        "turnout_fleet_is_leader 0.0",
+        "turnout_fleet_connected 1.0",
+        "turnout_fleet_members 3.0",
+        f"turnout_fleet_revision {float(before)}",
+    ):
+        assert line in metrics, line
     victim = processes[by_instance(processes, docs, old)]
     rest = [p for p in processes if p is not victim]
     victim.signal(signal.SIGKILL)

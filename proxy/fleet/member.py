@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import FleetConfig
 from ..control import ControlError
+from ..rollout import RolloutSnapshot
 from .outcomes import FRESH, OutcomeTap
 from .partition import PartitionGuard
 from .state import FleetRollout, FleetState, Keys, MemberRecord, StateError, leader_of
@@ -416,7 +417,16 @@ class FleetMember:
                 proxy.stable = state.stable
             if proxy.spreader.split != state.split:
                 proxy.control.apply_split_now(state.split, f"fleet ({state.writer})")
+        previous = self.applied
         self.applied, self.applied_revision = state, revision
+        r = state.rollout
+        if not self.leading and (
+            previous is None or (previous.rollout.state, previous.rollout.step) != (r.state, r.step)
+        ):
+            # The leader's rollout events, as each member sees them take effect.
+            proxy.events.publish(
+                "fleet_rollout", state=r.state, step=r.step, reason=r.reason, by=state.writer
+            )
         self._applied_event.set()
         self._applied_event = asyncio.Event()
         self._member_dirty.set()
@@ -778,6 +788,14 @@ class FleetMember:
                 for m in sorted(self.members.values(), key=lambda m: m.instance)
             ],
         }
+
+    def rollout_snapshot(self, local: RolloutSnapshot) -> RolloutSnapshot:
+        """The rollout as metrics show it: the leader's own, else the fleet's last state."""
+        applied = self.applied
+        if self.leading or applied is None or self.partition.override is not None:
+            return local
+        r = applied.rollout
+        return RolloutSnapshot(r.state, r.step, r.strategy)
 
     def rollout_status(self, local: dict[str, Any]) -> dict[str, Any]:
         """The rollout as /status shows it: the leader's own, else the fleet's last state."""
