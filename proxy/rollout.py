@@ -206,7 +206,9 @@ class RolloutController:
             "reason": self.reason,
         }
 
-    def restore(self, state: object, *, by: str = "a hot restart") -> None:
+    def restore(
+        self, state: object, *, by: str = "hot restart", source: str = "a hot restart"
+    ) -> None:
         """Carry on the rollout of the process this one replaces (or of the fleet's previous
         leader). The outcomes it judged stay behind with it, so the step it was on starts
         afresh: held again for `interval` and `min_requests` before the next advance, never
@@ -236,7 +238,7 @@ class RolloutController:
         self._new_tests()
         reason = state.get("reason")
         reason = reason if isinstance(reason, str) else phase.value
-        self._set_state(phase, f"{reason} (carried over by {by})", by)
+        self._set_state(phase, f"{reason} (carried over by {source})", by)
         if phase is RolloutState.ROLLED_BACK:
             self._fence(reason)
         if phase in ACTIVE or phase is RolloutState.PAUSED:

@@ -664,8 +664,9 @@ async def test_killed_leader_is_replaced_and_the_rollout_holds_its_step(
     before = docs[0]["fleet"]["revision"]
     async with session.get(follower.admin + "/metrics") as resp:
         metrics = await resp.text()
+    # The fleet's rollout (judged, or waiting for outcomes), not this member's idle one.
+    assert 'turnout_rollout_state{state="idle"} 0.0' in metrics
     for line in (
-        'turnout_rollout_state{state="progressing"} 1.0',
         "turnout_rollout_step 1.0",
         "turnout_fleet_is_leader 0.0",
         "turnout_fleet_connected 1.0",

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import FleetConfig
 from ..control import ControlError
 from ..rollout import RolloutSnapshot
+from .commands import Commands
 from .outcomes import FRESH, OutcomeTap
 from .partition import PartitionGuard
 from .state import FleetRollout, FleetState, Keys, MemberRecord, StateError, leader_of
@@ -37,7 +36,6 @@ from .state import toward_candidate as moves_toward_candidate
 from .store import (
     KV,
     Compare,
-    Delete,
     EtcdStore,
     Op,
     Put,
@@ -54,7 +52,6 @@ log = logging.getLogger("turnout.fleet")
 
 EFFECTIVE_DELAY = 0.3  # seconds between a move toward the candidate and its effective_at
 LEAD_POLL = 0.02
-COMMAND_TIMEOUT = 3.0
 APPLY_TIMEOUT = 2.0
 RETRY = 0.2
 REPORT_EVERY = 0.25
@@ -124,8 +121,6 @@ class FleetMember:
         self._write_lock = asyncio.Lock()
         self._pending_apply: asyncio.TimerHandle | None = None
         self._applied_event = asyncio.Event()
-        self._results: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._taken: set[str] = set()  # command keys this leader serves or served
         self._guard: asyncio.TimerHandle | None = None
         self._wake_lead = asyncio.Event()
         self._member_dirty = asyncio.Event()
@@ -133,6 +128,7 @@ class FleetMember:
         self._main: asyncio.Task[None] | None = None
         self._watching = False
         self.tap = OutcomeTap(proxy)
+        self.commands = Commands(self)
         self.partition = PartitionGuard(self)
 
     # lifecycle ---------------------------------------------------------------
@@ -157,7 +153,7 @@ class FleetMember:
                 await self.store.revoke(self.lease)
         await self.store.close()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -194,9 +190,9 @@ class FleetMember:
             kvs, revision = await self.store.get(self.keys.root, prefix=True)
             self._load(kvs)
             self._watching = True
-            self._spawn(self._watch(revision + 1))
-            self._spawn(self._publish_members())
-            self._spawn(self._report())
+            self.spawn(self._watch(revision + 1))
+            self.spawn(self._publish_members())
+            self.spawn(self._report())
         self._member_dirty.set()
         while True:
             try:
@@ -335,15 +331,9 @@ class FleetMember:
                 name, record.admin, record.applied_revision, self.wall(), record.override
             )
         elif kind == "commands" and self.leading:
-            self._take_command(kv)
+            self.commands.take(kv)
         elif kind == "results":
-            waiter = self._results.pop(name, None)
-            if waiter is not None and not waiter.done():
-                try:
-                    result = json.loads(kv.value)
-                except ValueError:
-                    result = {"error": "unreadable result", "status": 500}
-                waiter.set_result(result | {"_revision": kv.mod_revision})
+            self.commands.answered(name, kv)
         elif kind == "outcomes" and self.leading and name != self.instance:
             self.tap.merge(name, kv.value, self.wall())
 
@@ -356,7 +346,7 @@ class FleetMember:
         elif kind == "members":
             self.members.pop(name, None)
         elif kind == "commands":
-            self._taken.discard(kv.key)
+            self.commands.gone(kv.key)
         elif kind == "outcomes":
             self.tap.forget(name)
 
@@ -431,7 +421,7 @@ class FleetMember:
         self._applied_event = asyncio.Event()
         self._member_dirty.set()
 
-    async def _until_applied(self, revision: int) -> None:
+    async def until_applied(self, revision: int) -> None:
         deadline = self.loop.time() + APPLY_TIMEOUT
         while self.applied_revision < revision:
             remaining = deadline - self.loop.time()
@@ -457,8 +447,7 @@ class FleetMember:
         self._written = self._key(state) if state is not None else None
         self.tap.restart()
         self.proxy.rollout.coverage = self._coverage_problem
-        self._taken = set()
-        self._spawn(self._take_pending_commands())
+        self.spawn(self.commands.take_pending())
         if state is not None and state.rollout.state != "idle":
             # Under way: carried on, the step held afresh. Ended: kept for /status.
             rollout = state.rollout
@@ -472,9 +461,10 @@ class FleetMember:
                     else {"index": rollout.step - 1, "split": rollout.step_split},
                     "reason": rollout.reason,
                 },
-                by=f"the fleet's new leader {self.instance}",
+                by=f"fleet leader {self.instance}",
+                source=f"the fleet's new leader {self.instance}",
             )
-        self._spawn(self._lead_loop())
+        self.spawn(self._lead_loop())
 
     def _stand_down(self, why: str) -> None:
         if not self.leading:
@@ -487,7 +477,7 @@ class FleetMember:
         # A ramp this member was walking stops where it got; the fleet's leader decides now.
         self.proxy.control.stop_ramp()
         self.proxy.events.publish("fleet_stood_down", instance=self.instance, reason=why)
-        self._spawn(self.proxy.rollout.stand_down())
+        self.spawn(self.proxy.rollout.stand_down())
 
     def split_decided(self, green: float, by: str) -> None:
         """The control layer's split decision (the SplitCoordinator seam)."""
@@ -530,7 +520,7 @@ class FleetMember:
     async def _lead_loop(self) -> None:
         while self.leading:
             try:
-                await self._write_state()
+                await self.write_state()
             except StoreError as exc:
                 log.warning("fleet %s: state write failed: %s", self.name, exc)
             self._wake_lead.clear()
@@ -540,7 +530,7 @@ class FleetMember:
             except TimeoutError:
                 pass
 
-    async def _write_state(self, extra: tuple[Op, ...] = ()) -> tuple[bool, int]:
+    async def write_state(self, extra: tuple[Op, ...] = ()) -> tuple[bool, int]:
         """Write the leader's state if it changed (and `extra`), fenced on the election key.
         Returns whether the state was written and the revision of the write."""
         async with self._write_lock:
@@ -590,121 +580,12 @@ class FleetMember:
     # commands ------------------------------------------------------------------
 
     async def command(self, kind: str, data: dict[str, Any], by: str) -> dict[str, Any]:
-        """A split or rollout command taken by this member, applied fleet-wide; the answer
-        comes once the fleet's state holds it and this member applied it."""
-        if self.leading:
-            done = await self._execute(kind, data, by)
-            try:
-                written, revision = await self._write_state()
-            except StoreError as exc:
-                raise ControlError(
-                    503,
-                    "fleet state not written",
-                    f"fleet {self.name}: etcd did not take it ({exc}); this member writes it "
-                    "when etcd answers again, if it still leads then",
-                ) from exc
-            await self._until_applied(revision if written else self.revision)
-            return done
-        if self.leader is None or not self.connected:
-            raise ControlError(
-                503,
-                "no fleet leader",
-                f"fleet {self.name}: no leader can be reached now (etcd "
-                f"{'reachable' if self.connected else 'unreachable'}); try again",
-            )
-        ident = f"{self.instance}.{uuid.uuid4().hex[:12]}"
-        waiter: asyncio.Future[dict[str, Any]] = self.loop.create_future()
-        self._results[ident] = waiter
-        body = {"kind": kind, "data": data, "by": by, "from": self.instance}
-        try:
-            await self.store.put(
-                self.keys.commands + ident, json.dumps(body).encode(), lease=self.lease
-            )
-            async with asyncio.timeout(COMMAND_TIMEOUT):
-                result = await waiter
-        except (StoreError, TimeoutError) as exc:
-            # Withdrawn, so that no later leader acts on a command already answered 503.
-            self._spawn(self._withdraw(self.keys.commands + ident))
-            why = str(exc) or f"no answer within {COMMAND_TIMEOUT:g}s"
-            raise ControlError(
-                503,
-                "no fleet leader",
-                f"fleet {self.name}: the leader ({self.leader}) did not take the command "
-                f"({why}); it was withdrawn",
-            ) from exc
-        finally:
-            self._results.pop(ident, None)
-        self._spawn(self._withdraw(self.keys.results + ident))
-        if "error" in result:
-            status = int(result.get("status", 409))
-            raise ControlError(status, result["error"], result.get("detail"))
-        await self._until_applied(int(result.get("state_revision") or result["_revision"]))
-        answer: dict[str, Any] = result.get("answer", {})
-        return answer
+        """A split or rollout command taken by this member, applied fleet-wide (commands.py)."""
+        return await self.commands.request(kind, data, by)
 
-    def _take_command(self, kv: KV) -> None:
-        if kv.key not in self._taken:
-            self._taken.add(kv.key)
-            self._spawn(self._serve_command(kv))
-
-    async def _take_pending_commands(self) -> None:
-        """Commands put while no member led (or before this one knew it leads)."""
-        try:
-            kvs, _ = await self.store.get(self.keys.commands, prefix=True)
-        except StoreError:
-            return  # the member that sent one gets no answer in time and says so
-        for kv in kvs:
-            if self.leading:
-                self._take_command(kv)
-
-    async def _withdraw(self, key: str) -> None:
-        """Delete a command or result key (else it goes with its lease)."""
-        with contextlib.suppress(StoreError):
-            await self.store.txn([], [Delete(key)], read_on_failure=False)
-
-    async def _serve_command(self, kv: KV) -> None:
-        _, ident = self.keys.kind(kv.key)
-        try:
-            body = json.loads(kv.value)
-            kind, data, by = str(body["kind"]), dict(body["data"]), str(body["by"])
-            answer = await self._execute(kind, data, f"{by} via {body.get('from')}")
-            result: dict[str, Any] = {"answer": answer}
-        except ControlError as exc:
-            result = {"error": exc.error, "status": exc.status, "detail": exc.detail}
-        except (ValueError, KeyError, TypeError) as exc:
-            result = {"error": "malformed command", "status": 400, "detail": str(exc)}
-        done: tuple[Op, ...] = (Delete(kv.key),)
-        probe = self._desired()
-        wrote = self._key(probe) != self._written
-        if not wrote:
-            result["state_revision"] = self.revision
-        put = Put(self.keys.results + ident, json.dumps(result, default=str).encode(), self.lease)
-        try:
-            await self._write_state((*done, put))
-        except (StoreError, ControlError) as exc:
-            log.warning("fleet %s: command %s not answered: %s", self.name, ident, exc)
-
-    async def _execute(self, kind: str, data: dict[str, Any], by: str) -> dict[str, Any]:
-        proxy = self.proxy
-        if kind == "split":
-            rollout = proxy.rollout
-            if rollout.steers_split:
-                raise ControlError(
-                    409,
-                    "rollout active",
-                    f"an {rollout.strategy} rollout steers the split: pause it first",
-                )
-            over = data.get("over")
-            change = proxy.control.set_split(
-                float(data["green"]), None if over is None else float(over), by=by
-            )
-            return {"split": change.after, "before": change.before}
-        if kind == "rollout":
-            action = str(data.get("action"))
-            fields = data.get("fields") or {}
-            change = await proxy.rollout_action(action, dict(fields), by)
-            return {"what": change.what, "before": change.before, "after": change.after}
-        raise ControlError(400, "unknown command", kind)
+    def state_pending(self) -> bool:
+        """Whether the leader's state differs from what it last wrote."""
+        return self._key(self._desired()) != self._written
 
     # what this member says about itself ----------------------------------------
 
