@@ -489,6 +489,8 @@ async def test_green_failing_behind_members_rolls_the_fleet_back(
     for proxy in fleet.followers():
         seen = [e.data["state"] for e in proxy.events.history if e.kind == "fleet_rollout"]
         assert seen[-2:] == ["progressing", "rolled_back"], seen
+    # Every member fences the rolled-back candidate from failover traffic, as the leader does.
+    assert all(p.router.fenced == "green" for p in fleet.proxies)
 
 
 # members as processes ------------------------------------------------------------------------

@@ -417,6 +417,12 @@ class FleetMember:
             proxy.events.publish(
                 "fleet_rollout", state=r.state, step=r.step, reason=r.reason, by=state.writer
             )
+            # As the leader's controller does: a rolled-back candidate takes no failover
+            # traffic until a rollout starts (or a promotion) lifts the fence.
+            if r.state == "rolled_back":
+                proxy.fence_candidate(f"the fleet rolled {proxy.candidate} back ({r.reason})")
+            elif proxy.router.fenced is not None:
+                proxy.fence_candidate("")
         self._applied_event.set()
         self._applied_event = asyncio.Event()
         self._member_dirty.set()
