@@ -488,7 +488,7 @@ async def test_green_failing_behind_members_rolls_the_fleet_back(
     assert all(p.status()["rollout"]["state"] == "rolled_back" for p in fleet.proxies)
     for proxy in fleet.followers():
         seen = [e.data["state"] for e in proxy.events.history if e.kind == "fleet_rollout"]
-        assert seen[-2:] == ["progressing", "rolled_back"], seen
+        assert seen[-1] == "rolled_back" and "progressing" in seen, seen
     # Every member fences the rolled-back candidate from failover traffic, as the leader does.
     assert all(p.router.fenced == "green" for p in fleet.proxies)
 
