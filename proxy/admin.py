@@ -348,6 +348,12 @@ class AdminAPI:
                 over = parse_duration(data["over"])
             except ValueError as exc:
                 raise ControlError(400, "invalid over", str(exc)) from exc
+        fleet = self.proxy.fleet
+        if fleet is not None:
+            body = {"green": green, "over": over}
+            answer = await fleet.command("split", body, who(request))
+            audit(request, Change("fleet split", answer.get("before"), answer.get("split")))
+            return web.json_response(answer)
         rollout = self.proxy.rollout
         if rollout.steers_split:
             raise ControlError(
@@ -394,6 +400,13 @@ class AdminAPI:
 
     async def rollout(self, request: web.Request) -> web.Response:
         data = await read_json(request)
+        fleet = self.proxy.fleet
+        if fleet is not None:
+            command = {"action": request.match_info["action"], "fields": data}
+            answer = await fleet.command("rollout", command, who(request))
+            what = f"fleet {answer.get('what')}"
+            audit(request, Change(what, answer.get("before"), answer.get("after")))
+            return web.json_response(answer)
         change = await self.proxy.rollout_action(request.match_info["action"], data, who(request))
         audit(request, change)
         return web.json_response(

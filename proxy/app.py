@@ -16,6 +16,7 @@ from . import native
 from .admin import AdminSetupError
 from .config import Config
 from .control import ControlError
+from .fleet import join as join_fleet
 from .handover import (
     HandoverError,
     HandoverServer,
@@ -76,6 +77,7 @@ async def serve(
         print(f"turnout: cannot start the workers: {exc}", file=sys.stderr, flush=True)
         await proxy.shutdown(timeout=0)
         return EXIT_RUNTIME
+    join_fleet(proxy)
     freeze_startup_heap()
     if inherited is not None:
         # The ramp, the drains and the rollout go on here from where the old process was.

@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=18.0,
         help="e.g. 20s (default 18s, at least 4s)",
     )
+    demo.add_argument(
+        "--fleet",
+        type=bounded(int, 2, 10, "the fleet's size"),
+        default=0,
+        metavar="N",
+        help="N proxies (2-10) following one rollout through a local etcd (needs etcd)",
+    )
 
     # Started by `turnout run --workers N`, not by people: no help line, so it is not listed.
     worker = sub.add_parser("worker")
@@ -222,7 +229,7 @@ def cmd_upstream(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(bad_green=args.bad_green, duration=args.duration)
+    return run_demo(bad_green=args.bad_green, duration=args.duration, fleet=args.fleet)
 
 
 COMMANDS = {

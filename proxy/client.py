@@ -451,8 +451,9 @@ COLUMNS = (
 NUMERIC = frozenset({"WEIGHT", "IN-FLIGHT", "QUEUED", "REQUESTS", "FAILURES"})
 WINDOW_COLUMNS = ("REQUESTS", "ERRORS", "ERROR-RATE", "P50", "P99")
 KNOWN_KEYS = frozenset(
-    {"split", "stable", "candidate", "config", "listen", "ramp", "pools", "rollout"}
+    {"split", "stable", "candidate", "config", "listen", "ramp", "pools", "rollout", "fleet"}
 )
+FLEET_COLUMNS = ("MEMBER", "APPLIED", "LAG", "LAST-SEEN", "ADMIN", "NOTE")
 ROLLOUT_KEYS = frozenset({"strategy", "state", "step", "steps", "reason", "windows"})
 
 
@@ -463,6 +464,10 @@ def format_status(status: dict[str, Any]) -> str:
     if windows:
         lines.append("")
         lines.extend(windows)
+    members = _fleet_rows(_dict(status.get("fleet")))
+    if members:
+        lines.append("")
+        lines.extend(_table(FLEET_COLUMNS, members, numeric=frozenset({"APPLIED", "LAG"})))
     lines.append("")
     rows = _upstream_rows(_dict(status.get("pools")))
     if rows:
@@ -482,6 +487,9 @@ def _header(status: dict[str, Any]) -> list[tuple[str, str]]:
     availability = _availability(_dict(status.get("pools")))
     if availability:
         out.append(("available", availability))
+    fleet = status.get("fleet")
+    if isinstance(fleet, dict):
+        out.append(("fleet", _fleet_text(fleet)))
     rollout = status.get("rollout")
     if isinstance(rollout, dict):
         out.extend(_rollout_lines(rollout))
@@ -507,6 +515,50 @@ def _rollout_lines(rollout: dict[str, Any]) -> list[tuple[str, str]]:
     extra = [k for k in rollout if k not in ROLLOUT_KEYS]
     out.extend((f"rollout.{k}", _text(rollout[k])) for k in extra)
     return out
+
+
+def _fleet_text(fleet: dict[str, Any]) -> str:
+    words = [
+        f"{_text(fleet.get('name'))} as {_text(fleet.get('instance'))}",
+        "leading" if fleet.get("leading") else f"leader {_text(fleet.get('leader'))}",
+        "connected" if fleet.get("connected") else "CUT OFF from etcd",
+        f"revision {_text(fleet.get('revision'))}",
+    ]
+    if fleet.get("fenced_writes"):
+        words.append(f"{_text(fleet['fenced_writes'])} fenced write(s)")
+    override = fleet.get("override")
+    if isinstance(override, dict):
+        words.append(f"local override: {_text(override.get('reason'))}")
+    return ", ".join(words)
+
+
+def _fleet_rows(fleet: dict[str, Any]) -> list[list[str]]:
+    members = fleet.get("members")
+    if not isinstance(members, list):
+        return []
+    rows = []
+    for m in members:
+        if not isinstance(m, dict):
+            continue
+        notes = []
+        if m.get("instance") == fleet.get("leader"):
+            notes.append("leader")
+        if isinstance(m.get("lag"), int) and m["lag"] > 0:
+            notes.append("LAGGING")
+        if isinstance(m.get("override"), dict):
+            notes.append("local override")
+        seen = m.get("last_seen")
+        rows.append(
+            [
+                _text(m.get("instance")),
+                _number(m.get("applied_revision")),
+                _number(m.get("lag")),
+                f"{seen:.1f}s ago" if isinstance(seen, int | float) else "-",
+                _text(m.get("admin")),
+                ", ".join(notes) or "-",
+            ]
+        )
+    return rows
 
 
 def _windows_table(windows: dict[str, Any]) -> list[str]:

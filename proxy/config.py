@@ -43,6 +43,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "DrainConfig",
+    "FleetConfig",
+    "FleetTLS",
     "GateConfig",
     "HealthCheckConfig",
     "LimitsConfig",
@@ -638,6 +640,53 @@ class RolloutConfig(_Model):
         return _validate_also("steps", handler, value, problems)
 
 
+def _etcd_url(value: object) -> str:
+    text = _string(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid etcd endpoint {text!r}: must be http(s)://host:port")
+    try:
+        parts.port  # noqa: B018 - a bad port raises here
+    except ValueError as exc:
+        raise ValueError(f"invalid etcd endpoint {text!r}: {exc}") from None
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise ValueError(f"invalid etcd endpoint {text!r}: must not have a path or query")
+    return text.rstrip("/")
+
+
+def _fleet_name(value: object) -> str:
+    text = _string(value)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", text):
+        raise ValueError(
+            f"invalid name {text!r}: 1-63 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    return text
+
+
+EtcdURL = Annotated[str, BeforeValidator(_etcd_url)]
+FleetName = Annotated[str, BeforeValidator(_fleet_name)]
+
+
+class FleetTLS(_Model):
+    """TLS towards etcd: a CA, and a client pair for mTLS."""
+
+    ca: FilePath | None = None
+    cert: FilePath | None = None
+    key: FilePath | None = None
+
+
+class FleetConfig(_Model):
+    """Many instances following one rollout through an etcd v3 cluster."""
+
+    etcd: Annotated[tuple[EtcdURL, ...], Field(min_length=1)] = ("http://127.0.0.1:2379",)
+    name: FleetName = "default"
+    instance: FleetName | None = None
+    lease_ttl: Annotated[float, BeforeValidator(_positive_duration), Field(ge=1, le=60)] = 3.0
+    partition_policy: Literal["hold", "local_rollback"] = "local_rollback"
+    tls: FleetTLS | None = None
+
+
 class Config(_Model):
     """The whole configuration of one Turnout process: an immutable snapshot."""
 
@@ -657,6 +706,7 @@ class Config(_Model):
     drain: DrainConfig = Field(default_factory=DrainConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+    fleet: FleetConfig | None = None
 
     @model_validator(mode="after")
     def _grpc_checks_need_http2(self) -> Self:

@@ -7,7 +7,7 @@ import logging
 import ssl
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 from pydantic import ValidationError
 
@@ -43,6 +43,12 @@ class ControlError(Exception):
 log = logging.getLogger("turnout.control")
 
 
+class SplitCoordinator(Protocol):
+    """Takes the split decisions of a fleet member (proxy/fleet): the fleet applies them."""
+
+    def split_decided(self, green: float, by: str) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """What a mutation did, for the audit log and the admin API's answer."""
@@ -69,6 +75,9 @@ class Control:
         # The listeners and health checks are set up once, from the configuration the
         # process started with: a reload is compared with that, not with the last reload.
         self._running = proxy.config
+        # In a fleet the split is the fleet's: decisions go to the coordinator, which applies
+        # them here (apply_split_now) when the fleet's state says so.
+        self.coordinator: SplitCoordinator | None = None
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """A background task that is kept referenced until it ends, and cancelled at close."""
@@ -101,6 +110,20 @@ class Control:
         return Change("split", {"green": before}, {"green": green, "over": over})
 
     def _apply_split(self, green: float, by: str) -> None:
+        if self.coordinator is not None:
+            self.coordinator.split_decided(green, by)
+        else:
+            self.apply_split_now(green, by)
+
+    def _steer(self, green: float, by: str) -> None:
+        """One step of a ramp."""
+        if self.coordinator is not None:
+            self.coordinator.split_decided(green, by)
+        else:
+            self.proxy.set_split(green)
+
+    def apply_split_now(self, green: float, by: str) -> None:
+        """Route `green` percent to green from now on."""
         before = self.split
         self.proxy.set_split(green)
         if before != green:
@@ -198,13 +221,13 @@ class Control:
         while True:
             progress = min(1.0, (loop.time() - began) / over)
             value = start + (target - start) * progress
-            self.proxy.set_split(round(value, 3))
+            self._steer(round(value, 3), by)
             if progress >= 1.0:
                 break
             await asyncio.sleep(RAMP_TICK)
         self._ramp = None
         self._ramp_target = None
-        self.proxy.set_split(target)
+        self._steer(target, by)
         self.events.publish("split", before=start, after=target, by=by, ramp=over)
         if target in (0.0, 100.0):
             self._drain_pool_connections("green" if target == 0.0 else "blue")
@@ -524,6 +547,7 @@ RESTART_ONLY = (
     ("listen.tls", lambda c: c.listen.tls is None),
     ("admin", lambda c: (c.admin.host, c.admin.port, c.admin.token_env, c.admin.tls)),
     ("health_check", lambda c: c.health_check),
+    ("fleet", lambda c: c.fleet),
 )
 
 

@@ -314,7 +314,17 @@ async def _watch(proxy: Proxy, began: float, duration: float, tally: Tally, writ
             return
 
 
-def run_demo(bad_green: bool = False, duration: float = DEFAULT_DURATION) -> int:
-    """`turnout demo`: exit 0 when the rollout ended as expected with no failed request."""
-    summary = uvloop.run(demo(bad_green, duration))
+def run_demo(bad_green: bool = False, duration: float = DEFAULT_DURATION, fleet: int = 0) -> int:
+    """`turnout demo`: exit 0 when the rollout ended as expected with no failed request.
+    With `fleet`, that many proxies follow the rollout through a local etcd."""
+    if fleet:
+        from .fleet.demo import DemoError, run_fleet_demo
+
+        try:
+            summary = run_fleet_demo(fleet, bad_green, duration, _write_stdout)
+        except DemoError as exc:
+            print(f"turnout demo: {exc}", file=sys.stderr)
+            return 1
+    else:
+        summary = uvloop.run(demo(bad_green, duration))
     return 0 if summary.ok else 1

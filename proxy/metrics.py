@@ -171,6 +171,33 @@ class ProxyCollector(Collector):
         rollback.add_metric((), [(_le(b), c) for b, c in rb.buckets], rb.sum)
         yield rollback
         yield from _worker_metrics(proxy)
+        yield from _fleet_metrics(proxy)
+
+
+def _fleet_metrics(proxy: Proxy) -> Iterator[Metric]:
+    """With `fleet:`: this member's link to etcd and its part in the fleet."""
+    fleet = proxy.fleet
+    if fleet is None:
+        return
+    yield GaugeMetricFamily(
+        "turnout_fleet_connected", "1 while this member reaches etcd", value=fleet.connected
+    )
+    yield GaugeMetricFamily(
+        "turnout_fleet_is_leader", "1 while this member leads the fleet", value=fleet.leading
+    )
+    yield GaugeMetricFamily(
+        "turnout_fleet_members", "Live members of the fleet", value=len(fleet.members)
+    )
+    yield GaugeMetricFamily(
+        "turnout_fleet_revision",
+        "etcd revision of the fleet state this member applied",
+        value=fleet.applied_revision,
+    )
+    yield CounterMetricFamily(
+        "turnout_fleet_fenced_writes",
+        "State writes etcd refused because this member no longer led",
+        value=fleet.fenced_writes,
+    )
 
 
 WORKER_STATES = ("starting", "ready", "restarting", "stopping", "exited")

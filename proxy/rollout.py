@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeGuard
@@ -66,6 +67,9 @@ class RolloutController:
         self._threshold: ThresholdConfig | None = None
         self._candidate_lost = False
         self._last_note: str | None = None
+        # A fleet's leader: why the outcomes it holds do not cover the fleet, or None; a
+        # decision other than a breach waits (insufficient_data) while they do not.
+        self.coverage: Callable[[], str | None] | None = None
 
     # views -------------------------------------------------------------------
 
@@ -202,10 +206,13 @@ class RolloutController:
             "reason": self.reason,
         }
 
-    def restore(self, state: object) -> None:
-        """Carry on the rollout of the process this one replaces. The outcomes it judged stay
-        behind with it, so the step it was on starts afresh: held again for `interval` and
-        `min_requests` before the next advance, never skipped."""
+    def restore(
+        self, state: object, *, by: str = "hot restart", source: str = "a hot restart"
+    ) -> None:
+        """Carry on the rollout of the process this one replaces (or of the fleet's previous
+        leader). The outcomes it judged stay behind with it, so the step it was on starts
+        afresh: held again for `interval` and `min_requests` before the next advance, never
+        skipped."""
         if not isinstance(state, dict):
             return
         try:
@@ -231,7 +238,7 @@ class RolloutController:
         self._new_tests()
         reason = state.get("reason")
         reason = reason if isinstance(reason, str) else phase.value
-        self._set_state(phase, f"{reason} (carried over by a hot restart)", "hot restart")
+        self._set_state(phase, f"{reason} (carried over by {source})", by)
         if phase is RolloutState.ROLLED_BACK:
             self._fence(reason)
         if phase in ACTIVE or phase is RolloutState.PAUSED:
@@ -370,8 +377,9 @@ class RolloutController:
             return None
         if breach_only:
             return None
-        if decision.verdict is Verdict.INSUFFICIENT_DATA:
-            problem = self._candidate_problem()
+        short = self.coverage() if self.coverage is not None else None
+        if decision.verdict is Verdict.INSUFFICIENT_DATA or short is not None:
+            problem = self._candidate_problem() if short is None else short
             reason = decision.reason if problem is None else f"{decision.reason}; {problem}"
             if self.state is not RolloutState.INSUFFICIENT_DATA:
                 self._set_state(
@@ -532,6 +540,13 @@ class RolloutController:
         if previous is not None:
             data["previous_stable"] = previous
         self.proxy.events.publish("rollout", **data)
+
+    async def stand_down(self) -> None:
+        """Stop deciding (a fleet member that no longer leads): the fleet's leader decides."""
+        await self.close()
+        self.state = RolloutState.IDLE
+        self.step = None
+        self.first_failure = None
 
     async def close(self) -> None:
         if self._task is not None:

@@ -38,6 +38,7 @@ from .upstream import Upstream, protocol_factory
 
 if TYPE_CHECKING:
     from .exchange import Exchange
+    from .fleet import FleetMember
 
 log = logging.getLogger("turnout")
 
@@ -178,6 +179,7 @@ class Proxy:
         self.fence_reason = ""
         self.rollback_seconds = Histogram(ROLLBACK_BUCKETS)
         self.rollout = RolloutController(self)
+        self.fleet: FleetMember | None = None  # set by proxy.fleet.join
         self.access_log = self._access_log(config)
         self.access_log_dropped_before = 0  # by the access logs a reload replaced
         self.metrics = Metrics(self)
@@ -573,6 +575,8 @@ class Proxy:
         self.shutting_down = True
         timeout = self.settings.drain_timeout if timeout is None else timeout
         self.events.publish("shutdown", connections=len(self.connections), in_flight=self.in_flight)
+        if self.fleet is not None:
+            await self.fleet.close()
         if self.server is not None:
             self.server.close()
         deadline = self.loop.time() + timeout
@@ -611,7 +615,8 @@ class Proxy:
     # views -----------------------------------------------------------------------
 
     def rollout_snapshot(self) -> RolloutSnapshot:
-        return self.rollout.snapshot()
+        local = self.rollout.snapshot()
+        return local if self.fleet is None else self.fleet.rollout_snapshot(local)
 
     async def rollout_action(self, action: str, data: dict[str, Any], by: str) -> Change:
         return await self.rollout.action(action, data, by)
@@ -637,7 +642,13 @@ class Proxy:
             "recent": self.recent_figures(),
             "connections": len(self.connections),
             "rescued": self.rescued,
-        }
+        } | self.fleet_status()
+
+    def fleet_status(self) -> dict[str, Any]:
+        fleet = self.fleet
+        if fleet is None:
+            return {}
+        return {"fleet": fleet.status(), "rollout": fleet.rollout_status(self.rollout.status())}
 
     def __repr__(self) -> str:
         return (

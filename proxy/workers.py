@@ -205,6 +205,8 @@ class LeaderProxy(Proxy):
             in_flight=self.in_flight,
             workers=len(self.pool.workers) if self.pool else 0,
         )
+        if self.fleet is not None:
+            await self.fleet.close()
         if self.pool is not None:
             await self.pool.stop(timeout)
         if self._watch_task is not None:

@@ -1,0 +1,107 @@
+"""Outcomes across a fleet: each member publishes what its analysis windows counted since its
+last report (per pool: requests, errors, latency bins); the leader adds the others' reports
+into its own windows, as a supervisor adds its workers' reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+from itertools import zip_longest
+from typing import TYPE_CHECKING, Any
+
+from ..analysis import WindowFigures
+from .state import POOL_NAMES
+
+if TYPE_CHECKING:
+    from ..runtime import Proxy
+
+log = logging.getLogger("turnout.fleet")
+
+FRESH = 1.0  # seconds a report counts toward coverage
+
+
+class OutcomeTap:
+    """Reads a member's windows for what is new since the last report; merges the others'."""
+
+    __slots__ = ("_anchor", "_last", "_seen", "proxy")
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self._anchor: float | None = None
+        self._last: dict[str, WindowFigures] = {}
+        self._seen: dict[str, float] = {}
+
+    def restart(self) -> None:
+        """Report only what comes from now on (a member that stops leading must not report
+        the others' outcomes it merged); forget who reported."""
+        now = self.proxy.loop.time()
+        self._anchor = now
+        self._last = {p: self.proxy.windows[p].figures(now, since=now) for p in POOL_NAMES}
+        self._seen = {}
+
+    def take(self) -> bytes | None:
+        """The report since the previous one, JSON; None right after a restart."""
+        if self._anchor is None:
+            self.restart()
+            return None
+        proxy = self.proxy
+        now = proxy.loop.time()
+        pools: dict[str, Any] = {}
+        for name in POOL_NAMES:
+            window = proxy.windows[name]
+            figures = window.figures(now, since=self._anchor)
+            last = self._last[name]
+            requests = figures.requests - last.requests
+            if requests <= 0:
+                continue
+            bins = {
+                str(i): a - b
+                for i, (a, b) in enumerate(
+                    zip_longest(figures.histogram, last.histogram, fillvalue=0)
+                )
+                if a > b
+            }
+            pools[name] = {
+                "requests": requests,
+                "errors": max(0, figures.errors - last.errors),
+                "latency": bins,
+            }
+        self._anchor = now
+        self._last = {p: proxy.windows[p].figures(now, since=now) for p in POOL_NAMES}
+        return json.dumps({"pools": pools}, separators=(",", ":")).encode()
+
+    def merge(self, member: str, raw: bytes, wall: float) -> None:
+        """Add another member's report to this (leading) member's windows."""
+        proxy = self.proxy
+        try:
+            pools = json.loads(raw)["pools"]
+            parsed = [
+                (
+                    name,
+                    int(pools[name]["errors"]),
+                    {int(k): int(v) for k, v in pools[name]["latency"].items()},
+                )
+                for name in POOL_NAMES
+                if name in pools
+            ]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("fleet: unreadable outcomes from %s: %s", member, exc)
+            return
+        self._seen[member] = wall
+        now = proxy.loop.time()
+        candidate_failed = False
+        for name, errors, bins in parsed:
+            proxy.windows[name].record_counts(now, errors, bins)
+            if errors and name != proxy.stable:
+                candidate_failed = True
+        if candidate_failed:
+            proxy.rollout.candidate_failed()
+
+    def reporting(self, wall: float) -> set[str]:
+        return {m for m, at in self._seen.items() if wall - at <= FRESH}
+
+    def forget(self, member: str) -> None:
+        self._seen.pop(member, None)
+
+    def __repr__(self) -> str:
+        return f"<OutcomeTap reporting={sorted(self._seen)}>"
