@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from conftest import HOST, ProxyFactory, SampleFactory, proxy_config, wait_for
 
+from proxy.config import parse_config
+from proxy.member import MemberProxy
 from proxy.runtime import Proxy
 from proxy.server import ClientConnection
+from proxy.shared import OutcomeReport, routing_state
+from proxy.workers import LeaderProxy
 
 MiB = 1024 * 1024
 BOUND = 5.0  # a slot held this long after its phase's timeout would be held forever
@@ -86,13 +92,24 @@ def blue(proxy: Proxy) -> Any:
     return proxy.router.pools["blue"][0]
 
 
-async def metric(proxy: Proxy, phase: str) -> float:
+def metric(proxy: Proxy, phase: str) -> float:
     text = proxy.metrics.exposition()[0].decode()
     line = f'turnout_timeouts_total{{phase="{phase}"}} '
     for row in text.splitlines():
         if row.startswith(line):
             return float(row[len(line) :])
     raise AssertionError(f"no {line!r} in the metrics")
+
+
+async def logged(path: Path, method: str) -> dict[str, Any]:
+    """The access log's line for the request with `method` (the log is written by a thread)."""
+
+    def lines() -> list[dict[str, Any]]:
+        text = path.read_text() if path.exists() else ""
+        return [e for e in map(json.loads, text.splitlines()) if e["method"] == method]
+
+    await wait_for(lambda: bool(lines()))
+    return lines()[0]
 
 
 async def read_all(reader: asyncio.StreamReader) -> bytes:
@@ -109,7 +126,10 @@ async def get_ok(session: aiohttp.ClientSession, proxy: Proxy) -> None:
 
 
 async def test_stalled_request_body_is_408_and_frees_the_slot(
-    sample: SampleFactory, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+    sample: SampleFactory,
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    tmp_path: Path,
 ) -> None:
     """A POST head and one body byte, then nothing: with max_in_flight 1 every other client
     would get 503 for as long as the client likes, were the body phase not bounded."""
@@ -120,6 +140,7 @@ async def test_stalled_request_body_is_408_and_frees_the_slot(
             [upstream.url],
             limits={"max_in_flight": 1, "queue": 0},
             timeouts={"client_body": SMALL},
+            access_log={"to": str(tmp_path / "access.log")},
         )
     )
     reader, writer = await asyncio.open_connection(HOST, proxy.port)
@@ -134,10 +155,12 @@ async def test_stalled_request_body_is_408_and_frees_the_slot(
     assert b"no request body byte within 0.3s" in answer
     await wait_for(lambda: in_flight(proxy) == 0, BOUND)
     await get_ok(session, proxy)
-    assert await metric(proxy, "client_body") == 1
+    assert metric(proxy, "client_body") == 1
     # The client's slowness is not the upstream's failure.
     assert blue(proxy).failures == 0
     assert blue(proxy).breaker.snapshot().state.value == "closed"
+    entry = await logged(tmp_path / "access.log", "POST")
+    assert (entry["status"], entry["reason"]) == (408, "client_body_timeout")
 
 
 async def test_request_body_that_keeps_coming_is_not_cut(
@@ -159,7 +182,7 @@ async def test_request_body_that_keeps_coming_is_not_cut(
     finally:
         writer.close()
     assert head.startswith(b"HTTP/1.1 200 "), head
-    assert await metric(proxy, "client_body") == 0
+    assert metric(proxy, "client_body") == 0
 
 
 # -- slow read ---------------------------------------------------------------------------------
@@ -188,7 +211,7 @@ async def test_client_that_never_reads_is_cut_and_frees_the_slot(
         # Never reading: the proxy's buffer towards the client fills and stays full.
         await wait_for(lambda: in_flight(proxy) == 0, BOUND)
         await get_ok(session, proxy)
-        assert await metric(proxy, "client_send") == 1
+        assert metric(proxy, "client_send") == 1
         assert blue(proxy).failures == 0
         # The connection was cut: what the client reads ends short of 256 MiB.
         sock.setblocking(True)
@@ -236,7 +259,7 @@ async def test_upstream_stalled_mid_body_is_cut_counted_and_frees_the_slot(
     assert head.startswith(b"HTTP/1.1 200 "), answer
     assert body == b"y" * 10  # cut short, never made to look complete
     await wait_for(lambda: in_flight(proxy) == 0, BOUND)
-    assert await metric(proxy, "upstream_body") == 1
+    assert metric(proxy, "upstream_body") == 1
     # The upstream's stall is its failure.
     assert blue(proxy).failures == 1
     assert blue(proxy).breaker.snapshot().consecutive_failures == 1
@@ -277,7 +300,7 @@ async def test_upstream_that_takes_no_request_body_is_504(
         stop.set()
     assert head.startswith(b"HTTP/1.1 504 "), head
     await wait_for(lambda: in_flight(proxy) == 0, BOUND)
-    assert await metric(proxy, "upstream_body") == 1
+    assert metric(proxy, "upstream_body") == 1
     assert blue(proxy).failures == 1
 
 
@@ -302,7 +325,7 @@ async def test_idle_websocket_tunnel_is_closed_and_frees_the_slot(
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
     await wait_for(lambda: in_flight(proxy) == 0, BOUND)
     await wait_for(lambda: not proxy.tunnels)
-    assert await metric(proxy, "tunnel_idle") == 1
+    assert metric(proxy, "tunnel_idle") == 1
 
 
 async def test_tunnel_pauses_a_client_whose_upstream_reads_nothing(
@@ -415,3 +438,26 @@ async def test_upstream_half_close_reaches_the_client_which_may_still_send(
         writer.close()
     await wait_for(lambda: not proxy.connections, BOUND)
     await wait_for(lambda: in_flight(proxy) == 0, BOUND)
+
+
+# -- workers ------------------------------------------------------------------------------------
+
+
+async def test_timeouts_in_workers_add_up_on_the_leader() -> None:
+    """With --workers the leader's /metrics counts the timeouts of every worker."""
+    config = parse_config(proxy_config(["http://127.0.0.1:9001"], ["http://127.0.0.1:9002"]))
+    leader = LeaderProxy(config, workers=2)
+    members = [MemberProxy(config, member=f"worker-{i}", workers=2) for i in range(2)]
+    state = routing_state(leader, 1, 1, 0.0)
+    for i, member in enumerate(members):
+        member.follow(state)
+        member.timeouts["client_body"] += 1 + i
+        member.timeouts["tunnel_idle"] += 1
+    for member in members:
+        report = member.report()
+        assert report is not None
+        leader.merge(OutcomeReport.from_wire(json.loads(json.dumps(report.to_wire()))))
+        assert member.report() is None  # nothing new since
+    assert metric(leader, "client_body") == 3
+    assert metric(leader, "tunnel_idle") == 2
+    assert metric(leader, "client_send") == 0
