@@ -301,15 +301,16 @@ class ClientConnection:
         """The client half-closed: a request it sent in full still gets its response, unless
         it still waits in an upstream's admission queue. A client that closed looks the same,
         and under overload abandoned requests would hold queue places that live clients need:
-        such a request is dropped from the queue, as HAProxy's abortonclose does."""
-        if self.tunnel_exchange is not None:
-            return self._tunnel_eof(EOF_CLIENT)
+        such a request is dropped from the queue, as HAProxy's abortonclose does. Through a
+        tunnel the half-close passes on to the upstream."""
         ex = self.active
         if ex is not None and ex.queued:
             self.closing = True  # nothing pipelined behind it is served either
             if self.task is not None:
                 self.task.cancel()
             return None
+        if self.tunnel_exchange is not None:
+            return self._tunnel_eof(EOF_CLIENT)
         if ex is None or not ex.body_done or self.parsing is not None:
             return None  # nothing complete to answer: close now
         if not self.pipeline:
@@ -700,7 +701,7 @@ class ClientConnection:
         if (
             phase is not self.watch_phase
             or count != self.watch_count
-            or (buffered != self.watch_buffer)
+            or buffered != self.watch_buffer
         ):
             self.watch_phase = phase
             self.watch_count = count
