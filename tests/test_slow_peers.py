@@ -410,6 +410,36 @@ async def test_client_half_close_reaches_the_upstream_and_its_answer_the_client(
     await wait_for(lambda: not proxy.connections, BOUND)
 
 
+async def test_half_close_before_the_upgrade_is_confirmed_is_passed_on_after_it(
+    raw_upstream: Callable[[Handler], Awaitable[str]],
+    make_proxy: ProxyFactory,
+) -> None:
+    """The client sends its handshake, a first message and its FIN at once; the upstream
+    switches protocols only after the proxy has seen that FIN, and still gets both."""
+    proxies: list[Proxy] = []
+
+    async def late(head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await wait_for(lambda: any(c.tunnel_eof for c in proxies[0].connections), BOUND)
+        writer.write(SWITCHING)
+        await writer.drain()
+        received = await reader.read(-1)
+        writer.write(b"got %b" % received)
+        await writer.drain()
+
+    url = await raw_upstream(late)
+    proxies.append(await make_proxy(proxy_config([url], [url])))
+    reader, writer = await asyncio.open_connection(HOST, proxies[0].port)
+    try:
+        writer.write(upgrade_request() + b"early")
+        writer.write_eof()
+        answer = await read_all(reader)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 101 "), answer
+    assert answer.endswith(b"\r\n\r\ngot early"), answer
+    await wait_for(lambda: in_flight(proxies[0]) == 0, BOUND)
+
+
 async def test_upstream_half_close_reaches_the_client_which_may_still_send(
     raw_upstream: Callable[[Handler], Awaitable[str]],
     make_proxy: ProxyFactory,
