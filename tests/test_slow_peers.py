@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import h2.events
 import pytest
 from conftest import HOST, ProxyFactory, SampleFactory, proxy_config, wait_for
+from test_http2 import RawH2
 
 from proxy.config import parse_config
 from proxy.member import MemberProxy
@@ -491,3 +493,34 @@ async def test_timeouts_in_workers_add_up_on_the_leader() -> None:
     assert metric(leader, "client_body") == 3
     assert metric(leader, "tunnel_idle") == 2
     assert metric(leader, "client_send") == 0
+
+
+# -- HTTP/2 -------------------------------------------------------------------------------------
+
+
+async def test_http2_stream_whose_client_opens_no_window_is_reset_and_frees_the_slot(
+    sample: SampleFactory, make_proxy: ProxyFactory
+) -> None:
+    """Each HTTP/2 stream is bounded like an HTTP/1.1 exchange: a stream whose client never
+    opens its flow-control window is reset after client_send, the other streams unaffected."""
+    upstream = await sample("blue")
+    proxy = await make_proxy(
+        proxy_config([upstream.url], [upstream.url], timeouts={"client_send": SMALL})
+    )
+    client = await RawH2.open(proxy.port)
+    try:
+        stuck = client.request("/bytes/20000000")
+        await client.until(lambda: bool(client.of(h2.events.StreamReset)), timeout=BOUND)
+        (reset,) = client.of(h2.events.StreamReset)
+        assert reset.stream_id == stuck
+        assert not client.of(h2.events.StreamEnded)  # cut, never made to look complete
+        # The connection's window went to the stuck stream: give it back, then ask again.
+        client.conn.increment_flow_control_window(1 << 24)
+        other = client.request("/headers")
+        await client.until(lambda: bool(client.of(h2.events.StreamEnded)), timeout=BOUND)
+        (ended,) = client.of(h2.events.StreamEnded)
+        assert ended.stream_id == other
+    finally:
+        client.close()
+    await wait_for(lambda: in_flight(proxy) == 0, BOUND)
+    assert metric(proxy, "client_send") == 1
