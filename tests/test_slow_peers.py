@@ -20,7 +20,7 @@ import pytest
 from conftest import HOST, ProxyFactory, SampleFactory, proxy_config, wait_for
 from test_http2 import RawH2
 
-from proxy.config import parse_config
+from proxy.config import ConfigError, parse_config
 from proxy.member import MemberProxy
 from proxy.runtime import Proxy
 from proxy.server import ClientConnection
@@ -122,6 +122,20 @@ async def read_all(reader: asyncio.StreamReader) -> bytes:
 async def get_ok(session: aiohttp.ClientSession, proxy: Proxy) -> None:
     async with session.get(f"http://{HOST}:{proxy.port}/headers") as resp:
         assert resp.status == 200
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def test_inactivity_bounds_have_defaults_and_refuse_nonsense() -> None:
+    t = parse_config(proxy_config([], [])).timeouts
+    assert (t.client_body, t.client_send, t.upstream_body, t.tunnel_idle) == (30, 30, 30, 300)
+    # The keys DESIGN.md names keep their meaning and defaults.
+    assert (t.connect, t.response_headers, t.idle) == (2.0, 30.0, 60.0)
+    with pytest.raises(ConfigError) as info:
+        parse_config(proxy_config([], [], timeouts={"client_body": "0s", "tunnel_idle": "soon"}))
+    assert "timeouts.client_body" in str(info.value)
+    assert "timeouts.tunnel_idle" in str(info.value)
 
 
 # -- slow POST ---------------------------------------------------------------------------------
