@@ -18,6 +18,9 @@ import aiohttp
 import h2.events
 import pytest
 from conftest import HOST, ProxyFactory, SampleFactory, proxy_config, wait_for
+from hypercorn.asyncio import serve
+from hypercorn.config import Config as HypercornConfig
+from test_h2_upstream import h2_pools, up
 from test_http2 import RawH2
 
 from proxy.config import ConfigError, parse_config
@@ -538,3 +541,48 @@ async def test_http2_stream_whose_client_opens_no_window_is_reset_and_frees_the_
         client.close()
     await wait_for(lambda: in_flight(proxy) == 0, BOUND)
     assert metric(proxy, "client_send") == 1
+
+
+async def test_http2_upstream_stalled_mid_body_is_cut_counted_and_frees_the_slot(
+    make_proxy: ProxyFactory,
+) -> None:
+    """An HTTP/2 upstream's stream is bounded like an HTTP/1.1 upstream connection."""
+    stop = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/healthz":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        headers = [(b"content-length", b"1000")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"y" * 10, "more_body": True})
+        await stop.wait()  # then nothing
+
+    sock = socket.socket()
+    sock.bind((HOST, 0))
+    url = f"http://{HOST}:{sock.getsockname()[1]}"
+    config = HypercornConfig()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = config.errorlog = None
+    server = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    try:
+        proxy = await make_proxy(h2_pools(url, url, timeouts={"upstream_body": SMALL}))
+        await up(proxy)
+        reader, writer = await asyncio.open_connection(HOST, proxy.port)
+        try:
+            writer.write(b"GET /stall HTTP/1.1\r\nHost: test\r\n\r\n")
+            answer = await read_all(reader)
+        finally:
+            writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), answer
+        assert body == b"y" * 10
+        await wait_for(lambda: in_flight(proxy) == 0, BOUND)
+        assert metric(proxy, "upstream_body") == 1
+        assert blue(proxy).failures == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 10)
