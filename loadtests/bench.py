@@ -5,6 +5,7 @@
     python -m loadtests.bench --rate 8000        # latency at one offered rate, 64 vs 256 conns
     python -m loadtests.bench --scrape 1         # Turnout with /metrics scraped every second too
     python -m loadtests.bench --dashboard        # Turnout with its dashboard open too
+    python -m loadtests.bench --slow-clients 200 # normal requests while slow POSTs attack
     python -m loadtests.bench --extra naive="python ../shared/bench/naive_proxy.py --port {port} \
         --upstream {blue}=90 --upstream {green}=10"
     python -m loadtests.bench --h2               # HTTP/2 clients (h2c, h2load), HTTP/1.1 upstreams
@@ -21,11 +22,20 @@ reported; quote the ratios, not the absolute figures.
 With --h2 the clients speak HTTP/2 with prior knowledge (h2load from apt-get install
 nghttp2-client, 4 connections sharing the --connections streams) to every proxy, which speaks
 HTTP/1.1 to the upstream; there is no "direct" target then.
+
+--slow-clients N measures something else: the success rate and p99 of normal requests (a paced
+--rate, default 200/s) without and then during an attack of N slow-POST clients on each proxy,
+each proxy with its stock timeouts (Turnout's defaults, nginx's, the HAProxy config below).
+Each attacker sends a request head and one body byte, then nothing, and connects again a
+tenth of a second after the proxy hangs up. The upstreams are then Turnout's sample upstreams,
+which read a request body before they answer, as applications do (nginx serving files answers
+a POST at once, and the attack would hold nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import shlex
@@ -61,6 +71,8 @@ class Result:
     idle_mib: float = 0.0  # before the load
     after_mib: float = 0.0  # a second after it
     cpu_us: float = 0.0  # the proxy process's CPU time per request served (user + system)
+    requests: int = 0  # completed, any status
+    timeouts: int = 0  # not completed within wrk's timeout (counted in errors too)
 
 
 def free_port() -> int:
@@ -229,6 +241,7 @@ split: 10
 
 
 WRK_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+WRK_REQUESTS = re.compile(r"(\d+) requests in ")
 WRK_PCT = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 WRK_ERR = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)|Socket errors:.*?(\d+) timeout", re.S)
 UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -261,11 +274,15 @@ def wrk(
     rps_match = WRK_RPS.search(out)
     pct = {m.group(1): float(m.group(2)) * UNIT_MS[m.group(3)] for m in WRK_PCT.finditer(out)}
     errors = sum(int(g) for m in WRK_ERR.finditer(out) for g in m.groups() if g)
+    timeouts = sum(int(m.group(2)) for m in WRK_ERR.finditer(out) if m.group(2))
+    requests_match = WRK_REQUESTS.search(out)
     return Result(
         rps=float(rps_match.group(1)) if rps_match else 0.0,
         p50_ms=pct.get("50", 0.0),
         p99_ms=pct.get("99", 0.0),
         errors=errors,
+        requests=int(requests_match.group(1)) if requests_match else 0,
+        timeouts=timeouts,
     )
 
 
@@ -377,6 +394,14 @@ def main(argv: list[str] | None = None) -> int:
         "possible: compares latency across --connections at the same offered load",
     )
     ap.add_argument(
+        "--slow-clients",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure normal requests without and during an attack of N slow-POST clients "
+        "(see above) instead of throughput",
+    )
+    ap.add_argument(
         "--scrape",
         type=float,
         default=0.0,
@@ -404,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     with tempfile.TemporaryDirectory(prefix="turnout-bench-") as tmpname:
         tmp = Path(tmpname)
+        if args.slow_clients:
+            return run_slow(args, conns[0], tmp)
         return run(args, conns, sizes, tmp)
 
 
@@ -585,6 +612,139 @@ def report(
                 a, b = med(name, size, low), med(name, size, high)
                 growth = b.p99_ms / a.p99_ms if a.p99_ms else 0.0
                 print(f"  {name:>12} {size:>8}B  {growth:.2f}x")
+
+
+# -- slow clients ------------------------------------------------------------------------------
+
+SLOW_HEAD = b"POST /sink HTTP/1.1\r\nHost: bench\r\nContent-Length: 1000000\r\n\r\nx"
+
+
+class SlowClients:
+    """`n` slow-POST clients on an event loop in a thread of their own; counts the connections
+    the proxy hung up on (answered 408, cut or refused)."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.port = port
+        self.n = n
+        self.open = 0
+        self.hung_up = 0
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
+
+    async def _run(self) -> None:
+        self._stop = asyncio.Event()
+        tasks = [asyncio.create_task(self._attacker()) for _ in range(self.n)]
+        await self._stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _attacker(self) -> None:
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(HOST, self.port)
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            self.open += 1
+            try:
+                writer.write(SLOW_HEAD)
+                with suppress(OSError):
+                    await reader.read(-1)  # nothing more is sent: until the proxy hangs up
+            finally:
+                self.open -= 1
+                writer.close()
+            self.hung_up += 1
+            await asyncio.sleep(0.1)
+
+    def __enter__(self) -> SlowClients:
+        self._thread.start()
+        deadline = time.monotonic() + 10.0
+        while self.open < self.n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the last heads reach an upstream
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stop = self._stop
+        if stop is not None:
+            self._loop.call_soon_threadsafe(stop.set)
+        self._thread.join()
+        self._loop.close()
+
+
+def run_slow(args: argparse.Namespace, connections: int, tmp: Path) -> int:
+    """Normal requests' success rate and p99 without and during a slow-POST attack."""
+    blue, green = free_port(), free_port()
+    targets: dict[str, tuple[list[str], int]] = {}
+    port = free_port()
+    (tmp / "turnout.yaml").write_text(turnout_conf(port, blue, green))
+    targets["turnout"] = (
+        [sys.executable, "-m", "proxy", "run", "-c", str(tmp / "turnout.yaml")],
+        port,
+    )
+    nginx, haproxy = find_tool("nginx"), find_tool("haproxy")
+    if nginx:
+        port = free_port()
+        (tmp / "nginx-proxy.conf").write_text(nginx_proxy_conf(port, blue, green, tmp))
+        targets["nginx"] = ([nginx, "-c", str(tmp / "nginx-proxy.conf")], port)
+    if haproxy:
+        port = free_port()
+        (tmp / "haproxy.cfg").write_text(haproxy_conf(port, blue, green))
+        targets["haproxy"] = ([haproxy, "-f", str(tmp / "haproxy.cfg")], port)
+    if args.only:
+        keep = set(args.only.split(","))
+        targets = {name: spec for name, spec in targets.items() if name in keep}
+    rate = args.rate or 200
+    n = args.slow_clients
+    upstreams = [
+        [sys.executable, "-m", "proxy", "upstream", "--name", name, "--port", str(p)]
+        for name, p in (("blue", blue), ("green", green))
+    ]
+    rows: list[tuple[str, int, Result, int]] = []
+    with process(upstreams[0], blue, LOAD_CORE), process(upstreams[1], green, LOAD_CORE):
+        for rnd in range(args.rounds):
+            for name, (argv, port) in targets.items():
+                url = f"http://{HOST}:{port}/bytes/100"
+                with process(argv, port, PROXY_CORE):
+                    for attackers in (0, n):
+                        with SlowClients(port, attackers) if attackers else nullcontext() as att:
+                            res = wrk(url, connections, args.duration, rate, tmp)
+                            hung_up = att.hung_up if isinstance(att, SlowClients) else 0
+                        rows.append((name, attackers, res, hung_up))
+                        print(
+                            f"round {rnd + 1} {name:>8} slow={attackers:<4} "
+                            f"{success(res):6.2f}% ok p99 {res.p99_ms:8.2f} ms "
+                            f"hung up {hung_up}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+    print(
+        f"normal GETs at {rate}/s on {connections} connections for {args.duration} s; "
+        f"N slow-POST clients"
+    )
+    print("| target | slow clients | success % | p50 ms | p99 ms | attackers hung up on |")
+    print("|---|---|---|---|---|---|")
+    for name in targets:
+        for attackers in (0, n):
+            runs = [(r, h) for t, a, r, h in rows if t == name and a == attackers]
+            print(
+                f"| {name} | {attackers} "
+                f"| {statistics.median(success(r) for r, _ in runs):.2f} "
+                f"| {statistics.median(r.p50_ms for r, _ in runs):.2f} "
+                f"| {statistics.median(r.p99_ms for r, _ in runs):.2f} "
+                f"| {statistics.median(h for _, h in runs):.0f} |"
+            )
+    return 0
+
+
+def success(res: Result) -> float:
+    """The share of normal requests answered 2xx/3xx, in percent (one not answered within
+    wrk's timeout is a failure too)."""
+    total = res.requests + res.timeouts
+    failed = res.errors  # non-2xx/3xx answers and timeouts
+    return 100.0 * (total - failed) / total if total else 0.0
 
 
 if __name__ == "__main__":

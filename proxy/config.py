@@ -507,12 +507,18 @@ class StickyConfig(_Model):
 
 
 class TimeoutsConfig(_Model):
-    """Timeouts towards upstreams, and for a client's request head."""
+    """Timeouts towards upstreams, and inactivity bounds on every phase of an exchange."""
 
     connect: PositiveDuration = 2.0
     response_headers: PositiveDuration = 30.0
     idle: PositiveDuration = 60.0
     request_headers: PositiveDuration = 10.0
+    # No byte moved in the phase for this long ends the exchange (nginx's client_body_timeout
+    # and send_timeout, HAProxy's timeout client / server / tunnel).
+    client_body: PositiveDuration = 30.0
+    client_send: PositiveDuration = 30.0
+    upstream_body: PositiveDuration = 30.0
+    tunnel_idle: PositiveDuration = 300.0
 
 
 class LimitsConfig(_Model):

@@ -47,6 +47,17 @@ SHIELDED_OUTCOMES: Final = frozenset({Outcome.CONNECT_ERROR, Outcome.RESET, Outc
 ANSWERED_OUTCOMES: Final = frozenset({Outcome.OK, Outcome.RETRY_STATUS, Outcome.CLIENT_GONE})
 
 
+class Phase(Enum):
+    """A phase of an exchange with a time bound (its `timeouts.` setting has the same name)."""
+
+    REQUEST_HEADERS = "request_headers"
+    RESPONSE_HEADERS = "response_headers"
+    CLIENT_BODY = "client_body"  # the client sends no request body byte
+    CLIENT_SEND = "client_send"  # the client takes no response byte
+    UPSTREAM_BODY = "upstream_body"  # the upstream sends no response byte or takes no body byte
+    TUNNEL_IDLE = "tunnel_idle"  # no byte either way through a WebSocket tunnel
+
+
 class Exchange:
     """State of one request; callbacks from both connections meet here."""
 
@@ -744,9 +755,39 @@ class Exchange:
         conn = self.conn
         if conn is not None and not self.response_started:
             conn.detach()
-            timeout = self.client.proxy.settings.response_headers_timeout
+            proxy = self.client.proxy
+            proxy.timeouts[Phase.RESPONSE_HEADERS.value] += 1
+            timeout = proxy.settings.response_headers_timeout
             self.detail = f"no response headers within {timeout:g}s"
             self._finish_attempt(Outcome.TIMEOUT)
+
+    def stalled(self, phase: Phase, timeout: float) -> None:
+        """No byte moved in `phase` for `timeout`: end the attempt, release what it holds,
+        and answer the client (408, 504) or, once its response has begun, cut it. Only the
+        upstream's stall counts against its breaker."""
+        conn = self.conn
+        if conn is None or not self.waiting:
+            return
+        self.client.proxy.timeouts[phase.value] += 1
+        self.note = f"{phase.value}_timeout"
+        client = self.client
+        if phase is Phase.CLIENT_BODY or phase is Phase.CLIENT_SEND:
+            # The upstream holds a partial request or an unsent response: never reuse it.
+            self.conn = None
+            conn.detach()
+            if self.response_started:
+                client.abort()
+            else:
+                detail = f"no request body byte within {timeout:g}s"
+                client.send_error(self, 408, h.error_name(408), detail)
+            self._finish_attempt(Outcome.CLIENT_GONE)
+        elif self.response_started:
+            client.abort()  # never let a cut body look complete
+            detail = f"no response body byte from the upstream within {timeout:g}s"
+            self._upstream_error(conn, Outcome.CUT, detail)
+        else:
+            detail = f"the upstream took no request body byte within {timeout:g}s"
+            self._upstream_error(conn, Outcome.TIMEOUT, detail)
 
     # upstream callbacks ------------------------------------------------------
 
@@ -895,7 +936,9 @@ class Exchange:
         self.client.pause_reading(self.client.PAUSE_UPSTREAM)
 
     def upstream_resume(self) -> None:
-        self.client.resume_reading(self.client.PAUSE_UPSTREAM)
+        client = self.client
+        client.upstream_progress += 1
+        client.resume_reading(client.PAUSE_UPSTREAM)
 
     def tunnel_closed(self) -> None:
         self._finish_attempt(Outcome.OK)

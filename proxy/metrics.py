@@ -153,6 +153,14 @@ class ProxyCollector(Collector):
         for name in ROLLOUT_STATES:
             rstate.add_metric((name,), 1.0 if name == rollout.state else 0.0)
         yield rstate
+        timeouts = CounterMetricFamily(
+            "turnout_timeouts",
+            "Exchanges ended by a timeout, by phase (the timeouts setting of the same name)",
+            labels=("phase",),
+        )
+        for phase, count in proxy.timeouts.items():
+            timeouts.add_metric((phase,), count)
+        yield timeouts
         yield CounterMetricFamily(
             "turnout_rescued",
             "Candidate failures answered by the stable pool",

@@ -9,6 +9,7 @@ import random
 import socket
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,7 +22,7 @@ from .breaker import Breaker, BreakerState
 from .config import Config, UpstreamConfig, shield_statuses
 from .control import Change, Control
 from .events import EventBus
-from .exchange import Outcome
+from .exchange import Outcome, Phase
 from .grpcstatus import parse_codes
 from .h2front import H2Session
 from .h2upstream import H2Upstream
@@ -95,6 +96,8 @@ class Settings:
     response_headers_timeout: float
     request_headers_timeout: float
     idle_timeout: float
+    # The inactivity bound of each phase the tick watches (client_body ... tunnel_idle).
+    inactivity: Mapping[Phase, float]
     retry_attempts: int
     retry_methods: frozenset[bytes]
     retry_statuses: frozenset[int]
@@ -126,6 +129,12 @@ class Settings:
             response_headers_timeout=t.response_headers,
             request_headers_timeout=t.request_headers,
             idle_timeout=t.idle,
+            inactivity={
+                Phase.CLIENT_BODY: t.client_body,
+                Phase.CLIENT_SEND: t.client_send,
+                Phase.UPSTREAM_BODY: t.upstream_body,
+                Phase.TUNNEL_IDLE: t.tunnel_idle,
+            },
             retry_attempts=r.attempts,
             retry_methods=frozenset(m.encode("ascii") for m in r.methods),
             retry_statuses=statuses,
@@ -177,6 +186,8 @@ class Proxy:
         self._failover_logged_at = float("-inf")
         # Why no request fails over to the candidate ("" when they may): a rollback's reason.
         self.fence_reason = ""
+        # Exchanges ended by a timeout, by phase (Phase values).
+        self.timeouts: dict[str, int] = {phase.value: 0 for phase in Phase}
         self.rollback_seconds = Histogram(ROLLBACK_BUCKETS)
         self.rollout = RolloutController(self)
         self.fleet: FleetMember | None = None  # set by proxy.fleet.join

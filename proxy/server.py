@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
 from . import headers as h
-from .exchange import Exchange
+from .exchange import Exchange, Phase
 
 if TYPE_CHECKING:
     from .runtime import Proxy
@@ -32,6 +32,10 @@ TOO_MANY_CONNECTIONS = (
 # At shutdown, how long a keep-alive connection must have been idle before it is closed.
 SHUTDOWN_IDLE_GRACE = 0.5
 
+# Which ends of a tunnel have finished sending (a half-close passes on to the other end).
+EOF_CLIENT: Final = 1
+EOF_UPSTREAM: Final = 2
+
 
 class HeadError(Exception):
     """The request head broke a limit; carries the status to answer with."""
@@ -52,6 +56,7 @@ class ClientConnection:
 
     __slots__ = (
         "active",
+        "client_progress",
         "closed",
         "closing",
         "deadline",
@@ -78,8 +83,14 @@ class ClientConnection:
         "trailers",
         "transport",
         "tunnel",
+        "tunnel_eof",
         "tunnel_exchange",
+        "upstream_progress",
         "url",
+        "watch_buffer",
+        "watch_count",
+        "watch_phase",
+        "watch_since",
         "write_paused",
     )
 
@@ -121,6 +132,16 @@ class ClientConnection:
         self.head_deadline = 0.0
         self.head_timer: asyncio.TimerHandle | None = None
         self.head_timer_at = 0.0
+        # Inactivity bounds (timeouts.client_body and the like) cost the hot path a counter
+        # bump per read or write batch on each side; the proxy's tick watches the counter of
+        # the phase under way and ends the exchange when it stood still for that phase's bound.
+        self.client_progress = 0
+        self.upstream_progress = 0
+        self.watch_phase: Phase | None = None
+        self.watch_count = 0
+        self.watch_buffer = 0
+        self.watch_since = 0.0
+        self.tunnel_eof = 0
 
     # asyncio.Protocol ---------------------------------------------------------
 
@@ -173,6 +194,7 @@ class ClientConnection:
         self.held = None
 
     def data_received(self, data: bytes) -> None:
+        self.client_progress += 1
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.write(data)
@@ -279,20 +301,17 @@ class ClientConnection:
         """The client half-closed: a request it sent in full still gets its response, unless
         it still waits in an upstream's admission queue. A client that closed looks the same,
         and under overload abandoned requests would hold queue places that live clients need:
-        such a request is dropped from the queue, as HAProxy's abortonclose does."""
+        such a request is dropped from the queue, as HAProxy's abortonclose does. Through a
+        tunnel the half-close passes on to the upstream."""
         ex = self.active
         if ex is not None and ex.queued:
             self.closing = True  # nothing pipelined behind it is served either
             if self.task is not None:
                 self.task.cancel()
             return None
-        if (
-            ex is None
-            or not ex.body_done
-            or self.parsing is not None
-            or self.tunnel is not None
-            or self.tunnel_exchange is not None
-        ):
+        if self.tunnel_exchange is not None:
+            return self._tunnel_eof(EOF_CLIENT)
+        if ex is None or not ex.body_done or self.parsing is not None:
             return None  # nothing complete to answer: close now
         if not self.pipeline:
             self.closing = True
@@ -308,6 +327,7 @@ class ClientConnection:
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.client_progress += 1
         ex = self.active
         if ex is not None and ex.conn is not None:
             ex.conn.resume_reading()
@@ -446,7 +466,7 @@ class ClientConnection:
             ex.tunnel_closed()
             return
         conn.sink = None
-        conn.tunnel = transport
+        conn.tunnel = self
         self.tunnel = conn
         if rest:
             transport.write(rest)
@@ -454,8 +474,43 @@ class ClientConnection:
         ex.upgrade_rest = None
         for data in pending:
             conn.write(data)
+        if self.tunnel_eof & EOF_CLIENT and not conn.write_eof():
+            # The client finished sending before the upstream switched protocols, and the
+            # half-close cannot be passed on (TLS).
+            self.close()
         self.resume_reading(self.PAUSE_TUNNEL)
         self.proxy.tunnels.add(self)
+
+    def _tunnel_eof(self, end: int) -> bool | None:
+        """One end of a tunnel finished sending: pass the half-close on and keep relaying the
+        other way until that end finishes too (or tunnel_idle, or drain.timeout at shutdown).
+        None closes the transport that reported it, and with it the other one."""
+        self.tunnel_eof |= end
+        if self.tunnel_eof == EOF_CLIENT | EOF_UPSTREAM:
+            return None
+        tunnel = self.tunnel
+        if tunnel is None:
+            return True  # the upgrade is not confirmed yet: start_tunnel passes it on
+        if end == EOF_CLIENT:
+            return True if tunnel.write_eof() else None
+        transport = self.transport
+        if transport is None or self.closed or not transport.can_write_eof():
+            return None  # TLS cannot half-close
+        transport.write_eof()
+        return True
+
+    # the tunnel's upstream end reports here ------------------------------------
+
+    def upstream_eof(self) -> bool | None:
+        return self._tunnel_eof(EOF_UPSTREAM)
+
+    def upstream_pause(self) -> None:
+        """The upstream's end of the tunnel takes no more for now: stop reading the client."""
+        self.pause_reading(self.PAUSE_UPSTREAM)
+
+    def upstream_resume(self) -> None:
+        self.upstream_progress += 1
+        self.resume_reading(self.PAUSE_UPSTREAM)
 
     # flow control -------------------------------------------------------------
 
@@ -473,6 +528,8 @@ class ClientConnection:
     # responses ----------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        """What the upstream sent (the proxy's own answers too) towards the client."""
+        self.upstream_progress += 1
         transport = self.transport
         if transport is not None and not self.closed:
             transport.write(data)
@@ -539,6 +596,7 @@ class ClientConnection:
             self.proxy.tunnels.discard(self)
             self.close()
         self.active = None
+        self.watch_phase = None
         if self.closed:
             return
         if ex.resp_close or self.closing or not ex.keep_alive or ex.error is not None:
@@ -602,20 +660,90 @@ class ClientConnection:
             transport.abort()
 
     def expire(self, now: float) -> None:
-        """Called by the proxy's tick: idle keep-alive or a trickling request head."""
-        if self.active is None and self.deadline and now >= self.deadline:
+        """Called by the proxy's tick: idle keep-alive, a trickling request head, or an
+        exchange or tunnel in which nothing moved for longer than its phase allows."""
+        if self.active is not None:
+            self._watch(now)
+        elif self.deadline and now >= self.deadline:
             if self.in_head:
+                self.proxy.timeouts[Phase.REQUEST_HEADERS.value] += 1
                 self._reject(408, "request head not received in time")
             else:
                 self.close()
+
+    def _watch(self, now: float) -> None:
+        """Find the phase under way and what moves in it (a progress counter, or a write
+        buffer that drains while reading is paused behind it); a phase that stood still since
+        an earlier tick for its timeout ends. A count of -1 says the buffer is what moves."""
+        ex = self.active
+        transport = self.transport
+        tunnel = self.tunnel
+        if ex is None or transport is None or self.closed:
+            return
+        phase: Phase | None = None
+        count = -1
+        buffered = 0
+        if tunnel is not None:
+            phase = Phase.TUNNEL_IDLE
+            count = self.client_progress + self.upstream_progress
+        elif ex.conn is None:
+            pass  # queued, connecting, or answered by the proxy: bounded elsewhere
+        elif ex.response_started:
+            if self.write_paused:
+                phase = Phase.CLIENT_SEND
+                buffered = transport.get_write_buffer_size()
+            else:
+                phase = Phase.UPSTREAM_BODY
+                count = self.upstream_progress
+        elif not ex.body_done:
+            if self.paused & self.PAUSE_UPSTREAM:
+                phase = Phase.UPSTREAM_BODY
+                buffered = ex.conn.write_buffer_size()
+            else:
+                phase = Phase.CLIENT_BODY
+                count = self.client_progress
+        # else the response head is awaited: timeouts.response_headers
+        if (
+            phase is not self.watch_phase
+            or count != self.watch_count
+            or buffered != self.watch_buffer
+        ):
+            self.watch_phase = phase
+            self.watch_count = count
+            self.watch_buffer = buffered
+            self.watch_since = now
+            return
+        if phase is None:
+            return
+        timeout = self.proxy.settings.inactivity[phase]
+        if now - self.watch_since < timeout:
+            return
+        self.watch_phase = None
+        if tunnel is None:
+            ex.stalled(phase, timeout)
+            return
+        self.proxy.timeouts[phase.value] += 1
+        ex.note = "tunnel_idle_timeout"
+        # A peer that reads nothing would hold a graceful close open forever.
+        if tunnel.write_buffer_size():
+            tunnel.abort()
+        else:
+            tunnel.close()
+        if transport.get_write_buffer_size():
+            self.abort()
+        else:
+            self.close()
 
     def going_away(self) -> None:
         """Close a WebSocket tunnel politely: 1001 "going away" to both ends, then close."""
         tunnel = self.tunnel
         if tunnel is None:
             return
-        self.write(WS_GOING_AWAY_TO_CLIENT)
-        tunnel.write(WS_GOING_AWAY_TO_UPSTREAM)
+        # Never after a half-close was passed on: that end takes no more bytes.
+        if not self.tunnel_eof & EOF_UPSTREAM:
+            self.write(WS_GOING_AWAY_TO_CLIENT)
+        if not self.tunnel_eof & EOF_CLIENT:
+            tunnel.write(WS_GOING_AWAY_TO_UPSTREAM)
         tunnel.close()
         self.close()
 

@@ -210,6 +210,7 @@ class OutcomeReport:
     pools: Mapping[PoolName, PoolOutcomes]
     upstreams: Mapping[UpstreamKey, UpstreamOutcomes]
     unrouted: Mapping[str, dict[int, int]]
+    timeouts: Mapping[str, int] = field(default_factory=dict)  # exchanges ended, by phase
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -222,6 +223,7 @@ class OutcomeReport:
             "pools": {name: p.to_wire() for name, p in self.pools.items()},
             "upstreams": [[pool, ep, u.to_wire()] for (pool, ep), u in self.upstreams.items()],
             "unrouted": {k: {str(c): n for c, n in v.items()} for k, v in self.unrouted.items()},
+            "timeouts": dict(self.timeouts),
         }
 
     @classmethod
@@ -246,6 +248,7 @@ class OutcomeReport:
             unrouted={
                 str(k): {int(c): int(n) for c, n in v.items()} for k, v in wire["unrouted"].items()
             },
+            timeouts={str(k): int(n) for k, n in wire.get("timeouts", {}).items()},
         )
 
 
@@ -396,6 +399,9 @@ def merge_report(
         for reason, count in outcomes.retries.items():
             stats.retries[reason] = stats.retries.get(reason, 0) + count
     proxy.rescued += report.rescued
+    for phase, count in report.timeouts.items():
+        if phase in proxy.timeouts:
+            proxy.timeouts[phase] += count
     for pool, codes in report.unrouted.items():
         _add_codes(proxy.unrouted.setdefault(pool, {}), codes)
     moved: list[tuple[Upstream, BreakerState, BreakerState]] = []
@@ -482,6 +488,7 @@ class OutcomeRecorder:
         "_rescued",
         "_retries",
         "_seen",
+        "_timeouts",
         "_unrouted",
         "member",
     )
@@ -492,6 +499,7 @@ class OutcomeRecorder:
         self._durations: dict[PoolName, tuple[list[int], float]] = {}
         self._retries: dict[PoolName, dict[str, int]] = {p: {} for p in POOLS}
         self._rescued = 0
+        self._timeouts: dict[str, int] = {}
         self._unrouted: dict[str, dict[int, int]] = {}
         self._seen: dict[Upstream, _Seen] = {}
         self._connections = 0
@@ -533,6 +541,13 @@ class OutcomeRecorder:
         self._seen = seen_now
         rescued = proxy.rescued - self._rescued
         self._rescued = proxy.rescued
+        timeouts = {
+            phase: n - self._timeouts.get(phase, 0)
+            for phase, n in proxy.timeouts.items()
+            if n != self._timeouts.get(phase, 0)
+        }
+        if timeouts:
+            self._timeouts = dict(proxy.timeouts)
         unrouted: dict[str, dict[int, int]] = {}
         for pool, codes in proxy.unrouted.items():
             before = self._unrouted.setdefault(pool, {})
@@ -544,7 +559,7 @@ class OutcomeRecorder:
         if connections != self._connections:
             self._connections = connections
             force = True
-        if not (pools or changed or rescued or unrouted or served or force):
+        if not (pools or changed or rescued or unrouted or timeouts or served or force):
             return None
         return OutcomeReport(
             member=self.member,
@@ -556,6 +571,7 @@ class OutcomeRecorder:
             pools=pools,
             upstreams=changed,
             unrouted=unrouted,
+            timeouts=timeouts,
         )
 
     def _pool(self, proxy: Proxy, name: PoolName) -> PoolOutcomes | None:

@@ -68,6 +68,16 @@ class ResponseSink(Protocol):
     def upstream_resume(self) -> None: ...
 
 
+class TunnelPeer(Protocol):
+    """The client end of a tunnel, as the upstream connection sees it."""
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+    def upstream_eof(self) -> bool | None: ...
+    def upstream_pause(self) -> None: ...
+    def upstream_resume(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamSnapshot:
     pool: str
@@ -306,7 +316,7 @@ class UpstreamConnection:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.sink: ResponseSink | None = None
-        self.tunnel: asyncio.Transport | None = None
+        self.tunnel: TunnelPeer | None = None
         # The response head being read, sorted as it arrives: the end-to-end fields as
         # (name, b": ", value, CRLF) runs, ready to relay; Content-Length; whether a
         # Transfer-Encoding came; the further names Connection declared hop-by-hop.
@@ -394,15 +404,21 @@ class UpstreamConnection:
             sink.flush()
 
     def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            return self.tunnel.upstream_eof()  # a half-close passes on through a tunnel
         return None  # the transport closes; connection_lost reports to the exchange
 
     def pause_writing(self) -> None:
         if self.sink is not None:
             self.sink.upstream_pause()
+        elif self.tunnel is not None:
+            self.tunnel.upstream_pause()
 
     def resume_writing(self) -> None:
         if self.sink is not None:
             self.sink.upstream_resume()
+        elif self.tunnel is not None:
+            self.tunnel.upstream_resume()
 
     # httptools callbacks
 
@@ -523,6 +539,18 @@ class UpstreamConnection:
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def write_eof(self) -> bool:
+        """Half-close towards the upstream; False when the transport cannot (TLS)."""
+        transport = self.transport
+        if transport is None or self.closed or not transport.can_write_eof():
+            return False
+        transport.write_eof()
+        return True
+
+    def write_buffer_size(self) -> int:
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
     def should_keep_alive(self) -> bool:
         return self.keep_alive
