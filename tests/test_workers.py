@@ -6,6 +6,7 @@ drains every worker and fails no request; a killed worker is restarted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -149,54 +150,70 @@ async def fresh_connections(url: str, count: int, path: str = "/x") -> Counter[t
     return results
 
 
-async def fresh_on_every_worker(
-    session: aiohttp.ClientSession, process: ProxyProcess, batch: int = 20
-) -> tuple[Counter[tuple[int, str]], int, dict[str, Any]]:
-    """Batches of fresh connections until every worker has served one of them: the kernel
-    hands a burst of connections to whichever worker wakes first, maybe all to one. Returns
-    the answers, how many were sent and the /status that counted them all."""
-    start = served(await status(session, process))
-    results: Counter[tuple[int, str]] = Counter()
-    sent = 0
-    grown = [False] * WORKERS
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ("T" when stopped by a signal)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+async def until_states(pids: list[int], stopped: bool) -> None:
     async with asyncio.timeout(TIMEOUT):
-        while not all(grown):
-            results += await fresh_connections(process.url, batch)
-            sent += batch
-            doc = await until(session, process, counted(sum(start) + sent), 2.0)
-            grown = [n > m for n, m in zip(served(doc), start, strict=True)]
-    return results, sent, doc
+        while any((process_state(pid) == "T") != stopped for pid in pids):
+            await asyncio.sleep(0.005)
 
 
-def counted(total: int) -> Callable[[dict[str, Any]], bool]:
-    return lambda doc: sum(served(doc)) == total
+@contextlib.asynccontextmanager
+async def only_worker(doc: dict[str, Any], index: int) -> AsyncIterator[None]:
+    """Meanwhile only worker `index` takes new connections: every other worker is stopped
+    (SIGSTOP), so it cannot accept. The kernel spreads the connections waiting on a listener
+    shared by several processes as it pleases (a burst may all go to one), so a test that
+    must reach a given worker picks it this way rather than hoping for its share."""
+    others = [w["pid"] for w in doc["workers"] if w["index"] != index]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        await until_states(others, stopped=True)
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+        await until_states(others, stopped=False)
 
 
-def one_more(total: int) -> Callable[[dict[str, Any]], bool]:
-    return counted(total + 1)
+async def through_each_worker(
+    session: aiohttp.ClientSession, process: ProxyProcess, count: int
+) -> tuple[Counter[tuple[int, str]], dict[str, Any]]:
+    """`count` fresh connections through each worker in turn; returns the answers and the
+    /status that counted them all, each on the worker it was sent through."""
+    doc = await status(session, process)
+    start = served(doc)
+    results: Counter[tuple[int, str]] = Counter()
+    for index in range(WORKERS):
+        async with only_worker(doc, index), asyncio.timeout(TIMEOUT):
+            results += await fresh_connections(process.url, count)
+            expected = [n + count * (i <= index) for i, n in enumerate(start)]
+            doc = await until(session, process, served_is(expected))
+    return results, doc
+
+
+def served_is(expected: list[int]) -> Callable[[dict[str, Any]], bool]:
+    return lambda doc: served(doc) == expected
 
 
 async def on_each_worker(
     session: aiohttp.ClientSession, process: ProxyProcess
 ) -> dict[int, RawClient]:
-    """A keep-alive connection accepted by each worker, told apart by the worker whose count
-    of answered requests grows after a request on it."""
+    """A keep-alive connection accepted by each worker (it stays on that worker)."""
     found: dict[int, RawClient] = {}
-    spare: list[RawClient] = []
-    async with asyncio.timeout(TIMEOUT):
-        while len(found) < WORKERS:
-            before = served(await status(session, process))
+    for index in range(WORKERS):
+        doc = await status(session, process)
+        before = served(doc)
+        async with only_worker(doc, index):
             client = await RawClient.open(process.port)
             assert await client.get("/who", {"X-Turnout-Pool": "blue"}) == (200, "blue")
-            doc = await until(session, process, one_more(sum(before)))
-            now = served(doc)
-            (index,) = [i for i in range(WORKERS) if now[i] > before[i]]
-            if index in found:
-                spare.append(client)
-            else:
-                found[index] = client
-    for client in spare:
-        client.close()
+            after = [n + (i == index) for i, n in enumerate(before)]
+            await until(session, process, served_is(after))
+        found[index] = client
     return found
 
 
@@ -216,7 +233,9 @@ async def test_both_workers_serve_and_every_request_is_counted_once(
         assert [w["state"] for w in first["workers"]] == ["ready"] * WORKERS
         assert len({w["pid"] for w in first["workers"]}) == WORKERS
         # Each worker reports within 50 ms: the supervisor's figures are the sum.
-        results, sent, doc = await fresh_on_every_worker(session, process)
+        results, doc = await through_each_worker(session, process, 8)
+        sent = 8 * WORKERS
+        assert served(doc) == [8] * WORKERS
         assert results == {(200, "blue"): sent}
         assert doc["pools"]["blue"]["upstreams"][0]["requests"] == sent
         assert doc["rollout"]["windows"]["blue"]["requests"] == sent
@@ -264,8 +283,8 @@ async def test_a_drain_reaches_every_worker(
             assert resp.status == 200
         await until(session, process, all_follow)
         # Every worker serves some of these, and none of them reaches the drained upstream.
-        results, sent, _ = await fresh_on_every_worker(session, process)
-        assert results == {(200, "blue-b"): sent}
+        results, _ = await through_each_worker(session, process, 8)
+        assert results == {(200, "blue-b"): 8 * WORKERS}
         # Nothing in flight at blue-a in any worker: drained, and the workers know it.
         await until(
             session,
@@ -415,10 +434,10 @@ async def test_a_killed_worker_is_restarted(
         assert "worker 0" in process.log.read_text()
         async with session.get(process.admin + "/metrics") as resp:
             assert "turnout_worker_restarts_total 1.0" in await resp.text()
-        results = await fresh_connections(process.url, 40)
-        assert results == {(200, "blue"): 40}
-        doc = await until(session, process, lambda d: sum(served(d)) == 40, 2.0)
-        assert all(n > 0 for n in served(doc)), served(doc)
+        # The new worker 0 serves (and worker 1 still does).
+        results, doc = await through_each_worker(session, process, 8)
+        assert results == {(200, "blue"): 8 * WORKERS}
+        assert served(doc) == [8] * WORKERS
 
 
 # the seam in one process: no sockets, no processes ------------------------------------------
