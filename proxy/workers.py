@@ -513,6 +513,11 @@ class WorkerPool:
         for worker in self.workers:
             worker.state = "stopping"
             worker.send(encode_message("stop", {"timeout": timeout}))
+        # The workers alone hold the listener now: once each has stopped accepting, it closes
+        # and a new connection is refused (as by a single process), rather than waiting in an
+        # accept queue that no process serves, to be reset when the last worker has drained.
+        if self._sock is not None:
+            self._sock.close()
         tasks = [t for t in self._tasks if not t.done()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout + 2 * STOP_GRACE)

@@ -106,6 +106,57 @@ class RawClient:
         self.writer.close()
 
 
+class KeepAliveClient:
+    """An HTTP/1.1 client that reuses its connection as real ones do (aiohttp, httpx): it drops
+    a connection the server closed while it sat idle, and sends an idempotent request once
+    more on a fresh connection when a reused one ends before a byte of the answer (it may have
+    been closed just as the request left). A refused connection is a clean failure: nothing
+    was sent. Anything else is a failed request."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def get(self, path: str) -> str:
+        """ "ok", "refused", or what went wrong."""
+        for _ in range(2):
+            reused = self.conn is not None and not self.conn[0].at_eof()
+            if not reused:
+                self.drop()
+                try:
+                    self.conn = await asyncio.open_connection(HOST, self.port)
+                except ConnectionRefusedError:
+                    return "refused"
+            assert self.conn is not None
+            reader, writer = self.conn
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    writer.write(f"GET {path} HTTP/1.1\r\nHost: turnout\r\n\r\n".encode())
+                    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                    length = re.search(r"(?im)^content-length: *(\d+)", head)
+                    await reader.readexactly(int(length[1]) if length else 0)
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                self.drop()
+                partial = isinstance(exc, asyncio.IncompleteReadError) and exc.partial
+                if reused and not partial:
+                    continue
+                kind = "reused" if reused else "fresh"
+                return f"{type(exc).__name__} on a {kind} connection"
+            except TimeoutError:
+                self.drop()
+                return "no answer in time"
+            if re.search(r"(?im)^connection: *close", head):
+                self.drop()
+            status = head.split(" ", 2)[1]
+            return "ok" if status == "200" else f"answered {status}"
+        return "the retry failed too"
+
+    def drop(self) -> None:
+        if self.conn is not None:
+            self.conn[1].close()
+            self.conn = None
+
+
 async def status(session: aiohttp.ClientSession, process: ProxyProcess) -> dict[str, Any]:
     code, doc = await admin_get(session, process.admin + "/status")
     assert code == 200
@@ -392,6 +443,61 @@ async def test_sighup_and_sigterm_reach_every_worker_and_fail_no_request(
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_sigterm_fails_no_request_of_a_keep_alive_client(
+    sample: SampleFactory, turnout_workers: WorkersFactory
+) -> None:
+    """Clients keep sending across a SIGTERM: busy ones, and idle keep-alive ones that send
+    again at moments through the drain. Each request is answered, or its connection is closed
+    or refused before it was sent, never dropped after (as a single process does)."""
+    blue = await sample("blue")
+    process = await turnout_workers(proxy_config([blue.url], [], drain={"timeout": "5s"}))
+    loop = asyncio.get_running_loop()
+    results: list[tuple[float, str]] = []
+    signalled = asyncio.Event()
+    idle_after = (0.05, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
+
+    async def busy(client: KeepAliveClient) -> None:
+        for _ in range(5000):
+            outcome = await client.get("/load")
+            results.append((loop.time(), outcome))
+            if outcome != "ok":
+                return
+
+    async def idle(client: KeepAliveClient, delay: float) -> None:
+        assert await client.get("/first") == "ok"
+        await signalled.wait()
+        await asyncio.sleep(delay)
+        results.append((loop.time(), await client.get("/after-idle")))
+
+    async with aiohttp.ClientSession() as session:
+        # A slow request keeps its worker draining (and the supervisor alive) for 1.5 s.
+        slow = asyncio.create_task(session.get(process.url + "/delay/1500"))
+        await until(
+            session, process, lambda d: d["pools"]["blue"]["upstreams"][0]["in_flight"] == 1
+        )
+        clients = [
+            *(loop.create_task(busy(KeepAliveClient(process.port))) for _ in range(16)),
+            *(loop.create_task(idle(KeepAliveClient(process.port), t)) for t in idle_after),
+        ]
+        async with asyncio.timeout(TIMEOUT):
+            while len(results) < 500:
+                await asyncio.sleep(0.01)
+        process.signal(signal.SIGTERM)
+        signal_at = loop.time()
+        signalled.set()
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.gather(*clients)
+        async with await slow as resp:
+            assert (resp.status, resp.headers.get("Connection")) == (200, "close")
+            await resp.read()
+    assert await process.exit_code(TIMEOUT) == 0
+    after = Counter(outcome for at, outcome in results if at > signal_at)
+    failed = {outcome: n for outcome, n in after.items() if outcome not in ("ok", "refused")}
+    assert failed == {}, after
+    assert all(outcome == "ok" for at, outcome in results if at <= signal_at)
+    assert after["ok"] > 0
 
 
 async def test_a_second_sigterm_ends_every_worker_at_once(
