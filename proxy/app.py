@@ -131,8 +131,6 @@ async def serve(
         pids = ", ".join(str(w.pid) for w in proxy.pool.workers)
         print(f"turnout: {workers} workers share the port (pids {pids})", flush=True)
     print(f"turnout: {native.describe()}", flush=True)
-    # Hot restart hands over one process's sockets and state; not (yet) a supervisor's.
-    handover = None
 
     def handover_state() -> dict[str, Any]:
         return proxy.handover_state() | {
@@ -145,17 +143,17 @@ async def serve(
         handed_over = True
         stop.set()
 
-    if workers == 1:
-        handover = HandoverServer(
-            handover_path or default_path(listen.host, port),
-            proxy.listening_sockets,
-            handover_state,
-            on_handed_over,
-        )
-        await start_handover(handover)
+    # A supervisor hands over like a single process: its listening sockets and the routing
+    # state; its workers drain with it, the successor's own serve on the same sockets.
+    handover = HandoverServer(
+        handover_path or default_path(listen.host, port),
+        proxy.listening_sockets,
+        handover_state,
+        on_handed_over,
+    )
+    await start_handover(handover)
     await stop.wait()
-    if handover is not None:
-        await handover.close()
+    await handover.close()
     if handed_over:
         # The admin API's listening socket is shared with the successor: stop accepting on it
         # here, or the kernel hands about every other admin request (a shift, a drain) to this

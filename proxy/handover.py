@@ -28,6 +28,9 @@ READY = b"ready\n"
 RELEASED = b"released\n"
 MAX_STATE = 65536
 TIMEOUT = 10.0
+# How long the running process waits for its successor to serve: the successor checks every
+# upstream once and starts its workers (each within 30 s) before it says so.
+SERVING_TIMEOUT = 60.0
 
 
 class HandoverError(Exception):
@@ -129,12 +132,14 @@ class HandoverServer:
         os.chmod(self.path, 0o600)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        mine = False
         try:
             async with asyncio.timeout(TIMEOUT):
                 ask = await reader.readline()
-                if ask != ASK or self._busy:
-                    return
-                self._busy = True
+            if ask != ASK or self._busy:
+                return
+            mine = self._busy = True
+            async with asyncio.timeout(SERVING_TIMEOUT):
                 raw = writer.get_extra_info("socket")
                 fds = [s.fileno() for s in self._sockets()]
                 payload = json.dumps(self._state()).encode()
@@ -158,7 +163,8 @@ class HandoverServer:
         except (TimeoutError, OSError) as exc:
             log.warning("takeover abandoned: %s", exc)
         finally:
-            self._busy = False
+            if mine:
+                self._busy = False
             writer.close()
 
     async def close(self) -> None:

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from conftest import HOST, SampleFactory
 
 LISTENING = re.compile(rb"turnout: proxy listening on http://[^:]+:(\d+)")
 ADMIN = re.compile(rb"turnout: admin API on http://[^:]+:(\d+)")
 TOOK_OVER = b"took the listening sockets over"
+STARTUP = 40.0  # a supervisor starts its workers (each within 30 s) before it says it serves
 
 
 class Process:
@@ -52,8 +54,8 @@ class Process:
                     raise AssertionError(b"".join(self.lines).decode(errors="replace"))
                 self.lines.append(line)
 
-    async def port(self, pattern: re.Pattern[bytes]) -> int:
-        match = pattern.search(await self.wait_line(pattern))
+    async def port(self, pattern: re.Pattern[bytes], timeout: float = 10.0) -> int:
+        match = pattern.search(await self.wait_line(pattern, timeout))
         assert match is not None
         return int(match.group(1))
 
@@ -85,13 +87,19 @@ async def load(url: str, stop: asyncio.Event, results: Counter[Any], clients: in
         await asyncio.gather(*(client(session) for _ in range(clients)))
 
 
-async def first_process(config: dict[str, Any], tmp_path: Path) -> tuple[Path, str, Process]:
-    """Write `config` and start a Turnout on it that a successor may take over: the config
-    file, the takeover socket's path and the process."""
+async def first_process(
+    config: dict[str, Any], tmp_path: Path, *args: str
+) -> tuple[Path, str, Process]:
+    """Write `config` and start a Turnout on it (with `args`) that a successor may take over:
+    the config file, the takeover socket's path and the process."""
     path = tmp_path / "turnout.yaml"
     path.write_text(yaml.safe_dump(config))
     handover = str(tmp_path / "handover.sock")
-    return path, handover, await Process.start("-c", str(path), "--takeover-socket", handover)
+    return (
+        path,
+        handover,
+        await Process.start("-c", str(path), "--takeover-socket", handover, *args),
+    )
 
 
 async def stop_cleanly(serving: Process, processes: list[Process]) -> None:
@@ -344,6 +352,79 @@ async def test_the_draining_old_process_takes_no_more_admin_requests(
         new.proc.terminate()
         async with asyncio.timeout(15):
             assert await new.proc.wait() == 0
+    finally:
+        for process in processes:
+            process.kill()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(150)  # three supervisors or processes start, two of them with workers
+async def test_a_supervisor_and_its_workers_are_taken_over_under_load(
+    sample: SampleFactory, tmp_path: Path
+) -> None:
+    """`--takeover --workers 2`: the new supervisor takes the listening sockets and the routing
+    state (stable pool, split, rollout) from a supervisor with workers, starts its own workers
+    on the same sockets, and the old supervisor and its workers drain and exit. Then a single
+    process takes over from it the same way. No client request fails throughout."""
+    blue, green = await sample("blue"), await sample("green")
+    rollout = {"strategy": "adaptive", "steps": [10, 50, 100], "interval": "1h"}
+    config = two_pools([blue.url], [green.url], rollout=rollout)
+    path, handover, running = await first_process(config, tmp_path, "--workers", "2")
+    processes = [running]
+    try:
+        # Slower to start than a single process: the workers are processes of their own.
+        port = await running.port(LISTENING, STARTUP)
+        admin = await running.port(ADMIN)
+        # Green promoted, then a rollout back toward blue at its first step: all of it must
+        # carry over (a successor starting from the file would send everything to blue).
+        assert (await admin_call(admin, "POST", "/rollout/start", {}))[0] == 200
+        assert (await admin_call(admin, "POST", "/rollout/promote"))[0] == 200
+        assert (await admin_call(admin, "POST", "/rollout/start", {}))[0] == 200
+        before = await until(admin, lambda s: s["rollout"]["step"] == 1)
+        assert (before["stable"], before["split"]["green"]) == ("green", 90.0)
+        pids = [w["pid"] for w in before["workers"]]
+        stop = asyncio.Event()
+        results: Counter[Any] = Counter()
+        traffic = asyncio.create_task(load(f"http://{HOST}:{port}/", stop, results))
+        async with asyncio.timeout(10):
+            while sum(results.values()) < 200:
+                await asyncio.sleep(0.01)
+        for args in (("--workers", "2"), ()):
+            new = await Process.start(
+                "-c", str(path), "--takeover-socket", handover, "--takeover", *args
+            )
+            processes.append(new)
+            await new.wait_line(TOOK_OVER, STARTUP)
+            assert await new.port(LISTENING) == port
+            async with asyncio.timeout(15):
+                assert await running.proc.wait() == 0
+            # The old supervisor's workers drained and exited with it.
+            assert not any(alive(pid) for pid in pids)
+            running = new
+            status = (await admin_call(admin, "GET", "/status"))[1]
+            assert (status["stable"], status["split"]["green"]) == ("green", 90.0)
+            assert status["rollout"]["state"] in ("progressing", "insufficient_data")
+            assert status["rollout"]["step"] == 1
+            workers = status.get("workers", [])
+            assert [w["state"] for w in workers] == ["ready"] * len(workers)
+            assert not set(pids) & {w["pid"] for w in workers}
+            pids = [w["pid"] for w in workers]
+            # The new process serves: traffic goes on through it alone.
+            served = sum(results.values())
+            async with asyncio.timeout(10):
+                while sum(results.values()) < served + 200:
+                    await asyncio.sleep(0.01)
+        stop.set()
+        await traffic
+        assert set(results) == {200}, results
+        await stop_cleanly(running, processes)
     finally:
         for process in processes:
             process.kill()

@@ -661,11 +661,10 @@ async def test_members_follow_drains_removals_splits_and_promotions() -> None:
     await leader.control.close()
 
 
-def test_hot_restart_is_refused_with_workers(
+def test_fewer_than_one_worker_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "turnout.yaml"
     path.write_text(yaml.safe_dump(two_pools(["http://127.0.0.1:9001"], [])))
-    assert main(["run", "-c", str(path), "--workers", "2", "--takeover"]) == 2
-    assert "--takeover is not available with --workers" in capsys.readouterr().err
     assert main(["run", "-c", str(path), "--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
