@@ -466,7 +466,6 @@ async def test_sigterm_fails_no_request_of_a_keep_alive_client(
                 return
 
     async def idle(client: KeepAliveClient, delay: float) -> None:
-        assert await client.get("/first") == "ok"
         await signalled.wait()
         await asyncio.sleep(delay)
         results.append((loop.time(), await client.get("/after-idle")))
@@ -477,13 +476,14 @@ async def test_sigterm_fails_no_request_of_a_keep_alive_client(
         await until(
             session, process, lambda d: d["pools"]["blue"]["upstreams"][0]["in_flight"] == 1
         )
-        clients = [
-            *(loop.create_task(busy(KeepAliveClient(process.port))) for _ in range(16)),
-            *(loop.create_task(idle(KeepAliveClient(process.port), t)) for t in idle_after),
-        ]
+        clients = [loop.create_task(busy(KeepAliveClient(process.port))) for _ in range(16)]
         async with asyncio.timeout(TIMEOUT):
             while len(results) < 500:
                 await asyncio.sleep(0.01)
+        # Keep-alive connections answered once just before the signal, then idle.
+        idlers = [KeepAliveClient(process.port) for _ in idle_after]
+        assert await asyncio.gather(*(c.get("/first") for c in idlers)) == ["ok"] * len(idlers)
+        clients += [loop.create_task(idle(c, t)) for c, t in zip(idlers, idle_after, strict=True)]
         process.signal(signal.SIGTERM)
         signal_at = loop.time()
         signalled.set()
