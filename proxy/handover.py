@@ -5,7 +5,8 @@ connects and asks; the old one answers with its routing state (split, stable poo
 rollout, the admin API's changes to the upstreams) and the listening sockets themselves
 (SCM_RIGHTS), so connections waiting in the accept queue are never lost. Once the new
 process serves, it says so, and the old one stops accepting (proxy and admin API) and
-drains as on SIGTERM.
+drains as on SIGTERM. Either may be a supervisor with workers (`--workers`): the new one says
+it serves once its workers do, and the old one's workers drain and exit with it.
 """
 
 from __future__ import annotations

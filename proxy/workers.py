@@ -12,9 +12,11 @@ The processes share one state through the seam of proxy/shared.py, here over a s
 worker carrying JSON lines: the supervisor pushes the routing state on every change, each
 worker reports its outcomes every 50 ms, and the supervisor's windows, rollout decisions,
 /status and /metrics add them up. A worker whose link drops drains and exits; the supervisor
-restarts a worker that exits. SIGTERM to the supervisor: every worker drains (stops accepting,
-answers what is in flight with `Connection: close`) and exits, then the supervisor does.
-SIGHUP: the supervisor reloads and validates, then pushes the new configuration.
+restarts a worker that exits. SIGTERM to the supervisor: it lets go of the listening socket,
+every worker drains (stops accepting, answers what is in flight with `Connection: close`) and
+exits, then the supervisor does. SIGHUP: the supervisor reloads and validates, then pushes the
+new configuration. A hot restart (proxy/handover.py) hands the listening socket and the state
+to a new supervisor, which starts its own workers on it; then this one stops as on SIGTERM.
 """
 
 from __future__ import annotations
