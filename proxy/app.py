@@ -138,9 +138,19 @@ async def serve(
             "rollout": proxy.rollout.handover_state(),
         }
 
-    def on_handed_over() -> None:
+    async def on_handed_over() -> None:
         nonlocal handed_over
         handed_over = True
+        # The admin API's listening socket is shared with the successor: stop accepting on it
+        # before the successor hears it took over, or the kernel hands about every other admin
+        # request (a shift, a drain) to this draining process, which answers 200 and changes
+        # nothing that still serves.
+        if proxy.admin_runner is not None:
+            for site in list(proxy.admin_runner.sites):
+                await site.stop()
+        # The successor carries the ramp and the rollout on; acting on them here as well
+        # would log steps and verdicts twice.
+        proxy.control.stop_ramp()
         stop.set()
 
     # A supervisor hands over like a single process: its listening sockets and the routing
@@ -155,15 +165,6 @@ async def serve(
     await stop.wait()
     await handover.close()
     if handed_over:
-        # The admin API's listening socket is shared with the successor: stop accepting on it
-        # here, or the kernel hands about every other admin request (a shift, a drain) to this
-        # draining process, which answers 200 and changes nothing that still serves.
-        if proxy.admin_runner is not None:
-            for site in list(proxy.admin_runner.sites):
-                await site.stop()
-        # The successor carries the ramp and the rollout on; acting on them here as well
-        # would log steps and verdicts twice.
-        proxy.control.stop_ramp()
         await proxy.rollout.close()
     say("turnout: shutting down, draining requests in flight")
     await proxy.shutdown()

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +112,7 @@ class HandoverServer:
         path: str,
         sockets: Callable[[], list[socket.socket]],
         state: Callable[[], dict[str, Any]],
-        on_handed_over: Callable[[], None],
+        on_handed_over: Callable[[], Awaitable[None]],
     ) -> None:
         self.path = path
         self._sockets = sockets
@@ -154,11 +154,12 @@ class HandoverServer:
                 ready = await reader.readline()
             if ready == READY:
                 log.info("the new process serves: draining and exiting")
-                # Free the path before saying so: the successor listens on it next.
+                # Free the path and stop what must not answer twice before saying so: the
+                # successor listens on the path next, and takes the admin API from then on.
                 await self.close()
+                await self._on_handed_over()
                 writer.write(RELEASED)
                 await writer.drain()
-                self._on_handed_over()
             else:
                 log.warning("the new process went away before serving; carrying on")
         except (TimeoutError, OSError) as exc:
