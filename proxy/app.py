@@ -131,8 +131,6 @@ async def serve(
         pids = ", ".join(str(w.pid) for w in proxy.pool.workers)
         print(f"turnout: {workers} workers share the port (pids {pids})", flush=True)
     print(f"turnout: {native.describe()}", flush=True)
-    # Hot restart hands over one process's sockets and state; not (yet) a supervisor's.
-    handover = None
 
     def handover_state() -> dict[str, Any]:
         return proxy.handover_state() | {
@@ -140,32 +138,33 @@ async def serve(
             "rollout": proxy.rollout.handover_state(),
         }
 
-    def on_handed_over() -> None:
+    async def on_handed_over() -> None:
         nonlocal handed_over
         handed_over = True
-        stop.set()
-
-    if workers == 1:
-        handover = HandoverServer(
-            handover_path or default_path(listen.host, port),
-            proxy.listening_sockets,
-            handover_state,
-            on_handed_over,
-        )
-        await start_handover(handover)
-    await stop.wait()
-    if handover is not None:
-        await handover.close()
-    if handed_over:
         # The admin API's listening socket is shared with the successor: stop accepting on it
-        # here, or the kernel hands about every other admin request (a shift, a drain) to this
-        # draining process, which answers 200 and changes nothing that still serves.
+        # before the successor hears it took over, or the kernel hands about every other admin
+        # request (a shift, a drain) to this draining process, which answers 200 and changes
+        # nothing that still serves.
         if proxy.admin_runner is not None:
             for site in list(proxy.admin_runner.sites):
                 await site.stop()
         # The successor carries the ramp and the rollout on; acting on them here as well
         # would log steps and verdicts twice.
         proxy.control.stop_ramp()
+        stop.set()
+
+    # A supervisor hands over like a single process: its listening sockets and the routing
+    # state; its workers drain with it, the successor's own serve on the same sockets.
+    handover = HandoverServer(
+        handover_path or default_path(listen.host, port),
+        proxy.listening_sockets,
+        handover_state,
+        on_handed_over,
+    )
+    await start_handover(handover)
+    await stop.wait()
+    await handover.close()
+    if handed_over:
         await proxy.rollout.close()
     say("turnout: shutting down, draining requests in flight")
     await proxy.shutdown()

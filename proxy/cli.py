@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--takeover",
         action="store_true",
-        help="take the listening sockets over from a running turnout (hot restart; "
-        "not available with --workers above 1)",
+        help="take the listening sockets and the routing state over from a running turnout "
+        "(hot restart; with or without --workers on either side)",
     )
     run.add_argument(
         "--takeover-socket",
@@ -187,9 +187,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"turnout: using config {path}")
     if args.workers < 1:
         print("turnout: --workers must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
-    if args.workers > 1 and args.takeover:
-        print("turnout: --takeover is not available with --workers above 1", file=sys.stderr)
         return EXIT_USAGE
     return run_proxy(
         config,

@@ -5,7 +5,8 @@ connects and asks; the old one answers with its routing state (split, stable poo
 rollout, the admin API's changes to the upstreams) and the listening sockets themselves
 (SCM_RIGHTS), so connections waiting in the accept queue are never lost. Once the new
 process serves, it says so, and the old one stops accepting (proxy and admin API) and
-drains as on SIGTERM.
+drains as on SIGTERM. Either may be a supervisor with workers (`--workers`): the new one says
+it serves once its workers do, and the old one's workers drain and exit with it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ READY = b"ready\n"
 RELEASED = b"released\n"
 MAX_STATE = 65536
 TIMEOUT = 10.0
+# How long the running process waits for its successor to serve: the successor checks every
+# upstream once and starts its workers (each within 30 s) before it says so.
+SERVING_TIMEOUT = 60.0
 
 
 class HandoverError(Exception):
@@ -108,7 +112,7 @@ class HandoverServer:
         path: str,
         sockets: Callable[[], list[socket.socket]],
         state: Callable[[], dict[str, Any]],
-        on_handed_over: Callable[[], None],
+        on_handed_over: Callable[[], Awaitable[None]],
     ) -> None:
         self.path = path
         self._sockets = sockets
@@ -129,12 +133,14 @@ class HandoverServer:
         os.chmod(self.path, 0o600)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        mine = False
         try:
             async with asyncio.timeout(TIMEOUT):
                 ask = await reader.readline()
-                if ask != ASK or self._busy:
-                    return
-                self._busy = True
+            if ask != ASK or self._busy:
+                return
+            mine = self._busy = True
+            async with asyncio.timeout(SERVING_TIMEOUT):
                 raw = writer.get_extra_info("socket")
                 fds = [s.fileno() for s in self._sockets()]
                 payload = json.dumps(self._state()).encode()
@@ -148,17 +154,19 @@ class HandoverServer:
                 ready = await reader.readline()
             if ready == READY:
                 log.info("the new process serves: draining and exiting")
-                # Free the path before saying so: the successor listens on it next.
+                # Free the path and stop what must not answer twice before saying so: the
+                # successor listens on the path next, and takes the admin API from then on.
                 await self.close()
+                await self._on_handed_over()
                 writer.write(RELEASED)
                 await writer.drain()
-                self._on_handed_over()
             else:
                 log.warning("the new process went away before serving; carrying on")
         except (TimeoutError, OSError) as exc:
             log.warning("takeover abandoned: %s", exc)
         finally:
-            self._busy = False
+            if mine:
+                self._busy = False
             writer.close()
 
     async def close(self) -> None:

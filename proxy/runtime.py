@@ -588,10 +588,11 @@ class Proxy:
         self.events.publish("shutdown", connections=len(self.connections), in_flight=self.in_flight)
         if self.fleet is not None:
             await self.fleet.close()
-        if self.server is not None:
-            self.server.close()
+        taking = self._stop_accepting()
         deadline = self.loop.time() + timeout
-        while (self.connections or self.sessions) and self.loop.time() < deadline:
+        while (self.connections or self.sessions or any(not t.done() for t in taking)) and (
+            self.loop.time() < deadline
+        ):
             now = self.loop.time()
             for conn in list(self.connections):
                 conn.shutdown(now)
@@ -622,6 +623,40 @@ class Proxy:
             await self.admin_runner.cleanup()
         if self.access_log is not None:
             await asyncio.to_thread(self.access_log.close)
+
+    def _stop_accepting(self) -> list[asyncio.Task[None]]:
+        """Close the listener, taking first the connections the kernel has queued on it: one
+        still queued when the last process holding the listener closes it is reset, maybe after
+        its client sent a request (the other workers of a supervisor, or the successor of a hot
+        restart, may hold it on). Taken, it is answered with `Connection: close`."""
+        sock, server = self.listen_socket, self.server
+        if server is None:
+            return []
+        queued: list[socket.socket] = []
+        if sock is not None and sock.fileno() != -1:
+            # Taken and closed in one synchronous step: no connection can join the queue
+            # between the last accept and the close but those of the same instant.
+            while len(queued) < BACKLOG:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:  # BlockingIOError: nothing (more) is queued
+                    break
+                queued.append(conn)
+        server.close()
+        return [self.loop.create_task(self._serve_accepted(conn)) for conn in queued]
+
+    async def _serve_accepted(self, conn: socket.socket) -> None:
+        tls = self.listener_tls
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await self.loop.connect_accepted_socket(
+                protocol_factory(lambda: ClientConnection(self)),
+                conn,
+                ssl=tls.context if tls is not None else None,
+                ssl_handshake_timeout=self.settings.request_headers_timeout if tls else None,
+            )
+        except (OSError, TimeoutError):  # the client left (or failed its TLS handshake)
+            conn.close()
 
     # views -----------------------------------------------------------------------
 

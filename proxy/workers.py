@@ -12,9 +12,11 @@ The processes share one state through the seam of proxy/shared.py, here over a s
 worker carrying JSON lines: the supervisor pushes the routing state on every change, each
 worker reports its outcomes every 50 ms, and the supervisor's windows, rollout decisions,
 /status and /metrics add them up. A worker whose link drops drains and exits; the supervisor
-restarts a worker that exits. SIGTERM to the supervisor: every worker drains (stops accepting,
-answers what is in flight with `Connection: close`) and exits, then the supervisor does.
-SIGHUP: the supervisor reloads and validates, then pushes the new configuration.
+restarts a worker that exits. SIGTERM to the supervisor: it lets go of the listening socket,
+every worker drains (stops accepting, answers what is in flight with `Connection: close`) and
+exits, then the supervisor does. SIGHUP: the supervisor reloads and validates, then pushes the
+new configuration. A hot restart (proxy/handover.py) hands the listening socket and the state
+to a new supervisor, which starts its own workers on it; then this one stops as on SIGTERM.
 """
 
 from __future__ import annotations
@@ -513,6 +515,11 @@ class WorkerPool:
         for worker in self.workers:
             worker.state = "stopping"
             worker.send(encode_message("stop", {"timeout": timeout}))
+        # The workers alone hold the listener now: once each has stopped accepting, it closes
+        # and a new connection is refused (as by a single process), rather than waiting in an
+        # accept queue that no process serves, to be reset when the last worker has drained.
+        if self._sock is not None:
+            self._sock.close()
         tasks = [t for t in self._tasks if not t.done()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout + 2 * STOP_GRACE)

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from conftest import HOST, SampleFactory
 
 LISTENING = re.compile(rb"turnout: proxy listening on http://[^:]+:(\d+)")
 ADMIN = re.compile(rb"turnout: admin API on http://[^:]+:(\d+)")
 TOOK_OVER = b"took the listening sockets over"
+STARTUP = 40.0  # a supervisor starts its workers (each within 30 s) before it says it serves
 
 
 class Process:
@@ -52,8 +54,8 @@ class Process:
                     raise AssertionError(b"".join(self.lines).decode(errors="replace"))
                 self.lines.append(line)
 
-    async def port(self, pattern: re.Pattern[bytes]) -> int:
-        match = pattern.search(await self.wait_line(pattern))
+    async def port(self, pattern: re.Pattern[bytes], timeout: float = 10.0) -> int:
+        match = pattern.search(await self.wait_line(pattern, timeout))
         assert match is not None
         return int(match.group(1))
 
@@ -85,13 +87,19 @@ async def load(url: str, stop: asyncio.Event, results: Counter[Any], clients: in
         await asyncio.gather(*(client(session) for _ in range(clients)))
 
 
-async def first_process(config: dict[str, Any], tmp_path: Path) -> tuple[Path, str, Process]:
-    """Write `config` and start a Turnout on it that a successor may take over: the config
-    file, the takeover socket's path and the process."""
+async def first_process(
+    config: dict[str, Any], tmp_path: Path, *args: str
+) -> tuple[Path, str, Process]:
+    """Write `config` and start a Turnout on it (with `args`) that a successor may take over:
+    the config file, the takeover socket's path and the process."""
     path = tmp_path / "turnout.yaml"
     path.write_text(yaml.safe_dump(config))
     handover = str(tmp_path / "handover.sock")
-    return path, handover, await Process.start("-c", str(path), "--takeover-socket", handover)
+    return (
+        path,
+        handover,
+        await Process.start("-c", str(path), "--takeover-socket", handover, *args),
+    )
 
 
 async def stop_cleanly(serving: Process, processes: list[Process]) -> None:
@@ -208,21 +216,26 @@ async def until(admin: int, check: Any, timeout: float = 10.0) -> dict[str, Any]
         raise AssertionError(status) from None
 
 
-async def hot_restart(config: dict[str, Any], tmp_path: Path, before: Any, after: Any) -> None:
-    """Run a Turnout under load, let `before(admin)` change its state, take it over, and once
-    the old process has exited let `after(admin)` check the successor; no request may fail."""
-    path, handover, old = await first_process(config, tmp_path)
+async def hot_restart(
+    config: dict[str, Any], tmp_path: Path, before: Any, after: Any, *args: str
+) -> None:
+    """Run a Turnout (with `args`) under load, let `before(admin)` change its state, take it
+    over by another (with `args`), and once the old process has exited let `after(admin)`
+    check the successor; no request may fail."""
+    path, handover, old = await first_process(config, tmp_path, *args)
     processes = [old]
     try:
-        port = await old.port(LISTENING)
+        port = await old.port(LISTENING, STARTUP)
         admin = await old.port(ADMIN)
         stop = asyncio.Event()
         results: Counter[Any] = Counter()
         traffic = asyncio.create_task(load(f"http://{HOST}:{port}/", stop, results))
         await before(admin)
-        new = await Process.start("-c", str(path), "--takeover-socket", handover, "--takeover")
+        new = await Process.start(
+            "-c", str(path), "--takeover-socket", handover, "--takeover", *args
+        )
         processes.append(new)
-        await new.wait_line(TOOK_OVER)
+        await new.wait_line(TOOK_OVER, STARTUP)
         async with asyncio.timeout(15):
             assert await old.proc.wait() == 0
         await after(admin)
@@ -249,8 +262,10 @@ def two_pools(blue: list[str], green: list[str], **more: Any) -> dict[str, Any]:
     }
 
 
+@pytest.mark.timeout(150)  # with workers, two supervisors start theirs
+@pytest.mark.parametrize("args", [(), ("--workers", "2")], ids=["single", "workers"])
 async def test_takeover_carries_a_ramp_and_the_admin_apis_changes_on(
-    sample: SampleFactory, tmp_path: Path
+    sample: SampleFactory, tmp_path: Path, args: tuple[str, ...]
 ) -> None:
     """A ramp under way goes on in the successor from where it was; upstreams the admin API
     added, removed or drained stay so (the file read afresh does not undo them)."""
@@ -266,21 +281,23 @@ async def test_takeover_carries_a_ramp_and_the_admin_apis_changes_on(
         assert (await admin_call(admin, "POST", "/pools/blue/upstreams/0/drain"))[0] == 200
         assert (await admin_call(admin, "DELETE", "/pools/green/upstreams/1"))[0] == 202
         await until(admin, lambda s: len(s["pools"]["green"]["upstreams"]) == 1)
-        code, _ = await admin_call(admin, "PUT", "/split", {"green": 40, "over": "6s"})
+        # Long enough to be under way still after the takeover on a slow machine.
+        code, _ = await admin_call(admin, "PUT", "/split", {"green": 40, "over": "60s"})
         assert code == 200
         await until(admin, lambda s: s["split"]["green"] > 0)
 
     async def after(admin: int) -> None:
         status = await until(admin, lambda s: True)
         assert status["ramp"]["target"] == 40.0
-        assert 0.0 < status["ramp"]["remaining"] < 6.0  # the successor goes on, not over
+        assert 0.0 < status["ramp"]["remaining"] < 60.0  # the successor goes on, not over
         assert 0 < status["split"]["green"] < 40
         assert upstreams(status, "blue") == [(blue.url, "drained"), (blue2.url, "up")]
         assert upstreams(status, "green") == [(green.url, "up")]
-        await until(admin, lambda s: s["split"]["green"] == 40 and s["ramp"] is None)
+        reached = status["split"]["green"]
+        await until(admin, lambda s: s["split"]["green"] > reached + 1)
 
     config = two_pools([blue.url], [green.url, green2.url])
-    await hot_restart(config, tmp_path, before, after)
+    await hot_restart(config, tmp_path, before, after, *args)
 
 
 async def test_takeover_carries_an_adaptive_rollout_on(
@@ -344,6 +361,79 @@ async def test_the_draining_old_process_takes_no_more_admin_requests(
         new.proc.terminate()
         async with asyncio.timeout(15):
             assert await new.proc.wait() == 0
+    finally:
+        for process in processes:
+            process.kill()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(150)  # three supervisors or processes start, two of them with workers
+async def test_a_supervisor_and_its_workers_are_taken_over_under_load(
+    sample: SampleFactory, tmp_path: Path
+) -> None:
+    """`--takeover --workers 2`: the new supervisor takes the listening sockets and the routing
+    state (stable pool, split, rollout) from a supervisor with workers, starts its own workers
+    on the same sockets, and the old supervisor and its workers drain and exit. Then a single
+    process takes over from it the same way. No client request fails throughout."""
+    blue, green = await sample("blue"), await sample("green")
+    rollout = {"strategy": "adaptive", "steps": [10, 50, 100], "interval": "1h"}
+    config = two_pools([blue.url], [green.url], rollout=rollout)
+    path, handover, running = await first_process(config, tmp_path, "--workers", "2")
+    processes = [running]
+    try:
+        # Slower to start than a single process: the workers are processes of their own.
+        port = await running.port(LISTENING, STARTUP)
+        admin = await running.port(ADMIN)
+        # Green promoted, then a rollout back toward blue at its first step: all of it must
+        # carry over (a successor starting from the file would send everything to blue).
+        assert (await admin_call(admin, "POST", "/rollout/start", {}))[0] == 200
+        assert (await admin_call(admin, "POST", "/rollout/promote"))[0] == 200
+        assert (await admin_call(admin, "POST", "/rollout/start", {}))[0] == 200
+        before = await until(admin, lambda s: s["rollout"]["step"] == 1)
+        assert (before["stable"], before["split"]["green"]) == ("green", 90.0)
+        pids = [w["pid"] for w in before["workers"]]
+        stop = asyncio.Event()
+        results: Counter[Any] = Counter()
+        traffic = asyncio.create_task(load(f"http://{HOST}:{port}/", stop, results))
+        async with asyncio.timeout(10):
+            while sum(results.values()) < 200:
+                await asyncio.sleep(0.01)
+        for args in (("--workers", "2"), ()):
+            new = await Process.start(
+                "-c", str(path), "--takeover-socket", handover, "--takeover", *args
+            )
+            processes.append(new)
+            await new.wait_line(TOOK_OVER, STARTUP)
+            assert await new.port(LISTENING) == port
+            async with asyncio.timeout(15):
+                assert await running.proc.wait() == 0
+            # The old supervisor's workers drained and exited with it.
+            assert not any(alive(pid) for pid in pids)
+            running = new
+            status = (await admin_call(admin, "GET", "/status"))[1]
+            assert (status["stable"], status["split"]["green"]) == ("green", 90.0)
+            assert status["rollout"]["state"] in ("progressing", "insufficient_data")
+            assert status["rollout"]["step"] == 1
+            workers = status.get("workers", [])
+            assert [w["state"] for w in workers] == ["ready"] * len(workers)
+            assert not set(pids) & {w["pid"] for w in workers}
+            pids = [w["pid"] for w in workers]
+            # The new process serves: traffic goes on through it alone.
+            served = sum(results.values())
+            async with asyncio.timeout(10):
+                while sum(results.values()) < served + 200:
+                    await asyncio.sleep(0.01)
+        stop.set()
+        await traffic
+        assert set(results) == {200}, results
+        await stop_cleanly(running, processes)
     finally:
         for process in processes:
             process.kill()

@@ -6,6 +6,7 @@ drains every worker and fails no request; a killed worker is restarted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -36,25 +37,26 @@ from proxy.workers import LeaderProxy
 TIMEOUT = 10.0
 WORKERS = 2
 
-WorkersFactory = Callable[[dict[str, Any]], Awaitable[ProxyProcess]]
+WorkersFactory = Callable[..., Awaitable[ProxyProcess]]
 
 
 @pytest.fixture
 async def turnout_workers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[WorkersFactory]:
-    """`python -m proxy run -c FILE --workers 2` on ports 0, its stdout read line by line."""
+    """`python -m proxy run -c FILE --workers 2` (or another count) on ports 0, its stdout
+    read line by line."""
     monkeypatch.delenv("TURNOUT_ADMIN_TOKEN", raising=False)
     started: list[ProxyProcess] = []
 
-    async def start(data: dict[str, Any]) -> ProxyProcess:
+    async def start(data: dict[str, Any], workers: int = WORKERS) -> ProxyProcess:
         path = tmp_path / "turnout.yaml"
         path.write_text(yaml.safe_dump({"admin": {"host": HOST, "port": 0}, **data}))
         log = tmp_path / "turnout.log"
         with log.open("wb") as stderr:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
-                *("-m", "proxy", "run", "-c", str(path), "--workers", str(WORKERS)),
+                *("-m", "proxy", "run", "-c", str(path), "--workers", str(workers)),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=stderr,
             )
@@ -105,6 +107,57 @@ class RawClient:
         self.writer.close()
 
 
+class KeepAliveClient:
+    """An HTTP/1.1 client that reuses its connection as real ones do (aiohttp, httpx): it drops
+    a connection the server closed while it sat idle, and sends an idempotent request once
+    more on a fresh connection when a reused one ends before a byte of the answer (it may have
+    been closed just as the request left). A refused connection is a clean failure: nothing
+    was sent. Anything else is a failed request."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def get(self, path: str) -> str:
+        """ "ok", "refused", or what went wrong."""
+        for _ in range(2):
+            reused = self.conn is not None and not self.conn[0].at_eof()
+            if not reused:
+                self.drop()
+                try:
+                    self.conn = await asyncio.open_connection(HOST, self.port)
+                except ConnectionRefusedError:
+                    return "refused"
+            assert self.conn is not None
+            reader, writer = self.conn
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    writer.write(f"GET {path} HTTP/1.1\r\nHost: turnout\r\n\r\n".encode())
+                    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                    length = re.search(r"(?im)^content-length: *(\d+)", head)
+                    await reader.readexactly(int(length[1]) if length else 0)
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                self.drop()
+                partial = isinstance(exc, asyncio.IncompleteReadError) and exc.partial
+                if reused and not partial:
+                    continue
+                kind = "reused" if reused else "fresh"
+                return f"{type(exc).__name__} on a {kind} connection"
+            except TimeoutError:
+                self.drop()
+                return "no answer in time"
+            if re.search(r"(?im)^connection: *close", head):
+                self.drop()
+            status = head.split(" ", 2)[1]
+            return "ok" if status == "200" else f"answered {status}"
+        return "the retry failed too"
+
+    def drop(self) -> None:
+        if self.conn is not None:
+            self.conn[1].close()
+            self.conn = None
+
+
 async def status(session: aiohttp.ClientSession, process: ProxyProcess) -> dict[str, Any]:
     code, doc = await admin_get(session, process.admin + "/status")
     assert code == 200
@@ -149,54 +202,70 @@ async def fresh_connections(url: str, count: int, path: str = "/x") -> Counter[t
     return results
 
 
-async def fresh_on_every_worker(
-    session: aiohttp.ClientSession, process: ProxyProcess, batch: int = 20
-) -> tuple[Counter[tuple[int, str]], int, dict[str, Any]]:
-    """Batches of fresh connections until every worker has served one of them: the kernel
-    hands a burst of connections to whichever worker wakes first, maybe all to one. Returns
-    the answers, how many were sent and the /status that counted them all."""
-    start = served(await status(session, process))
-    results: Counter[tuple[int, str]] = Counter()
-    sent = 0
-    grown = [False] * WORKERS
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ("T" when stopped by a signal)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+async def until_states(pids: list[int], stopped: bool) -> None:
     async with asyncio.timeout(TIMEOUT):
-        while not all(grown):
-            results += await fresh_connections(process.url, batch)
-            sent += batch
-            doc = await until(session, process, counted(sum(start) + sent), 2.0)
-            grown = [n > m for n, m in zip(served(doc), start, strict=True)]
-    return results, sent, doc
+        while any((process_state(pid) == "T") != stopped for pid in pids):
+            await asyncio.sleep(0.005)
 
 
-def counted(total: int) -> Callable[[dict[str, Any]], bool]:
-    return lambda doc: sum(served(doc)) == total
+@contextlib.asynccontextmanager
+async def only_worker(doc: dict[str, Any], index: int) -> AsyncIterator[None]:
+    """Meanwhile only worker `index` takes new connections: every other worker is stopped
+    (SIGSTOP), so it cannot accept. The kernel spreads the connections waiting on a listener
+    shared by several processes as it pleases (a burst may all go to one), so a test that
+    must reach a given worker picks it this way rather than hoping for its share."""
+    others = [w["pid"] for w in doc["workers"] if w["index"] != index]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        await until_states(others, stopped=True)
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+        await until_states(others, stopped=False)
 
 
-def one_more(total: int) -> Callable[[dict[str, Any]], bool]:
-    return counted(total + 1)
+async def through_each_worker(
+    session: aiohttp.ClientSession, process: ProxyProcess, count: int
+) -> tuple[Counter[tuple[int, str]], dict[str, Any]]:
+    """`count` fresh connections through each worker in turn; returns the answers and the
+    /status that counted them all, each on the worker it was sent through."""
+    doc = await status(session, process)
+    start = served(doc)
+    results: Counter[tuple[int, str]] = Counter()
+    for index in range(WORKERS):
+        async with only_worker(doc, index), asyncio.timeout(TIMEOUT):
+            results += await fresh_connections(process.url, count)
+            expected = [n + count * (i <= index) for i, n in enumerate(start)]
+            doc = await until(session, process, served_is(expected))
+    return results, doc
+
+
+def served_is(expected: list[int]) -> Callable[[dict[str, Any]], bool]:
+    return lambda doc: served(doc) == expected
 
 
 async def on_each_worker(
     session: aiohttp.ClientSession, process: ProxyProcess
 ) -> dict[int, RawClient]:
-    """A keep-alive connection accepted by each worker, told apart by the worker whose count
-    of answered requests grows after a request on it."""
+    """A keep-alive connection accepted by each worker (it stays on that worker)."""
     found: dict[int, RawClient] = {}
-    spare: list[RawClient] = []
-    async with asyncio.timeout(TIMEOUT):
-        while len(found) < WORKERS:
-            before = served(await status(session, process))
+    for index in range(WORKERS):
+        doc = await status(session, process)
+        before = served(doc)
+        async with only_worker(doc, index):
             client = await RawClient.open(process.port)
             assert await client.get("/who", {"X-Turnout-Pool": "blue"}) == (200, "blue")
-            doc = await until(session, process, one_more(sum(before)))
-            now = served(doc)
-            (index,) = [i for i in range(WORKERS) if now[i] > before[i]]
-            if index in found:
-                spare.append(client)
-            else:
-                found[index] = client
-    for client in spare:
-        client.close()
+            after = [n + (i == index) for i, n in enumerate(before)]
+            await until(session, process, served_is(after))
+        found[index] = client
     return found
 
 
@@ -216,7 +285,9 @@ async def test_both_workers_serve_and_every_request_is_counted_once(
         assert [w["state"] for w in first["workers"]] == ["ready"] * WORKERS
         assert len({w["pid"] for w in first["workers"]}) == WORKERS
         # Each worker reports within 50 ms: the supervisor's figures are the sum.
-        results, sent, doc = await fresh_on_every_worker(session, process)
+        results, doc = await through_each_worker(session, process, 8)
+        sent = 8 * WORKERS
+        assert served(doc) == [8] * WORKERS
         assert results == {(200, "blue"): sent}
         assert doc["pools"]["blue"]["upstreams"][0]["requests"] == sent
         assert doc["rollout"]["windows"]["blue"]["requests"] == sent
@@ -264,8 +335,8 @@ async def test_a_drain_reaches_every_worker(
             assert resp.status == 200
         await until(session, process, all_follow)
         # Every worker serves some of these, and none of them reaches the drained upstream.
-        results, sent, _ = await fresh_on_every_worker(session, process)
-        assert results == {(200, "blue-b"): sent}
+        results, _ = await through_each_worker(session, process, 8)
+        assert results == {(200, "blue-b"): 8 * WORKERS}
         # Nothing in flight at blue-a in any worker: drained, and the workers know it.
         await until(
             session,
@@ -310,7 +381,12 @@ async def test_a_rollout_decides_on_the_outcomes_of_every_worker(
         # The breach counted more failures than either worker saw (4 each): both workers'.
         judged = re.search(r"over (\d+) requests", doc["rollout"]["reason"])
         assert judged is not None and 6 <= int(judged[1]) <= 8, doc["rollout"]["reason"]
-        assert [w["outcomes"]["green"]["errors"] for w in doc["workers"]] == [4, 4]
+        # Reports come every 50 ms: the last failures may be counted after the verdict.
+        doc = await until(
+            session,
+            process,
+            lambda d: [w["outcomes"]["green"]["errors"] for w in d["workers"]] == [4, 4],
+        )
         assert doc["rollout"]["windows"]["green"]["errors"] == 8
         assert doc["split"]["green"] == 0.0
         # The rollback reaches both workers: what they serve now is blue.
@@ -375,6 +451,64 @@ async def test_sighup_and_sigterm_reach_every_worker_and_fail_no_request(
             os.kill(pid, 0)
 
 
+@pytest.mark.parametrize("workers", [WORKERS, 1])
+async def test_sigterm_fails_no_request_of_a_keep_alive_client(
+    sample: SampleFactory, turnout_workers: WorkersFactory, workers: int
+) -> None:
+    """Clients keep sending across a SIGTERM: busy ones, and idle keep-alive ones that send
+    again at moments through the drain. Each request is answered, or its connection is closed
+    or refused before it was sent, never dropped after: with workers as with one process."""
+    blue = await sample("blue")
+    config = proxy_config([blue.url], [], drain={"timeout": "5s"})
+    process = await turnout_workers(config, workers)
+    loop = asyncio.get_running_loop()
+    results: list[tuple[float, str]] = []
+    signalled = asyncio.Event()
+    idle_after = (0.05, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
+
+    async def busy(client: KeepAliveClient) -> None:
+        for _ in range(5000):
+            outcome = await client.get("/load")
+            results.append((loop.time(), outcome))
+            if outcome != "ok":
+                return
+
+    async def idle(client: KeepAliveClient, delay: float) -> None:
+        await signalled.wait()
+        await asyncio.sleep(delay)
+        results.append((loop.time(), await client.get("/after-idle")))
+
+    async with aiohttp.ClientSession() as session:
+        # A slow request keeps its process draining (and the supervisor alive) for a while
+        # after the signal (on a slow machine the signal may come after it was answered).
+        slow = asyncio.create_task(session.get(process.url + "/delay/3000"))
+        await until(
+            session, process, lambda d: d["pools"]["blue"]["upstreams"][0]["in_flight"] == 1
+        )
+        clients = [loop.create_task(busy(KeepAliveClient(process.port))) for _ in range(16)]
+        async with asyncio.timeout(TIMEOUT):
+            while len(results) < 500:
+                await asyncio.sleep(0.01)
+        # Keep-alive connections answered once just before the signal, then idle.
+        idlers = [KeepAliveClient(process.port) for _ in idle_after]
+        assert await asyncio.gather(*(c.get("/first") for c in idlers)) == ["ok"] * len(idlers)
+        clients += [loop.create_task(idle(c, t)) for c, t in zip(idlers, idle_after, strict=True)]
+        process.signal(signal.SIGTERM)
+        signal_at = loop.time()
+        signalled.set()
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.gather(*clients)
+        async with await slow as resp:
+            assert resp.status == 200
+            await resp.read()
+    assert await process.exit_code(TIMEOUT) == 0
+    after = Counter(outcome for at, outcome in results if at > signal_at)
+    failed = {outcome: n for outcome, n in after.items() if outcome not in ("ok", "refused")}
+    assert failed == {}, after
+    assert all(outcome == "ok" for at, outcome in results if at <= signal_at)
+    assert after["ok"] > 0
+
+
 async def test_a_second_sigterm_ends_every_worker_at_once(
     sample: SampleFactory, turnout_workers: WorkersFactory
 ) -> None:
@@ -415,10 +549,10 @@ async def test_a_killed_worker_is_restarted(
         assert "worker 0" in process.log.read_text()
         async with session.get(process.admin + "/metrics") as resp:
             assert "turnout_worker_restarts_total 1.0" in await resp.text()
-        results = await fresh_connections(process.url, 40)
-        assert results == {(200, "blue"): 40}
-        doc = await until(session, process, lambda d: sum(served(d)) == 40, 2.0)
-        assert all(n > 0 for n in served(doc)), served(doc)
+        # The new worker 0 serves (and worker 1 still does).
+        results, doc = await through_each_worker(session, process, 8)
+        assert results == {(200, "blue"): 8 * WORKERS}
+        assert served(doc) == [8] * WORKERS
 
 
 # the seam in one process: no sockets, no processes ------------------------------------------
@@ -536,11 +670,10 @@ async def test_members_follow_drains_removals_splits_and_promotions() -> None:
     await leader.control.close()
 
 
-def test_hot_restart_is_refused_with_workers(
+def test_fewer_than_one_worker_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "turnout.yaml"
     path.write_text(yaml.safe_dump(two_pools(["http://127.0.0.1:9001"], [])))
-    assert main(["run", "-c", str(path), "--workers", "2", "--takeover"]) == 2
-    assert "--takeover is not available with --workers" in capsys.readouterr().err
     assert main(["run", "-c", str(path), "--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err
