@@ -325,7 +325,10 @@ class EventsReader(threading.Thread):
     def _follow(self) -> None:
         with socket.create_connection((HOST, self.port), timeout=2.0) as sock:
             # HTTP/1.0: the answer is close-delimited, not chunked, so lines can be read as is.
-            sock.sendall(b"GET /events HTTP/1.0\r\nHost: admin\r\n\r\n")
+            # The admin API answers only the names it has (DNS rebinding): its own address.
+            sock.sendall(
+                b"GET /events HTTP/1.0\r\nHost: %b:%d\r\n\r\n" % (HOST.encode(), self.port)
+            )
             sock.settimeout(1.0)
             buffer = b""
             head_done = False
