@@ -29,6 +29,7 @@ import h2.settings
 import httptools
 from hyperframe.frame import GoAwayFrame
 
+from .h2upstream import send_window
 from .server import SHUTDOWN_IDLE_GRACE, ClientConnection
 
 if TYPE_CHECKING:
@@ -434,22 +435,10 @@ class H2Session:
             return
         conn = self.conn
         stream_id = stream.stream_id
-        pending = stream.pending
         try:
-            while pending:
-                window = min(
-                    conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size
-                )
-                if window <= 0:
-                    return
-                chunk = pending[0]
-                if len(chunk) > window:
-                    pending[0] = chunk[window:]
-                    chunk = chunk[:window]
-                else:
-                    pending.popleft()
-                stream.pending_size -= len(chunk)
-                conn.send_data(stream_id, chunk)
+            stream.pending_size -= send_window(conn, stream_id, stream.pending)
+            if stream.pending:
+                return
             stream.drained()
             if stream.complete:
                 stream.ended = True

@@ -49,6 +49,25 @@ HIGH_WATER = 65536  # request body held for the upstream's window before the cli
 WINDOW = 1 << 20  # our receive window per stream and for the connection
 
 
+def send_window(conn: h2.connection.H2Connection, stream_id: int, pending: deque[bytes]) -> int:
+    """Send from `pending` what the stream's flow-control window allows, in frames the peer
+    takes; returns how many bytes went. h2 raises ProtocolError for a stream closed meanwhile."""
+    sent = 0
+    while pending:
+        window = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+        if window <= 0:
+            break
+        chunk = pending[0]
+        if len(chunk) > window:
+            pending[0] = chunk[window:]
+            chunk = chunk[:window]
+        else:
+            pending.popleft()
+        sent += len(chunk)
+        conn.send_data(stream_id, chunk)
+    return sent
+
+
 class StreamTransport(asyncio.Transport):
     """The transport of one virtual upstream connection: one stream per request on a link."""
 
@@ -342,22 +361,10 @@ class H2Link:
         stream_id = stream.stream_id
         if not stream_id or self.closed:
             return
-        pending = stream.pending
         try:
-            while pending:
-                window = min(
-                    self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size
-                )
-                if window <= 0:
-                    return
-                chunk = pending[0]
-                if len(chunk) > window:
-                    pending[0] = chunk[window:]
-                    chunk = chunk[:window]
-                else:
-                    pending.popleft()
-                stream.pending_size -= len(chunk)
-                self.h2.send_data(stream_id, chunk)
+            stream.pending_size -= send_window(self.h2, stream_id, stream.pending)
+            if stream.pending:
+                return
             stream.drained()
             if stream.request_done:
                 stream.request_done = False
@@ -511,8 +518,47 @@ async def probe_h2(
     """One request over a fresh HTTP/2 connection (the caller bounds the time): (ok, detail).
     A GET of `path`, ok iff the status is 200..399; or, with `grpc_service`, gRPC's
     grpc.health.v1.Health/Check, ok iff the service is SERVING."""
-    if grpc_service is not None:
-        return await _grpc_health(host, port, host_header, tls, grpc_service)
+    head = [
+        (b":scheme", b"https" if tls is not None else b"http"),
+        (b":authority", host_header.encode("latin-1")),
+    ]
+    agent = (b"user-agent", b"turnout-health")
+    if grpc_service is None:
+        head += [(b":method", b"GET"), (b":path", path.encode("latin-1")), agent]
+        answer = await _one_request(host, port, tls, head, None)
+        if isinstance(answer, str):
+            return False, answer
+        status = answer[0].get(b":status", b"0").decode("latin-1")
+        return 200 <= int(status) <= 399, status
+    head += [
+        (b":method", b"POST"),
+        (b":path", GRPC_HEALTH_PATH),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        agent,
+    ]
+    answer = await _one_request(host, port, tls, head, grpc_health_request(grpc_service))
+    if isinstance(answer, str):
+        return False, answer
+    fields, body = answer
+    code = fields.get(b"grpc-status", b"?").decode("latin-1")
+    if code != "0":
+        message = fields.get(b"grpc-message", b"").decode("latin-1")
+        return False, f"grpc-status {code} {message}".rstrip()
+    serving = body[5:] == GRPC_SERVING
+    return serving, "SERVING" if serving else "NOT_SERVING"
+
+
+async def _one_request(
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+    head: list[tuple[bytes, bytes]],
+    body: bytes | None,
+) -> tuple[dict[bytes, bytes], bytes] | str:
+    """One request on a fresh connection: the answer's head and trailers and its body, or
+    why there is none. Without a request body only the head is awaited (a probe never reads
+    an endless body)."""
     reader, writer = await asyncio.open_connection(
         host, port, ssl=tls, server_hostname=host if tls is not None else None
     )
@@ -521,82 +567,29 @@ async def probe_h2(
             h2.config.H2Configuration(client_side=True, header_encoding=None)
         )
         conn.initiate_connection()
-        conn.send_headers(
-            1,
-            [
-                (b":method", b"GET"),
-                (b":scheme", b"https" if tls is not None else b"http"),
-                (b":authority", host_header.encode("latin-1")),
-                (b":path", path.encode("latin-1")),
-                (b"user-agent", b"turnout-health"),
-            ],
-            end_stream=True,
-        )
+        conn.send_headers(1, head, end_stream=body is None)
+        if body is not None:
+            conn.send_data(1, body, end_stream=True)
         writer.write(conn.data_to_send())
-        while data := await reader.read(65536):
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    status = dict(event.headers or []).get(b":status", b"0").decode("latin-1")
-                    return 200 <= int(status) <= 399, status
-                if isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
-                    return False, "stream refused by the upstream"
-            writer.write(conn.data_to_send())
-        return False, "connection closed before the response head"
-    except h2.exceptions.ProtocolError as exc:
-        return False, f"invalid HTTP/2: {exc}"
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-
-
-async def _grpc_health(
-    host: str, port: int, host_header: str, tls: ssl.SSLContext | None, service: str
-) -> tuple[bool, str]:
-    reader, writer = await asyncio.open_connection(
-        host, port, ssl=tls, server_hostname=host if tls is not None else None
-    )
-    try:
-        conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
-        conn.initiate_connection()
-        conn.send_headers(
-            1,
-            [
-                (b":method", b"POST"),
-                (b":scheme", b"https" if tls is not None else b"http"),
-                (b":authority", host_header.encode("latin-1")),
-                (b":path", GRPC_HEALTH_PATH),
-                (b"content-type", b"application/grpc"),
-                (b"te", b"trailers"),
-                (b"user-agent", b"turnout-health"),
-            ],
-        )
-        conn.send_data(1, grpc_health_request(service), end_stream=True)
-        writer.write(conn.data_to_send())
-        body = b""
         fields: dict[bytes, bytes] = {}
+        received = b""
         while data := await reader.read(65536):
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
                     fields.update(event.headers or [])
+                    if body is None:
+                        return fields, b""
                 elif isinstance(event, h2.events.DataReceived):
-                    body += event.data or b""
+                    received += event.data or b""
                     conn.acknowledge_received_data(event.flow_controlled_length or 0, 1)
                 elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
-                    return False, "stream refused by the upstream"
+                    return "stream refused by the upstream"
                 if isinstance(event, h2.events.StreamEnded):
-                    code = fields.get(b"grpc-status", b"?").decode("latin-1")
-                    if code != "0":
-                        message = fields.get(b"grpc-message", b"").decode("latin-1")
-                        return False, f"grpc-status {code} {message}".rstrip()
-                    serving = body[5:] == GRPC_SERVING
-                    return serving, "SERVING" if serving else "NOT_SERVING"
+                    return fields, received
             writer.write(conn.data_to_send())
-        return False, "connection closed before the answer"
+        return "connection closed before the answer"
     except h2.exceptions.ProtocolError as exc:
-        return False, f"invalid HTTP/2: {exc}"
+        return f"invalid HTTP/2: {exc}"
     finally:
         writer.close()
         with contextlib.suppress(Exception):
