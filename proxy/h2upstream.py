@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ import h2.exceptions
 import h2.settings
 import httptools
 
-from .upstream import ConnectError, UpstreamConnection, protocol_factory
+from .upstream import ConnectError, UpstreamConnection
 
 if TYPE_CHECKING:
     from .upstream import Upstream
@@ -455,28 +454,7 @@ class H2Upstream:
     async def _connect(self, timeout: float) -> H2Link:
         upstream = self.upstream
         link = H2Link(self)
-        try:
-            async with asyncio.timeout(timeout):
-                if upstream.ssl is None:
-                    await self.loop.create_connection(
-                        protocol_factory(lambda: link), upstream.host, upstream.port
-                    )
-                else:
-                    await self.loop.create_connection(
-                        protocol_factory(lambda: link),
-                        upstream.host,
-                        upstream.port,
-                        ssl=upstream.ssl,
-                        server_hostname=upstream.host,
-                        ssl_handshake_timeout=timeout,
-                    )
-        except TimeoutError as exc:
-            raise ConnectError(f"connect timeout after {timeout:g}s") from exc
-        except ssl.SSLError as exc:
-            raise ConnectError(f"TLS handshake failed: {exc.reason or exc}") from exc
-        except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
-            raise ConnectError(reason) from exc
+        await upstream.open(lambda: link, timeout)
         transport = link.transport
         if upstream.ssl is not None and transport is not None:
             ssl_object = transport.get_extra_info("ssl_object")

@@ -203,15 +203,20 @@ class Upstream:
         if self.mux is not None:
             await self.mux.attach(conn, timeout)
             return conn
+        await self.open(lambda: conn, timeout)
+        return conn
+
+    async def open(self, factory: Callable[[], object], timeout: float) -> None:
+        """A connection to the upstream for the protocol `factory` makes (TLS for https://);
+        every way it can fail is a ConnectError saying why."""
         loop = asyncio.get_running_loop()
-        factory = protocol_factory(lambda: conn)
         try:
             async with asyncio.timeout(timeout):
                 if self.ssl is None:
-                    await loop.create_connection(factory, self.host, self.port)
+                    await loop.create_connection(protocol_factory(factory), self.host, self.port)
                 else:
                     await loop.create_connection(
-                        factory,
+                        protocol_factory(factory),
                         self.host,
                         self.port,
                         ssl=self.ssl,
@@ -229,7 +234,6 @@ class Upstream:
             # The reason alone ("Connection refused"): the loop's own text names the address.
             reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
             raise ConnectError(reason) from exc
-        return conn
 
     def release(self, conn: UpstreamConnection, reusable: bool, now: float) -> None:
         if reusable and not conn.closed and not self.draining:
