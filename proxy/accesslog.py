@@ -197,7 +197,10 @@ class AccessLog:
                     return
                 try:
                     # One page at a time: a pipe with room for one takes it without blocking.
-                    chunk = chunk[os.write(fd, chunk[: select.PIPE_BUF]) :]
+                    # The count is bound first: mypyc evaluates a call inside a slice bound
+                    # twice, which wrote every page twice.
+                    sent = os.write(fd, chunk[: select.PIPE_BUF])
+                    chunk = chunk[sent:]
                 except BlockingIOError:
                     continue
                 except OSError as exc:

@@ -205,7 +205,8 @@ class WindowFigures:
 
     def count_at_or_above(self, seconds: float) -> int:
         """Outcomes whose latency bin lies wholly at or above `seconds` (a lower bound)."""
-        return sum(self.histogram[_first_bin_at_or_above(seconds) :])
+        first = _first_bin_at_or_above(seconds)  # bound first: see AccessLog._send
+        return sum(self.histogram[first:])
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready figures for events and /status."""

@@ -453,6 +453,34 @@ async def test_an_unread_stdout_drops_and_counts_lines_and_close_is_bounded(
         os.close(read_end)
 
 
+async def test_a_read_stdout_gets_every_line_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many pages through a pipe someone reads: no line lost, none written twice."""
+    read_end, write_end = os.pipe()
+    stdout = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(read_end, 65536):
+            received.extend(chunk)
+
+    reader = asyncio.create_task(asyncio.to_thread(drain))
+    log = AccessLog("stdout", 1.0)
+    total = 5000  # about 1.2 MB: hundreds of pages
+    try:
+        for i in range(total):
+            log.write((*ENTRY[:3], f"/line/{i}".encode(), *ENTRY[4:]))  # type: ignore[arg-type]
+        await asyncio.to_thread(log.close)
+    finally:
+        stdout.close()
+    async with asyncio.timeout(30):
+        await reader
+    os.close(read_end)
+    targets = [json.loads(line)["target"] for line in received.decode().splitlines()]
+    assert targets == [f"/line/{i}" for i in range(total)]
+    assert (log.written, log.dropped) == (total, 0)
+
+
 async def test_dropped_lines_are_a_metric(
     admin_factory: AdminFactory, monkeypatch: pytest.MonkeyPatch, session: aiohttp.ClientSession
 ) -> None:

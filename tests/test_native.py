@@ -4,6 +4,7 @@ and the proxy serves the same either way."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import runpy
@@ -102,3 +103,38 @@ def test_an_install_removes_compiled_modules_it_no_longer_builds(tmp_path: Path)
     build["remove_stale_libraries"](tmp_path)
     left = sorted(path.name.partition(".")[0] for path in tmp_path.glob("*.so"))
     assert left == ["_native__mypyc", "exchange"]
+
+
+def compiled_modules() -> list[str]:
+    """The modules setup.py compiles."""
+    tree = ast.parse((PACKAGE.parent / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "COMPILED":
+            return list(ast.literal_eval(node.value))
+    raise AssertionError("setup.py names no COMPILED modules")
+
+
+def side_effects(bound: ast.expr | None) -> bool:
+    """Whether evaluating `bound` could do something (a call other than len(), an await...)."""
+    return bound is not None and any(
+        isinstance(n, (ast.Await, ast.NamedExpr, ast.Yield))
+        or (isinstance(n, ast.Call) and ast.unparse(n.func) != "len")
+        for n in ast.walk(bound)
+    )
+
+
+def test_no_compiled_module_calls_inside_a_slice_bound() -> None:
+    """mypyc evaluates a slice bound twice (`view[os.write(fd, view):]` wrote every page of the
+    access log twice): in a compiled module a bound is a name or arithmetic, never a call."""
+    found = []
+    for name in compiled_modules():
+        path = PACKAGE / f"{name}.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Slice):
+                found += [
+                    f"{name}.py:{node.lineno}: {ast.unparse(bound)}"
+                    for bound in (node.lower, node.upper, node.step)
+                    if bound is not None and side_effects(bound)
+                ]
+    assert "exchange" in compiled_modules()
+    assert found == []
