@@ -16,30 +16,36 @@ from pathlib import Path
 
 from setuptools import setup
 
-# The data path: accept, parse, choose, admit, forward, relay, record; and what subclasses
-# its classes (the worker processes' proxies and their shared breakers and limits), since
-# interpreted classes cannot inherit compiled ones.
+# Named relative to the package. The data path: accept, parse, choose, admit, forward, relay,
+# record (most of logic/ and http/); and what subclasses its classes (the proxy that composes
+# them, the worker processes' proxies and their shared breakers and limits), since interpreted
+# classes cannot inherit compiled ones.
 COMPILED = (
-    "accesslog",
-    "admission",
-    "analysis",
-    "balancer",
-    "breaker",
-    "exchange",
-    "headers",
-    "member",
-    "retry",
-    "router",
-    "routing",
+    "logic.admission",
+    "logic.analysis",
+    "logic.balancer",
+    "logic.breaker",
+    "logic.retry",
+    "logic.routing",
+    "logic.stats",
+    "http.accesslog",
+    "http.exchange",
+    "http.headers",
+    "http.router",
+    "http.server",
+    "http.upstream",
     "runtime",
-    "server",
-    "shared",
-    "stats",
-    "upstream",
-    "workers",
+    "procs.shared",
+    "procs.supervisor",
+    "procs.worker",
 )
 HERE = Path(__file__).parent
 BUILD_RECORD = HERE / "proxy" / "_build.py"
+
+
+def source(name: str, package: Path = HERE / "proxy") -> Path:
+    """The source file of a module named relative to the package ("http.exchange")."""
+    return package.joinpath(*name.split(".")).with_suffix(".py")
 
 
 def record_sources() -> None:
@@ -50,7 +56,7 @@ def record_sources() -> None:
         "SOURCES = {",
     ]
     for name in COMPILED:
-        digest = hashlib.sha256((HERE / "proxy" / f"{name}.py").read_bytes()).hexdigest()
+        digest = hashlib.sha256(source(name).read_bytes()).hexdigest()
         lines.append(f'    "{name}": "{digest}",')
     lines += ["}", ""]
     BUILD_RECORD.write_text("\n".join(lines))
@@ -60,9 +66,10 @@ def remove_stale_libraries(package: Path = HERE / "proxy") -> None:
     """An in-place build (pip install -e) leaves each compiled module beside its source, where
     Python imports it before the .py: a module that left COMPILED would go on running its old
     compiled code. Remove every compiled module of the package that this build will not make."""
-    keep = {*COMPILED, "_native__mypyc"}
-    for library in package.glob("*.so"):
-        if library.name.partition(".")[0] not in keep:
+    keep = {source(name, package).with_suffix("") for name in COMPILED}
+    keep.add(package / "_native__mypyc")
+    for library in package.rglob("*.so"):
+        if library.with_name(library.name.partition(".")[0]) not in keep:
             library.unlink()
 
 
@@ -79,7 +86,7 @@ def extensions() -> list[object]:
     record_sources()
     try:
         modules = mypycify(
-            [f"proxy/{name}.py" for name in COMPILED],
+            [str(source(name).relative_to(HERE)) for name in COMPILED],
             group_name="proxy._native",
             opt_level="3",
         )

@@ -17,8 +17,8 @@ import time
 
 import uvloop
 
-from proxy.fleet.demo import start_etcd
 from proxy.fleet.store import EtcdStore
+from proxy.tools.fleet_demo import start_etcd
 
 REPORT_EVERY = 0.25
 TTL = 3

@@ -31,9 +31,9 @@ import yaml
 
 from proxy import native
 from proxy.config import parse_config
+from proxy.http.server import ClientConnection
+from proxy.http.upstream import UpstreamConnection
 from proxy.runtime import Proxy
-from proxy.server import ClientConnection
-from proxy.upstream import UpstreamConnection
 
 REQUEST = b"GET /b100 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 RESPONSE = (

@@ -12,12 +12,12 @@ from typing import Any
 
 import uvloop
 
-from . import native
-from .admin import AdminSetupError
-from .config import Config
-from .control import ControlError
-from .fleet import join as join_fleet
-from .handover import (
+from proxy import native
+from proxy.admin.api import AdminSetupError
+from proxy.config import Config
+from proxy.control.changes import ControlError
+from proxy.fleet import join as join_fleet
+from proxy.procs.handover import (
     HandoverError,
     HandoverServer,
     Inherited,
@@ -25,8 +25,8 @@ from .handover import (
     default_path,
     request_takeover,
 )
-from .runtime import Proxy, freeze_startup_heap
-from .workers import LeaderProxy, WorkerError
+from proxy.procs.supervisor import LeaderProxy, WorkerError
+from proxy.runtime import Proxy, freeze_startup_heap
 
 log = logging.getLogger("turnout")
 

@@ -7,9 +7,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .accesslog import log_problems
-from .client import add_client_commands
-from .config import (
+from proxy.admin.client import add_client_commands
+from proxy.config import (
     DEFAULT_CONFIG_YAML,
     Config,
     ConfigError,
@@ -17,7 +16,8 @@ from .config import (
     load_config,
     parse_duration,
 )
-from .tls import tls_problems
+from proxy.http.accesslog import log_problems
+from proxy.http.tls import tls_problems
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -167,7 +167,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .app import run_proxy
+    from proxy.app import run_proxy
 
     try:
         config, path = resolve_config(args.config)
@@ -198,13 +198,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .member import run_worker
+    from proxy.procs.worker import run_worker
 
     return run_worker(args.index, args.workers, args.listen_fd, args.link_fd)
 
 
 def cmd_upstream(args: argparse.Namespace) -> int:
-    from .sample import SampleSettings, run
+    from proxy.tools.sample import SampleSettings, run
 
     if not 0.0 <= args.error_rate <= 1.0:
         print("turnout upstream: --error-rate must be within 0..1", file=sys.stderr)
@@ -224,7 +224,7 @@ def cmd_upstream(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from proxy.tools.demo import run_demo
 
     return run_demo(bad_green=args.bad_green, duration=args.duration, fleet=args.fleet)
 

@@ -32,8 +32,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from .grpcstatus import CODES as GRPC_CODES
-from .grpcstatus import DEFAULT_FAILURES as GRPC_DEFAULT_FAILURES
+from proxy.logic.grpcstatus import CODES as GRPC_CODES
+from proxy.logic.grpcstatus import DEFAULT_FAILURES as GRPC_DEFAULT_FAILURES
 
 __all__ = [
     "DEFAULT_CONFIG_YAML",

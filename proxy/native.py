@@ -26,6 +26,11 @@ HERE = Path(__file__).parent
 SHARED_LIBRARY = "_native__mypyc"  # mypyc's runtime for the compiled group (setup.py)
 
 
+def source_of(name: str) -> Path:
+    """The source file of a module named relative to the package ("http.exchange")."""
+    return HERE.joinpath(*name.split(".")).with_suffix(".py")
+
+
 def source_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -42,13 +47,14 @@ class SourcesFirst(importlib.abc.MetaPathFinder):
         if fullname not in self.modules:
             return None
         return importlib.util.spec_from_file_location(
-            fullname, HERE / f"{fullname.rpartition('.')[2]}.py"
+            fullname, source_of(fullname.partition(".")[2])
         )
 
 
 def _compiled(name: str) -> bool:
     suffixes = importlib.machinery.EXTENSION_SUFFIXES
-    return any((HERE / f"{name}{suffix}").exists() for suffix in suffixes)
+    stem = source_of(name).with_suffix("")
+    return any(stem.with_name(stem.name + suffix).exists() for suffix in suffixes)
 
 
 def _choose() -> tuple[str, str]:
@@ -65,7 +71,8 @@ def _choose() -> tuple[str, str]:
         if not changed and not missing:
             return "compiled", "mypyc"
         if changed:
-            why = f"{', '.join(f'{name}.py' for name in changed)} changed since the install"
+            edited = ", ".join(f"{name.replace('.', '/')}.py" for name in changed)
+            why = f"{edited} changed since the install"
             why += " (reinstall to compile)"
         elif len(missing) > len(sources):
             why = "the install could not compile it (is a C compiler installed?)"
@@ -77,7 +84,7 @@ def _choose() -> tuple[str, str]:
 
 def _source_changed(name: str, digest: str) -> bool:
     try:
-        return source_digest(HERE / f"{name}.py") != digest
+        return source_digest(source_of(name)) != digest
     except OSError:
         return False  # an install without the sources runs what it has
 

@@ -15,31 +15,32 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from .accesslog import AccessLog, Entry
-from .admission import Admission
-from .analysis import PoolWindow, WindowFigures
-from .breaker import Breaker, BreakerState
-from .config import Config, UpstreamConfig, shield_statuses
-from .control import Change, Control
-from .events import EventBus
-from .exchange import Outcome, Phase
-from .grpcstatus import parse_codes
-from .h2front import H2Session
-from .h2upstream import H2Upstream
-from .health import HealthChecker
-from .metrics import Metrics
-from .retry import RetryBudget
-from .rollout import RolloutController, RolloutSnapshot
-from .router import OTHER, POOLS, Router
-from .routing import PoolName, SplitSpreader
-from .server import ClientConnection
-from .stats import Histogram, PoolStats
-from .tls import ListenerTLS, client_context, server_context
-from .upstream import Upstream, protocol_factory
+from proxy.admin.api import admin_token, build_admin_app
+from proxy.admin.metrics import Metrics
+from proxy.config import Config, UpstreamConfig, shield_statuses
+from proxy.control.changes import Change, Control
+from proxy.control.events import EventBus
+from proxy.control.health import HealthChecker
+from proxy.control.rollout import RolloutController, RolloutSnapshot
+from proxy.http.accesslog import AccessLog, Entry
+from proxy.http.exchange import Outcome, Phase
+from proxy.http.h2front import H2Session
+from proxy.http.h2upstream import H2Upstream
+from proxy.http.router import OTHER, POOLS, Router
+from proxy.http.server import ClientConnection
+from proxy.http.tls import ListenerTLS, client_context, server_context
+from proxy.http.upstream import Upstream, protocol_factory
+from proxy.logic.admission import Admission
+from proxy.logic.analysis import PoolWindow, WindowFigures
+from proxy.logic.breaker import Breaker, BreakerState
+from proxy.logic.grpcstatus import parse_codes
+from proxy.logic.retry import RetryBudget
+from proxy.logic.routing import PoolName, SplitSpreader
+from proxy.logic.stats import Histogram, PoolStats
 
 if TYPE_CHECKING:
-    from .exchange import Exchange
-    from .fleet import FleetMember
+    from proxy.fleet import FleetMember
+    from proxy.http.exchange import Exchange
 
 log = logging.getLogger("turnout")
 
@@ -521,8 +522,6 @@ class Proxy:
 
     async def start_admin(self, sock: socket.socket | None = None) -> int:
         """Start the admin API listener; returns its port."""
-        from .admin import admin_token, build_admin_app
-
         admin = self.config.admin
         app = build_admin_app(self, admin_token(self))
         if sock is None:

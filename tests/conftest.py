@@ -15,7 +15,7 @@ from aiohttp import web
 
 from proxy.config import parse_config
 from proxy.runtime import Proxy
-from proxy.sample import SampleSettings, start
+from proxy.tools.sample import SampleSettings, start
 
 HOST = "127.0.0.1"
 

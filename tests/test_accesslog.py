@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 from conftest import ProxyFactory, SampleFactory, proxy_config, wait_for
 
-from proxy.accesslog import Entry, format_line
+from proxy.http.accesslog import Entry, format_line
 from proxy.runtime import Proxy
 
 

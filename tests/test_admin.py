@@ -22,7 +22,7 @@ from conftest import HOST, ProxyFactory, Sample, SampleFactory, proxy_config, wa
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import cli
-from proxy.admin import AdminSetupError
+from proxy.admin.api import AdminSetupError
 from proxy.config import load_config, parse_config
 from proxy.runtime import Proxy
 

@@ -17,7 +17,7 @@ import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.admission import Admission, Shed
+from proxy.logic.admission import Admission, Shed
 
 
 class FakeTimeLoop(asyncio.SelectorEventLoop):

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.analysis import (
+from proxy.config import parse_config
+from proxy.logic.analysis import (
     LATENCY_BINS,
     LATENCY_FLOOR,
     LATENCY_GROWTH,
@@ -26,7 +27,6 @@ from proxy.analysis import (
     WindowFigures,
     mixture_log_lr,
 )
-from proxy.config import parse_config
 from proxy.runtime import WINDOW_BUCKETS, Proxy
 
 

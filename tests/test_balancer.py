@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.balancer import (
+from proxy.logic.balancer import (
     Balancer,
     BalancerKind,
     LeastRequest,

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.client import (
+from proxy.admin.client import (
     ADMIN_HEADER,
     DEFAULT_ADMIN,
     AdminClient,

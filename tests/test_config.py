@@ -15,7 +15,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy import config as config_module
-from proxy.accesslog import log_problems
 from proxy.config import (
     DEFAULT_CONFIG_YAML,
     MAX_DURATION,
@@ -28,6 +27,7 @@ from proxy.config import (
     parse_duration,
     shield_statuses,
 )
+from proxy.http.accesslog import log_problems
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 # Every file in config/ is a Turnout configuration (deploy/ holds the Kubernetes manifest and

@@ -29,10 +29,10 @@ from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.keys import Keys
 
+from proxy.admin.ui import POLICY
 from proxy.config import parse_config
 from proxy.runtime import Proxy
-from proxy.sample import SampleSettings, start
-from proxy.ui import POLICY
+from proxy.tools.sample import SampleSettings, start
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from proxy.cli import DEMO_MIN_DURATION, build_parser, main
-from proxy.demo import MIN_DURATION, PROGRESS_EVERY, Timeline, demo, demo_config
+from proxy.tools.demo import MIN_DURATION, PROGRESS_EVERY, Timeline, demo, demo_config
 
 PROGRESS = re.compile(
     r"^\s*(?P<t>\d+\.\d)s (?P<state>\w+)\s+step (?P<step>[\d-]+)/[\d-]+ "

@@ -19,8 +19,8 @@ from conftest import ProxyFactory, Sample, SampleFactory, proxy_config, wait_for
 from test_admin import ADMIN, Admin, start_admin_stack
 
 from proxy.config import load_config
+from proxy.http.upstream import Upstream
 from proxy.runtime import Proxy
-from proxy.upstream import Upstream
 
 TIMEOUT = 10.0
 

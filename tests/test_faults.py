@@ -17,7 +17,7 @@ import httptools
 import pytest
 from conftest import HOST, ProxyFactory, Sample, SampleFactory, proxy_config, raw_request
 
-from proxy.headers import MAX_RESPONSE_HEAD
+from proxy.http.headers import MAX_RESPONSE_HEAD
 from proxy.runtime import Proxy
 
 MiB = 1024 * 1024

@@ -32,10 +32,10 @@ from test_shutdown import ADMIN_API, LISTENING, ProxyProcess, admin_get
 
 from proxy.config import parse_config
 from proxy.fleet import join
-from proxy.fleet.demo import fleet_demo
 from proxy.fleet.state import FleetState, MemberRecord
 from proxy.fleet.store import EtcdStore, StoreError, client_tls
 from proxy.runtime import Proxy
+from proxy.tools.fleet_demo import fleet_demo
 
 ETCD = shutil.which("etcd")
 pytestmark = pytest.mark.skipif(

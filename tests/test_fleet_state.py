@@ -10,7 +10,7 @@ from conftest import proxy_config
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.client import format_status
+from proxy.admin.client import format_status
 from proxy.config import ConfigError, parse_config
 from proxy.fleet.state import (
     FleetRollout,

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from proxy.health import HealthChecker, HealthSnapshot, ProbeResult, probe
-from proxy.sample import SampleSettings, start
-from proxy.upstream import Upstream
+from proxy.control.health import HealthChecker, HealthSnapshot, ProbeResult, probe
+from proxy.http.upstream import Upstream
+from proxy.tools.sample import SampleSettings, start
 
 HOST = "127.0.0.1"
 WAIT = 2.0  # bound on every wait for an event; a healthy run needs a small fraction of it

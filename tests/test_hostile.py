@@ -23,8 +23,8 @@ from test_http_semantics import (
     read_response,
 )
 
+from proxy.http.server import ClientConnection
 from proxy.runtime import Proxy
-from proxy.server import ClientConnection
 
 __all__ = ["clients", "raw_upstream"]  # fixtures shared with test_http_semantics
 

@@ -24,11 +24,11 @@ import pytest
 import yaml
 from conftest import HOST, SampleFactory, proxy_config, wait_for
 
-from proxy import accesslog
-from proxy.accesslog import AccessLog, Entry
-from proxy.admin import AdminSetupError
-from proxy.client import AdminClient
+from proxy.admin.api import AdminSetupError
+from proxy.admin.client import AdminClient
 from proxy.config import parse_config
+from proxy.http import accesslog
+from proxy.http.accesslog import AccessLog, Entry
 from proxy.runtime import Proxy
 
 TIMEOUT = 10.0

@@ -22,7 +22,7 @@ from conftest import HOST, ProxyFactory, SampleFactory, Stack, proxy_config, wai
 from hyperframe.frame import ContinuationFrame, HeadersFrame, SettingsFrame
 from test_tls import write_pair
 
-from proxy.h2front import HIGH_WATER, H2Session
+from proxy.http.h2front import HIGH_WATER, H2Session
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 

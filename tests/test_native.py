@@ -23,7 +23,7 @@ from proxy import native
 
 PACKAGE = Path(proxy.__file__).parent
 WHICH = (
-    "import proxy.native as n, proxy.exchange as e, proxy.headers as h; "
+    "import proxy.native as n, proxy.http.exchange as e, proxy.http.headers as h; "
     "print(n.BUILD); print(n.WHY); print(e.__file__); print(h.__file__)"
 )
 
@@ -66,15 +66,15 @@ def test_turnout_pure_imports_every_module_from_its_source() -> None:
 def test_an_edited_source_is_not_shadowed_by_its_stale_compiled_module(tmp_path: Path) -> None:
     copy = tmp_path / "proxy"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    with (copy / "headers.py").open("a") as f:
+    with (copy / "http" / "headers.py").open("a") as f:
         f.write("\nEDITED = True\n")
     env = plain_env(PYTHONPATH=str(tmp_path))
     build, why, exchange, headers = which(env, cwd=tmp_path)
     assert build == "source"
-    assert why == "headers.py changed since the install (reinstall to compile)"
+    assert why == "http/headers.py changed since the install (reinstall to compile)"
     # All of them, not only the edited one: compiled modules use each other's classes.
-    assert exchange == str(copy / "exchange.py")
-    assert headers == str(copy / "headers.py")
+    assert exchange == str(copy / "http" / "exchange.py")
+    assert headers == str(copy / "http" / "headers.py")
 
 
 async def test_a_proxy_on_the_sources_serves(
@@ -98,11 +98,14 @@ def test_an_install_removes_compiled_modules_it_no_longer_builds(tmp_path: Path)
     in-place build, where Python would import it before the .py: the next install removes it."""
     build = runpy.run_path(str(PACKAGE.parent / "setup.py"), run_name="setup")
     suffix = ".cpython-311-x86_64-linux-gnu.so"
-    for name in ("config", "exchange", "_native__mypyc"):
+    (tmp_path / "http").mkdir()
+    for name in ("config", "http/exchange", "http/gone", "_native__mypyc"):
         (tmp_path / f"{name}{suffix}").write_bytes(b"")
     build["remove_stale_libraries"](tmp_path)
-    left = sorted(path.name.partition(".")[0] for path in tmp_path.glob("*.so"))
-    assert left == ["_native__mypyc", "exchange"]
+    left = sorted(
+        str(path.relative_to(tmp_path)).partition(".")[0] for path in tmp_path.rglob("*.so")
+    )
+    assert left == ["_native__mypyc", "http/exchange"]
 
 
 def compiled_modules() -> list[str]:
@@ -128,7 +131,7 @@ def test_no_compiled_module_calls_inside_a_slice_bound() -> None:
     access log twice): in a compiled module a bound is a name or arithmetic, never a call."""
     found = []
     for name in compiled_modules():
-        path = PACKAGE / f"{name}.py"
+        path = native.source_of(name)
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Slice):
                 found += [
@@ -136,5 +139,5 @@ def test_no_compiled_module_calls_inside_a_slice_bound() -> None:
                     for bound in (node.lower, node.upper, node.step)
                     if bound is not None and side_effects(bound)
                 ]
-    assert "exchange" in compiled_modules()
+    assert "http.exchange" in compiled_modules()
     assert found == []

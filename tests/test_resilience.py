@@ -23,11 +23,11 @@ from aiohttp import web
 from conftest import HOST, ProxyFactory, Sample, SampleFactory, proxy_config, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.breaker import BreakerState
-from proxy.events import Event
+from proxy.control.events import Event
+from proxy.http.upstream import Upstream
+from proxy.logic.breaker import BreakerState
 from proxy.runtime import Proxy
-from proxy.sample import start as start_sample
-from proxy.upstream import Upstream
+from proxy.tools.sample import start as start_sample
 
 # Health checks far apart: an upstream that fails after the proxy started is met by the data
 # path first, not taken out of rotation by a probe.

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.retry import RetryBudget, is_retriable_method
+from proxy.logic.retry import RetryBudget, is_retriable_method
 
 
 def requests(budget: RetryBudget, n: int, now: float = 0.0) -> RetryBudget:

@@ -23,9 +23,9 @@ import pytest
 from aiohttp import web
 from conftest import HOST, ProxyFactory, SampleFactory, proxy_config, wait_for
 
-from proxy.events import Event
+from proxy.control.events import Event
 from proxy.runtime import Proxy
-from proxy.sample import SampleSettings, make_app
+from proxy.tools.sample import SampleSettings, make_app
 
 CLIENTS = 20
 # Far above what any scenario needs; a scenario that hangs stops here rather than at the

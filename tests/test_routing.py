@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.routing import (
+from proxy.logic.routing import (
     SplitSpreader,
     SpreaderSnapshot,
     cookie_value,

@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.cli import build_parser
-from proxy.sample import SampleSettings, make_app, start
+from proxy.tools.sample import SampleSettings, make_app, start
 
 MiB = 1024 * 1024
 

@@ -24,11 +24,11 @@ from test_h2_upstream import h2_pools, up
 from test_http2 import RawH2
 
 from proxy.config import ConfigError, parse_config
-from proxy.member import MemberProxy
+from proxy.http.server import ClientConnection
+from proxy.procs.shared import OutcomeReport, routing_state
+from proxy.procs.supervisor import LeaderProxy
+from proxy.procs.worker import MemberProxy
 from proxy.runtime import Proxy
-from proxy.server import ClientConnection
-from proxy.shared import OutcomeReport, routing_state
-from proxy.workers import LeaderProxy
 
 MiB = 1024 * 1024
 BOUND = 5.0  # a slot held this long after its phase's timeout would be held forever

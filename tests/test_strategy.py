@@ -9,15 +9,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from proxy.analysis import ErrorTest, LatencyTest, PoolWindow, WindowFigures
 from proxy.config import ThresholdConfig
-from proxy.strategy import (
+from proxy.logic.analysis import ErrorTest, LatencyTest, PoolWindow, WindowFigures
+from proxy.logic.strategy import (
     Decision,
     StepState,
     Verdict,
     analysed_steps,
     decide_adaptive,
-    decide_eager,
     next_split,
 )
 
@@ -42,7 +41,6 @@ def decide(
     index: int = 0,
     candidate: WindowFigures = GOOD,
     stable: WindowFigures = STABLE,
-    gate_ok: bool = True,
     steps: Sequence[float] = STEPS,
     latency_test: LatencyTest | None = None,
 ) -> Decision:
@@ -55,7 +53,6 @@ def decide(
         candidate=candidate,
         stable=stable,
         error_test=ErrorTest(THRESHOLD.max_error_rate, steps=analysed_steps(steps)),
-        gate_ok=gate_ok,
         latency_test=latency_test,
     )
 
@@ -113,11 +110,6 @@ def test_insufficient_data_is_explicit() -> None:
         == "insufficient data at step 1 (1%): 49 candidate outcomes (50 needed) after 11.0 s"
     )
     assert decide(candidate=figures([0.02] * 50)).verdict is Verdict.ADVANCE
-
-
-def test_gate_failed_holds() -> None:
-    got = decide(gate_ok=False)
-    assert (got.verdict, got.next_split, got.reason) == (Verdict.HOLD, None, "gate failed")
 
 
 def test_promote_when_the_next_share_is_100() -> None:
@@ -191,18 +183,6 @@ def test_sub_millisecond_jitter_is_not_a_breach() -> None:
 def test_explicit_latency_test_is_used() -> None:
     strict = LatencyTest(max_p99=0.01, max_p99_ratio=1.5)
     assert decide(elapsed=1.0, latency_test=strict).verdict is Verdict.BREACH
-
-
-def test_decide_eager() -> None:
-    got = decide_eager(gate_ok=True, all_healthy=True)
-    assert (got.verdict, got.next_split) == (Verdict.PROMOTE, 100.0)
-    assert decide_eager(gate_ok=False, all_healthy=True).reason == "gate failed"
-    got = decide_eager(gate_ok=True, all_healthy=False)
-    assert (got.verdict, got.next_split) == (Verdict.HOLD, None)
-    assert got.reason == "waiting for: candidate upstreams healthy"
-    got = decide_eager(gate_ok=False, all_healthy=False)
-    assert got.reason == "waiting for: candidate upstreams healthy, gate"
-    assert got.figures == {"gate_ok": False, "all_healthy": False}
 
 
 def test_verdicts_are_strings() -> None:
@@ -281,7 +261,6 @@ def simulate(
             candidate=windows[True].figures(now, since=step.started_at),
             stable=windows[False].figures(now, since=step.started_at),
             error_test=error_test,
-            gate_ok=True,
         )
         out.seen.append((now, got.verdict, step.split))
         if got.verdict is Verdict.ADVANCE:

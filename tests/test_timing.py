@@ -14,7 +14,7 @@ from conftest import HOST, proxy_config
 
 from proxy.config import parse_config
 from proxy.runtime import Proxy
-from proxy.sample import SampleSettings, start
+from proxy.tools.sample import SampleSettings, start
 
 REQUESTS = 40
 

@@ -18,11 +18,11 @@ import yaml
 from aiohttp import web
 from conftest import HOST, ProxyFactory, proxy_config
 
-from proxy.breaker import BreakerState
 from proxy.config import parse_config
-from proxy.control import ControlError
+from proxy.control.changes import ControlError
+from proxy.http.tls import TLSSetupError, server_context
+from proxy.logic.breaker import BreakerState
 from proxy.runtime import Proxy
-from proxy.tls import TLSSetupError, server_context
 
 
 @pytest.fixture

@@ -26,13 +26,13 @@ from hypothesis import strategies as st
 from test_drain_reload import Load
 from test_shutdown import ADMIN_API, LISTENING, ProxyProcess, admin_get, until_draining
 
-from proxy.analysis import PoolWindow, latency_bin
-from proxy.breaker import BreakerState
 from proxy.cli import main
 from proxy.config import parse_config
-from proxy.member import MemberProxy
-from proxy.shared import OutcomeReport, RoutingState, forget_member, routing_state
-from proxy.workers import LeaderProxy
+from proxy.logic.analysis import PoolWindow, latency_bin
+from proxy.logic.breaker import BreakerState
+from proxy.procs.shared import OutcomeReport, RoutingState, forget_member, routing_state
+from proxy.procs.supervisor import LeaderProxy
+from proxy.procs.worker import MemberProxy
 
 TIMEOUT = 10.0
 WORKERS = 2

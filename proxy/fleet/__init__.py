@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .member import FleetMember
+from proxy.fleet.member import FleetMember
 
 if TYPE_CHECKING:
-    from ..runtime import Proxy
+    from proxy.runtime import Proxy
 
 __all__ = ["FleetMember", "join"]
 

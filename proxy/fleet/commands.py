@@ -16,12 +16,12 @@ import uuid
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..control import ControlError
-from .state import Keys
-from .store import KV, Delete, Op, Put, Store, StoreError
+from proxy.control.changes import ControlError
+from proxy.fleet.state import Keys
+from proxy.fleet.store import KV, Delete, Op, Put, Store, StoreError
 
 if TYPE_CHECKING:
-    from ..runtime import Proxy
+    from proxy.runtime import Proxy
 
 log = logging.getLogger("turnout.fleet")
 

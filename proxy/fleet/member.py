@@ -25,15 +25,15 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..config import FleetConfig
-from ..control import ControlError
-from ..rollout import RolloutSnapshot
-from .commands import Commands
-from .outcomes import FRESH, OutcomeTap
-from .partition import PartitionGuard
-from .state import FleetRollout, FleetState, Keys, MemberRecord, StateError, leader_of
-from .state import toward_candidate as moves_toward_candidate
-from .store import (
+from proxy.config import FleetConfig
+from proxy.control.changes import ControlError
+from proxy.control.rollout import RolloutSnapshot
+from proxy.fleet.commands import Commands
+from proxy.fleet.outcomes import FRESH, OutcomeTap
+from proxy.fleet.partition import PartitionGuard
+from proxy.fleet.state import FleetRollout, FleetState, Keys, MemberRecord, StateError, leader_of
+from proxy.fleet.state import toward_candidate as moves_toward_candidate
+from proxy.fleet.store import (
     KV,
     Compare,
     EtcdStore,
@@ -46,7 +46,7 @@ from .store import (
 )
 
 if TYPE_CHECKING:
-    from ..runtime import Proxy
+    from proxy.runtime import Proxy
 
 log = logging.getLogger("turnout.fleet")
 

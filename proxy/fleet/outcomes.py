@@ -9,11 +9,11 @@ import logging
 from itertools import zip_longest
 from typing import TYPE_CHECKING, Any
 
-from ..analysis import WindowFigures
-from .state import POOL_NAMES
+from proxy.fleet.state import POOL_NAMES
+from proxy.logic.analysis import WindowFigures
 
 if TYPE_CHECKING:
-    from ..runtime import Proxy
+    from proxy.runtime import Proxy
 
 log = logging.getLogger("turnout.fleet")
 

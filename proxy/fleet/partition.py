@@ -8,13 +8,13 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ..analysis import ErrorTest
-from ..rollout import ACTIVE
-from ..strategy import analysed_steps
+from proxy.control.rollout import ACTIVE
+from proxy.logic.analysis import ErrorTest
+from proxy.logic.strategy import analysed_steps
 
 if TYPE_CHECKING:
-    from .member import FleetMember
-    from .state import FleetState
+    from proxy.fleet.member import FleetMember
+    from proxy.fleet.state import FleetState
 
 log = logging.getLogger("turnout.fleet")
 

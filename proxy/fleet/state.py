@@ -8,7 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..routing import PoolName
+from proxy.logic.routing import PoolName
 
 POOL_NAMES: tuple[PoolName, ...] = ("blue", "green")
 

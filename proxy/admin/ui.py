@@ -2,7 +2,7 @@
 
 The page carries no data: its script reads `/status` and `/events` and acts through the admin
 API with the token the operator types, like any other client. The assets ship in the package
-(proxy/ui/) and are read once, when the admin API is built.
+(proxy/admin/ui/) and are read once, when the admin API is built.
 """
 
 from __future__ import annotations

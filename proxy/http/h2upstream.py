@@ -32,10 +32,10 @@ import h2.exceptions
 import h2.settings
 import httptools
 
-from .upstream import ConnectError, UpstreamConnection
+from proxy.http.upstream import ConnectError, UpstreamConnection
 
 if TYPE_CHECKING:
-    from .upstream import Upstream
+    from proxy.http.upstream import Upstream
 
 log = logging.getLogger("turnout.h2upstream")
 

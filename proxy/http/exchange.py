@@ -8,17 +8,17 @@ from enum import Enum
 from time import monotonic
 from typing import TYPE_CHECKING, Final
 
-from . import grpcstatus
-from . import headers as h
-from .admission import Shed, ShedReason
-from .headers import RawHeaders
-from .router import OTHER
-from .routing import PoolName, parse_override
-from .stats import CODE_LABELS
-from .upstream import BadResponse, ConnectError, Upstream, UpstreamConnection
+from proxy.http import headers as h
+from proxy.http.headers import RawHeaders
+from proxy.http.router import OTHER
+from proxy.http.upstream import BadResponse, ConnectError, Upstream, UpstreamConnection
+from proxy.logic import grpcstatus
+from proxy.logic.admission import Shed, ShedReason
+from proxy.logic.routing import PoolName, parse_override
+from proxy.logic.stats import CODE_LABELS
 
 if TYPE_CHECKING:
-    from .server import ClientConnection
+    from proxy.http.server import ClientConnection
 
 SHED_DETAIL = {
     "queue_full": "the upstream's in-flight limit and queue are full",

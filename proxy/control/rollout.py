@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeGuard
 
-from .analysis import ErrorTest, LatencyTest, WindowFigures
-from .control import Change, ControlError
-from .health import probe
-from .strategy import Decision, StepState, Verdict, analysed_steps, decide_adaptive
+from proxy.control.changes import Change, ControlError
+from proxy.control.health import probe
+from proxy.logic.analysis import ErrorTest, LatencyTest, WindowFigures
+from proxy.logic.strategy import Decision, StepState, Verdict, analysed_steps, decide_adaptive
 
 if TYPE_CHECKING:
-    from .config import ThresholdConfig
-    from .runtime import Proxy
+    from proxy.config import ThresholdConfig
+    from proxy.runtime import Proxy
 
 TICK = 0.1
 # A candidate failure asks for an evaluation this soon (not on every failure: at most one
@@ -292,7 +292,7 @@ class RolloutController:
     def _evaluate_soon(self) -> None:
         self._eval_pending = False
         if self.state in ACTIVE and self.step is not None:
-            self._evaluate_adaptive(gate_ok=True, breach_only=True)
+            self._evaluate_adaptive(breach_only=True)
 
     # the loop ----------------------------------------------------------------
 
@@ -324,7 +324,7 @@ class RolloutController:
                 return
             self._enter_step(first, self.steps[first])
             return
-        decision = self._evaluate_adaptive(gate_ok=True)
+        decision = self._evaluate_adaptive()
         if self.state not in ACTIVE or self.step is not step:
             return  # a breach acted
         upstreams = self.proxy.router.pools[self.proxy.candidate]
@@ -349,7 +349,7 @@ class RolloutController:
                 return
             self._act(decision)
 
-    def _evaluate_adaptive(self, *, gate_ok: bool, breach_only: bool = False) -> Decision | None:
+    def _evaluate_adaptive(self, *, breach_only: bool = False) -> Decision | None:
         step = self.step
         if step is None or self._error_test is None:
             return None
@@ -368,7 +368,6 @@ class RolloutController:
             candidate=candidate,
             stable=stable,
             error_test=self._error_test,
-            gate_ok=gate_ok,
             latency_test=self._latency_test,
         )
         self.last_figures = decision.figures

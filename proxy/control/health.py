@@ -16,8 +16,8 @@ from typing import Final
 
 import httptools
 
-from .h2upstream import probe_h2
-from .upstream import Upstream
+from proxy.http.h2upstream import probe_h2
+from proxy.http.upstream import Upstream
 
 log = logging.getLogger("turnout.health")
 

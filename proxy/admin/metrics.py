@@ -3,8 +3,8 @@ scrape time so the data path only bumps plain integers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -16,10 +16,10 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from .router import POOLS
+from proxy.http.router import POOLS
 
 if TYPE_CHECKING:
-    from .runtime import Proxy
+    from proxy.runtime import Proxy
 
 UPSTREAM_STATES = ("up", "down", "draining", "drained", "breaker_open", "breaker_half_open")
 ROLLOUT_STATES = (
@@ -178,7 +178,6 @@ class ProxyCollector(Collector):
         )
         rollback.add_metric((), [(_le(b), c) for b, c in rb.buckets], rb.sum)
         yield rollback
-        yield from _worker_metrics(proxy)
         yield from _fleet_metrics(proxy)
 
 
@@ -211,24 +210,39 @@ def _fleet_metrics(proxy: Proxy) -> Iterator[Metric]:
 WORKER_STATES = ("starting", "ready", "restarting", "stopping", "exited")
 
 
-def _worker_metrics(proxy: Proxy) -> Iterator[Metric]:
-    """With `turnout run --workers N`: the worker processes by state, and their restarts."""
-    from .workers import LeaderProxy  # imported here: workers imports runtime, which imports us
+class WorkerView(Protocol):
+    @property
+    def state(self) -> str: ...
 
-    if not isinstance(proxy, LeaderProxy) or proxy.pool is None:
-        return
-    workers = proxy.pool.workers
-    states = GaugeMetricFamily(
-        "turnout_workers", "Worker processes sharing the port, by state", labels=("state",)
-    )
-    for name in WORKER_STATES:
-        states.add_metric((name,), sum(1 for w in workers if w.state == name))
-    yield states
-    yield CounterMetricFamily(
-        "turnout_worker_restarts",
-        "Worker processes restarted after they exited",
-        value=sum(w.restarts for w in workers),
-    )
+    @property
+    def restarts(self) -> int: ...
+
+
+class WorkerPoolView(Protocol):
+    @property
+    def workers(self) -> Sequence[WorkerView]: ...
+
+
+class WorkerCollector(Collector):
+    """With `turnout run --workers N`: the worker processes by state, and their restarts.
+    Registered by the supervisor, which owns the pool."""
+
+    def __init__(self, pool: WorkerPoolView) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        workers = self.pool.workers
+        states = GaugeMetricFamily(
+            "turnout_workers", "Worker processes sharing the port, by state", labels=("state",)
+        )
+        for name in WORKER_STATES:
+            states.add_metric((name,), sum(1 for w in workers if w.state == name))
+        yield states
+        yield CounterMetricFamily(
+            "turnout_worker_restarts",
+            "Worker processes restarted after they exited",
+            value=sum(w.restarts for w in workers),
+        )
 
 
 def _le(bound: float) -> str:

@@ -1,8 +1,8 @@
-"""A worker process of `turnout run --workers N`: the client data path, following the
-supervisor's routing state and reporting its outcomes (proxy/shared.py), over the socketpair it
-inherits (JSON lines). No admin API, health checker or rollout controller of its own. When the
-supervisor says stop, or its link drops, it drains (stops accepting, answers what is in flight
-with `Connection: close`) and exits.
+"""A worker process of `turnout run --workers N`: the client data path, following the supervisor's
+routing state and reporting its outcomes (proxy/procs/shared.py), over the socketpair it inherits
+(JSON lines). No admin API, health checker or rollout controller of its own. When the supervisor
+says stop, or its link drops, it drains (stops accepting, answers what is in flight with
+`Connection: close`) and exits.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from .config import Config, UpstreamConfig
-from .router import POOLS
-from .routing import PoolName
-from .runtime import Proxy, freeze_startup_heap
-from .shared import (
+from proxy.config import Config, UpstreamConfig
+from proxy.http.router import POOLS
+from proxy.http.upstream import Upstream
+from proxy.logic.routing import PoolName
+from proxy.procs.shared import (
     REPORT_INTERVAL,
     OutcomeRecorder,
     OutcomeReport,
@@ -34,10 +34,10 @@ from .shared import (
     UpstreamRoute,
     upstream_key,
 )
-from .upstream import Upstream
+from proxy.runtime import Proxy, freeze_startup_heap
 
 if TYPE_CHECKING:
-    from .exchange import Exchange
+    from proxy.http.exchange import Exchange
 
 log = logging.getLogger("turnout.workers")
 
@@ -247,7 +247,8 @@ class MemberProxy(Proxy):
 
 
 class SocketMemberLink:
-    """A worker's `MemberLink` over its socketpair to the supervisor."""
+    """A worker's half of the seam (proxy/procs/shared.py): its outcomes to the supervisor,
+    over their socketpair."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer

@@ -29,11 +29,11 @@ import h2.settings
 import httptools
 from hyperframe.frame import GoAwayFrame
 
-from .h2upstream import send_window
-from .server import SHUTDOWN_IDLE_GRACE, ClientConnection
+from proxy.http.h2upstream import send_window
+from proxy.http.server import SHUTDOWN_IDLE_GRACE, ClientConnection
 
 if TYPE_CHECKING:
-    from .runtime import Proxy
+    from proxy.runtime import Proxy
 
 log = logging.getLogger("turnout.h2")
 

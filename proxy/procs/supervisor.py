@@ -1,22 +1,21 @@
 """`turnout run --workers N`: a supervisor and N worker processes on one port, one rollout.
 
-The supervisor (`LeaderProxy`) runs what a single Turnout runs except the client data path:
-the admin API, the control layer, health checks, the rollout controller and events. It binds
-the listening socket and starts N workers (`python -m proxy worker ...`, proxy/member.py) that
-inherit it and serve clients, with no admin API, health checker or rollout controller of
-their own. Every connection waits in the one accept queue until some worker takes it, so a
-worker that stops accepting loses none (unlike SO_REUSEPORT listeners, whose queues die with
-them).
+The supervisor (`LeaderProxy`) runs what a single Turnout runs except the client data path: the
+admin API, the control layer, health checks, the rollout controller and events. It binds the
+listening socket and starts N workers (`python -m proxy worker ...`, proxy/procs/worker.py) that
+inherit it and serve clients, with no admin API, health checker or rollout controller of their own.
+Every connection waits in the one accept queue until some worker takes it, so a worker that stops
+accepting loses none (unlike SO_REUSEPORT listeners, whose queues die with them).
 
-The processes share one state through the seam of proxy/shared.py, here over a socketpair per
-worker carrying JSON lines: the supervisor pushes the routing state on every change, each
-worker reports its outcomes every 50 ms, and the supervisor's windows, rollout decisions,
-/status and /metrics add them up. A worker whose link drops drains and exits; the supervisor
-restarts a worker that exits. SIGTERM to the supervisor: it lets go of the listening socket,
-every worker drains (stops accepting, answers what is in flight with `Connection: close`) and
-exits, then the supervisor does. SIGHUP: the supervisor reloads and validates, then pushes the
-new configuration. A hot restart (proxy/handover.py) hands the listening socket and the state
-to a new supervisor, which starts its own workers on it; then this one stops as on SIGTERM.
+The processes share one state through the seam of proxy/procs/shared.py, here over a socketpair per
+worker carrying JSON lines: the supervisor pushes the routing state on every change, each worker
+reports its outcomes every 50 ms, and the supervisor's windows, rollout decisions, /status and
+/metrics add them up. A worker whose link drops drains and exits; the supervisor restarts a worker
+that exits. SIGTERM to the supervisor: it lets go of the listening socket, every worker drains
+(stops accepting, answers what is in flight with `Connection: close`) and exits, then the supervisor
+does. SIGHUP: the supervisor reloads and validates, then pushes the new configuration. A hot restart
+(proxy/procs/handover.py) hands the listening socket and the state to a new supervisor, which starts
+its own workers on it; then this one stops as on SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,12 +30,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import Config, UpstreamConfig
-from .member import LINK_BUFFER, LINK_LIMIT, STARTUP_TIMEOUT, encode_message, read_message
-from .router import POOLS
-from .routing import PoolName
-from .runtime import Proxy
-from .shared import (
+from proxy.admin.metrics import WorkerCollector
+from proxy.config import Config, UpstreamConfig
+from proxy.http.router import POOLS
+from proxy.http.upstream import Upstream
+from proxy.logic.routing import PoolName
+from proxy.procs.shared import (
     OutcomeReport,
     RoutingState,
     SharedAdmission,
@@ -47,7 +46,14 @@ from .shared import (
     routing_state,
     upstream_key,
 )
-from .upstream import Upstream
+from proxy.procs.worker import (
+    LINK_BUFFER,
+    LINK_LIMIT,
+    STARTUP_TIMEOUT,
+    encode_message,
+    read_message,
+)
+from proxy.runtime import Proxy
 
 log = logging.getLogger("turnout.workers")
 
@@ -93,6 +99,7 @@ class LeaderProxy(Proxy):
         self._published_config: Config | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self.pool = WorkerPool(self, workers, command=command, clock=clock)
+        self.metrics.registry.register(WorkerCollector(self.pool))
 
     # shared state --------------------------------------------------------------
 
@@ -326,7 +333,8 @@ class Worker:
 
 
 class WorkerPool:
-    """Starts, links, restarts and stops the worker processes; the supervisor's `LeaderLink`."""
+    """Starts, links, restarts and stops the worker processes; the supervisor's half of the seam
+    (proxy/procs/shared.py)."""
 
     def __init__(
         self,

@@ -16,13 +16,13 @@ from urllib.parse import urlsplit
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
-from . import ui
-from .client import ADMIN_HEADER
-from .config import parse_duration
-from .control import Change, ControlError
+from proxy.admin import ui
+from proxy.admin.client import ADMIN_HEADER
+from proxy.config import parse_duration
+from proxy.control.changes import Change, ControlError
 
 if TYPE_CHECKING:
-    from .runtime import Proxy
+    from proxy.runtime import Proxy
 
 audit_log = logging.getLogger("turnout.audit")
 

@@ -14,9 +14,7 @@ from typing import Any, Protocol, cast
 
 import httptools
 
-from .admission import Admission
-from .breaker import Breaker, BreakerState
-from .headers import (
+from proxy.http.headers import (
     HOP_BY_HOP,
     HOP_BY_HOP_LENGTHS,
     MAX_CHUNK_FRAMING,
@@ -25,7 +23,9 @@ from .headers import (
     PLAIN_CONNECTION,
     add_hop_names,
 )
-from .routing import PoolName
+from proxy.logic.admission import Admission
+from proxy.logic.breaker import Breaker, BreakerState
+from proxy.logic.routing import PoolName
 
 log = logging.getLogger("turnout.upstream")
 

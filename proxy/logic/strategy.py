@@ -8,9 +8,8 @@ itself when green is the candidate, 100 - split when blue is (after a promotion)
 - `decide_adaptive(...)`: breach at once on a failed error or latency test, whatever the step's
   age; otherwise hold the step for `interval` and `min_requests` candidate outcomes, report
   `insufficient_data` when the interval passed without them, hold while a figure is over a
-  limit without conclusive evidence or the gate fails, then advance, or promote when the next
-  share would be 100 (or the current one is).
-- `decide_eager(...)`: straight to 100 once the candidate is healthy and its gate passes.
+  limit without conclusive evidence, then advance, or promote when the next share would be 100
+  (or the current one is). The controller checks the gate before it acts on an advance.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from proxy.analysis import ErrorTest, LatencyTest, WindowFigures
+from proxy.logic.analysis import ErrorTest, LatencyTest, WindowFigures
 
 __all__ = [
     "Decision",
@@ -29,7 +28,6 @@ __all__ = [
     "Verdict",
     "analysed_steps",
     "decide_adaptive",
-    "decide_eager",
     "next_split",
 ]
 
@@ -109,7 +107,6 @@ def decide_adaptive(
     candidate: WindowFigures,
     stable: WindowFigures,
     error_test: ErrorTest,
-    gate_ok: bool,
     latency_test: LatencyTest | None = None,
 ) -> Decision:
     """One evaluation of an adaptive rollout; `candidate`/`stable` are read since the step began.
@@ -160,25 +157,8 @@ def decide_adaptive(
     for analysis in (errors, latency):
         if analysis.outcome == "undecided":
             return decision(Verdict.HOLD, f"holding {where}: {analysis.reason}")
-    if not gate_ok:
-        return decision(Verdict.HOLD, "gate failed")
     share = next_split(steps, step.index)
     passed = f"{errors.reason}; {latency.reason}"
     if share is None or share >= FULL:
         return decision(Verdict.PROMOTE, f"{where} passed: {passed}", FULL)
     return decision(Verdict.ADVANCE, f"{where} passed, advancing to {share:g}%: {passed}", share)
-
-
-def decide_eager(*, gate_ok: bool, all_healthy: bool) -> Decision:
-    """Eager strategy: promote (share 100) once every candidate upstream is healthy and gated."""
-    figures: dict[str, object] = {"gate_ok": gate_ok, "all_healthy": all_healthy}
-    if gate_ok and all_healthy:
-        reason = "every candidate upstream is healthy and passed the gate"
-        return Decision(Verdict.PROMOTE, FULL, reason, figures)
-    waiting = [
-        what
-        for what, ok in (("candidate upstreams healthy", all_healthy), ("gate", gate_ok))
-        if not ok
-    ]
-    reason = "gate failed" if waiting == ["gate"] else "waiting for: " + ", ".join(waiting)
-    return Decision(Verdict.HOLD, None, reason, figures)

@@ -21,8 +21,10 @@ from typing import Any
 
 import aiohttp
 
-from ..config import parse_config
-from ..demo import (
+from proxy.config import parse_config
+from proxy.fleet import join
+from proxy.runtime import Proxy
+from proxy.tools.demo import (
     BAD_GREEN_ERROR_RATE,
     BAD_GREEN_STATUS,
     CLIENTS,
@@ -36,9 +38,7 @@ from ..demo import (
     _narrate,
     demo_config,
 )
-from ..runtime import Proxy
-from ..sample import SampleSettings, start
-from . import join
+from proxy.tools.sample import SampleSettings, start
 
 HOST = "127.0.0.1"
 ETCD_START = 15.0

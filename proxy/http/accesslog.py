@@ -32,7 +32,7 @@ import time
 from collections import deque
 from typing import IO
 
-from .config import Config
+from proxy.config import Config
 
 # time, client, method, target, status, bytes in, bytes out, pool, upstream url, attempts,
 # duration (s), upstream time (s), reason

@@ -5,7 +5,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Final, TypeAlias
 
-from . import grpcstatus
+from proxy.logic import grpcstatus
 
 RawHeaders: TypeAlias = list[tuple[bytes, bytes]]
 

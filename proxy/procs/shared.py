@@ -4,14 +4,14 @@ A *leader* (the process with the admin API, the health checker and the rollout c
 decides; *members* (the processes that serve clients) route by what it decides and report what
 they saw. Everything crosses one seam with two directions:
 
-- routing state, leader to members, pushed on every change (`LeaderLink.publish`): the split,
+- routing state, leader to members, pushed on every change (`WorkerPool.publish`): the split,
   the stable pool, the configuration and every upstream's health and drain state;
-- outcomes, each member to the leader, every `REPORT_INTERVAL` (`MemberLink.report`): what
+- outcomes, each member to the leader, every `REPORT_INTERVAL` (`SocketMemberLink.report`): what
   happened since its last report (per-pool outcomes with their latency bins, status codes,
   durations, retries, sheds, rescues) and the gauges it holds now (in flight, queued, breakers).
 
 The leader adds every report into its own windows, counters and gauges, so its analysis,
-rollout decisions, `/status` and `/metrics` see the sum of all members. proxy/workers.py
+rollout decisions, `/status` and `/metrics` see the sum of all members. proxy/procs/supervisor.py
 implements the seam over UNIX sockets between a supervisor and its worker processes; a shared
 store can implement the same two methods for a fleet of Turnout instances on many machines.
 Messages are plain JSON-ready dicts (`to_wire` / `from_wire`) so any transport can carry them.
@@ -21,18 +21,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from .admission import Admission, AdmissionSnapshot
-from .analysis import latency_bin
-from .breaker import Breaker, BreakerState
-from .config import Config, parse_config
-from .router import POOLS
-from .routing import PoolName
+from proxy.config import Config, parse_config
+from proxy.http.router import POOLS
+from proxy.logic.admission import Admission, AdmissionSnapshot
+from proxy.logic.analysis import latency_bin
+from proxy.logic.breaker import Breaker, BreakerState
+from proxy.logic.routing import PoolName
 
 if TYPE_CHECKING:
-    from .runtime import Proxy
-    from .upstream import Upstream
+    from proxy.http.upstream import Upstream
+    from proxy.runtime import Proxy
 
 # A member's outcomes reach the leader within this; with the push of routing state it bounds
 # how far one member's view may lag behind another's (100 ms).
@@ -250,23 +250,6 @@ class OutcomeReport:
             },
             timeouts={str(k): int(n) for k, n in wire.get("timeouts", {}).items()},
         )
-
-
-# the seam ----------------------------------------------------------------------------------
-
-
-class LeaderLink(Protocol):
-    """The leader's half of the seam: routing state to every member, latest wins. Members
-    hand what arrives to `MemberProxy.follow`."""
-
-    def publish(self, state: RoutingState) -> None: ...
-
-
-class MemberLink(Protocol):
-    """A member's half of the seam: its outcomes to the leader, which hands them to
-    `merge_report`."""
-
-    def report(self, report: OutcomeReport) -> None: ...
 
 
 # the leader's end --------------------------------------------------------------------------

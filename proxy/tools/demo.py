@@ -17,10 +17,10 @@ from typing import Any
 import aiohttp
 import uvloop
 
-from .config import parse_config
-from .events import Event
-from .runtime import Proxy
-from .sample import SampleSettings, start
+from proxy.config import parse_config
+from proxy.control.events import Event
+from proxy.runtime import Proxy
+from proxy.tools.sample import SampleSettings, start
 
 HOST = "127.0.0.1"
 CLIENTS = 8
@@ -318,7 +318,7 @@ def run_demo(bad_green: bool = False, duration: float = DEFAULT_DURATION, fleet:
     """`turnout demo`: exit 0 when the rollout ended as expected with no failed request.
     With `fleet`, that many proxies follow the rollout through a local etcd."""
     if fleet:
-        from .fleet.demo import DemoError, run_fleet_demo
+        from proxy.tools.fleet_demo import DemoError, run_fleet_demo
 
         try:
             summary = run_fleet_demo(fleet, bad_green, duration, _write_stdout)

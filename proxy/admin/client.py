@@ -213,7 +213,7 @@ def percent(value: str) -> float:
 def duration(value: str) -> str:
     """A ramp duration as the admin API takes it (`30s`, `2m`); a bare number means seconds."""
     # Imported here: the config module pulls in pydantic, paid only when --over is given.
-    from .config import parse_duration
+    from proxy.config import parse_duration
 
     text = value.strip()
     try:

@@ -7,7 +7,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import Config, TLSListen, UpstreamTLS
+    from proxy.config import Config, TLSListen, UpstreamTLS
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 

@@ -5,12 +5,18 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
-from .balancer import Balancer, make_balancer
-from .routing import PoolName, SplitSpreader, cookie_value, sticky_bucket, sticky_is_green
-from .upstream import Upstream
+from proxy.http.upstream import Upstream
+from proxy.logic.balancer import Balancer, make_balancer
+from proxy.logic.routing import (
+    PoolName,
+    SplitSpreader,
+    cookie_value,
+    sticky_bucket,
+    sticky_is_green,
+)
 
 if TYPE_CHECKING:
-    from .config import Config
+    from proxy.config import Config
 
 POOLS: tuple[PoolName, PoolName] = ("blue", "green")
 OTHER: dict[PoolName, PoolName] = {"blue": "green", "green": "blue"}

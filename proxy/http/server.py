@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
-from . import headers as h
-from .exchange import Exchange, Phase
+from proxy.http import headers as h
+from proxy.http.exchange import Exchange, Phase
 
 if TYPE_CHECKING:
-    from .runtime import Proxy
-    from .upstream import UpstreamConnection
+    from proxy.http.upstream import UpstreamConnection
+    from proxy.runtime import Proxy
 
 
 # WebSocket close frames with status 1001 (RFC 6455 §5.5.1, §7.4.1); frames a client sends

@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 from pydantic import ValidationError
 
-from .accesslog import log_problems
-from .config import Config, ConfigError, UpstreamConfig, load_config, validation_problems
-from .health import probe
-from .router import POOLS
-from .routing import PoolName
-from .tls import TLSSetupError, client_context, tls_problems
-from .upstream import ResponseSink, Upstream, UpstreamConnection
+from proxy.config import Config, ConfigError, UpstreamConfig, load_config, validation_problems
+from proxy.control.health import probe
+from proxy.http.accesslog import log_problems
+from proxy.http.router import POOLS
+from proxy.http.tls import TLSSetupError, client_context, tls_problems
+from proxy.http.upstream import ResponseSink, Upstream, UpstreamConnection
+from proxy.logic.routing import PoolName
 
 if TYPE_CHECKING:
-    from .runtime import Proxy
-    from .server import ClientConnection
+    from proxy.http.server import ClientConnection
+    from proxy.runtime import Proxy
 
 # An upstream endpoint of a configuration: pool, host, port.
 Endpoint = tuple[PoolName, str, int]
