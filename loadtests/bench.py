@@ -9,6 +9,7 @@
     python -m loadtests.bench --extra naive="python ../shared/bench/naive_proxy.py --port {port} \
         --upstream {blue}=90 --upstream {green}=10"
     python -m loadtests.bench --h2               # HTTP/2 clients (h2c, h2load), HTTP/1.1 upstreams
+    python -m loadtests.bench --turnout-build before=../old/.venv/bin/python  # two builds
 
 Needs wrk (apt-get install wrk). The upstream is nginx serving fixed bodies when nginx is
 installed (apt-get install nginx), else Turnout's sample upstream (much slower, so the
@@ -384,6 +385,14 @@ def main(argv: list[str] | None = None) -> int:
         help="another Turnout run with YAML lines added to its config, e.g. "
         "log='access_log: {to: /tmp/access.log}'; {tmp} is a scratch directory",
     )
+    ap.add_argument(
+        "--turnout-build",
+        action="append",
+        default=[],
+        metavar="NAME=PYTHON",
+        help="another build of Turnout (another checkout's virtualenv python, e.g. "
+        "before=../old/.venv/bin/python) with the same config: before/after in one run",
+    )
     ap.add_argument("--only", help="comma-separated targets to measure (e.g. turnout,haproxy)")
     ap.add_argument("--h2", action="store_true", help="HTTP/2 clients (h2load) instead of wrk")
     ap.add_argument(
@@ -488,6 +497,14 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
             [sys.executable, "-m", "proxy", "run", "-c", str(conf)],
             port,
         )
+    for spec in args.turnout_build:
+        name, _, python = spec.partition("=")
+        port = free_port()
+        conf = tmp / f"turnout-{name}.yaml"
+        conf.write_text(turnout_conf(port, blue, green))
+        # -P: the other build's own package, not this checkout's from the current directory.
+        argv = [python, "-P", "-m", "proxy", "run", "-c", str(conf)]
+        targets[f"turnout-{name}"] = (argv, port)
     if nginx:
         port = free_port()
         (tmp / "nginx-proxy.conf").write_text(nginx_proxy_conf(port, blue, green, tmp, h2=args.h2))
