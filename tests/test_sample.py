@@ -482,7 +482,7 @@ async def test_control_rejects_bad_input(
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_run_prints_its_address_and_exits_cleanly(sig: signal.Signals) -> None:
     code = (
-        "from proxy.sample import SampleSettings, run; "
+        "from proxy.tools.sample import SampleSettings, run; "
         "run(SampleSettings(name='canary'), '127.0.0.1', 0)"
     )
     proc = await asyncio.create_subprocess_exec(
