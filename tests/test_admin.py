@@ -22,6 +22,7 @@ from conftest import HOST, ProxyFactory, Sample, SampleFactory, proxy_config, wa
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import cli
+from proxy.admin import api as admin_api
 from proxy.admin.api import AdminSetupError
 from proxy.config import load_config, parse_config
 from proxy.runtime import Proxy
@@ -743,6 +744,27 @@ async def test_events_stream_split_changes_drains_and_reloads(
         assert seqs == sorted(seqs)
     finally:
         await proxy.shutdown(timeout=1.0)
+
+
+async def test_a_quiet_event_stream_stays_open_with_keep_alives(
+    admin_factory: AdminFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watcher that sees no event for several heartbeats still gets the next one: the
+    stream stays open with keep-alive comments until the client leaves."""
+    monkeypatch.setattr(admin_api, "SSE_HEARTBEAT", 0.02)
+    admin = await admin_factory()
+    async with admin.session.get(admin.url + "/events") as stream:
+        beats = 0
+        async with asyncio.timeout(TIMEOUT):
+            while beats < 5:
+                raw = await stream.content.readline()
+                assert raw, "the event stream ended while quiet"
+                beats += raw == b": keep-alive\n"
+        await admin.ok("PUT", "/split", {"green": 7})
+        ((kind, data),) = await read_events(stream, 1)
+    assert (kind, data["after"]) == ("split", 7.0)
+    # The client left: its subscription (and the read pending on it) is gone.
+    await wait_for(lambda: not admin.proxy.events.subscribers)
 
 
 async def test_events_replay_recent_history(admin: Admin) -> None:

@@ -22,6 +22,7 @@ from proxy.config import parse_duration
 from proxy.control.changes import Change, ControlError
 
 if TYPE_CHECKING:
+    from proxy.control.events import Event
     from proxy.runtime import Proxy
 
 audit_log = logging.getLogger("turnout.audit")
@@ -311,6 +312,7 @@ class AdminAPI:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.control = proxy.control
+        self.heartbeat = SSE_HEARTBEAT  # read when built, so a test can shorten it
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -426,15 +428,21 @@ class AdminAPI:
         # A reconnecting EventSource says the last id it saw: it gets what it missed.
         last_seen = whole_number(request.headers.get("Last-Event-ID", ""))
         stream = self.proxy.events.subscribe(replay=replay, after=last_seen)
+        # One pending read of the stream, waited on with a heartbeat: a quiet spell writes a
+        # comment and waits again on the same read, never cancelling the subscription.
+        pending: asyncio.Future[Event] | None = None
         try:
             await resp.write(b": turnout events\n\n")
             while True:
-                try:
-                    async with asyncio.timeout(SSE_HEARTBEAT):
-                        event = await anext(stream)
-                except TimeoutError:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(stream))
+                done, _ = await asyncio.wait((pending,), timeout=self.heartbeat)
+                if not done:
                     await resp.write(b": keep-alive\n\n")
                     continue
+                pending = None
+                try:
+                    event = done.pop().result()
                 except StopAsyncIteration:
                     break
                 await resp.write(
@@ -443,6 +451,9 @@ class AdminAPI:
         except ConnectionResetError:
             pass  # the reader went away; nothing to tell it
         finally:
+            if pending is not None:
+                pending.cancel()
+                await asyncio.wait((pending,))
             await stream.aclose()
         return resp
 
