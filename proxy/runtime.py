@@ -687,6 +687,9 @@ class Proxy:
             "recent": self.recent_figures(),
             "connections": len(self.connections),
             "rescued": self.rescued,
+            "fenced": {"pool": router.fenced, "reason": self.fence_reason}
+            if router.fenced
+            else None,
         } | self.fleet_status()
 
     def fleet_status(self) -> dict[str, Any]:

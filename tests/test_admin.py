@@ -255,7 +255,7 @@ async def test_healthz_and_readyz(admin_factory: AdminFactory) -> None:
 
 
 async def test_readyz_is_503_when_every_upstream_is_drained(admin: Admin) -> None:
-    await admin.ok("POST", "/pools/blue/upstreams/0/drain")
+    await admin.ok("POST", "/pools/blue/upstreams/0/drain", {"force": True})
     assert (await admin.call("GET", "/readyz"))[0] == 200
     await admin.ok("POST", "/pools/green/upstreams/0/drain")
     status, ready = await admin.call("GET", "/readyz")
@@ -482,7 +482,7 @@ async def test_every_mutation_is_audited(
     extra = await sample("blue-extra")
     await admin.ok("PUT", "/split", {"green": 20})
     await admin.ok("PUT", "/split", {"green": 40, "over": "10s"})
-    await admin.ok("POST", "/pools/blue/upstreams/0/drain")
+    await admin.ok("POST", "/pools/blue/upstreams/0/drain", {"force": True})
     await admin.ok("POST", "/pools/blue/upstreams/0/undrain")
     await admin.ok("POST", "/pools/blue/upstreams", {"url": extra.url, "weight": 3})
     await admin.ok("DELETE", "/pools/blue/upstreams/1")
@@ -585,7 +585,7 @@ async def test_metrics_agree_with_the_requests_sent(admin_factory: AdminFactory)
     slow = asyncio.create_task(admin.get("/delay/500"))
     await wait_for(lambda: admin.proxy.in_flight == 1)
     (busy,) = [u for u in admin.proxy.router.upstreams() if u.in_flight]
-    await admin.ok("POST", f"/pools/{busy.pool}/upstreams/0/drain")
+    await admin.ok("POST", f"/pools/{busy.pool}/upstreams/0/drain", {"force": True})
     m = await admin.metrics()
     assert m.value("turnout_upstream_in_flight", pool=busy.pool, upstream=busy.url) == 1.0
     assert m.value("turnout_upstream_state", pool=busy.pool, upstream=busy.url, state="up") == 0
@@ -850,10 +850,13 @@ async def test_cli_status_shift_drain_undrain(
     assert code == 0
     assert json.loads(out)["split"] == {"green": 0.0, "blue": 100.0}
 
+    code, out, err = await run_cli(capsys, "shift", "blue", "70", admin=admin)
+    assert (code, err) == (0, "")
+    assert "split: green 30%, blue 70%" in out
+    assert admin.proxy.spreader.split == 30.0
     code, out, err = await run_cli(capsys, "shift", "green", "30", admin=admin)
     assert (code, err) == (0, "")
     assert "green 30%" in out
-    assert admin.proxy.spreader.split == 30.0
 
     code, out, err = await run_cli(capsys, "shift", "green", "60", "--over", "20s", admin=admin)
     assert code == 0
@@ -879,9 +882,14 @@ async def test_cli_status_shift_drain_undrain(
     assert (code, err) == (0, "")
     assert not admin.proxy.router.pools["blue"][1].draining
 
-    # A whole pool.
+    # A whole pool: the stable one is refused before anything is drained, unless forced.
     code, out, err = await run_cli(capsys, "drain", "blue", admin=admin)
-    assert code == 0
+    assert (code, out) == (1, "")
+    assert "blue is the stable pool: draining all of it would send every request" in err
+    assert "pass --force" in err
+    assert not any(u.draining for u in admin.proxy.router.pools["blue"])
+    code, out, err = await run_cli(capsys, "drain", "blue", "--force", admin=admin)
+    assert (code, err) == (0, "")
     assert all(u.draining for u in admin.proxy.router.pools["blue"])
     assert "drain blue/0" in out and "drain blue/1" in out
     code, out, err = await run_cli(capsys, "undrain", "blue", admin=admin)

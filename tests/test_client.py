@@ -7,6 +7,7 @@ import asyncio
 import copy
 import json
 import math
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from proxy.admin.client import (
     AdminClient,
     ClientError,
     add_client_commands,
+    admin_base,
     format_status,
 )
 
@@ -378,7 +380,7 @@ def run_cli(argv: list[str]) -> int:
         ["shift", "green", "nan"],
         ["shift", "green", "inf"],
         ["shift", "green"],
-        ["shift", "blue", "50"],
+        ["shift", "red", "50"],
         ["shift", "green", "10", "--over", "5x"],
         ["shift", "green", "10", "--over", "-1s"],
         ["shift", "green", "10", "--over", ""],
@@ -418,7 +420,8 @@ def test_strategy_outside_start_exits_2(capsys: pytest.CaptureFixture[str]) -> N
 def test_good_arguments_parse() -> None:
     parser = make_parser()
     args = parser.parse_args(["shift", "green", "25%", "--over", "30"])
-    assert (args.percent, args.over, args.admin) == (25.0, "30s", DEFAULT_ADMIN)
+    assert (args.percent, args.over, args.admin) == (25.0, "30s", None)  # $TURNOUT_ADMIN, else
+    assert admin_base(None) in (os.environ.get("TURNOUT_ADMIN"), DEFAULT_ADMIN)
     args = parser.parse_args(["shift", "green", "0", "--over", "1.5m"])
     assert (args.percent, args.over) == (0.0, "1.5m")
     assert parser.parse_args(["drain", "green/12"]).target == ("green", 12)
@@ -657,6 +660,28 @@ async def test_admin_url_with_a_path_prefix(aiohttp_server: ServerFactory, no_to
     assert [s.path for s in fake.seen] == ["/turnout/reload"]
 
 
+async def test_the_admin_url_comes_from_turnout_admin_unless_given(
+    aiohttp_server: ServerFactory,
+    no_token: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake = FakeAdmin()
+    url = await start_admin(aiohttp_server, fake)
+    for prefix in ("env", "flag"):
+        fake.answers[("POST", f"/{prefix}/reload")] = (200, {"reloaded": True})
+    monkeypatch.setenv("TURNOUT_ADMIN", url + "/env")
+    assert await cli("reload") == 0
+    assert await cli("reload", "--admin", url + "/flag") == 0
+    assert [s.path for s in fake.seen] == ["/env/reload", "/flag/reload"]
+    capsys.readouterr()
+    monkeypatch.setenv("TURNOUT_ADMIN", "127.0.0.1:9901")
+    assert await cli("reload") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("turnout reload: TURNOUT_ADMIN: invalid admin URL '127.0.0.1:9901'")
+    assert len(fake.seen) == 2
+
+
 async def test_token_is_sent_as_bearer(
     aiohttp_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -665,8 +690,9 @@ async def test_token_is_sent_as_bearer(
     url = await start_admin(aiohttp_server, fake)
     assert await cli("status", "--admin", url) == 0
     assert await cli("shift", "green", "5", "--admin", url) == 0
-    assert await cli("drain", "blue", "--admin", url) == 0
-    assert [s.authorization for s in fake.seen] == ["Bearer s3cret"] * 4
+    assert await cli("drain", "green", "--admin", url) == 0
+    assert len(fake.seen) >= 4  # status, shift, the pool's listing, a drain per upstream
+    assert {s.authorization for s in fake.seen} == {"Bearer s3cret"}
 
 
 async def test_missing_token_is_refused_with_a_hint(

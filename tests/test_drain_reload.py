@@ -378,7 +378,7 @@ async def test_drain_gives_a_websocket_drain_timeout_then_1001(admin_factory: Ad
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(TIMEOUT):
         async with admin.session.ws_connect(admin.proxy_url + "/ws") as ws:
-            await admin.ok("POST", "/pools/blue/upstreams/0/drain")
+            await admin.ok("POST", "/pools/blue/upstreams/0/drain", {"force": True})
             drained = loop.time()
             await ws.send_str("still here")
             assert await ws.receive_str() == "still here"

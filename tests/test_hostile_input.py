@@ -188,8 +188,8 @@ async def test_the_admin_api_own_origin_and_names_are_accepted(
         )
         assert status == 200, (host, answer)
     # No body, no Content-Type: how curl -X POST and the CLI's bodiless commands look.
-    assert (await admin.call("POST", "/pools/blue/upstreams/0/drain"))[0] == 200
-    assert admin.proxy.router.pools["blue"][0].draining
+    assert (await admin.call("POST", "/pools/green/upstreams/0/drain"))[0] == 200
+    assert admin.proxy.router.pools["green"][0].draining
     assert (await admin.call("POST", "/rollout/start", b"", **{"Content-Type": JSON}))[0] == 200
     assert (await admin.call("POST", "/rollout/pause"))[0] == 200
 
@@ -219,11 +219,11 @@ async def test_the_cli_sends_json_and_passes(
     for argv in (
         ["rollout", "start", "--strategy", "lazy"],
         ["rollout", "pause"],
-        ["drain", "blue/0"],
+        ["drain", "green/0"],
     ):
         code = await asyncio.to_thread(cli.main, [*argv, "--admin", admin.url])
         assert code == 0, capsys.readouterr()
-    assert admin.proxy.router.pools["blue"][0].draining
+    assert admin.proxy.router.pools["green"][0].draining
 
 
 async def test_the_cli_says_json_even_without_a_body() -> None:

@@ -126,6 +126,11 @@ class Rig:
         async with self.admin.post(url, json=body if body is not None else {}) as resp:
             return resp.status, await resp.json()
 
+    async def drain(self, pool: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        url = f"{self.admin_url}/pools/{pool}/upstreams/0/drain"
+        async with self.admin.post(url, json=body) as resp:
+            return resp.status, await resp.json()
+
     async def put_split(self, body: dict[str, Any]) -> tuple[int, Any]:
         async with self.admin.put(f"{self.admin_url}/split", json=body) as resp:
             return resp.status, await resp.json()
@@ -570,6 +575,52 @@ async def test_no_failover_to_a_candidate_just_rolled_back(rig: RigFactory) -> N
     assert (await r.post("start"))[0] == 200
     status, upstream, _ = await get(r.url)
     assert (status, upstream) == (200, "green")
+
+
+async def test_a_drain_that_would_empty_the_stable_pool_is_refused_unless_forced(
+    rig: RigFactory,
+) -> None:
+    """Draining the stable pool's last upstream in rotation would push every request onto the
+    candidate, or, after a rollback, fail every one: 409 and nothing changes, unless forced.
+    A rollback leaves the candidate's upstreams up and fences the pool, as /status says."""
+    r = await rig()
+    status, body = await r.drain("blue")
+    assert (status, body["error"]) == (409, "would empty the stable pool")
+    assert "every request would fail over to the candidate pool green" in body["detail"]
+    assert not r.proxy.router.pools["blue"][0].draining
+    assert (await get(r.url))[:2] == (200, "blue")
+
+    assert (await r.post("start"))[0] == 200
+    await r.until_share(5.0)
+    assert (await r.post("rollback"))[0] == 200
+    shown = await r.status()
+    assert shown["fenced"]["pool"] == "green"
+    assert "it takes no failover traffic until a rollout starts" in shown["fenced"]["reason"]
+    (green,) = shown["pools"]["green"]["upstreams"]
+    assert (green["state"], green["draining"]) == ("up", False)
+
+    status, body = await r.drain("blue")
+    assert status == 409
+    assert "every request would get 503 (green is fenced: the rollout rolled" in body["detail"]
+    assert (await get(r.url))[:2] == (200, "blue")
+    status, body = await r.drain("blue", {"force": "yes"})
+    assert (status, body["error"]) == (400, "invalid force")
+
+    status, body = await r.drain("blue", {"force": True})
+    assert (status, body["draining"]) == (200, True)
+    status, _, answer = await get(r.url)
+    assert status == 503 and answer is not None and answer["error"] == "no_upstream"
+
+
+async def test_the_candidate_and_a_stable_pool_without_traffic_may_be_drained(
+    rig: RigFactory,
+) -> None:
+    r = await rig()
+    assert (await r.drain("green"))[0] == 200  # its share falls back on blue
+    assert (await get(r.url))[:2] == (200, "blue")
+    assert (await r.drain("green"))[0] == 200  # already draining: nothing to refuse
+    assert (await r.put_split({"green": 100}))[0] == 200
+    assert (await r.drain("blue"))[0] == 200  # blue takes no traffic: nothing moves
 
 
 async def test_a_hot_restart_keeps_a_rolled_back_candidate_fenced(rig: RigFactory) -> None:

@@ -261,6 +261,16 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return data
 
 
+async def read_force(request: web.Request) -> bool:
+    """The optional `{"force": true}` of a drain or removal that would empty the stable pool."""
+    data = await read_json(request)
+    allow_keys(data, {"force"})
+    force = data.get("force", False)
+    if not isinstance(force, bool):
+        raise ControlError(400, "invalid force", "force must be true or false")
+    return force
+
+
 def nested_deeper(value: object, limit: int) -> bool:
     """Whether arrays and objects nest deeper than `limit` in decoded JSON: walked a level at
     a time, without recursion, before anything formats or walks it recursively."""
@@ -380,7 +390,10 @@ class AdminAPI:
 
     async def remove_upstream(self, request: web.Request) -> web.Response:
         change = self.control.remove_upstream(
-            request.match_info["pool"], index_of(request), by=who(request)
+            request.match_info["pool"],
+            index_of(request),
+            by=who(request),
+            force=await read_force(request),
         )
         audit(request, change)
         return web.json_response({"removing": change.before, "what": change.what}, status=202)
@@ -389,7 +402,8 @@ class AdminAPI:
         pool, index = request.match_info["pool"], index_of(request)
         action = request.match_info["action"]
         if action == "drain":
-            change = self.control.drain(pool, index, by=who(request))
+            force = await read_force(request)
+            change = self.control.drain(pool, index, by=who(request), force=force)
         else:
             change = self.control.undrain(pool, index, by=who(request))
         audit(request, change)

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
+ADMIN_ENV = "TURNOUT_ADMIN"
 TOKEN_ENV = "TURNOUT_ADMIN_TOKEN"
 DEFAULT_TIMEOUT = 10.0
 MAX_ANSWER = 32 * 1024 * 1024
@@ -259,7 +260,20 @@ def pool_ref(value: str) -> tuple[str, int | None]:
 
 
 def client_for(args: argparse.Namespace) -> AdminClient:
-    return AdminClient(args.admin, os.environ.get(TOKEN_ENV) or None, args.timeout)
+    return AdminClient(admin_base(args.admin), os.environ.get(TOKEN_ENV) or None, args.timeout)
+
+
+def admin_base(given: str | None) -> str:
+    """`--admin`, else $TURNOUT_ADMIN, else the default on loopback."""
+    if given is not None:
+        return given
+    value = os.environ.get(ADMIN_ENV, "").strip()
+    if not value:
+        return DEFAULT_ADMIN
+    try:
+        return admin_url(value)
+    except argparse.ArgumentTypeError as exc:
+        raise ClientError(f"{ADMIN_ENV}: {exc}", exit_code=EXIT_USAGE) from None
 
 
 def guarded(
@@ -288,12 +302,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_shift(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"green": args.percent}
+    # `shift blue 30` is `shift green 70`: the admin API takes green's share.
+    green = args.percent if args.pool == "green" else 100.0 - args.percent
+    body: dict[str, Any] = {"green": green}
     if args.over is not None:
         body["over"] = args.over
     answer = client_for(args).request("PUT", "/split", body)
     how = f" over {args.over}" if args.over is not None else ""
-    line = f"split: green {_pct(args.percent)}{how}"
+    blue = f", blue {_pct(args.percent)}" if args.pool == "blue" else ""
+    line = f"split: green {_pct(green)}{blue}{how}"
     if "before" in answer:
         line += f" (was {_split_text(answer['before'])})"
     print(_clean(line))
@@ -351,15 +368,23 @@ def drain_command(action: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         client = client_for(args)
         pool, index = args.target
-        indexes = [index] if index is not None else _pool_indexes(client, pool)
+        force = getattr(args, "force", False)
+        if index is not None:
+            indexes = [index]
+        else:
+            status = client.request("GET", "/status")
+            indexes = _pool_indexes(status, pool)
+            if action == "drain" and not force:
+                _refuse_emptying_stable(status, pool)
         if not indexes:
             print(f"{action}: pool {pool} has no upstreams")
             return EXIT_OK
+        body = {"force": True} if force else None
         failed = 0
         for i in indexes:
             path = f"/pools/{quote(pool, safe='')}/upstreams/{i}/{action}"
             try:
-                answer = client.request("POST", path)
+                answer = client.request("POST", path, body)
             except ClientError as exc:
                 if exc.status is None or len(indexes) == 1:
                     raise
@@ -372,8 +397,30 @@ def drain_command(action: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _pool_indexes(client: AdminClient, pool: str) -> list[int]:
-    pools = client.request("GET", "/status").get("pools")
+def _refuse_emptying_stable(status: dict[str, Any], pool: str) -> None:
+    """Draining a whole stable pool would push every request to the candidate: refused here,
+    before any upstream is drained, as the admin API refuses the last one."""
+    pools = status.get("pools")
+    entry = pools.get(pool) if isinstance(pools, dict) else None
+    upstreams = entry.get("upstreams") if isinstance(entry, dict) else None
+    in_rotation = isinstance(upstreams, list) and any(
+        isinstance(u, dict) and u.get("draining") is False for u in upstreams
+    )
+    split = status.get("split")
+    share = split.get(pool) if isinstance(split, dict) else None
+    if status.get("stable") != pool or not in_rotation or share == 0:
+        return
+    candidate = _text(status.get("candidate"))
+    raise ClientError(
+        f"{pool} is the stable pool: draining all of it would send every request to the"
+        f" candidate pool {candidate} (or answer 503 if {candidate} is fenced after a"
+        f" rollback). Promote {candidate} or shift the traffic first, or pass --force",
+        status=409,
+    )
+
+
+def _pool_indexes(status: dict[str, Any], pool: str) -> list[int]:
+    pools = status.get("pools")
     entry = pools.get(pool) if isinstance(pools, dict) else None
     if not isinstance(entry, dict):
         raise ClientError(f"the proxy's /status does not list pool {pool}")
@@ -394,9 +441,9 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     common.add_argument(
         "--admin",
         type=admin_url,
-        default=DEFAULT_ADMIN,
+        default=None,
         metavar="URL",
-        help=f"admin API of the running proxy (default {DEFAULT_ADMIN}); "
+        help=f"admin API of the running proxy (default ${ADMIN_ENV}, else {DEFAULT_ADMIN}); "
         f"the bearer token is read from {TOKEN_ENV}",
     )
     common.add_argument(
@@ -411,9 +458,11 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     status.add_argument("--json", action="store_true", help="print the raw /status JSON")
     status.set_defaults(func=guarded("status", cmd_status))
 
-    shift = sub.add_parser("shift", parents=[common], help="set the share of traffic on green")
-    shift.add_argument("pool", choices=["green"], metavar="green", help="the literal word green")
-    shift.add_argument("percent", type=percent, metavar="PERCENT", help="0..100")
+    shift = sub.add_parser("shift", parents=[common], help="set the share of traffic per pool")
+    shift.add_argument(
+        "pool", choices=["green", "blue"], metavar="POOL", help="green or blue: whose share"
+    )
+    shift.add_argument("percent", type=percent, metavar="PERCENT", help="0..100 for that pool")
     shift.add_argument(
         "--over", type=duration, metavar="DURATION", help="ramp linearly, e.g. 30s, 5m"
     )
@@ -429,6 +478,12 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         cmd.add_argument(
             "target", type=pool_ref, metavar="POOL[/INDEX]", help="e.g. blue (all) or green/1"
         )
+        if action == "drain":
+            cmd.add_argument(
+                "--force",
+                action="store_true",
+                help="drain even the stable pool's last upstream in rotation",
+            )
         cmd.set_defaults(func=guarded(action, drain_command(action)))
 
     reload = sub.add_parser("reload", parents=[common], help="re-read the config file")
@@ -451,7 +506,18 @@ COLUMNS = (
 NUMERIC = frozenset({"WEIGHT", "IN-FLIGHT", "QUEUED", "REQUESTS", "FAILURES"})
 WINDOW_COLUMNS = ("REQUESTS", "ERRORS", "ERROR-RATE", "P50", "P99")
 KNOWN_KEYS = frozenset(
-    {"split", "stable", "candidate", "config", "listen", "ramp", "pools", "rollout", "fleet"}
+    {
+        "split",
+        "stable",
+        "candidate",
+        "config",
+        "listen",
+        "ramp",
+        "pools",
+        "rollout",
+        "fleet",
+        "fenced",
+    }
 )
 FLEET_COLUMNS = ("MEMBER", "APPLIED", "LAG", "LAST-SEEN", "ADMIN", "NOTE")
 ROLLOUT_KEYS = frozenset({"strategy", "state", "step", "steps", "reason", "windows"})
@@ -487,6 +553,9 @@ def _header(status: dict[str, Any]) -> list[tuple[str, str]]:
     availability = _availability(_dict(status.get("pools")))
     if availability:
         out.append(("available", availability))
+    fenced = status.get("fenced")
+    if isinstance(fenced, dict):
+        out.append(("fenced", f"{_text(fenced.get('pool'))}: {_text(fenced.get('reason'))}"))
     fleet = status.get("fleet")
     if isinstance(fleet, dict):
         out.append(("fleet", _fleet_text(fleet)))

@@ -201,7 +201,7 @@ class Control:
         for item in _items(state.get("draining")):
             for upstream in router.pools[item["pool"]]:
                 if upstream.url == item["url"]:
-                    self.drain(upstream.pool, upstream.index, by="hot restart")
+                    self.drain(upstream.pool, upstream.index, by="hot restart", force=True)
         ramp = state.get("ramp")
         if not isinstance(ramp, dict):
             return
@@ -280,9 +280,13 @@ class Control:
             )
         return ups[index]
 
-    def drain(self, pool: str, index: int, *, by: str = "operator") -> Change:
+    def drain(self, pool: str, index: int, *, by: str = "operator", force: bool = False) -> Change:
+        """Take an upstream out of rotation; refused (409) when it is the stable pool's last
+        one in rotation, unless `force`: that would push every request to the candidate."""
         upstream = self.upstream(pool, index)
         before = upstream.draining
+        if not before and not force:
+            self._refuse_emptying_stable(upstream)
         if not before:
             upstream.draining = True
             upstream.drained = False
@@ -304,6 +308,28 @@ class Control:
             self.proxy.router.refresh()
             self.events.publish("undrain", upstream=upstream.key, url=upstream.url, by=by)
         return Change(f"undrain {upstream.key}", {"draining": before}, {"draining": False})
+
+    def _refuse_emptying_stable(self, upstream: Upstream) -> None:
+        proxy = self.proxy
+        pool = upstream.pool
+        if pool != proxy.stable:
+            return  # the candidate's requests fall back on the stable pool: always safe
+        green = proxy.spreader.split
+        if (green if pool == "green" else 100.0 - green) == 0.0:
+            return  # it takes no traffic: nothing would move
+        if any(not u.draining for u in proxy.router.pools[pool] if u is not upstream):
+            return
+        candidate = proxy.candidate
+        if proxy.router.fenced == candidate:
+            then = f"every request would get 503 ({candidate} is fenced: {proxy.fence_reason})"
+        else:
+            then = f"every request would fail over to the candidate pool {candidate}"
+        raise ControlError(
+            409,
+            "would empty the stable pool",
+            f"{upstream.key} is the last upstream in rotation of the stable pool {pool}: {then}."
+            f" Promote {candidate} or shift the traffic first, or force the drain",
+        )
 
     async def _finish_drain(self, upstream: Upstream) -> None:
         loop = self.proxy.loop
@@ -352,10 +378,12 @@ class Control:
         self.events.publish("upstream_added", upstream=upstream.key, url=upstream.url)
         return upstream
 
-    def remove_upstream(self, pool: str, index: int, *, by: str = "operator") -> Change:
+    def remove_upstream(
+        self, pool: str, index: int, *, by: str = "operator", force: bool = False
+    ) -> Change:
         upstream = self.upstream(pool, index)
         if not upstream.draining:
-            self.drain(pool, index, by=by)
+            self.drain(pool, index, by=by, force=force)
         self._spawn(self._remove_when_drained(upstream))
         return Change(
             f"remove {upstream.key}", {"url": upstream.url}, {"removed_after_drain": True}
