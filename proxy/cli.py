@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -242,9 +243,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func = COMMANDS.get(args.command) or args.func
     try:
-        return int(func(args))
+        code = int(func(args))
+        sys.stdout.flush()  # here, where a reader that left can still be told apart
+        return code
     except KeyboardInterrupt:
         return EXIT_RUNTIME
+    except BrokenPipeError:
+        # The reader stopped early (`turnout status | head`): not an error of ours, and the
+        # rest of the output must not be flushed again at exit onto the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

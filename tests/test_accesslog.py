@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Callable
@@ -109,6 +110,39 @@ async def test_answers_the_proxy_writes_itself_name_their_reason_and_size(
     for line, size in zip(lines, sizes, strict=True):
         assert line["reason"] in ("bad_gateway", "no_upstream"), line
         assert line["bytes_out"] == size > 0
+
+
+async def test_requests_the_parser_refuses_are_logged_too(
+    sample: SampleFactory, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """A 400 for ambiguous framing or garbage, a 431 for a huge head: each is a line naming the
+    answer and why, with what of the request line was read."""
+    blue = await sample("blue")
+    path = tmp_path / "access.log"
+    proxy = await make_proxy(proxy_config([blue.url], [], access_log={"to": str(path)}))
+    sent = [
+        b"POST /both HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+        b"\x16\x03\x01 not http at all\r\n\r\n",
+        b"GET /big HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+    ]
+    answers: list[bytes] = []
+    for raw in sent:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(raw)
+        async with asyncio.timeout(5):
+            answers.append(await reader.read(-1))
+        writer.close()
+    assert [a[:12] for a in answers] == [b"HTTP/1.1 400", b"HTTP/1.1 400", b"HTTP/1.1 431"]
+    lines = await logged(proxy, path, 3)
+    assert [(x["method"], x["target"], x["status"]) for x in lines] == [
+        ("POST", "/both", 400),
+        ("", "", 400),
+        ("GET", "/big", 431),
+    ]
+    for line, answer in zip(lines, answers, strict=True):
+        assert line["reason"] and line["pool"] is None and line["attempts"] == 0
+        assert line["bytes_out"] == len(answer.split(b"\r\n\r\n", 1)[1])
 
 
 async def test_sampling_is_honoured_within_statistical_bounds(

@@ -897,6 +897,27 @@ async def test_cli_status_shift_drain_undrain(
     assert not any(u.draining for u in admin.proxy.router.pools["blue"])
 
 
+async def test_a_reader_that_stops_early_gets_no_traceback(admin: Admin) -> None:
+    """`turnout status | head`: the reader leaves before the table is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: the first write fails with EPIPE
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "status",
+            "--admin",
+            admin.url,
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert (proc.returncode, err.decode()) == (0, "")
+
+
 async def test_cli_errors_print_the_servers_message_and_exit_1(
     admin: Admin, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

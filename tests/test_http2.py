@@ -158,6 +158,39 @@ async def test_http2_can_be_turned_off(sample: SampleFactory, make_proxy: ProxyF
     assert b"HTTP/2 is not enabled on this listener" in data
 
 
+async def test_a_preface_in_pieces_opens_http2_and_a_late_one_is_refused(
+    sample: SampleFactory, make_proxy: ProxyFactory
+) -> None:
+    """The preface may arrive over several reads; after an HTTP/1.1 request it is refused
+    with a 400 that says so (not llhttp's internal words)."""
+    blue = await sample("blue")
+    proxy = await make_proxy(proxy_config([blue.url], [blue.url]))
+    for cut in (3, 16, 18, 20):
+        reader, writer = await asyncio.open_connection(HOST, proxy.port)
+        writer.write(PREFACE[:cut])
+        await writer.drain()
+        await wait_for(lambda: any(c.held for c in proxy.connections))
+        writer.write(PREFACE[cut:] + SettingsFrame(0).serialize())
+        async with asyncio.timeout(5):
+            head = await reader.readexactly(9)  # the server's SETTINGS frame header
+        writer.close()
+        assert head[3] == 0x4, (cut, head)  # a SETTINGS frame, not an HTTP/1.1 status line
+
+    reader, writer = await asyncio.open_connection(HOST, proxy.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(PREFACE)
+        data = await reader.read(-1)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert b"an HTTP/2 preface may only open a connection" in data
+    assert b"Pause on" not in data
+
+
 class RawH2:
     """A hand-driven HTTP/2 client on h2's state machine, for what real clients never do."""
 

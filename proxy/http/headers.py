@@ -61,6 +61,7 @@ MAX_TRAILERS: Final = 100
 CRLF: Final = b"\r\n"
 # How an HTTP/2 client with prior knowledge opens (RFC 9113 §3.4): llhttp stops at this line.
 H2_PREFACE_LINE: Final = b"PRI * HTTP/2.0\r\n"
+H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CHUNK_END: Final = b"0\r\n\r\n"
 CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 VIA: Final = b"1.1 turnout"

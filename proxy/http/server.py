@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Final, cast
 
@@ -61,6 +62,7 @@ class ClientConnection:
         "closing",
         "deadline",
         "forwarded",
+        "fresh",
         "head_bytes",
         "head_deadline",
         "head_size",
@@ -118,6 +120,8 @@ class ClientConnection:
         self.write_paused = False
         self.closing = False
         self.closed = False
+        # No request completed yet: only now may the HTTP/2 preface come (RFC 9113 §3.4).
+        self.fresh = True
         self.deadline = 0.0
         self.tunnel: UpstreamConnection | None = None
         self.tunnel_exchange: Exchange | None = None
@@ -210,6 +214,11 @@ class ClientConnection:
             # Reading is paused while bytes are held; a read that was under way joins them.
             self.held = None
             data = held[self.held_at :] + data
+        if self.fresh and len(data) < len(h.H2_PREFACE) and h.H2_PREFACE.startswith(data):
+            # The HTTP/2 preface in pieces: llhttp must see it whole to stop at it.
+            self.held = data
+            self.held_at = 0
+            return
         self._parse(data, 0)
 
     def _parse(self, data: bytes, pos: int) -> None:
@@ -237,10 +246,15 @@ class ClientConnection:
                 cause = exc.__context__
                 if isinstance(cause, HeadError):
                     self._reject(cause.status, cause.detail)
-                elif self.active is None and data.startswith(h.H2_PREFACE_LINE, start):
-                    # llhttp stops at the preface's second line: what to hand over starts
-                    # where this parse did.
-                    self._become_h2(data[start:] if start else data)
+                elif data.startswith(h.H2_PREFACE_LINE, start):
+                    if self.fresh and self.active is None:
+                        # llhttp stops at the preface's second line: what to hand over starts
+                        # where this parse did.
+                        self._become_h2(data[start:] if start else data)
+                    else:
+                        self._reject(400, "an HTTP/2 preface may only open a connection")
+                elif data.startswith(b"PRI ", start):
+                    self._reject(400, "PRI is the HTTP/2 preface's method; this is not one")
                 else:
                     self._reject(400, str(exc) or "malformed request")
                 return
@@ -415,6 +429,7 @@ class ClientConnection:
 
     def on_message_complete(self) -> None:
         self.in_frame = False
+        self.fresh = False
         ex = self.parsing
         if ex is not None:
             self.parsing = None
@@ -588,7 +603,35 @@ class ClientConnection:
             b"%bContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n%b" % (h.status_line(status), len(body), body)
         )
+        self._log_refused(status, detail, len(body))
         self.close()
+
+    def _log_refused(self, status: int, detail: str, size: int) -> None:
+        """An access log line for a request refused before it became an exchange: what of its
+        head was read (the method once the request line was), the answer and why."""
+        access = self.proxy.access_log
+        if access is None or not access.wants():
+            return
+        method = b""
+        if self.url:
+            method = self.parser.get_method()
+        access.write(
+            (
+                time.time(),
+                self.peer_ip,
+                method,
+                self.url,
+                status,
+                0,
+                size,
+                None,
+                None,
+                0,
+                0.0,
+                0.0,
+                detail,
+            )
+        )
 
     def exchange_finished(self, ex: Exchange) -> None:
         if ex is self.tunnel_exchange:
