@@ -4,12 +4,20 @@ builds from files that exist and runs a command that works."""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import datetime
 import fnmatch
+import functools
+import ipaddress
 import json
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +28,10 @@ import aiohttp
 import pytest
 import yaml
 from conftest import HOST, ProxyFactory, SampleFactory, proxy_config
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import build_parser
@@ -339,8 +351,29 @@ def kubernetes_documents() -> dict[str, dict[str, Any]]:
     return by_kind
 
 
+ADMIN_TLS_FILES = ("/etc/turnout-tls/tls.crt", "/etc/turnout-tls/tls.key")
+
+
+@functools.cache
+def stand_in_pair() -> tuple[str, str]:
+    """A certificate and key where the pod mounts the Secret's, made once per run."""
+    folder = Path(tempfile.mkdtemp(prefix="turnout-k8s-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return self_signed(folder)
+
+
+def embedded_text(docs: dict[str, dict[str, Any]]) -> str:
+    """The ConfigMap's turnout.yaml, its admin TLS files (the Secret's, in the pod) stood in
+    for by files made here: the loader checks that they exist."""
+    text: str = docs["ConfigMap"]["data"]["turnout.yaml"]
+    for mounted, here in zip(ADMIN_TLS_FILES, stand_in_pair(), strict=True):
+        assert mounted in text
+        text = text.replace(mounted, here)
+    return text
+
+
 def embedded_config(docs: dict[str, dict[str, Any]]) -> Config:
-    return parse_config(yaml.safe_load(docs["ConfigMap"]["data"]["turnout.yaml"]))
+    return parse_config(yaml.safe_load(embedded_text(docs)))
 
 
 def containers(docs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -375,7 +408,7 @@ def test_kubernetes_configmap_holds_a_valid_config(tmp_path: Path) -> None:
     config = embedded_config(docs)
     # The file the pod reads goes through turnout's own loader (YAML 1.2 booleans) as well.
     path = tmp_path / "turnout.yaml"
-    path.write_text(docs["ConfigMap"]["data"]["turnout.yaml"])
+    path.write_text(embedded_text(docs))
     assert load_config(path) == config
     for pool in (config.pools.blue, config.pools.green):
         assert pool.upstreams
@@ -424,6 +457,98 @@ def test_kubernetes_probes_reach_the_admin_api() -> None:
     secret = docs["Secret"]
     assert ref["name"] == secret["metadata"]["name"]
     assert ref["key"] in {**secret.get("stringData", {}), **secret.get("data", {})}
+
+
+def self_signed(tmp_path: Path) -> tuple[str, str]:
+    """What the sidecar file's openssl command makes: a self-signed P-256 certificate for
+    localhost and 127.0.0.1, its own CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "turnout-admin")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+async def test_kubernetes_admin_api_speaks_tls_off_loopback(
+    sample: SampleFactory, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Off loopback the token crosses the pod network: the admin API serves TLS from files
+    of the Secret, the probes use HTTPS, and the client in the pod reaches it as set up."""
+    docs = kubernetes_documents()
+    config = embedded_config(docs)
+    turnout = turnout_container(docs)
+    tls = yaml.safe_load(docs["ConfigMap"]["data"]["turnout.yaml"])["admin"]["tls"]
+    assert (tls["cert"], tls["key"]) == ADMIN_TLS_FILES
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secret = docs["Secret"]
+    for path in ADMIN_TLS_FILES:
+        mount = next(m for m in turnout["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        source = volumes[mount["name"]]["secret"]
+        assert source["secretName"] == secret["metadata"]["name"]
+        items = {i["path"]: i["key"] for i in source["items"]}
+        assert items[path.removeprefix(mount["mountPath"] + "/")] in secret["stringData"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert turnout[probe]["httpGet"]["scheme"] == "HTTPS"
+    env = {e["name"]: e.get("value") for e in turnout["env"]}
+    assert env["TURNOUT_ADMIN"] == f"https://localhost:{config.admin.port}"
+    assert env["SSL_CERT_FILE"] == tls["cert"]
+
+    cert, key = self_signed(tmp_path)
+    blue = await sample("blue")
+    admin = {"host": HOST, "port": 0, "tls": {"cert": cert, "key": key}}
+    proxy = await make_proxy(proxy_config([blue.url], [blue.url], admin=admin))
+    await proxy.start_admin()
+    client_env = {
+        **os.environ,
+        "TURNOUT_ADMIN": f"https://localhost:{proxy.admin_port}",
+        "SSL_CERT_FILE": cert,
+    }
+    client_env.pop("TURNOUT_ADMIN_TOKEN", None)
+    done = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "status",
+        env=client_env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(done.communicate(), 30)
+    assert (done.returncode, err.decode()) == (0, "")
+    assert "stable:" in out.decode()
+
+
+def test_deploy_files_name_their_own_folder() -> None:
+    for path in (KUBERNETES, ROOT / "README.md"):
+        text = path.read_text()
+        for name in ("kubernetes-sidecar.yaml", "grafana-dashboard.json"):
+            assert f"config/{name}" not in text, (path.name, name)
 
 
 def test_kubernetes_grace_period_covers_pre_stop_and_drain() -> None:
