@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
+import signal
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -41,6 +45,7 @@ TOKEN = "s3cret-dashboard-token"
 WAIT = 10.0
 SHOWN_WITHIN = 1.0  # a split changed through the API is on the page this soon (seen: 0.03-0.25 s)
 CLIENTS = 4
+ADMIN_LINE = re.compile(r"turnout: admin API on http://[^:]+:(\d+)")
 ARTEFACTS = Path(__file__).resolve().parent.parent / "reports" / "dashboard"
 
 
@@ -311,9 +316,17 @@ def test_rollback_from_the_page_rolls_back(browser: Any, running: Running, tmp_p
 
 def confirm(driver: Any) -> str:
     """Accept the confirmation the page asks for; what it asked."""
+    return answer(driver, accept=True)
+
+
+def answer(driver: Any, accept: bool) -> str:
+    """Accept or dismiss the confirmation the page asks for; what it asked."""
     alert = until(lambda: _alert(driver), what="the confirmation")
     question: str = alert.text
-    alert.accept()
+    if accept:
+        alert.accept()
+    else:
+        alert.dismiss()
     return question
 
 
@@ -340,12 +353,60 @@ def test_shift_drain_and_undrain_from_the_page(browser: Any, running: Running) -
     until(lambda: not running.status()["pools"]["green"]["upstreams"][0]["draining"])
     until(lambda: browser.find_element("css selector", f"{row} td:nth-child(3)").text == "up")
 
+    # The stable pool's last upstream: the API refuses, the page asks whether to force it.
+    row = "#upstreams tr[data-key='blue/0']"
+    browser.find_element("css selector", f"{row} button").click()
+    assert confirm(browser) == "Drain blue/0? This moves traffic."
+    forced = answer(browser, accept=False)
+    assert forced.startswith("409 would empty the stable pool: blue/0 is the last upstream")
+    assert forced.endswith("Drain anyway?")
+    until(lambda: "drain blue/0 refused: 409" in text(browser, "action-result"))
+    assert not running.status()["pools"]["blue"]["upstreams"][0]["draining"]
+    browser.find_element("css selector", f"{row} button").click()
+    confirm(browser)
+    assert answer(browser, accept=True) == forced
+    until(lambda: running.status()["pools"]["blue"]["upstreams"][0]["draining"], what="forced")
+    assert running.api("POST", "/pools/blue/upstreams/0/undrain")[0] == 200
+
 
 def _alert(driver: Any) -> Any:
     try:
         return driver.switch_to.alert
     except NoAlertPresentException:
         return None
+
+
+def test_a_supervisor_page_shows_its_workers(
+    browser: Any, running: Running, tmp_path: Path
+) -> None:
+    """Under `turnout run --workers 2` the page says how many workers run and restarted; a
+    single process shows no such line."""
+    fresh_page(browser, running, TOKEN)
+    assert not browser.find_element("id", "workers").is_displayed()
+    path = tmp_path / "workers.yaml"
+    dead = f"http://{HOST}:9"  # no upstream needed to show the processes
+    path.write_text(json.dumps(proxy_config([dead], [dead], admin={"host": HOST, "port": 0})))
+    out = tmp_path / "workers.out"
+    env = {k: v for k, v in os.environ.items() if k != "TURNOUT_ADMIN_TOKEN"}
+    with out.open("wb") as stdout:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "-c", str(path), "--workers", "2"],
+            stdout=stdout,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+    try:
+        found = until(lambda: ADMIN_LINE.search(out.read_text()), timeout=30, what="admin line")
+        browser.get(f"http://{HOST}:{found[1]}/ui")
+        until(lambda: text(browser, "workers") == "2 ready · 0 restarts", what="the workers")
+        assert browser.find_element("id", "workers").is_displayed()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_wrong_token_shows_the_401_message(browser: Any, running: Running) -> None:

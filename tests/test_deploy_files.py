@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import datetime
 import fnmatch
 import functools
@@ -15,11 +16,12 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import tomllib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
+from test_shutdown import ADMIN_API, ProxyProcess
 
 from proxy.cli import build_parser
 from proxy.config import Config, load_config, parse_config
@@ -54,11 +57,15 @@ Exported = dict[str, list[dict[str, str]]]  # sample name -> the label sets of i
 
 
 @pytest.fixture
-async def exported(sample: SampleFactory, make_proxy: ProxyFactory) -> Exported:
-    """Every sample of a scrape of a real proxy that answered 2xx and 5xx and retried."""
+async def exported(
+    sample: SampleFactory, make_proxy: ProxyFactory, tmp_path: Path
+) -> AsyncIterator[Exported]:
+    """Every sample of a scrape of a real proxy that answered 2xx and 5xx and retried, and of
+    a `turnout run --workers 2` supervisor (what only a supervisor exports)."""
     blue = await sample("blue")
     green = await sample("green")
-    proxy = await make_proxy(proxy_config([blue.url], [green.url], split=50))
+    data = proxy_config([blue.url], [green.url], split=50)
+    proxy = await make_proxy(data)
     base = f"http://{HOST}:{proxy.port}"
     async with aiohttp.ClientSession() as client:
         for path in ("/", "/", "/", "/", "/status/503"):
@@ -67,13 +74,49 @@ async def exported(sample: SampleFactory, make_proxy: ProxyFactory) -> Exported:
     body, content_type = proxy.metrics.exposition()
     assert content_type.startswith("text/plain")
     samples: Exported = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for s in family.samples:
-            samples.setdefault(s.name, []).append(dict(s.labels))
+    async with (
+        supervisor(data, tmp_path) as admin,
+        aiohttp.ClientSession() as client,
+        client.get(admin + "/metrics") as resp,
+    ):
+        scraped = await resp.text()
+    for text in (body.decode(), scraped):
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                samples.setdefault(s.name, []).append(dict(s.labels))
     # The traffic above must have produced what the checks below rely on.
     assert any(labels.get("code") == "503" for labels in samples["turnout_requests_total"])
     assert "turnout_retries_total" in samples
-    return samples
+    assert "turnout_worker_restarts_total" in samples
+    yield samples
+
+
+@contextlib.asynccontextmanager
+async def supervisor(data: dict[str, Any], tmp_path: Path) -> AsyncIterator[str]:
+    """`turnout run --workers 2` on ports 0: its admin API's address."""
+    path = tmp_path / "workers.yaml"
+    path.write_text(yaml.safe_dump({**data, "admin": {"host": HOST, "port": 0}}))
+    env = {k: v for k, v in os.environ.items() if k != "TURNOUT_ADMIN_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "proxy", "run", "-c", str(path), "--workers", "2"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=env,
+    )
+    process = ProxyProcess(proc, tmp_path / "workers.log")
+    try:
+        process.admin_port = int((await process.wait_line(ADMIN_API))[2])
+        yield process.admin
+    finally:
+        if process.alive:
+            process.signal(signal.SIGTERM)
+            try:
+                await process.exit_code(30)
+            except TimeoutError:
+                proc.kill()
+        await proc.wait()
+        await process._reader
 
 
 # --- reading PromQL ----------------------------------------------------------------------------

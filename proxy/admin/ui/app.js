@@ -346,6 +346,10 @@
       if (!resp.ok) {
         const text = await errorText(resp);
         if (resp.status === 401) unauthorized(text);
+        if (resp.status === 409 && path.endsWith("/drain") && !body
+            && window.confirm(`${text}\n\nDrain anyway?`)) {
+          return act(label, method, path, { force: true });
+        }
         result.dataset.outcome = "refused";
         result.textContent = `${label} refused: ${text}`;
         return;
@@ -476,10 +480,27 @@
     $("thresholds").textContent = t
       ? `error rate ≤ ${pct(t.max_error_rate, 2)}, p99 ≤ ${t.max_p99_ms} ms and ≤ ${t.max_p99_ratio}× stable, ≥ ${t.min_requests} requests a step`
       : "–";
+    renderWorkers(status.workers);
     renderUpstreams(status);
     renderVerdict(r);
     renderCharts(r);
     renderAuth();
+  }
+
+  function renderWorkers(workers) {
+    // Only a supervisor (turnout run --workers N) has workers to show.
+    const shown = Array.isArray(workers) && workers.length > 0;
+    $("workers-t").hidden = !shown;
+    $("workers").hidden = !shown;
+    if (!shown) return;
+    const states = new Map();
+    let restarts = 0;
+    for (const w of workers) {
+      states.set(w.state, (states.get(w.state) || 0) + 1);
+      restarts += w.restarts || 0;
+    }
+    const counts = Array.from(states, ([name, n]) => `${n} ${name}`).join(", ");
+    $("workers").textContent = `${counts} · ${restarts} restart${restarts === 1 ? "" : "s"}`;
   }
 
   function cell(row, index) {
