@@ -153,9 +153,11 @@ def resolve_config(path: str | None) -> tuple[Config, str | None]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from proxy.admin.api import token_problems  # aiohttp: only for the commands that need it
+
     try:
         config = load_config(args.config)
-        problems = tls_problems(config) + log_problems(config)
+        problems = tls_problems(config) + log_problems(config) + token_problems(config)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:
@@ -168,11 +170,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from proxy.admin.api import token_problems
     from proxy.app import run_proxy
 
     try:
         config, path = resolve_config(args.config)
-        problems = tls_problems(config) + log_problems(config)
+        problems = tls_problems(config) + log_problems(config) + token_problems(config)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:

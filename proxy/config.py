@@ -703,7 +703,8 @@ class Config(_Model):
     split: Annotated[float, Strict(), Field(ge=0, le=100, allow_inf_nan=False)] = 0.0
     balancer: Literal["round_robin", "random", "least_request"] = "least_request"
     sticky: StickyConfig = Field(default_factory=StickyConfig)
-    override_header: HeaderName = "X-Turnout-Pool"
+    # null turns forcing a pool off: the header then passes to the upstream like any other.
+    override_header: HeaderName | None = "X-Turnout-Pool"
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)

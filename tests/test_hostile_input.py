@@ -347,6 +347,11 @@ BOMBS: list[tuple[str, str, str]] = [
         "cannot write /proc/version",
     ),
     ("device access log", base_yaml(access_log={"to": "/dev/null"}), "is not a regular file"),
+    (
+        "admin off loopback without a token",
+        base_yaml(admin={"host": "0.0.0.0", "port": 0}),
+        "admin: the admin API would listen on 0.0.0.0, which is not loopback, without a token",
+    ),
 ]
 
 

@@ -867,6 +867,20 @@ async def test_override_header_forces_a_pool(stack: Stack) -> None:
         assert await _pool_of(session, url, {"X-Turnout-Pool": "purple"}) == "green"
 
 
+async def test_override_header_null_turns_forcing_off(
+    sample: SampleFactory, make_proxy: ProxyFactory, session: aiohttp.ClientSession
+) -> None:
+    blue = await sample("blue")
+    green = await sample("green")
+    proxy = await make_proxy(proxy_config([blue.url], [green.url], override_header=None))
+    url = f"http://{HOST}:{proxy.port}/headers"
+    for _ in range(3):
+        async with session.get(url, headers={"X-Turnout-Pool": "green"}) as resp:
+            assert (resp.status, resp.headers["X-Upstream"]) == (200, "blue")
+            received = {k.lower(): v for k, v in (await resp.json())["headers"]}
+        assert received["x-turnout-pool"] == "green"  # passed on as any other field
+
+
 async def test_sticky_cookie_moves_clients_only_blue_to_green(
     sample: SampleFactory, make_proxy: ProxyFactory, session: aiohttp.ClientSession
 ) -> None:

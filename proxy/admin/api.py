@@ -18,7 +18,7 @@ from aiohttp.typedefs import Middleware
 
 from proxy.admin import ui
 from proxy.admin.client import ADMIN_HEADER
-from proxy.config import parse_duration
+from proxy.config import AdminConfig, Config, parse_duration
 from proxy.control.changes import Change, ControlError
 
 if TYPE_CHECKING:
@@ -56,18 +56,30 @@ def is_loopback(host: str) -> bool:
 
 
 def admin_token(proxy: Proxy) -> str | None:
-    admin = proxy.config.admin
+    token, problem = _token(proxy.config.admin)
+    if problem:
+        raise AdminSetupError(problem)
+    return token
+
+
+def token_problems(config: Config) -> list[str]:
+    """Why the admin API would refuse to start in this environment (for `turnout check`)."""
+    _, problem = _token(config.admin)
+    return [f"admin: {problem}"] if problem else []
+
+
+def _token(admin: AdminConfig) -> tuple[str | None, str]:
     raw = os.environ.get(admin.token_env, "")
     if raw and not raw.strip():
-        raise AdminSetupError(f"{admin.token_env} holds only whitespace: set a token or unset it")
+        return None, f"{admin.token_env} holds only whitespace: set a token or unset it"
     # The bearer token a client sends is compared without surrounding whitespace.
     token = raw.strip() or None
     if token is None and not is_loopback(admin.host):
-        raise AdminSetupError(
+        return None, (
             f"the admin API would listen on {admin.host}, which is not loopback, without a token: "
             f"set {admin.token_env} or listen on 127.0.0.1"
         )
-    return token
+    return token, ""
 
 
 def json_error(status: int, error: str, detail: Any = None) -> web.Response:

@@ -50,7 +50,9 @@ class Router:
         self.pools = pools
         self.spreader = spreader
         self.balancer: Balancer[Any] = make_balancer(config.balancer, rng or random.Random())
-        self.override_header = config.override_header.lower().encode("latin-1")
+        # Off (null): no field has an empty name, so nothing matches.
+        override = config.override_header
+        self.override_header = override.lower().encode("latin-1") if override else b""
         sticky = config.sticky
         self.sticky_cookie = sticky.cookie.encode("latin-1") if sticky.cookie else None
         self.sticky_header = sticky.header.lower().encode("latin-1") if sticky.header else None
