@@ -6,6 +6,8 @@ import asyncio
 import base64
 import json
 import os
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -43,6 +45,31 @@ async def test_websocket_echo_text_and_binary(stack: Stack) -> None:
         # The tunnel is torn down on both sides and its bookkeeping settles.
         await wait_for(lambda: not stack.proxy.connections)
         await wait_for(lambda: in_flight(stack.proxy) == {"blue/0": 0, "green/0": 0})
+
+
+async def test_the_access_log_counts_a_tunnels_bytes(
+    sample: SampleFactory, make_proxy: ProxyFactory, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    blue = await sample("blue")
+    path = tmp_path / "access.log"
+    proxy = await make_proxy(proxy_config([blue.url], [], access_log={"to": str(path)}))
+    big = os.urandom(2 * MiB)
+    async with asyncio.timeout(TIMEOUT):
+        async with session.ws_connect(f"http://{HOST}:{proxy.port}/ws") as ws:
+            await ws.send_bytes(big)
+            assert await ws.receive_bytes() == big
+            await ws.close()
+
+        def lines() -> list[dict[str, Any]]:
+            text = path.read_text() if path.exists() else ""
+            return [json.loads(line) for line in text.splitlines()]
+
+        await wait_for(lambda: len(lines()) == 1)
+    (line,) = lines()
+    assert (line["status"], line["target"]) == (101, "/ws")
+    # A frame carries its payload plus a few bytes of header (and the client's mask).
+    assert 2 * MiB <= line["bytes_in"] < 2 * MiB + 1024
+    assert 2 * MiB <= line["bytes_out"] < 2 * MiB + 1024
 
 
 @pytest.mark.parametrize(

@@ -202,10 +202,14 @@ class ClientConnection:
         tunnel = self.tunnel
         if tunnel is not None:
             tunnel.write(data)
+            ex = self.tunnel_exchange
+            if ex is not None:
+                ex.body_size += len(data)  # the tunnel's bytes in, for the access log
             return
         ex = self.tunnel_exchange
         if ex is not None and ex.upgrade_rest is not None:
             # The upgrade is not confirmed yet; hold what the client sent meanwhile.
+            ex.body_size += len(data)
             ex.upgrade_rest.append(data)
             self.pause_reading(self.PAUSE_TUNNEL)
             return
@@ -484,6 +488,7 @@ class ClientConnection:
         conn.tunnel = self
         self.tunnel = conn
         if rest:
+            ex.bytes_out += len(rest)
             transport.write(rest)
         pending = ex.upgrade_rest or []
         ex.upgrade_rest = None
@@ -541,6 +546,13 @@ class ClientConnection:
                 self.transport.resume_reading()
 
     # responses ----------------------------------------------------------------
+
+    def relay(self, data: bytes) -> None:
+        """A tunnel's bytes from the upstream towards the client, counted for the access log."""
+        ex = self.tunnel_exchange
+        if ex is not None:
+            ex.bytes_out += len(data)
+        self.write(data)
 
     def write(self, data: bytes) -> None:
         """What the upstream sent (the proxy's own answers too) towards the client."""

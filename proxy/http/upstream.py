@@ -71,7 +71,7 @@ class ResponseSink(Protocol):
 class TunnelPeer(Protocol):
     """The client end of a tunnel, as the upstream connection sees it."""
 
-    def write(self, data: bytes) -> None: ...
+    def relay(self, data: bytes) -> None: ...
     def close(self) -> None: ...
     def upstream_eof(self) -> bool | None: ...
     def upstream_pause(self) -> None: ...
@@ -368,7 +368,7 @@ class UpstreamConnection:
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
         if tunnel is not None:
-            tunnel.write(data)
+            tunnel.relay(data)
             return
         if self.sink is None:
             # Bytes on an idle connection: the upstream is out of step; never reuse it.
