@@ -384,6 +384,11 @@ class ListenConfig(_Model):
     tls: TLSListen | None = None
     # HTTP/2 from clients beside HTTP/1.1: h2c with prior knowledge, ALPN h2 with tls.
     http2: Annotated[bool, Strict()] = True
+    # An HTTP/1.1 request head: its target (414 beyond), its header fields in bytes (name,
+    # value and 4 bytes each) and in number (431 beyond).
+    max_request_target: Annotated[int, Strict(), Field(ge=256, le=1_048_576)] = 8192
+    max_header_bytes: Annotated[int, Strict(), Field(ge=1024, le=1_048_576)] = 32768
+    max_header_fields: Annotated[int, Strict(), Field(ge=8, le=10_000)] = 100
 
 
 class AdminConfig(_Model):

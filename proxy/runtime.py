@@ -112,6 +112,12 @@ class Settings:
     drain_timeout: float
     max_connections: int
     http2: bool
+    max_target: int
+    max_head: int
+    max_headers: int
+    # Raw bytes of a request head still arriving: the limits above plus the request line and
+    # whitespace. httptools holds a header's pieces until the header ends; this bounds that.
+    max_head_bytes: int
     grpc_failures: frozenset[int]  # grpc-status codes that count as the server's failure
 
     @classmethod
@@ -149,6 +155,10 @@ class Settings:
             drain_timeout=config.drain.timeout,
             max_connections=config.listen.max_connections,
             http2=config.listen.http2,
+            max_target=config.listen.max_request_target,
+            max_head=config.listen.max_header_bytes,
+            max_headers=config.listen.max_header_fields,
+            max_head_bytes=config.listen.max_request_target + config.listen.max_header_bytes + 1024,
             grpc_failures=parse_codes(list(config.grpc.failures)),
         )
 

@@ -236,6 +236,61 @@ async def test_large_but_allowed_head_is_forwarded(front: Any, clients: ClientFa
     assert len(seen.headers) >= 90
 
 
+async def test_head_limits_are_settings(
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, clients: ClientFactory
+) -> None:
+    """listen.max_request_target, max_header_bytes and max_header_fields move the limits both
+    ways: what the defaults refuse passes, and what they pass is refused."""
+    upstream = await raw_upstream()
+    roomy = await make_proxy(
+        proxy_config(
+            [upstream.url],
+            [],
+            listen={
+                "host": "127.0.0.1",
+                "port": 0,
+                "max_request_target": 20000,
+                "max_header_bytes": 100_000,
+                "max_header_fields": 300,
+            },
+        )
+    )
+    target = b"/" + b"a" * 15000
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(250))
+    huge = b"X-Big: " + b"v" * 60_000 + b"\r\n"
+    for head in (
+        b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\n" + many + b"\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\n" + huge + b"\r\n",
+    ):
+        client = await clients(roomy.port)
+        assert (await client.request(head)).status == 200
+    assert len(upstream.requests) == 3
+
+    tight = await make_proxy(
+        proxy_config(
+            [upstream.url],
+            [],
+            listen={
+                "host": "127.0.0.1",
+                "port": 0,
+                "max_request_target": 256,
+                "max_header_bytes": 1024,
+                "max_header_fields": 8,
+            },
+        )
+    )
+    for head, status in (
+        (b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-A: " + b"v" * 1100 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n" + many[:120] + b"\r\n", 431),
+    ):
+        client = await clients(tight.port)
+        await client.send(head)
+        await refused(client, status)
+    assert len(upstream.requests) == 3
+
+
 async def test_unterminated_growing_header_is_431_without_waiting_for_its_end(
     raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, clients: ClientFactory
 ) -> None:

@@ -45,13 +45,8 @@ PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"C
 SINGLETONS: Final = frozenset({b"authorization", b"proxy-authorization", b"content-type"})
 SINGLETON_LENGTHS: Final = frozenset(len(name) for name in SINGLETONS)
 
-MAX_TARGET: Final = 8192
-MAX_HEAD: Final = 32768
-MAX_HEADERS: Final = 100
+# A request head's limits are settings (listen.max_request_target, ...); a response head's:
 MAX_RESPONSE_HEAD: Final = 65536
-# Raw bytes of a request head still arriving: the limits above plus the request line and
-# whitespace. httptools holds a header's pieces until the header ends; this bounds that.
-MAX_HEAD_BYTES: Final = MAX_TARGET + MAX_HEAD + 1024
 # Raw bytes of one chunk-size line (with its extensions) or of the trailer section of a
 # chunked body, and trailer fields, in both directions: bounded like a head (a chunked body
 # could otherwise end in an endless trailer section). Trailers are not relayed.

@@ -265,7 +265,7 @@ class ClientConnection:
             # A phase that began during this piece restarted the count: head_bytes holds only
             # pieces that were wholly inside the head (or chunk framing) still under way.
             if self.in_head:
-                if self.head_bytes > h.MAX_HEAD_BYTES:
+                if self.head_bytes > self.proxy.settings.max_head_bytes:
                     # A header that never ends reaches no callback, so its size is bounded here.
                     self._reject(431, "request header fields too large")
                     return
@@ -365,7 +365,7 @@ class ClientConnection:
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > h.MAX_TARGET:
+        if len(self.url) > self.proxy.settings.max_target:
             raise HeadError(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -379,7 +379,8 @@ class ClientConnection:
         self.head_size += len(name) + len(value) + 4
         headers = self.headers
         headers.append((name, value))
-        if self.head_size > h.MAX_HEAD or len(headers) > h.MAX_HEADERS:
+        settings = self.proxy.settings
+        if self.head_size > settings.max_head or len(headers) > settings.max_headers:
             raise HeadError(431, "request header fields too large")
 
     def on_headers_complete(self) -> None:
