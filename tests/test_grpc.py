@@ -15,6 +15,7 @@ import pytest
 from conftest import HOST, ProxyFactory, proxy_config, wait_for
 
 from proxy.config import ConfigError, parse_config
+from proxy.logic import grpcstatus
 
 SERVING, NOT_SERVING = b"\x08\x01", b"\x08\x02"
 SERVICE = "test.Echo"
@@ -289,3 +290,25 @@ def test_grpc_health_checks_need_http2_pools() -> None:
     data["health_check"] = {"grpc": True}
     with pytest.raises(ConfigError, match=r"pools\.blue\.protocol: health_check\.grpc needs"):
         parse_config(data)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (b"200m", 0.2),
+        (b"5S", 5.0),
+        (b"2M", 120.0),
+        (b"1H", 3600.0),
+        (b"99999999u", 99.999999),
+        (b"1500000n", 0.0015),
+        (b" 3S ", 3.0),
+        (b"123456789m", 0.0),  # more than 8 digits
+        (b"10x", 0.0),
+        (b"m", 0.0),
+        (b"", 0.0),
+        (b"-5S", 0.0),
+        (b"\xd9\xa3S", 0.0),  # digits of another script
+    ],
+)
+def test_grpc_timeout_values(value: bytes, seconds: float) -> None:
+    assert grpcstatus.parse_timeout(value) == pytest.approx(seconds)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import httpx
@@ -230,3 +231,27 @@ def test_the_protocol_must_fit_the_urls() -> None:
         parse_config(h2_pools("https://127.0.0.1:1", "http://127.0.0.1:2", protocol="h2c"))
     assert parse_config(h2_pools("http://a:1", "http://b:2")).pools.blue.protocol == "h2c"
     assert ssl is not None
+
+
+async def test_grpc_timeout_is_the_calls_deadline(
+    h2_server: H2Factory, make_proxy: ProxyFactory
+) -> None:
+    """A gRPC call that says `grpc-timeout: 200m` gets DEADLINE_EXCEEDED from Turnout when its
+    upstream has not answered by then, well before timeouts.response_headers (30 s), even from
+    a client that keeps no deadline of its own. This upstream knows nothing of gRPC deadlines
+    (as a hung process), so no deadline but Turnout's can end the call."""
+    blue = await h2_server("blue")
+    proxy = await make_proxy(h2_pools(blue.url, blue.url))
+    await up(proxy)
+    message = b"\x00" + (1).to_bytes(4, "big") + b"x"
+    headers = {"content-type": "application/grpc", "te": "trailers", "grpc-timeout": "200m"}
+    client = httpx.AsyncClient(http1=False, http2=True, timeout=10.0)
+    async with client, asyncio.timeout(4):
+        resp = await client.post(
+            f"http://{HOST}:{proxy.port}/delay/5000", content=message, headers=headers
+        )
+    assert resp.status_code == 200
+    message = unquote(resp.headers["grpc-message"])
+    assert resp.headers["grpc-status"] == "4", message
+    assert "grpc-timeout of 0.2s passed" in message
+    assert blue.versions == ["2"]  # one attempt: the deadline is the call's

@@ -72,6 +72,7 @@ class Exchange:
         "buffered",
         "buffered_size",
         "bytes_out",
+        "call_timeout",
         "chunked",
         "client",
         "conn",
@@ -147,6 +148,9 @@ class Exchange:
         # A gRPC call (content-type application/grpc...): judged by its grpc-status, answered
         # in gRPC's terms when the proxy itself answers.
         self.grpc = False
+        # A gRPC call's own deadline (grpc-timeout, seconds; 0: none): its response head is
+        # due within it when that is sooner than timeouts.response_headers.
+        self.call_timeout = 0.0
         # Body chunks received so far, kept while they fit the retry limit.
         self.buffered: list[bytes] | None = []
         self.buffered_size = 0
@@ -294,6 +298,10 @@ class Exchange:
             if b"via" in named:
                 via = None
         self.forward_head = self._end_forward_head(head, xff, via)
+        if self.grpc:
+            for name, value in self.request_headers:
+                if name.lower() == b"grpc-timeout":
+                    self.call_timeout = grpcstatus.parse_timeout(value)
 
     def _end_forward_head(self, head: list[bytes], xff: bytes | None, via: bytes | None) -> bytes:
         client = self.client
@@ -748,7 +756,10 @@ class Exchange:
 
     def _arm_head_deadline(self) -> None:
         if not self.response_started:
-            self.client.arm_head_deadline(self.client.proxy.settings.response_headers_timeout)
+            timeout = self.client.proxy.settings.response_headers_timeout
+            if 0.0 < self.call_timeout < timeout:
+                timeout = self.call_timeout - (monotonic() - self.started)
+            self.client.arm_head_deadline(timeout)
 
     def head_timeout(self) -> None:
         """The client connection's head deadline passed for this exchange."""
@@ -758,7 +769,11 @@ class Exchange:
             proxy = self.client.proxy
             proxy.timeouts[Phase.RESPONSE_HEADERS.value] += 1
             timeout = proxy.settings.response_headers_timeout
-            self.detail = f"no response headers within {timeout:g}s"
+            if 0.0 < self.call_timeout < timeout:
+                self.detail = f"the call's grpc-timeout of {self.call_timeout:g}s passed"
+                self.attempts_left = 0  # the deadline is the call's, not the attempt's
+            else:
+                self.detail = f"no response headers within {timeout:g}s"
             self._finish_attempt(Outcome.TIMEOUT)
 
     def stalled(self, phase: Phase, timeout: float) -> None:

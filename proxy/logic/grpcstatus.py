@@ -95,3 +95,27 @@ def parse_codes(names: list[str | int]) -> frozenset[int]:
         else:
             out.add(CODES[name.upper()])
     return frozenset(out)
+
+
+# grpc-timeout units (the gRPC over HTTP/2 spec): hours down to nanoseconds.
+TIMEOUT_UNITS: Final = {
+    ord("H"): 3600.0,
+    ord("M"): 60.0,
+    ord("S"): 1.0,
+    ord("m"): 1e-3,
+    ord("u"): 1e-6,
+    ord("n"): 1e-9,
+}
+
+
+def parse_timeout(value: bytes) -> float:
+    """A `grpc-timeout` value (at most 8 digits and a unit: `250m`, `5S`) in seconds; 0.0 for
+    one that does not parse, which sets no deadline."""
+    value = value.strip()
+    digits = value[:-1]
+    if not 1 <= len(digits) <= 8 or not digits.isdigit():
+        return 0.0
+    unit = TIMEOUT_UNITS.get(value[-1])
+    if unit is None:
+        return 0.0
+    return int(digits) * unit
