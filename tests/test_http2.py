@@ -422,3 +422,78 @@ async def test_header_floods_end_the_connection_not_the_proxy(stack: Stack, atta
     assert stack.proxy.in_flight == 0
     async with h2c(stack.proxy.port) as other:
         assert (await other.get("/")).status_code == 200
+
+
+def raw_frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    """A frame built by hand: what a library would refuse to send."""
+    head = len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big")
+    return head + payload
+
+
+GET_BLOCK = b"\x82\x86\x84\x41\x01t"  # :method GET, :scheme http, :path /, :authority t
+END_STREAM_AND_HEADERS = 0x5
+MALFORMED = {
+    "data-on-stream-0": (raw_frame(0x0, 0x1, 0, b"x"), "PROTOCOL_ERROR"),
+    # The connection's window pushed past 2^31-1.
+    "window-overflow": (
+        raw_frame(0x8, 0, 0, (0x7FFFFFFF).to_bytes(4, "big")),
+        "FLOW_CONTROL_ERROR",
+    ),
+    # A frame longer than SETTINGS_MAX_FRAME_SIZE (16,384 until the proxy says otherwise).
+    "oversized-frame": (
+        raw_frame(0x1, 0x4, 1, GET_BLOCK) + raw_frame(0x0, 0x1, 1, b"x" * 20000),
+        "FRAME_SIZE_ERROR",
+    ),
+    "settings-length": (raw_frame(0x4, 0, 0, b"12345"), "FRAME_SIZE_ERROR"),
+    # A field block HPACK cannot decode (an index far past both tables).
+    "hpack-garbage": (
+        raw_frame(0x1, END_STREAM_AND_HEADERS, 1, b"\xff\xff\xff\x7f"),
+        "COMPRESSION_ERROR",
+    ),
+    # A client may open only odd-numbered streams.
+    "even-stream": (raw_frame(0x1, END_STREAM_AND_HEADERS, 2, GET_BLOCK), "PROTOCOL_ERROR"),
+}
+
+
+@pytest.mark.parametrize("attack", MALFORMED, ids=list(MALFORMED))
+async def test_malformed_frames_are_a_goaway_with_their_code(stack: Stack, attack: str) -> None:
+    frames, code = MALFORMED[attack]
+    reader, writer = await asyncio.open_connection(HOST, stack.proxy.port)
+    writer.write(PREFACE + SettingsFrame(0).serialize() + frames)
+    received = bytearray()
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(65536):
+                received += chunk
+    writer.close()
+    goaways = []
+    while len(received) >= 9:
+        size = int.from_bytes(received[:3], "big") + 9
+        if received[3] == 0x7:
+            goaways.append(int.from_bytes(received[13:17], "big"))
+        del received[:size]
+    assert [h2.errors.ErrorCodes(c).name for c in goaways] == [code]
+    await wait_for(lambda: stack.proxy.in_flight == 0 and not stack.proxy.sessions)
+    async with h2c(stack.proxy.port) as other:
+        assert (await other.get("/")).status_code == 200
+
+
+async def test_a_streams_window_overflow_resets_that_stream_only(stack: Stack) -> None:
+    client = await RawH2.open(stack.proxy.port)
+    try:
+        slow = client.request("/delay/300")
+        fine = client.request("/")
+        client.writer.write(raw_frame(0x8, 0, slow, (0x7FFFFFFF).to_bytes(4, "big")))
+        await client.until(
+            lambda: client.of(h2.events.StreamReset) and client.of(h2.events.StreamEnded)
+        )
+        (reset,) = client.of(h2.events.StreamReset)
+        assert (reset.stream_id, reset.error_code) == (
+            slow,
+            h2.errors.ErrorCodes.FLOW_CONTROL_ERROR,
+        )
+        assert [e.stream_id for e in client.of(h2.events.StreamEnded)] == [fine]
+        assert not client.goaways
+    finally:
+        client.close()
+    await wait_for(lambda: stack.proxy.in_flight == 0)

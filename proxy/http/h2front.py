@@ -27,6 +27,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import httptools
+from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame
 
 from proxy.http.h2upstream import send_window
@@ -101,6 +102,17 @@ class StreamTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         return self.stream.pending_size
+
+
+def goaway_with_code(data: bytes, code: int) -> bytes:
+    """`data` (whole frames) with the error code of its GOAWAY frame replaced by `code`."""
+    at = 0
+    while at + 9 <= len(data):
+        end = at + 9 + int.from_bytes(data[at : at + 3], "big")
+        if data[at + 3] == 0x7 and end >= at + 17:
+            return data[: at + 13] + code.to_bytes(4, "big") + data[at + 17 :]
+        at = end
+    return data
 
 
 class H2Stream:
@@ -479,7 +491,15 @@ class H2Session:
     def _fail(self, exc: Exception) -> None:
         """A connection error: h2 has queued GOAWAY with its code; send it and close."""
         log.info("HTTP/2 connection error from %s: %s", self._peer(), exc)
-        self.flush()
+        data = self.conn.data_to_send()
+        if not isinstance(exc, h2.exceptions.DenialOfServiceError) and isinstance(
+            exc.__cause__, HPACKError
+        ):
+            # RFC 9113 §4.3: a field block that cannot be decoded is a COMPRESSION_ERROR (the
+            # decoder's state is lost); h2 says PROTOCOL_ERROR.
+            data = goaway_with_code(data, h2.errors.ErrorCodes.COMPRESSION_ERROR)
+        if data:
+            self.transport.write(data)
         self.transport.close()
         self.closed = True
 
