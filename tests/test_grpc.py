@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 from conftest import HOST, ProxyFactory, proxy_config, wait_for
+from test_hot_restart import LISTENING, TOOK_OVER, Process, first_process
 
 from proxy.config import ConfigError, parse_config
 from proxy.logic import grpcstatus
@@ -261,6 +264,128 @@ async def test_a_green_answering_internal_is_rolled_back_with_no_failed_call(
     assert proxy.rollout.snapshot().state == "rolled_back"
     assert failed == []
     assert green.calls > 0 and proxy.rescued == green.calls
+
+
+class CallLoad:
+    """Unary calls on one channel from `clients` loops until stopped (at most `budget`), each
+    outcome counted by its status code's name; a call is only ever started before `stop`."""
+
+    def __init__(self, port: int, clients: int = 6, budget: int = 20_000) -> None:
+        self.channel = Channel(port)
+        self.clients = clients
+        self.budget = budget
+        self.results: Counter[str] = Counter()
+        self.in_flight = 0
+        self.stopping = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def _client(self) -> None:
+        while not self.stopping.is_set() and self.budget > 0:
+            self.budget -= 1
+            self.in_flight += 1
+            try:
+                await self.channel.unary(b"x", timeout=10)
+                self.results["OK"] += 1
+            except grpc.aio.AioRpcError as exc:
+                self.results[exc.code().name] += 1
+            finally:
+                self.in_flight -= 1
+
+    async def __aenter__(self) -> CallLoad:
+        self.tasks = [asyncio.create_task(self._client()) for _ in range(self.clients)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+        await self.channel.channel.close()
+
+    @property
+    def done(self) -> int:
+        return sum(self.results.values())
+
+    async def more(self, count: int) -> None:
+        """Wait for `count` more calls to end."""
+        target = self.done + count
+        await wait_for(lambda: self.done >= target, timeout=15)
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        async with asyncio.timeout(30):
+            await asyncio.gather(*self.tasks)
+
+
+async def test_no_call_fails_through_split_changes_drains_and_reloads(
+    grpc_upstream: GrpcFactory, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    blue, green = await grpc_upstream("blue"), await grpc_upstream("green")
+    data = grpc_config(blue.url, green.url, drain={"timeout": "5s"})
+    proxy = await make_proxy(data)
+    await ready(proxy)
+    path = tmp_path / "turnout.yaml"
+    proxy.config_path = str(path)
+    control = proxy.control
+    async with CallLoad(proxy.port) as load:
+        await load.more(100)
+        control.set_split(50, by="test")
+        await load.more(100)
+        control.set_split(100, 1.0, by="test")  # a ramp
+        await wait_for(lambda: proxy.spreader.split == 100.0)
+        await load.more(100)
+        control.drain("blue", 0, by="test")  # no longer taking traffic: allowed
+        await load.more(100)
+        control.undrain("blue", 0, by="test")
+        path.write_text(yaml.safe_dump({**data, "split": 100, "retries": {"attempts": 3}}))
+        await control.reload(by="test")
+        await load.more(100)
+        control.set_split(0, by="test")
+        control.drain("green", 0, by="test")
+        await load.more(100)
+    assert load.results == {"OK": load.done}, load.results
+    assert blue.calls > 0 and green.calls > 0
+
+
+async def test_no_call_fails_through_takeovers_and_sigterm(
+    grpc_upstream: GrpcFactory, tmp_path: Path
+) -> None:
+    """Two hot restarts (`turnout run --takeover`) under gRPC load, then a SIGTERM with calls in
+    flight: every call ends OK. Calls are slowed a little so that some are always in flight."""
+    blue, green = await grpc_upstream("blue"), await grpc_upstream("green")
+    blue.delay = green.delay = 0.05
+    config = grpc_config(
+        blue.url,
+        green.url,
+        admin={"host": HOST, "port": 0},
+        split=30,
+        drain={"timeout": "5s"},
+    )
+    path, handover, running = await first_process(config, tmp_path)
+    processes = [running]
+    try:
+        port = await running.port(LISTENING)
+        async with CallLoad(port) as load:
+            await wait_for(lambda: load.results["OK"] >= 50, timeout=20)
+            for _ in range(2):
+                new = await Process.start(
+                    "-c", str(path), "--takeover-socket", handover, "--takeover"
+                )
+                processes.append(new)
+                await new.wait_line(TOOK_OVER)
+                async with asyncio.timeout(15):
+                    assert await running.proc.wait() == 0
+                running = new
+                await load.more(100)
+            # SIGTERM: no call starts after it; those in flight finish.
+            load.stopping.set()
+            assert load.in_flight > 0
+            running.proc.terminate()
+            await load.stop()
+            async with asyncio.timeout(15):
+                assert await running.proc.wait() == 0
+        assert load.results == {"OK": load.done}, load.results
+        assert blue.calls > 0 and green.calls > 0
+    finally:
+        for process in processes:
+            process.kill()
 
 
 async def test_grpc_health_checks_follow_the_serving_status(
