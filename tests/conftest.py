@@ -7,7 +7,7 @@ import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import pytest
@@ -48,7 +48,12 @@ class Stack:
         return f"http://{HOST}:{self.proxy.port}"
 
 
-SampleFactory = Callable[[str], Awaitable[Sample]]
+class SampleFactory(Protocol):
+    """Starts a sample upstream named `name`; keyword arguments are its SampleSettings."""
+
+    def __call__(self, name: str, **settings: Any) -> Awaitable[Sample]: ...
+
+
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 
 

@@ -779,7 +779,7 @@ def test_an_alias_that_contains_itself_is_an_error_not_a_crash(
 
 def test_an_access_log_that_cannot_be_written_is_a_config_problem(tmp_path: Path) -> None:
     def problems(to: str) -> list[str]:
-        pools = {"blue": {"upstreams": []}, "green": {"upstreams": []}}
+        pools: dict[str, Any] = {"blue": {"upstreams": []}, "green": {"upstreams": []}}
         return log_problems(parse_config({"access_log": {"to": to}, "pools": pools}))
 
     assert problems(str(tmp_path / "access.log")) == []

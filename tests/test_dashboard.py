@@ -265,8 +265,12 @@ def test_a_split_changed_through_the_api_shows_on_the_page(browser: Any, running
         code, answer = running.api("PUT", "/split", {"green": green})
         assert code == 200, answer
         changed = time.monotonic()
+
+        def on_page(shown: str = f"{green:.1f}% green") -> bool:
+            return text(browser, "split").startswith(shown)
+
         until(
-            lambda green=green: text(browser, "split").startswith(f"{green:.1f}% green"),
+            on_page,
             timeout=SHOWN_WITHIN,
             what=f"split {green} on the page",
         )

@@ -422,7 +422,9 @@ async def test_shift_on_one_member_applies_on_every_member(
         # The state says who wrote it, with revisions every member reports.
         _, status = await admin_call(session, "GET", admin_url(follower) + "/status")
     fleet_status = status["fleet"]
-    assert fleet_status["leader"] == fleet.member(fleet.leader()).instance
+    leader = fleet.leader()
+    assert leader is not None
+    assert fleet_status["leader"] == fleet.member(leader).instance
     assert fleet_status["connected"] is True
     assert {m["instance"] for m in fleet_status["members"]} == {"m0", "m1", "m2"}
     assert status["split"]["green"] == 25.0
@@ -568,7 +570,7 @@ def one_leader(docs: list[dict[str, Any]]) -> str | None:
     leaders = {d["fleet"]["leader"] for d in docs}
     leading = [d["fleet"]["instance"] for d in docs if d["fleet"]["leading"]]
     if len(leaders) == 1 and leading == list(leaders):
-        return leading[0]
+        return str(leading[0])
     return None
 
 

@@ -251,7 +251,7 @@ async def test_grpc_timeout_is_the_calls_deadline(
             f"http://{HOST}:{proxy.port}/delay/5000", content=message, headers=headers
         )
     assert resp.status_code == 200
-    message = unquote(resp.headers["grpc-message"])
-    assert resp.headers["grpc-status"] == "4", message
-    assert "grpc-timeout of 0.2s passed" in message
+    said = unquote(resp.headers["grpc-message"])
+    assert resp.headers["grpc-status"] == "4", said
+    assert "grpc-timeout of 0.2s passed" in said
     assert blue.versions == ["2"]  # one attempt: the deadline is the call's

@@ -211,7 +211,8 @@ class RawH2:
         client = cls(reader, writer)
         client.conn.initiate_connection()
         if settings:
-            client.conn.update_settings(settings)
+            codes = h2.settings.SettingCodes
+            client.conn.update_settings({codes[name]: value for name, value in settings.items()})
         client.flush()
         return client
 

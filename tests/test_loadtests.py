@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import yaml
@@ -95,7 +96,7 @@ def test_percentile_is_nearest_rank(cutover: ModuleType) -> None:
 
 
 def test_sticky_back_flips_counts_clients_moved_green_to_blue(cutover: ModuleType) -> None:
-    def hit(t: float, upstream: str, sid: str) -> object:
+    def hit(t: float, upstream: str, sid: str) -> Any:
         return cutover.Hit(t, "GET", "/x", 200, upstream, 1.0, False, sid)
 
     hits = [

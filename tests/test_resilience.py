@@ -12,8 +12,9 @@ import asyncio
 import gc
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sized
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -424,6 +425,10 @@ async def one_shot(port: int, path: str, headers: dict[str, str] | None = None) 
             return await done
     finally:
         transport.close()
+
+
+def at_least(seen: Sized, count: int) -> bool:
+    return len(seen) >= count
 
 
 async def test_hanging_upstream_sheds_a_storm_fast_and_the_other_pool_keeps_serving(
@@ -844,9 +849,9 @@ async def test_one_upstream_dying_under_load_costs_no_client_request(
         blues[1].settings.error_status = 503
         blues[1].settings.error_rate = 1.0
         opened, closed = 3 * burst + 1, 3 * burst + 3
-        await traffic.until(lambda n=opened: len(seen) >= n, msg=lambda: seen)
+        await traffic.until(partial(at_least, seen, opened), msg=lambda: seen)
         blues[1].settings.error_rate = 0.0
-        await traffic.until(lambda n=closed: len(seen) >= n, msg=lambda: seen)
+        await traffic.until(partial(at_least, seen, closed), msg=lambda: seen)
     await traffic.stop()
     retried = sum(v for _, v in metric(proxy, "turnout_retries_total", pool="blue"))
     print(

@@ -20,7 +20,7 @@ import base64
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -117,7 +117,7 @@ class Store(Protocol):
 
     def watch(
         self, key: str, *, prefix: bool, start_revision: int
-    ) -> AsyncIterator[WatchBatch]: ...
+    ) -> AsyncGenerator[WatchBatch, None]: ...
 
     async def close(self) -> None: ...
 
@@ -307,7 +307,7 @@ class EtcdStore:
 
     async def watch(
         self, key: str, *, prefix: bool, start_revision: int
-    ) -> AsyncIterator[WatchBatch]:
+    ) -> AsyncGenerator[WatchBatch, None]:
         """Every change under `key` from `start_revision` on, in order, until cancelled."""
         next_revision = start_revision
         delay = WATCH_RETRY
