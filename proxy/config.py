@@ -611,7 +611,9 @@ class ThresholdConfig(_Model):
 class GateConfig(_Model):
     """Checked on every green upstream before each rollout step."""
 
-    path: UrlPath = "/healthz"
+    # None: the health check's path (Config.gate_path), so that fixing health_check.path
+    # alone does not leave every rollout blocked on a path the app does not serve.
+    path: UrlPath | None = None
     expect_status: Annotated[int, Strict(), Field(ge=100, le=599)] = 200
 
 
@@ -719,6 +721,11 @@ class Config(_Model):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     fleet: FleetConfig | None = None
+
+    @property
+    def gate_path(self) -> str:
+        """The path the rollout gate asks: its own, else the health check's."""
+        return self.rollout.gate.path or self.health_check.path
 
     @model_validator(mode="after")
     def _grpc_checks_need_http2(self) -> Self:

@@ -432,15 +432,12 @@ class Proxy:
         if not upstreams:
             return f"pool {pool} has no upstreams"
         checks = self.health.snapshot()
-        path = self.config.health_check.path
         parts: list[str] = []
         for u in upstreams:
             part = f"{u.key} {u.state_name()}"
             check = checks.get(u.key)
             if not u.healthy and check is not None and check.last_detail is not None:
-                detail = check.last_detail
-                said = f"answered {detail}" if detail.isdigit() else f"failed: {detail}"
-                part += f" (GET {path} {said})"
+                part += f" ({self.health.describe(check.last_detail)})"
             parts.append(part)
         return ", ".join(parts)
 
@@ -679,12 +676,17 @@ class Proxy:
     def status(self) -> dict[str, Any]:
         router = self.router
         green = self.spreader.split
+        checks = self.health.snapshot()
         pools: dict[str, Any] = {}
         for name in POOLS:
-            pools[name] = {
-                "available": len(router.candidates[name]),
-                "upstreams": [_upstream_status(u) for u in router.pools[name]],
-            }
+            upstreams = []
+            for u in router.pools[name]:
+                entry = _upstream_status(u)
+                check = checks.get(u.key)
+                detail = check.last_detail if check is not None else None
+                entry["last_check"] = self.health.describe(detail) if detail is not None else None
+                upstreams.append(entry)
+            pools[name] = {"available": len(router.candidates[name]), "upstreams": upstreams}
         return {
             "split": {"green": green, "blue": 100.0 - green},
             "stable": self.stable,

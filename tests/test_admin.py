@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from conftest import HOST, ProxyFactory, Sample, SampleFactory, proxy_config, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -466,9 +467,10 @@ async def test_turnout_run_exits_2_for_non_loopback_admin_without_token(
         out, err = await proc.communicate()
     assert proc.returncode == 2
     text = (out + err).decode()
-    assert "refusing to start" in text
-    assert "0.0.0.0" in text and "TURNOUT_ADMIN_TOKEN" in text
-    assert "refusing to start" in err.decode()  # an error goes to stderr
+    assert "bad config" in text
+    assert "admin: the admin API would listen on 0.0.0.0, which is not loopback" in text
+    assert "TURNOUT_ADMIN_TOKEN" in text
+    assert "bad config" in err.decode()  # an error goes to stderr
     assert "Traceback" not in text
 
 
@@ -916,6 +918,58 @@ async def test_a_reader_that_stops_early_gets_no_traceback(admin: Admin) -> None
         os.close(write_end)
     _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
     assert (proc.returncode, err.decode()) == (0, "")
+
+
+async def test_status_the_cli_and_the_503_say_what_the_last_health_check_got(
+    make_proxy: ProxyFactory,
+    session: aiohttp.ClientSession,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An app that serves no /healthz: every place an operator looks says why it is down, the
+    log at start first."""
+    monkeypatch.delenv("TURNOUT_ADMIN_TOKEN", raising=False)
+
+    async def home(request: web.Request) -> web.Response:
+        return web.Response(text="app")
+
+    app = web.Application()
+    app.router.add_get("/", home)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        data = proxy_config([f"http://{HOST}:{port}"], [], admin=ADMIN)
+        data["health_check"] = {"interval": "100ms"}
+        proxy = await make_proxy(data)
+        await proxy.start_admin()
+        admin = Admin(proxy, session, [], [])
+        await wait_for(lambda: admin_upstream(proxy)["last_check"] is not None)
+        upstream = (await admin.status())["pools"]["blue"]["upstreams"][0]
+        said = "GET /healthz answered 404"
+        assert (upstream["healthy"], upstream["last_check"]) == (False, said)
+        async with session.get(f"http://{HOST}:{proxy.port}/") as resp:
+            assert resp.status == 503
+            assert said in (await resp.json())["detail"]
+        code, out, _ = await run_cli(capsys, "status", admin=admin)
+        assert code == 0
+        assert f"blue/0 down: last check {said}" in out.splitlines()
+        (first,) = [r for r in caplog.records if "gets no traffic" in r.getMessage()]
+        assert first.levelname == "WARNING"
+        assert first.getMessage() == (
+            f"upstream blue/0 (http://{HOST}:{port}) gets no traffic until a health check"
+            f" passes; the first failed: {said}; is health_check.path a path it serves?"
+        )
+    finally:
+        await runner.cleanup()
+
+
+def admin_upstream(proxy: Proxy) -> dict[str, Any]:
+    upstream: dict[str, Any] = proxy.status()["pools"]["blue"]["upstreams"][0]
+    return upstream
 
 
 async def test_cli_errors_print_the_servers_message_and_exit_1(

@@ -122,7 +122,8 @@ def test_defaults() -> None:
         1.5,
         50,
     )
-    assert (ro.gate.path, ro.gate.expect_status) == ("/healthz", 200)
+    assert (ro.gate.path, ro.gate.expect_status) == (None, 200)
+    assert c.gate_path == "/healthz"  # the health check's
     assert ro.shield == ("5xx",)
 
 

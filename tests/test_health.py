@@ -464,7 +464,7 @@ async def test_cold_upstream_failing_first_stays_out_until_its_first_pass(
     assert [(healthy, n) for _, healthy, _, n in changes.calls] == [(False, 0), (True, 6)]
     # No transition says why it stayed out: the first failure is logged, once.
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "the first one failed" in warning and upstream.key in warning
+    assert "the first failed" in warning and upstream.key in warning
 
 
 async def test_cold_watch_of_an_already_unhealthy_upstream_reports_only_the_pass() -> None:

@@ -809,6 +809,22 @@ async def test_eager_waits_for_the_gate_then_goes_to_100_at_once(rig: RigFactory
     print(f"\neager waits for the gate then goes to 100 at once: {load!r}")
 
 
+async def test_the_gate_asks_the_health_checks_path_unless_told_otherwise(rig: RigFactory) -> None:
+    """An app that serves no /healthz: setting health_check.path is enough, the gate asks the
+    same path (and /status says which), so rollouts are not left blocked on /healthz."""
+    r = await rig(
+        blue={"healthy": False},  # /healthz answers 503
+        green={"healthy": False},
+        health_check={"path": "/ready", **FAST_CHECKS},
+        rollout={"strategy": "eager"},
+    )
+    await wait_for(lambda: all(u.healthy for u in r.proxy.router.upstreams()))
+    assert (await r.status())["rollout"]["gate"] == {"path": "/ready", "expect_status": 200}
+    assert (await r.post("start", {"strategy": "eager"}))[0] == 200
+    await r.until_state("promoted", timeout=4.0)
+    assert r.split == 100.0
+
+
 async def test_lazy_moves_only_when_the_operator_shifts(rig: RigFactory) -> None:
     r = await rig(rollout=rollout_config(strategy="lazy"))
     async with Load(r.url) as load:

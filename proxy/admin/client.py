@@ -538,9 +538,22 @@ def format_status(status: dict[str, Any]) -> str:
     rows = _upstream_rows(_dict(status.get("pools")))
     if rows:
         lines.extend(_table(COLUMNS, rows))
+        lines.extend(_failed_checks(_dict(status.get("pools"))))
     else:
         lines.append("(no upstreams)")
     return "\n".join(_clean(line).rstrip() for line in lines)
+
+
+def _failed_checks(pools: dict[str, Any]) -> list[str]:
+    """Why each upstream that is down is: its last health check, under the table."""
+    lines = []
+    for pool, entry in pools.items():
+        upstreams = _dict(entry).get("upstreams")
+        for position, u in enumerate(upstreams if isinstance(upstreams, list) else []):
+            if isinstance(u, dict) and u.get("healthy") is False and u.get("last_check"):
+                index = _text(u.get("index", position))
+                lines.append(f"{pool}/{index} down: last check {_text(u['last_check'])}")
+    return ["", *lines] if lines else []
 
 
 def _header(status: dict[str, Any]) -> list[tuple[str, str]]:

@@ -217,6 +217,14 @@ class HealthChecker:
         self._round.set()
         self._closed = False
 
+    def describe(self, detail: str) -> str:
+        """A check's result as an operator reads it: `GET /healthz answered 404`."""
+        service = self.grpc_service
+        asked = f"GET {self.path}" if service is None else f"grpc.health.v1 Check({service!r})"
+        if detail.isdigit() or detail.isupper():  # a status code, or a gRPC serving status
+            return f"{asked} answered {detail}"
+        return f"{asked} failed: {detail}"
+
     async def _default_prober(self, upstream: Upstream) -> ProbeResult:
         return await probe(
             upstream.host,
@@ -337,10 +345,14 @@ class HealthChecker:
             watch.passes = 0
             if watch.cold and watch.probes == 1:
                 # Never healthy, so no transition will say why: say it once, at the first try.
+                hint = "" if self.grpc_service else "; is health_check.path a path it serves?"
                 log.warning(
-                    "upstream %s gets no traffic until a check passes; the first one failed: %s",
+                    "upstream %s (%s) gets no traffic until a health check passes; the first"
+                    " failed: %s%s",
                     upstream.key,
-                    result.detail,
+                    upstream.url,
+                    self.describe(result.detail),
+                    hint,
                 )
             if upstream.healthy and watch.failures >= self.unhealthy_after:
                 reason = f"{_plural(watch.failures, 'failed')} (last: {result.detail})"

@@ -107,6 +107,10 @@ class RolloutController:
             "windows": {p: _window_dict(proxy.figures(p, since)) for p in ("blue", "green")},
             "interval": proxy.config.rollout.interval,
             "threshold": _threshold_dict(proxy.config.rollout.threshold),
+            "gate": {
+                "path": proxy.config.gate_path,
+                "expect_status": proxy.config.rollout.gate.expect_status,
+            },
             # The last verdict's measurements, and the likelihood ratio a test must reach.
             "figures": self.last_figures,
             "evidence_limit": (
@@ -477,7 +481,7 @@ class RolloutController:
                 probe(
                     u.host,
                     u.port,
-                    gate.path,
+                    proxy.config.gate_path,
                     timeout,
                     u.host_header.decode("latin-1"),
                     u.ssl,
@@ -489,7 +493,7 @@ class RolloutController:
         )
         for upstream, result in zip(upstreams, results, strict=True):
             if result.detail != expected:
-                asked = f"grpc.health.v1 Check({service!r})" if hc.grpc else gate.path
+                asked = f"grpc.health.v1 Check({service!r})" if hc.grpc else proxy.config.gate_path
                 self._note(
                     f"gate failed on {upstream.key}: {asked} answered {result.detail}, "
                     f"expected {expected}"
