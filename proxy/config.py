@@ -231,6 +231,48 @@ def _host_name(value: object) -> str:
     return parts.hostname.rstrip(".")
 
 
+def _host_field(value: object) -> str:
+    """A Host field's value: a host name or address, with a port or not."""
+    text = _string(value)
+    try:
+        parts = urlsplit(f"//{text}")
+        _ = parts.port  # a bad port raises here
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or not parts.hostname
+        or parts.netloc != text
+        or "@" in text
+        or any(c.isspace() or not c.isprintable() for c in text)
+    ):
+        raise ValueError(f"{text!r} is not a host[:port] for a Host field")
+    return text
+
+
+def _header_value(value: object) -> str:
+    text = _string(value)
+    if len(text) > 4096 or any(c in "\r\n\0" for c in text) or not text.isascii():
+        raise ValueError("a header value must be ASCII, at most 4096 characters, no CR/LF/NUL")
+    return text.strip()
+
+
+# Set by the probe itself, or a framing field a probe must not carry.
+_PROBE_OWN_FIELDS = frozenset({"host", "content-length", "transfer-encoding", "connection", "te"})
+
+
+def _probe_headers(value: object) -> tuple[tuple[str, str], ...]:
+    """A mapping of fields a health check adds, kept as (name, value) pairs (hashable, as
+    every part of a configuration is)."""
+    if not isinstance(value, dict):
+        raise ValueError("must be a mapping of field names to values")
+    pairs = tuple((_header_token(name), _header_value(text)) for name, text in value.items())
+    taken = [name for name, _ in pairs if name.lower() in _PROBE_OWN_FIELDS]
+    if taken:
+        raise ValueError(f"{taken[0]} cannot be set here (Host: use `host`)")
+    return pairs
+
+
 def _url_path(value: object) -> str:
     text = _string(value)
     if not text.startswith("/") or any(c.isspace() for c in text):
@@ -350,6 +392,8 @@ PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
 Interval = Annotated[float, BeforeValidator(_interval)]
 FilePath = Annotated[str, BeforeValidator(_readable_file)]
 HeaderName = Annotated[str, BeforeValidator(_header_token)]
+HostField = Annotated[str, BeforeValidator(_host_field)]
+ProbeHeaders = Annotated[tuple[tuple[str, str], ...], BeforeValidator(_probe_headers)]
 HostName = Annotated[str, BeforeValidator(_host_name)]
 UrlPath = Annotated[str, BeforeValidator(_url_path)]
 Ratio = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
@@ -456,6 +500,13 @@ class UpstreamTLS(_Model):
         return result
 
 
+class PoolHealthCheck(_Model):
+    """A pool's own Host and fields for its health checks, over the global ones."""
+
+    host: HostField | None = None
+    headers: ProbeHeaders = ()
+
+
 class PoolConfig(_Model):
     """A named group of upstreams."""
 
@@ -464,6 +515,7 @@ class PoolConfig(_Model):
     # How Turnout speaks to the pool's upstreams: HTTP/1.1, HTTP/2 over plain TCP (prior
     # knowledge) or HTTP/2 over TLS (ALPN h2).
     protocol: Annotated[str, BeforeValidator(_upstream_protocol)] = "http1"
+    health_check: PoolHealthCheck | None = None
 
     @model_validator(mode="after")
     def _schemes_fit_the_protocol(self) -> Self:
@@ -557,6 +609,10 @@ class HealthCheckConfig(_Model):
     # gRPC's grpc.health.v1.Health/Check instead of a GET of `path` (HTTP/2 pools only).
     grpc: Annotated[bool, Strict()] = False
     service: Annotated[str, Strict(), Field(max_length=256)] = ""
+    # What the checks (and the rollout gate) send as Host, instead of the upstream URL's
+    # host:port (an app that checks Host, e.g. Django's ALLOWED_HOSTS), and fields to add.
+    host: HostField | None = None
+    headers: ProbeHeaders = ()
 
 
 class RetriesConfig(_Model):

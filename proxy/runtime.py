@@ -20,7 +20,7 @@ from proxy.admin.metrics import Metrics
 from proxy.config import Config, UpstreamConfig, shield_statuses
 from proxy.control.changes import Change, Control
 from proxy.control.events import EventBus
-from proxy.control.health import HealthChecker
+from proxy.control.health import HealthChecker, ProbeFields
 from proxy.control.rollout import RolloutController, RolloutSnapshot
 from proxy.http.accesslog import AccessLog, Entry
 from proxy.http.exchange import Outcome, Phase
@@ -315,6 +315,7 @@ class Proxy:
             unhealthy_after=hc.unhealthy_after,
             on_change=self._on_health_change,
             grpc_service=hc.service if hc.grpc else None,
+            pool_fields={name: _probe_fields(config, name) for name in POOLS},
         )
 
     # seams for control, health and the breaker ----------------------------------
@@ -735,6 +736,18 @@ def access_entry(ex: Exchange, duration: float) -> Entry:
         ex.upstream_time,
         ex.note,
     )
+
+
+def _probe_fields(config: Config, pool: PoolName) -> tuple[str | None, ProbeFields]:
+    """What a pool's health checks send besides the request line: the Host (None: the
+    upstream's host:port) and fields, the pool's own over the global ones."""
+    hc = config.health_check
+    own = getattr(config.pools, pool).health_check
+    host = own.host if own is not None and own.host else hc.host
+    fields = {name.lower(): (name, value) for name, value in hc.headers}
+    if own is not None:
+        fields |= {name.lower(): (name, value) for name, value in own.headers}
+    return host, tuple(fields.values())
 
 
 def _upstream_status(u: Upstream) -> dict[str, Any]:

@@ -681,7 +681,7 @@ def _model_classes() -> list[type[pydantic.BaseModel]]:
 def test_every_model_is_frozen_and_strict_about_keys() -> None:
     classes = _model_classes()
     assert {cls.__name__ for cls in classes} >= {"Config", "UpstreamConfig", "GateConfig"}
-    assert len(classes) == 22
+    assert len(classes) == 23
     for cls in classes:
         assert cls.model_config.get("frozen") is True, cls
         assert cls.model_config.get("extra") == "forbid", cls

@@ -10,7 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
+from conftest import ProxyFactory, proxy_config, wait_for
 
+from proxy.config import ConfigError, parse_config
 from proxy.control.health import HealthChecker, HealthSnapshot, ProbeResult, probe
 from proxy.http.upstream import Upstream
 from proxy.tools.sample import SampleSettings, start
@@ -757,3 +760,95 @@ async def test_first_round_gives_up_after_its_timeout() -> None:
     assert 0.049 <= loop.time() - began < 1.0
     assert hc.snapshot()["blue/0"].probes == 0
     await hc.close()
+
+
+# --- what a check sends: Host and fields, per pool --------------------------------------------
+
+
+class HostCheckingApp:
+    """An app that, like Django with ALLOWED_HOSTS, answers 400 to any other Host."""
+
+    def __init__(self, allowed: str) -> None:
+        self.allowed = allowed
+        self.seen: list[tuple[str, str]] = []  # (Host, X-Probe) of each request
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append((request.host, request.headers.get("X-Probe", "")))
+        if request.host != self.allowed:
+            return web.Response(status=400, text="DisallowedHost")
+        return web.Response(text="ok")
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def test_checks_and_the_gate_send_the_configured_host_and_fields(
+    make_proxy: ProxyFactory,
+) -> None:
+    """A Host-checking app is healthy once the checks send its name; the pool's own fields
+    win over the global ones; the rollout gate sends the same, so a rollout can promote."""
+    blue_app, green_app = HostCheckingApp("shop.example"), HostCheckingApp("shop.example")
+    try:
+        blue_url, green_url = await blue_app.start(), await green_app.start()
+        checks = {
+            "interval": "100ms",
+            "healthy_after": 1,
+            "host": "shop.example",
+            "headers": {"X-Probe": "turnout"},
+        }
+        data = proxy_config([blue_url], [green_url], health_check=checks)
+        data["pools"]["green"]["health_check"] = {"headers": {"x-probe": "green"}}
+        data["rollout"] = {"strategy": "eager"}
+        proxy = await make_proxy(data)
+        await wait_for(lambda: all(u.healthy for u in proxy.router.upstreams()))
+        assert ("shop.example", "turnout") in blue_app.seen
+        assert ("shop.example", "green") in green_app.seen
+        assert all(seen == ("shop.example", "turnout") for seen in blue_app.seen)
+        proxy.rollout.start("eager", by="test")
+        await wait_for(lambda: proxy.rollout.snapshot().state == "promoted")
+    finally:
+        for app in (blue_app, green_app):
+            if app.runner is not None:
+                await app.runner.cleanup()
+
+
+async def test_a_check_with_the_upstreams_own_host_is_refused_by_such_an_app(
+    make_proxy: ProxyFactory,
+) -> None:
+    app = HostCheckingApp("shop.example")
+    try:
+        url = await app.start()
+        data = proxy_config([url], [], health_check={"interval": "100ms"})
+        proxy = await make_proxy(data)
+        await wait_for(lambda: proxy.health.snapshot()["blue/0"].last_detail == "400")
+        assert not proxy.router.pools["blue"][0].healthy
+        assert app.seen[0] == (f"127.0.0.1:{app.port}", "")
+    finally:
+        if app.runner is not None:
+            await app.runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("checks", "problem"),
+    [
+        ({"host": "shop example"}, "health_check.host: 'shop example' is not a host[:port]"),
+        ({"host": "a:99999"}, "health_check.host: 'a:99999' is not a host[:port]"),
+        ({"headers": {"X-A": "b\r\nEvil: 1"}}, "health_check.headers: a header value"),
+        ({"headers": {"Host": "x"}}, "health_check.headers: Host cannot be set here"),
+        ({"headers": {"Bad Name": "x"}}, "'Bad Name' is not a valid header name"),
+    ],
+)
+def test_bad_check_fields_are_config_errors(checks: dict[str, Any], problem: str) -> None:
+    data = proxy_config(["http://127.0.0.1:1"], [], health_check=checks)
+    with pytest.raises(ConfigError) as refused:
+        parse_config(data)
+    assert any(problem in error for error in refused.value.errors), refused.value.errors

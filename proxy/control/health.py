@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -49,6 +49,7 @@ class HealthSnapshot:
 
 Prober = Callable[[Upstream], Awaitable[ProbeResult]]
 OnChange = Callable[[Upstream, bool, str], None]
+ProbeFields = tuple[tuple[str, str], ...]  # (name, value) fields a check adds
 
 
 class _HeadParser:
@@ -83,16 +84,19 @@ async def probe(
     *,
     h2: bool = False,
     grpc_service: str | None = None,
+    headers: ProbeFields = (),
 ) -> ProbeResult:
     """One GET over a fresh connection (HTTP/2 with `h2`); ok iff the status is 200..399.
-    Reads only the head."""
-    if any(c in "\r\n" for c in path + host_header):
-        raise ValueError("path and host header must not contain CR or LF")
+    Reads only the head. `headers` are added to the request's own fields."""
+    text = path + host_header + "".join(name + value for name, value in headers)
+    if any(c in "\r\n" for c in text):
+        raise ValueError("path, host header and fields must not contain CR or LF")
     if h2:
-        return await _probe_h2(host, port, path, timeout, host_header, tls, grpc_service)
+        return await _probe_h2(host, port, path, timeout, host_header, tls, grpc_service, headers)
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: turnout-health\r\n"
-        "Accept: */*\r\nConnection: close\r\n\r\n"
+        f"Accept: */*\r\n{extra}Connection: close\r\n\r\n"
     ).encode("latin-1")
     writer: asyncio.StreamWriter | None = None
     try:
@@ -132,10 +136,11 @@ async def _probe_h2(
     host_header: str,
     tls: ssl.SSLContext | None,
     grpc_service: str | None,
+    headers: ProbeFields,
 ) -> ProbeResult:
     try:
         async with asyncio.timeout(timeout):
-            ok, detail = await probe_h2(host, port, path, host_header, tls, grpc_service)
+            ok, detail = await probe_h2(host, port, path, host_header, tls, grpc_service, headers)
             return ProbeResult(ok, detail)
     except TimeoutError:
         return ProbeResult(False, _timeout_detail(timeout))
@@ -196,6 +201,7 @@ class HealthChecker:
         on_change: OnChange,
         prober: Prober | None = None,
         grpc_service: str | None = None,
+        pool_fields: Mapping[str, tuple[str | None, ProbeFields]] | None = None,
     ) -> None:
         if interval <= 0 or timeout <= 0:
             raise ValueError("interval and timeout must be > 0")
@@ -203,6 +209,8 @@ class HealthChecker:
             raise ValueError("healthy_after and unhealthy_after must be >= 1")
         self.path = path
         self.grpc_service = grpc_service  # checks are gRPC's Health/Check for this service
+        # Per pool: the Host to send instead of the upstream's host:port, and fields to add.
+        self.pool_fields = dict(pool_fields or {})
         self.interval = interval
         self.timeout = timeout
         self.healthy_after = healthy_after
@@ -225,16 +233,23 @@ class HealthChecker:
             return f"{asked} answered {detail}"
         return f"{asked} failed: {detail}"
 
+    def fields_for(self, upstream: Upstream) -> tuple[str, ProbeFields]:
+        """The Host and the added fields a check (or the rollout gate) sends `upstream`."""
+        host, headers = self.pool_fields.get(upstream.pool, (None, ()))
+        return host or upstream.host_header.decode("latin-1"), headers
+
     async def _default_prober(self, upstream: Upstream) -> ProbeResult:
+        host_header, headers = self.fields_for(upstream)
         return await probe(
             upstream.host,
             upstream.port,
             self.path,
             self.timeout,
-            upstream.host_header.decode("latin-1"),
+            host_header,
             upstream.ssl,
             h2=upstream.mux is not None,
             grpc_service=self.grpc_service,
+            headers=headers,
         )
 
     # control

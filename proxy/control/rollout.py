@@ -476,6 +476,8 @@ class RolloutController:
         service = hc.service if hc.grpc else None
         expected = "SERVING" if hc.grpc else str(gate.expect_status)
         upstreams = proxy.router.pools[proxy.candidate]
+        # The gate sends what the health checks send (Host, fields): the app knows them.
+        asks = [(u, *proxy.health.fields_for(u)) for u in upstreams]
         results = await asyncio.gather(
             *(
                 probe(
@@ -483,12 +485,13 @@ class RolloutController:
                     u.port,
                     proxy.config.gate_path,
                     timeout,
-                    u.host_header.decode("latin-1"),
+                    host_header,
                     u.ssl,
                     h2=u.mux is not None,
                     grpc_service=service,
+                    headers=headers,
                 )
-                for u in upstreams
+                for u, host_header, headers in asks
             )
         )
         for upstream, result in zip(upstreams, results, strict=True):

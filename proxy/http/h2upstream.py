@@ -22,6 +22,7 @@ import contextlib
 import logging
 import ssl
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import h2.config
@@ -492,6 +493,7 @@ async def probe_h2(
     host_header: str,
     tls: ssl.SSLContext | None,
     grpc_service: str | None = None,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> tuple[bool, str]:
     """One request over a fresh HTTP/2 connection (the caller bounds the time): (ok, detail).
     A GET of `path`, ok iff the status is 200..399; or, with `grpc_service`, gRPC's
@@ -501,8 +503,9 @@ async def probe_h2(
         (b":authority", host_header.encode("latin-1")),
     ]
     agent = (b"user-agent", b"turnout-health")
+    extra = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers]
     if grpc_service is None:
-        head += [(b":method", b"GET"), (b":path", path.encode("latin-1")), agent]
+        head += [(b":method", b"GET"), (b":path", path.encode("latin-1")), agent, *extra]
         answer = await _one_request(host, port, tls, head, None)
         if isinstance(answer, str):
             return False, answer
@@ -514,6 +517,7 @@ async def probe_h2(
         (b"content-type", b"application/grpc"),
         (b"te", b"trailers"),
         agent,
+        *extra,
     ]
     answer = await _one_request(host, port, tls, head, grpc_health_request(grpc_service))
     if isinstance(answer, str):
