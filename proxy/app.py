@@ -15,7 +15,9 @@ import uvloop
 from proxy import native
 from proxy.admin.api import AdminSetupError
 from proxy.config import Config
+from proxy.control import statefile
 from proxy.control.changes import ControlError
+from proxy.control.statefile import StateFile
 from proxy.fleet import join as join_fleet
 from proxy.procs.handover import (
     HandoverError,
@@ -50,8 +52,11 @@ async def serve(
         else LeaderProxy(config, config_path=config_path, workers=workers)
     )
     listen, admin = config.listen, config.admin
+    kept = keep_state(proxy, config, config_path)
     if inherited is not None:
         proxy.restore(inherited.state)
+    elif kept is not None:
+        proxy.restore(kept)
     try:
         admin_port = await proxy.start_admin(inherited.admin_socket if inherited else None)
     except AdminSetupError as exc:
@@ -79,6 +84,8 @@ async def serve(
         return EXIT_RUNTIME
     join_fleet(proxy)
     freeze_startup_heap()
+    if inherited is None and kept is not None:
+        proxy.rollout.restore(kept.get("rollout"), by="restart", source="the state file")
     if inherited is not None:
         # The ramp, the drains and the rollout go on here from where the old process was.
         proxy.control.restore(inherited.state.get("control"))
@@ -149,8 +156,9 @@ async def serve(
             for site in list(proxy.admin_runner.sites):
                 await site.stop()
         # The successor carries the ramp and the rollout on; acting on them here as well
-        # would log steps and verdicts twice.
+        # would log steps and verdicts twice, and it keeps the state file from now on.
         proxy.control.stop_ramp()
+        proxy.state_file = None
         stop.set()
 
     # A supervisor hands over like a single process: its listening sockets and the routing
@@ -169,6 +177,29 @@ async def serve(
     say("turnout: shutting down, draining requests in flight")
     await proxy.shutdown()
     return EXIT_OK
+
+
+def keep_state(proxy: Proxy, config: Config, config_path: str | None) -> dict[str, Any] | None:
+    """Set up the state file (`state_file`), and return the routing state it kept, if any."""
+    path = statefile.resolve(config.state_file, config_path)
+    if path is None:
+        return None
+    if config.fleet is not None:
+        log.info("state_file is not used with a fleet: etcd holds the routing state")
+        return None
+    state_file = StateFile(
+        path, lambda: proxy.handover_state() | {"rollout": proxy.rollout.handover_state()}
+    )
+    kept = state_file.load()
+    proxy.state_file = state_file
+    if kept is not None:
+        state_file.restored = True
+        print(
+            f"turnout: routing state from {path}: green {kept['split']:g}%,"
+            f" stable {kept['stable']}",
+            flush=True,
+        )
+    return kept
 
 
 def say(line: str) -> None:

@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ModelWrapValidatorHandler,
+    PlainSerializer,
     PrivateAttr,
     Strict,
     ValidationError,
@@ -393,7 +394,12 @@ Interval = Annotated[float, BeforeValidator(_interval)]
 FilePath = Annotated[str, BeforeValidator(_readable_file)]
 HeaderName = Annotated[str, BeforeValidator(_header_token)]
 HostField = Annotated[str, BeforeValidator(_host_field)]
-ProbeHeaders = Annotated[tuple[tuple[str, str], ...], BeforeValidator(_probe_headers)]
+# Kept as pairs, written back as the mapping it was given (the workers read it again).
+ProbeHeaders = Annotated[
+    tuple[tuple[str, str], ...],
+    BeforeValidator(_probe_headers),
+    PlainSerializer(dict, return_type=dict[str, str]),
+]
 HostName = Annotated[str, BeforeValidator(_host_name)]
 UrlPath = Annotated[str, BeforeValidator(_url_path)]
 Ratio = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
@@ -777,6 +783,9 @@ class Config(_Model):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     fleet: FleetConfig | None = None
+    # Where the routing state (split, stable pool, rollout) is kept across restarts: `auto`
+    # beside the configuration file, a path, or `off` (null). Not used with `fleet`.
+    state_file: Annotated[str, Strict(), Field(min_length=1, max_length=4096)] | None = "auto"
 
     @property
     def gate_path(self) -> str:

@@ -22,6 +22,7 @@ from proxy.control.changes import Change, Control
 from proxy.control.events import EventBus
 from proxy.control.health import HealthChecker, ProbeFields
 from proxy.control.rollout import RolloutController, RolloutSnapshot
+from proxy.control.statefile import StateFile
 from proxy.http.accesslog import AccessLog, Entry
 from proxy.http.exchange import Outcome, Phase
 from proxy.http.h2front import H2Session
@@ -173,6 +174,8 @@ class Proxy:
         self.config_path = config_path
         self.log = log
         self.loop = asyncio.get_running_loop()
+        # Where the routing state is kept across restarts (`turnout run` sets it up).
+        self.state_file: StateFile | None = None
         self.settings = Settings.from_config(config)
         self.rng = rng or random.Random()
         self.spreader = SplitSpreader(config.split)
@@ -378,6 +381,13 @@ class Proxy:
 
     def set_split(self, split: float) -> None:
         self.spreader.set_split(split)
+        self.state_changed()
+
+    def state_changed(self) -> None:
+        """The split, the stable pool or the rollout changed: the state file follows."""
+        state_file = self.state_file
+        if state_file is not None:
+            state_file.changed()
 
     # what the data path reports --------------------------------------------------
 
@@ -392,13 +402,15 @@ class Proxy:
         self.stable_changed()
 
     def stable_changed(self) -> None:
-        """Called when the stable pool flips (a supervisor tells its workers)."""
+        """Called when the stable pool flips (a supervisor also tells its workers)."""
+        self.state_changed()
 
     def fence_candidate(self, reason: str) -> None:
         """From now on no request fails over to the candidate pool, because of `reason` (a
         rollback's); an empty reason lifts the fence (a new rollout, a promotion)."""
         self.fence_reason = reason
         self.router.fenced = self.candidate if reason else None
+        self.state_changed()
 
     def failed_over_to_candidate(self, pool: PoolName, retried: bool) -> None:
         """A request for the stable `pool` went to the candidate: `pool` had no upstream
@@ -617,6 +629,8 @@ class Proxy:
             self._tick_task.cancel()
         await self.rollout.close()
         await self.control.close()
+        if self.state_file is not None:
+            await self.state_file.close()
         await self.health.close()
         for upstream in self.router.upstreams():
             upstream.close_idle()
@@ -703,6 +717,7 @@ class Proxy:
             "fenced": {"pool": router.fenced, "reason": self.fence_reason}
             if router.fenced
             else None,
+            "state_file": self.state_file.status() if self.state_file is not None else None,
         } | self.fleet_status()
 
     def fleet_status(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from pathlib import Path
@@ -813,3 +814,24 @@ def test_rollout_shield_names_statuses_or_the_5xx_class(
         }
     )
     assert shield_statuses(config.rollout.shield) == statuses
+
+
+def test_a_config_round_trips_through_its_json_dump() -> None:
+    """A supervisor sends its workers the configuration as JSON: every setting reads back."""
+    c = parse_config(
+        {
+            "listen": {"max_header_fields": 50},
+            "pools": {
+                "blue": {
+                    "upstreams": [{"url": "http://127.0.0.1:1"}],
+                    "health_check": {"host": "blue.example", "headers": {"X-Probe": "b"}},
+                },
+                "green": {"upstreams": [{"url": "http://127.0.0.1:2"}]},
+            },
+            "health_check": {"host": "shop.example:8000", "headers": {"X-Probe": "all"}},
+            "override_header": None,
+            "state_file": "off",
+            "rollout": {"gate": {"path": "/gate"}},
+        }
+    )
+    assert parse_config(json.loads(json.dumps(c.model_dump(mode="json")))) == c

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
@@ -517,6 +518,7 @@ KNOWN_KEYS = frozenset(
         "rollout",
         "fleet",
         "fenced",
+        "state_file",
     }
 )
 FLEET_COLUMNS = ("MEMBER", "APPLIED", "LAG", "LAST-SEEN", "ADMIN", "NOTE")
@@ -566,6 +568,9 @@ def _header(status: dict[str, Any]) -> list[tuple[str, str]]:
     availability = _availability(_dict(status.get("pools")))
     if availability:
         out.append(("available", availability))
+    state_file = status.get("state_file")
+    if isinstance(state_file, dict):
+        out.append(("state", _state_file_text(state_file)))
     fenced = status.get("fenced")
     if isinstance(fenced, dict):
         out.append(("fenced", f"{_text(fenced.get('pool'))}: {_text(fenced.get('reason'))}"))
@@ -581,6 +586,18 @@ def _header(status: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("rollout", "none"))
     out.extend((key, _text(status[key])) for key in status if key not in KNOWN_KEYS)
     return out
+
+
+def _state_file_text(state_file: dict[str, Any]) -> str:
+    words = [_text(state_file.get("path"))]
+    if state_file.get("restored") is True:
+        words.append("restored at start")
+    written = state_file.get("written_at")
+    if _is_number(written) and _finite(written):
+        words.append(f"written {time.strftime('%H:%M:%S', time.localtime(written))}")
+    if state_file.get("error"):
+        words.append(f"ERROR {_text(state_file['error'])}")
+    return ", ".join(words)
 
 
 def _rollout_lines(rollout: dict[str, Any]) -> list[tuple[str, str]]:

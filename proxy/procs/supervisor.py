@@ -104,6 +104,7 @@ class LeaderProxy(Proxy):
     # shared state --------------------------------------------------------------
 
     def stable_changed(self) -> None:
+        super().stable_changed()
         self.routing_changed()
 
     def set_split(self, split: float) -> None:
