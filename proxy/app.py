@@ -18,6 +18,7 @@ from proxy.config import Config
 from proxy.control import statefile
 from proxy.control.changes import ControlError
 from proxy.control.statefile import StateFile
+from proxy.exits import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 from proxy.fleet import join as join_fleet
 from proxy.procs.handover import (
     HandoverError,
@@ -31,10 +32,6 @@ from proxy.procs.supervisor import LeaderProxy, WorkerError
 from proxy.runtime import Proxy, freeze_startup_heap
 
 log = logging.getLogger("turnout")
-
-EXIT_OK = 0
-EXIT_RUNTIME = 1
-EXIT_USAGE = 2
 
 
 async def serve(

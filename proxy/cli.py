@@ -17,12 +17,9 @@ from proxy.config import (
     load_config,
     parse_duration,
 )
+from proxy.exits import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 from proxy.http.accesslog import log_problems
 from proxy.http.tls import tls_problems
-
-EXIT_OK = 0
-EXIT_RUNTIME = 1
-EXIT_USAGE = 2
 
 DEFAULT_CONFIG_PATH = Path("config/turnout.yaml")
 # The shortest demo that still shows a whole rollout (proxy.demo.MIN_DURATION; not imported

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.logic.retry import RetryBudget, is_retriable_method
+from proxy.logic.retry import RetryBudget
 
 
 def requests(budget: RetryBudget, n: int, now: float = 0.0) -> RetryBudget:
@@ -107,12 +107,3 @@ def test_retries_never_exceed_the_budget(
             retries = sum(1 for at, kind in events if kind == "retry" and at > now - 9.0)
             made = sum(1 for at, kind in events if kind == "request" and at > now - 10.0)
             assert retries <= ratio * made + floor * 10.0 + 1e-9
-
-
-def test_retriable_methods() -> None:
-    methods = frozenset({"GET", "HEAD", "OPTIONS"})
-    assert is_retriable_method("GET", methods)
-    assert is_retriable_method("OPTIONS", methods)
-    assert not is_retriable_method("POST", methods)
-    assert not is_retriable_method("get", methods)  # methods are case-sensitive (RFC 9110)
-    assert not is_retriable_method("GET", frozenset())

@@ -20,6 +20,8 @@ from http.client import HTTPException, RemoteDisconnected
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from proxy.exits import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
+
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 ADMIN_ENV = "TURNOUT_ADMIN"
 TOKEN_ENV = "TURNOUT_ADMIN_TOKEN"
@@ -32,9 +34,6 @@ STRATEGIES = ("eager", "lazy", "adaptive")
 
 # Every admin API answer carries this header; the client refuses answers without it.
 ADMIN_HEADER = "X-Turnout-Admin"
-EXIT_OK = 0
-EXIT_RUNTIME = 1
-EXIT_USAGE = 2
 
 
 class ClientError(Exception):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Final
 
-__all__ = ["RetryBudget", "RetryBudgetSnapshot", "is_retriable_method"]
+__all__ = ["RetryBudget", "RetryBudgetSnapshot"]
 
 # 0.29 * 100 is 28.999999999999996 in binary floating point; the budget means 29.
 _EPS: Final = 1e-9
@@ -154,9 +154,3 @@ class RetryBudget:
             f" requests={self._window_requests} in {self._window:g}s budget={self._budget:g}"
             f" min_per_second={self._min_per_second:g} denied={self._denied}>"
         )
-
-
-def is_retriable_method(method: str, methods: frozenset[str]) -> bool:
-    """Whether requests with `method` may be retried. Methods are case-sensitive
-    (RFC 9110 section 9.1), so `methods` holds them as sent: GET, HEAD, OPTIONS."""
-    return method in methods
