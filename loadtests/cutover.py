@@ -462,7 +462,9 @@ def trigger_ramp(run: Run) -> float | None:
 
 def trigger_drain_and_reload(run: Run) -> float | None:
     pause = run.duration / 9
-    run.admin("POST", "/pools/blue/upstreams/0/drain")
+    # blue/0 is the stable pool's only upstream: draining it sends everything to green, which
+    # the admin API refuses unless told so.
+    run.admin("POST", "/pools/blue/upstreams/0/drain", {"force": True})
     time.sleep(pause)
     run.write_config(extra_blue=True)
     run.admin("POST", "/reload")
