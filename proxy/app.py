@@ -49,7 +49,8 @@ async def serve(
         else LeaderProxy(config, config_path=config_path, workers=workers)
     )
     listen, admin = config.listen, config.admin
-    kept = keep_state(proxy, config, config_path)
+    # A takeover's routing state is the running process's, newer than the file's.
+    kept = keep_state(proxy, config, config_path, read=inherited is None)
     if inherited is not None:
         proxy.restore(inherited.state)
     elif kept is not None:
@@ -81,7 +82,7 @@ async def serve(
         return EXIT_RUNTIME
     join_fleet(proxy)
     freeze_startup_heap()
-    if inherited is None and kept is not None:
+    if kept is not None:
         proxy.rollout.restore(kept.get("rollout"), by="restart", source="the state file")
     if inherited is not None:
         # The ramp, the drains and the rollout go on here from where the old process was.
@@ -176,8 +177,11 @@ async def serve(
     return EXIT_OK
 
 
-def keep_state(proxy: Proxy, config: Config, config_path: str | None) -> dict[str, Any] | None:
-    """Set up the state file (`state_file`), and return the routing state it kept, if any."""
+def keep_state(
+    proxy: Proxy, config: Config, config_path: str | None, *, read: bool
+) -> dict[str, Any] | None:
+    """Set up the state file (`state_file`) and, with `read`, return the routing state it
+    kept, if any."""
     path = statefile.resolve(config.state_file, config_path)
     if path is None:
         return None
@@ -187,7 +191,7 @@ def keep_state(proxy: Proxy, config: Config, config_path: str | None) -> dict[st
     state_file = StateFile(
         path, lambda: proxy.handover_state() | {"rollout": proxy.rollout.handover_state()}
     )
-    kept = state_file.load()
+    kept = state_file.load() if read else None
     proxy.state_file = state_file
     if kept is not None:
         state_file.restored = True

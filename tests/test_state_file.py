@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import HOST, SampleFactory, wait_for
-from test_hot_restart import ADMIN, LISTENING, Process, first_process
+from test_hot_restart import ADMIN, LISTENING, TOOK_OVER, Process, first_process
 
 from proxy.control.statefile import StateFileError, read, resolve, write_atomically
 
@@ -218,3 +218,34 @@ def test_a_state_file_is_checked_before_it_is_used(tmp_path: Path, text: str, pr
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(StateFileError, match=problem):
         read(str(path))
+
+
+async def test_a_takeover_keeps_the_running_state_and_the_file_going(
+    sample: SampleFactory, tmp_path: Path
+) -> None:
+    """`--takeover` carries the running process's state, newer than the file's; the
+    successor then keeps the file."""
+    blue, green = await sample("blue"), await sample("green")
+    path, handover, process = await first_process(config(blue.url, green.url), tmp_path)
+    running = await Running.start(process)
+    successor: Running | None = None
+    kept = tmp_path / "turnout.state.json"
+    try:
+        assert (await running.call("PUT", "/split", {"green": 40}))[0] == 200
+        await wait_for(lambda: kept_state(kept).get("split") == 40.0)
+        new = await Process.start("-c", str(path), "--takeover-socket", handover, "--takeover")
+        await new.wait_line(TOOK_OVER)
+        successor = await Running.start(new)
+        async with asyncio.timeout(15):
+            assert await running.process.proc.wait() == 0
+        status = await successor.status()
+        assert status["split"]["green"] == 40.0
+        assert status["state_file"]["restored"] is False  # the running process's state won
+        assert not any(b"routing state from" in line for line in new.lines)
+        assert (await successor.call("PUT", "/split", {"green": 60}))[0] == 200
+        await wait_for(lambda: kept_state(kept).get("split") == 60.0)
+        await successor.stop()
+    finally:
+        process.kill()
+        if successor is not None:
+            successor.process.kill()
