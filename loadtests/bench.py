@@ -9,6 +9,8 @@
     python -m loadtests.bench --extra naive="python ../shared/bench/naive_proxy.py --port {port} \
         --upstream {blue}=90 --upstream {green}=10"
     python -m loadtests.bench --h2               # HTTP/2 clients (h2c, h2load), HTTP/1.1 upstreams
+    python -m loadtests.bench --h2 --upstream-h2 # HTTP/2 on both sides (h2c upstreams)
+    python -m loadtests.bench --grpc             # gRPC unary calls, HTTP/2 on both sides
     python -m loadtests.bench --turnout-build before=../old/.venv/bin/python  # two builds
 
 Needs wrk (apt-get install wrk). The upstream is nginx serving fixed bodies when nginx is
@@ -22,7 +24,12 @@ reported; quote the ratios, not the absolute figures.
 
 With --h2 the clients speak HTTP/2 with prior knowledge (h2load from apt-get install
 nghttp2-client, 4 connections sharing the --connections streams) to every proxy, which speaks
-HTTP/1.1 to the upstream; there is no "direct" target then.
+HTTP/1.1 to the upstream. With --upstream-h2 too the upstream is nginx speaking h2c, every
+proxy speaks HTTP/2 to it (Turnout `protocol: h2c`, HAProxy `proto h2`, nginx `grpc_pass`,
+its only HTTP/2 client) and "direct" is h2load on nginx itself. --grpc is that with gRPC unary
+calls: a POST of a 100-byte message (gRPC framing, `content-type: application/grpc`), answered
+by nginx with a 100-byte message and a `grpc-status: 0` trailer (`add_trailer`), so the
+upstream costs what a static file does and the proxies' gRPC handling is what differs.
 
 --slow-clients N measures something else: the success rate and p99 of normal requests (a paced
 --rate, default 200/s) without and then during an attack of N slow-POST clients on each proxy,
@@ -122,8 +129,11 @@ def process(argv: list[str], port: int, core: str) -> Iterator[subprocess.Popen[
             proc.wait()
 
 
-def nginx_upstream_conf(root: Path, ports: list[int], tmp: Path) -> str:
-    listens = "\n".join(f"    listen {HOST}:{p} reuseport;" for p in ports)
+GRPC_MESSAGE = b"\x00\x00\x00\x00\x64" + b"m" * 100  # a 100-byte message in gRPC's framing
+
+
+def nginx_upstream_conf(root: Path, ports: list[int], tmp: Path, *, h2: bool = False) -> str:
+    listens = "\n".join(f"    listen {HOST}:{p} reuseport{' http2' if h2 else ''};" for p in ports)
     return f"""
 worker_processes 1;
 daemon off;
@@ -140,12 +150,27 @@ http {{
 {listens}
     root {root};
     location /healthz {{ return 200 "ok"; }}
+    # A gRPC unary answer from a file: POST allowed (error_page turns 405 into the file).
+    location /grpc/ {{
+      default_type application/grpc;
+      add_trailer grpc-status 0;
+      error_page 405 =200 $uri;
+    }}
   }}
 }}
 """
 
 
-def nginx_proxy_conf(port: int, blue: int, green: int, tmp: Path, *, h2: bool = False) -> str:
+def nginx_proxy_conf(
+    port: int, blue: int, green: int, tmp: Path, *, h2: bool = False, upstream_h2: bool = False
+) -> str:
+    # nginx speaks HTTP/2 to upstreams only as grpc_pass.
+    location = (
+        "grpc_pass grpc://app;"
+        if upstream_h2
+        else "proxy_pass http://app;\n      proxy_http_version 1.1;\n"
+        '      proxy_set_header Connection "";'
+    )
     return f"""
 worker_processes 1;
 daemon off;
@@ -166,9 +191,7 @@ http {{
   server {{
     listen {HOST}:{port}{" http2" if h2 else ""};
     location / {{
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
+      {location}
     }}
   }}
 }}
@@ -180,12 +203,17 @@ H2LOAD_FAILED = re.compile(r"requests: .*? (\d+) failed, (\d+) errored, (\d+) ti
 H2_CONNECTIONS = 4
 
 
-def h2load(url: str, streams: int, duration: int, tmp: Path) -> Result:
+def h2load(url: str, streams: int, duration: int, tmp: Path, grpc: bool = False) -> Result:
     """HTTP/2 load: H2_CONNECTIONS connections carrying `streams` concurrent streams in all;
-    latency percentiles from h2load's per-request log (microseconds, third column)."""
+    latency percentiles from h2load's per-request log (microseconds, third column). With
+    `grpc`, every request is a gRPC unary call (see --grpc)."""
     log = tmp / "h2load.log"
     clients = min(H2_CONNECTIONS, streams)
     argv = ["h2load", f"-c{clients}", f"-m{max(1, streams // clients)}", f"-D{duration}"]
+    if grpc:
+        body = tmp / "grpc-request"
+        body.write_bytes(GRPC_MESSAGE)
+        argv += [f"--data={body}", "-H", "content-type: application/grpc", "-H", "te: trailers"]
     argv += [f"--log-file={log}", url]
     out = subprocess.run(pinned(LOAD_CORE, argv), capture_output=True, text=True).stdout
     rps_match = H2LOAD_RPS.search(out)
@@ -209,7 +237,10 @@ def h2load(url: str, streams: int, duration: int, tmp: Path) -> Result:
     )
 
 
-def haproxy_conf(port: int, blue: int, green: int, *, h2: bool = False) -> str:
+def haproxy_conf(
+    port: int, blue: int, green: int, *, h2: bool = False, upstream_h2: bool = False
+) -> str:
+    proto = " proto h2" if upstream_h2 else ""
     return f"""
 global
   nbthread 1
@@ -225,18 +256,22 @@ frontend fe
   default_backend app
 backend app
   balance roundrobin
-  server blue {HOST}:{blue} weight 90
-  server green {HOST}:{green} weight 10
+  server blue {HOST}:{blue} weight 90{proto}
+  server green {HOST}:{green} weight 10{proto}
 """
 
 
+UPSTREAM_PROTOCOL = "http1"  # --upstream-h2: h2c
+
+
 def turnout_conf(port: int, blue: int, green: int, admin: int = 0) -> str:
+    protocol = UPSTREAM_PROTOCOL
     return f"""
 listen: {{host: {HOST}, port: {port}}}
 admin: {{host: {HOST}, port: {admin}}}
 pools:
-  blue: {{upstreams: [{{url: "http://{HOST}:{blue}"}}]}}
-  green: {{upstreams: [{{url: "http://{HOST}:{green}"}}]}}
+  blue: {{protocol: {protocol}, upstreams: [{{url: "http://{HOST}:{blue}"}}]}}
+  green: {{protocol: {protocol}, upstreams: [{{url: "http://{HOST}:{green}"}}]}}
 split: 10
 """
 
@@ -396,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated targets to measure (e.g. turnout,haproxy)")
     ap.add_argument("--h2", action="store_true", help="HTTP/2 clients (h2load) instead of wrk")
     ap.add_argument(
+        "--upstream-h2", action="store_true", help="HTTP/2 (h2c) to the upstream too (see above)"
+    )
+    ap.add_argument(
+        "--grpc", action="store_true", help="gRPC unary calls, HTTP/2 on both sides (see above)"
+    )
+    ap.add_argument(
         "--rate",
         type=int,
         default=0,
@@ -424,6 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         "an /events stream held, as the page does (page open vs closed)",
     )
     args = ap.parse_args(argv)
+    if args.grpc:
+        args.h2 = args.upstream_h2 = True
+    if args.upstream_h2:
+        args.h2 = True
+        global UPSTREAM_PROTOCOL
+        UPSTREAM_PROTOCOL = "h2c"
     if args.h2 and not shutil.which("h2load"):
         print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
         return 2
@@ -457,7 +504,8 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
     haproxy = shutil.which("haproxy") or (
         "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
     )
-    targets: dict[str, tuple[list[str], int] | None] = {} if args.h2 else {"direct": None}
+    direct = not args.h2 or args.upstream_h2  # h2load speaks only HTTP/2
+    targets: dict[str, tuple[list[str], int] | None] = {"direct": None} if direct else {}
     port = free_port()
     (tmp / "turnout.yaml").write_text(turnout_conf(port, blue, green))
     turnout_cmd = [sys.executable, "-m", "proxy", "run", "-c", str(tmp / "turnout.yaml")]
@@ -507,13 +555,17 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
         targets[f"turnout-{name}"] = (argv, port)
     if nginx:
         port = free_port()
-        (tmp / "nginx-proxy.conf").write_text(nginx_proxy_conf(port, blue, green, tmp, h2=args.h2))
+        (tmp / "nginx-proxy.conf").write_text(
+            nginx_proxy_conf(port, blue, green, tmp, h2=args.h2, upstream_h2=args.upstream_h2)
+        )
         targets["nginx"] = ([nginx, "-c", str(tmp / "nginx-proxy.conf")], port)
     else:
         print("nginx not installed (apt-get install nginx): skipped", file=sys.stderr)
     if haproxy:
         port = free_port()
-        (tmp / "haproxy.cfg").write_text(haproxy_conf(port, blue, green, h2=args.h2))
+        (tmp / "haproxy.cfg").write_text(
+            haproxy_conf(port, blue, green, h2=args.h2, upstream_h2=args.upstream_h2)
+        )
         targets["haproxy"] = ([haproxy, "-f", str(tmp / "haproxy.cfg")], port)
     else:
         print("haproxy not installed (apt-get install haproxy): skipped", file=sys.stderr)
@@ -529,9 +581,15 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
         keep = set(args.only.split(","))
         targets = {name: spec for name, spec in targets.items() if name in keep}
     if nginx:
-        (tmp / "nginx-up.conf").write_text(nginx_upstream_conf(root, [blue, green], tmp))
+        (tmp / "nginx-up.conf").write_text(
+            nginx_upstream_conf(root, [blue, green], tmp, h2=args.upstream_h2)
+        )
         upstream_cmds = [([nginx, "-c", str(tmp / "nginx-up.conf")], blue)]
         paths = {size: "/" + name for size, name in SIZES.items()}
+        if args.grpc:
+            (root / "grpc").mkdir(mode=0o755)
+            (root / "grpc" / "Call").write_bytes(GRPC_MESSAGE)
+            paths = dict.fromkeys(sizes, "/grpc/Call")
     else:
         upstream_cmds = [
             ([sys.executable, "-m", "proxy", "upstream", "--name", n, "--port", str(p)], p)
@@ -560,7 +618,7 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
                                 dashboard_open(dashboards.get(name)) as polled,
                             ):
                                 if args.h2:
-                                    res = h2load(url, c, args.duration, tmp)
+                                    res = h2load(url, c, args.duration, tmp, args.grpc)
                                 else:
                                     res = wrk(url, c, args.duration, args.rate, tmp)
                             if scraped:

@@ -17,20 +17,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 import httptools
-from hpack.exceptions import HPACKError
-from hyperframe.frame import GoAwayFrame
 
-from proxy.http.h2upstream import send_window
+from proxy.http import h2codec
+from proxy.http.h2codec import (
+    CodecError,
+    DataReceived,
+    ErrorCode,
+    GoAwayReceived,
+    RequestReceived,
+    StreamClosed,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
 from proxy.http.server import SHUTDOWN_IDLE_GRACE, ClientConnection
 
 if TYPE_CHECKING:
@@ -40,7 +43,7 @@ log = logging.getLogger("turnout.h2")
 
 MAX_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS we announce
 MAX_HEADER_LIST = 65536  # SETTINGS_MAX_HEADER_LIST_SIZE we announce and enforce
-# A response stream buffers at most this much beyond the client's window before its upstream
+# A response stream queues at most this much beyond the client's window before its upstream
 # connection is paused.
 HIGH_WATER = 65536
 # Client resets of unfinished streams: a bucket of RESET_BURST refilled at RESET_RATE a second.
@@ -56,7 +59,6 @@ CONNECTION_FIELDS = frozenset(
 # Request fields not carried into the HTTP/1.1 request: HTTP/2 forbids the first ones, and
 # the stream's own framing replaces content-length only when there is none.
 DROPPED_REQUEST_FIELDS = frozenset((b"connection", b"keep-alive", b"te", b"host", b"cookie"))
-FORBIDDEN_BYTES = (b"\r", b"\n", b"\x00")
 
 FLOW = 1  # the client's flow-control window is exhausted
 TRANSPORT = 2  # the client connection's own write buffer is full
@@ -75,7 +77,7 @@ class StreamTransport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
             return default  # the stream is HTTP/1.1 to the data path, whatever ALPN said
-        return self.stream.session.transport.get_extra_info(name, default)
+        return self.stream.session.extra_info(name, default)
 
     def write(self, data: bytes | bytearray | memoryview[Any]) -> None:
         if not self.closing:
@@ -101,18 +103,7 @@ class StreamTransport(asyncio.Transport):
         self.stream.resume_body()
 
     def get_write_buffer_size(self) -> int:
-        return self.stream.pending_size
-
-
-def goaway_with_code(data: bytes, code: int) -> bytes:
-    """`data` (whole frames) with the error code of its GOAWAY frame replaced by `code`."""
-    at = 0
-    while at + 9 <= len(data):
-        end = at + 9 + int.from_bytes(data[at : at + 3], "big")
-        if data[at + 3] == 0x7 and end >= at + 17:
-            return data[: at + 13] + code.to_bytes(4, "big") + data[at + 17 :]
-        at = end
-    return data
+        return self.stream.session.queued(self.stream.stream_id)
 
 
 class H2Stream:
@@ -130,8 +121,6 @@ class H2Stream:
         "in_trailers",
         "internal",
         "parser",
-        "pending",
-        "pending_size",
         "reading_paused",
         "session",
         "stream_id",
@@ -150,8 +139,6 @@ class H2Stream:
         self.fields: list[tuple[bytes, bytes]] = []
         self.in_trailers = False  # the response's head is done: fields now are trailers
         self.trailers: list[tuple[bytes, bytes]] = []
-        self.pending: deque[bytes] = deque()
-        self.pending_size = 0
         self.blocked = 0
         self.chunked = False
         self.reading_paused = False
@@ -212,7 +199,7 @@ class H2Stream:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             log.error("unparsable response from the data path on stream %d", self.stream_id)
-            self.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.reset(ErrorCode.INTERNAL_ERROR)
             return
         self.session.flush()
 
@@ -240,21 +227,13 @@ class H2Stream:
 
     def on_body(self, body: bytes) -> None:
         if not self.ended:
-            self.pending.append(body)
-            self.pending_size += len(body)
-            self.session.send_pending(self)
-            if self.pending_size > HIGH_WATER:
-                self.block(FLOW)
+            self.session.send_data(self, body)
 
     def on_message_complete(self) -> None:
-        if self.parser.get_status_code() < 200:
+        if self.parser.get_status_code() < 200 or self.ended:
             return
-        self.complete = True
-        self.session.send_pending(self)
-
-    def drained(self) -> None:
-        """Everything pending went out."""
-        self.unblock(FLOW)
+        self.complete = self.ended = True
+        self.session.end_stream(self.stream_id, self.trailers)
 
     def block(self, reason: int) -> None:
         was = self.blocked
@@ -268,7 +247,7 @@ class H2Stream:
             if not self.blocked and not self.transport.closing:
                 self.internal.resume_writing()
 
-    def reset(self, code: h2.errors.ErrorCodes) -> None:
+    def reset(self, code: int) -> None:
         if not self.ended:
             self.ended = True
             self.session.reset_stream(self.stream_id, code)
@@ -280,7 +259,7 @@ class H2Stream:
         if not self.complete and not self.ended:
             # A response cut short (or never given): the client must not take it as whole.
             self.ended = True
-            self.session.reset_stream(self.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.session.reset_stream(self.stream_id, ErrorCode.INTERNAL_ERROR)
         self.session.stream_closed(self)
 
 
@@ -291,19 +270,13 @@ class H2Session:
         self.proxy = proxy
         self.loop = proxy.loop
         self.transport = transport
-        config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=True
-        )
-        self.conn = h2.connection.H2Connection(config=config)
-        self.conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
-            },
-        )
-        self.conn.max_inbound_frame_size = 16384
+        self.conn = h2codec.server(MAX_STREAMS, MAX_HEADER_LIST)
         self.streams: dict[int, H2Stream] = {}
+        self.flow_blocked: set[H2Stream] = set()  # waiting for the client's window
+        self.filling: set[H2Stream] = set()  # queued response data since the last write
+        self.flushing = False  # a write is scheduled
+        self.highest = 0  # the highest stream id the client opened
+        self.extras: dict[str, Any] = {}  # the transport's extra info, as asked
         self.transport_blocked = False
         self.closed = False
         self.idle_since = self.loop.time()
@@ -318,7 +291,6 @@ class H2Session:
     def start(self, data: bytes) -> None:
         self.transport.set_protocol(self)  # type: ignore[arg-type]
         self.proxy.sessions.add(self)
-        self.conn.initiate_connection()
         if data:
             self.data_received(data)
         else:
@@ -333,6 +305,8 @@ class H2Session:
         for stream in list(self.streams.values()):
             stream.reset_by_client()
         self.streams.clear()
+        self.flow_blocked.clear()
+        self.filling.clear()
 
     def eof_received(self) -> bool | None:
         return None
@@ -348,64 +322,66 @@ class H2Session:
             stream.unblock(TRANSPORT)
 
     def data_received(self, data: bytes) -> None:
+        conn = self.conn
         try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            self._fail(exc)
+            conn.receive_data(data)
+        except CodecError as exc:
+            log.info("HTTP/2 connection error from %s: %s", self._peer(), exc)
+            self.transport.write(h2codec.goaway_for(exc, self.highest))
+            self.transport.close()
+            self.connection_lost(None)
             return
-        for event in events:
-            if isinstance(event, h2.events.RequestReceived):
-                self._request(event)
-            elif isinstance(event, h2.events.DataReceived):
-                stream = self.streams.get(event.stream_id)
+        streams = self.streams
+        for event in conn.events():
+            if isinstance(event, DataReceived):
+                stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.body(event.data or b"", event.flow_controlled_length or 0)
-                elif event.flow_controlled_length:
-                    self.acknowledge(event.stream_id, event.flow_controlled_length)
-                if event.stream_ended is not None and stream is not None:
-                    stream.end_body()
-            elif isinstance(event, h2.events.StreamEnded):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None and not stream.client_done:
-                    stream.end_body()
-            elif isinstance(event, h2.events.StreamReset):
-                self._client_reset(event.stream_id)
-            elif isinstance(event, h2.events.WindowUpdated):
-                if event.stream_id:
-                    stream = self.streams.get(event.stream_id)
-                    if stream is not None:
-                        self.send_pending(stream)
+                    stream.body(event.data, len(event.data))
+                    if event.end_stream:
+                        stream.end_body()
                 else:
-                    for stream in list(self.streams.values()):
-                        self.send_pending(stream)
-            elif isinstance(event, h2.events.TrailersReceived):
-                stream = self.streams.get(event.stream_id)
-                if stream is not None and event.stream_ended is not None:
+                    self.acknowledge(event.stream_id, len(event.data))
+            elif isinstance(event, RequestReceived):
+                self._request(event)
+            elif isinstance(event, TrailersReceived):
+                stream = streams.get(event.stream_id)
+                if stream is not None:
                     stream.end_body()
-            elif isinstance(event, h2.events.ConnectionTerminated):
+            elif isinstance(event, StreamReset):
+                self._client_reset(event.stream_id)
+            elif isinstance(event, StreamClosed):
+                stream = streams.get(event.stream_id)
+                if stream is not None and not stream.ended:
+                    # Closed by the codec for the client's fault (a malformed request body).
+                    del streams[event.stream_id]
+                    stream.reset_by_client()
+            elif isinstance(event, WindowUpdated):
                 self.flush()
+            elif isinstance(event, GoAwayReceived):
+                self.write_now()
                 self.transport.close()
-                return
+                self.closed = True
             if self.closed:
                 return
         self.flush()
 
     # requests ---------------------------------------------------------------------
 
-    def _request(self, event: h2.events.RequestReceived) -> None:
+    def _request(self, event: RequestReceived) -> None:
         stream_id = event.stream_id
         if self.last_stream is not None and stream_id > self.last_stream:
             # Sent after the final GOAWAY: not processed, so the client may retry it.
-            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.reset_stream(stream_id, ErrorCode.REFUSED_STREAM)
             return
-        head = request_head(event.headers or [], event.stream_ended is not None)
+        self.highest = max(self.highest, stream_id)
+        head = request_head(event.headers, event.end_stream)
         if head is None:
-            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self.reset_stream(stream_id, ErrorCode.PROTOCOL_ERROR)
             return
         data, method, chunked = head
         stream = H2Stream(self, stream_id, method == b"HEAD")
         self.streams[stream_id] = stream
-        stream.begin(data, chunked, event.stream_ended is not None)
+        stream.begin(data, chunked, event.end_stream)
 
     def _client_reset(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
@@ -420,11 +396,12 @@ class H2Session:
             self.reset_tokens -= 1.0
             if self.reset_tokens < 0.0:
                 log.warning("HTTP/2 client resets streams too fast; closing its connection")
-                self.conn.close_connection(
-                    error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
-                    additional_data=b"too many stream resets",
+                self.conn.send_goaway(
+                    ErrorCode.ENHANCE_YOUR_CALM,
+                    last_stream_id=self.highest,
+                    debug_data=b"too many stream resets",
                 )
-                self.flush()
+                self.write_now()
                 self.transport.close()
                 self.closed = True
         stream.reset_by_client()
@@ -434,49 +411,58 @@ class H2Session:
     def send_headers(self, stream_id: int, fields: list[tuple[bytes, bytes]], end: bool) -> None:
         if self.closed:
             return
-        try:
-            self.conn.send_headers(stream_id, fields, end_stream=end)
-        except h2.exceptions.ProtocolError:
-            return  # the stream was closed meanwhile (reset by the client)
+        with contextlib.suppress(CodecError):  # the stream was reset by the client meanwhile
+            self.conn.send_response(stream_id, fields, end_stream=end)
         if end:
             self.flush()
 
-    def send_pending(self, stream: H2Stream) -> None:
-        """Send what the stream's window allows; end it once its response is whole and sent."""
-        if stream.ended or self.closed:
-            return
-        conn = self.conn
-        stream_id = stream.stream_id
-        try:
-            stream.pending_size -= send_window(conn, stream_id, stream.pending)
-            if stream.pending:
-                return
-            stream.drained()
-            if stream.complete:
-                stream.ended = True
-                if stream.trailers:
-                    conn.send_headers(stream_id, stream.trailers, end_stream=True)
-                else:
-                    conn.end_stream(stream_id)
-        except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
-            stream.ended = True
-
-    def reset_stream(self, stream_id: int, code: h2.errors.ErrorCodes) -> None:
+    def send_data(self, stream: H2Stream, data: bytes) -> None:
+        """Queue response bytes: the codec sends them as the client's window allows."""
         if self.closed:
             return
-        with contextlib.suppress(h2.exceptions.ProtocolError):  # closed on both sides
+        try:
+            self.conn.send_data(stream.stream_id, data)
+        except CodecError:
+            stream.ended = True
+            return
+        self.filling.add(stream)
+
+    def end_stream(self, stream_id: int, trailers: list[tuple[bytes, bytes]]) -> None:
+        """End the stream after what is queued, with the response's trailers if any."""
+        if self.closed:
+            return
+        with contextlib.suppress(CodecError):
+            if trailers:
+                self.conn.send_trailers(stream_id, trailers)
+            else:
+                self.conn.end_stream(stream_id)
+        self.flush()
+
+    def queued(self, stream_id: int) -> int:
+        """Response bytes the client's window still holds back on the stream."""
+        try:
+            return self.conn.queued_body_size(stream_id)
+        except CodecError:
+            return 0
+
+    def reset_stream(self, stream_id: int, code: int) -> None:
+        if self.closed:
+            return
+        with contextlib.suppress(CodecError):  # closed on both sides
             self.conn.reset_stream(stream_id, code)
         self.flush()
 
     def acknowledge(self, stream_id: int, length: int) -> None:
         if length and not self.closed:
             # A stream closed meanwhile raises; the connection's window was credited anyway.
-            with contextlib.suppress(h2.exceptions.ProtocolError):
+            with contextlib.suppress(CodecError):
                 self.conn.acknowledge_received_data(length, stream_id)
 
     def stream_closed(self, stream: H2Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
+        self.flow_blocked.discard(stream)
+        self.filling.discard(stream)
         self.flush()
         if not self.streams:
             self.idle_since = self.loop.time()
@@ -484,37 +470,54 @@ class H2Session:
                 self._close_gracefully()
 
     def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data and not self.closed:
-            self.transport.write(data)
+        """Send what the codec has, once this turn of the event loop is over: the frames of
+        every stream that answered meanwhile go out in one write."""
+        if not self.flushing and not self.closed:
+            self.flushing = True
+            self.loop.call_soon(self.write_now)
 
-    def _fail(self, exc: Exception) -> None:
-        """A connection error: h2 has queued GOAWAY with its code; send it and close."""
-        log.info("HTTP/2 connection error from %s: %s", self._peer(), exc)
-        data = self.conn.data_to_send()
-        if not isinstance(exc, h2.exceptions.DenialOfServiceError) and isinstance(
-            exc.__cause__, HPACKError
-        ):
-            # RFC 9113 §4.3: a field block that cannot be decoded is a COMPRESSION_ERROR (the
-            # decoder's state is lost); h2 says PROTOCOL_ERROR.
-            data = goaway_with_code(data, h2.errors.ErrorCodes.COMPRESSION_ERROR)
+    def write_now(self) -> None:
+        self.flushing = False
+        if self.closed:
+            return
+        conn = self.conn
+        data = conn.data_to_send()
         if data:
             self.transport.write(data)
-        self.transport.close()
-        self.closed = True
+        if not conn.want_read and not conn.want_write and self.last_stream is None:
+            # A connection error: the codec sent GOAWAY with its code.
+            log.info("HTTP/2 connection error from %s; connection closed", self._peer())
+            self.transport.close()
+            self.closed = True
+            return
+        # A stream whose answer outruns the client's window pauses its upstream side.
+        if self.filling:
+            for stream in self.filling:
+                if not stream.ended and self.queued(stream.stream_id) > HIGH_WATER:
+                    stream.block(FLOW)
+                    self.flow_blocked.add(stream)
+            self.filling.clear()
+        if self.flow_blocked:
+            for stream in list(self.flow_blocked):
+                if (stream.ended and not stream.complete) or self.queued(
+                    stream.stream_id
+                ) <= HIGH_WATER:
+                    self.flow_blocked.discard(stream)
+                    stream.unblock(FLOW)
+
+    def extra_info(self, name: str, default: Any) -> Any:
+        """The connection's transport's extra info, asked once per connection."""
+        try:
+            return self.extras[name]
+        except KeyError:
+            value = self.extras[name] = self.transport.get_extra_info(name, default)
+            return value
 
     def _peer(self) -> str:
         peer = self.transport.get_extra_info("peername")
         return str(peer[0]) if isinstance(peer, tuple) else "?"
 
     # the proxy's tick and shutdown --------------------------------------------------
-
-    def _goaway(self, last_stream_id: int) -> None:
-        """GOAWAY written beside h2's state machine, which would otherwise refuse to finish
-        the streams in flight once it has sent one."""
-        self.flush()
-        frame = GoAwayFrame(0, last_stream_id=last_stream_id, error_code=0)
-        self.transport.write(frame.serialize())
 
     def expire(self, now: float) -> None:
         if not self.streams and now - self.idle_since >= self.proxy.settings.idle_timeout:
@@ -536,12 +539,15 @@ class H2Session:
             now - self.shutdown_at >= self.proxy.settings.drain_timeout / 2
         ):
             self.goaway_at = now
-            self._goaway(LAST_STREAM)
+            self.conn.send_shutdown_notice()
+            self.flush()
 
     def _close_gracefully(self) -> None:
         if self.last_stream is None and not self.closed:
-            self.last_stream = self.conn.highest_inbound_stream_id
-            self._goaway(self.last_stream)
+            self.last_stream = self.highest
+            with contextlib.suppress(CodecError):
+                self.conn.send_goaway(last_stream_id=self.highest)
+            self.write_now()
             self.transport.close()
 
     def abort(self) -> None:
@@ -549,17 +555,16 @@ class H2Session:
 
 
 def request_head(
-    fields: list[tuple[bytes, bytes]], end_stream: bool
+    fields: Iterable[tuple[bytes, bytes]], end_stream: bool
 ) -> tuple[bytes, bytes, bool] | None:
     """The HTTP/1.1 request head for an HTTP/2 request: (head, method, chunked), or None for
-    a request that cannot be one (a byte HTTP/1.1 forbids, a missing pseudo-header)."""
+    a request that cannot be one (a missing pseudo-header). The codec has refused fields with
+    bytes HTTP/1.1 forbids (CR, LF, NUL) or names that are not lowercase tokens."""
     method = path = authority = b""
     lines: list[bytes] = []
     cookies: list[bytes] = []
     length = False
     for name, value in fields:
-        if any(b in value or b in name for b in FORBIDDEN_BYTES):
-            return None
         if name[:1] == b":":
             if name == b":method":
                 method = value

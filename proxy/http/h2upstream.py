@@ -21,18 +21,24 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 import httptools
 
+from proxy.http import h2codec
+from proxy.http.h2codec import (
+    CodecError,
+    DataReceived,
+    ErrorCode,
+    GoAwayReceived,
+    ResponseReceived,
+    Setting,
+    StreamClosed,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
 from proxy.http.upstream import ConnectError, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -49,25 +55,6 @@ HIGH_WATER = 65536  # request body held for the upstream's window before the cli
 WINDOW = 1 << 20  # our receive window per stream and for the connection
 
 
-def send_window(conn: h2.connection.H2Connection, stream_id: int, pending: deque[bytes]) -> int:
-    """Send from `pending` what the stream's flow-control window allows, in frames the peer
-    takes; returns how many bytes went. h2 raises ProtocolError for a stream closed meanwhile."""
-    sent = 0
-    while pending:
-        window = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
-        if window <= 0:
-            break
-        chunk = pending[0]
-        if len(chunk) > window:
-            pending[0] = chunk[window:]
-            chunk = chunk[:window]
-        else:
-            pending.popleft()
-        sent += len(chunk)
-        conn.send_data(stream_id, chunk)
-    return sent
-
-
 class StreamTransport(asyncio.Transport):
     """The transport of one virtual upstream connection: one stream per request on a link."""
 
@@ -80,8 +67,7 @@ class StreamTransport(asyncio.Transport):
         self.stream_id = 0  # the stream of the request under way (0: none)
         self.url = b""
         self.fields: list[tuple[bytes, bytes]] = []
-        self.pending: deque[bytes] = deque()  # request body waiting for the upstream's window
-        self.pending_size = 0
+        self.blocked = False  # the request body waits for the upstream's window
         self.request_done = False
         self.paused = False  # the data path does not read (its client is slow)
         self.unacked = 0
@@ -125,7 +111,7 @@ class StreamTransport(asyncio.Transport):
             self.link.flush()
 
     def get_write_buffer_size(self) -> int:
-        return self.pending_size
+        return self.link.queued(self.stream_id) if self.stream_id else 0
 
     # httptools callbacks: the HTTP/1.1 request, turned into a stream --------------------
 
@@ -165,24 +151,26 @@ class StreamTransport(asyncio.Transport):
 
     def on_body(self, body: bytes) -> None:
         if self.stream_id:
-            self.pending.append(body)
-            self.pending_size += len(body)
-            self.link.send_pending(self)
-            if self.pending_size > HIGH_WATER:
-                self.conn.pause_writing()
+            self.link.send_data(self, body)
 
     def on_message_complete(self) -> None:
         self.request_done = True
         if self.stream_id:
-            self.link.send_pending(self)
+            self.link.end_request(self)
 
-    def drained(self) -> None:
-        if self.pending_size <= HIGH_WATER:
+    def block(self) -> None:
+        if not self.blocked:
+            self.blocked = True
+            self.conn.pause_writing()
+
+    def unblock(self) -> None:
+        if self.blocked:
+            self.blocked = False
             self.conn.resume_writing()
 
     # the stream's answer, relayed to the data path as HTTP/1.1 --------------------
 
-    def response(self, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
+    def response(self, fields: Iterable[tuple[bytes, bytes]], ended: bool) -> None:
         status = b"502"
         lines: list[bytes] = []
         length = False
@@ -208,7 +196,7 @@ class StreamTransport(asyncio.Transport):
         else:
             self.link.acknowledge(self.stream_id, flow_length)
 
-    def trailers(self, fields: list[tuple[bytes, bytes]]) -> None:
+    def trailers(self, fields: Iterable[tuple[bytes, bytes]]) -> None:
         lines = [b"%b: %b\r\n" % (name, value) for name, value in fields if name[:1] != b":"]
         if self.chunked:
             self.chunked = False
@@ -243,17 +231,12 @@ class H2Link:
         self.scheme = mux.scheme
         self.authority = mux.authority
         self.transport: asyncio.Transport | None = None
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.h2 = h2.connection.H2Connection(config=config)
-        self.h2.local_settings = h2.settings.Settings(
-            client=True,
-            initial_values={
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            },
-        )
+        self.h2 = h2codec.client(WINDOW)
         self.attached: set[StreamTransport] = set()
         self.streams: dict[int, StreamTransport] = {}
+        self.blocked: set[StreamTransport] = set()  # request bodies waiting for a window
+        self.filling: set[StreamTransport] = set()  # queued request body since the last write
+        self.flushing = False  # a write is scheduled
         self.closed = False
         self.draining = False  # the upstream sent GOAWAY: no new streams here
 
@@ -261,14 +244,13 @@ class H2Link:
     def capacity(self) -> int:
         if self.closed or self.draining:
             return 0
-        return int(self.h2.remote_settings.max_concurrent_streams) - len(self.attached)
+        limit = self.h2.remote_settings.get(Setting.MAX_CONCURRENT_STREAMS, 100)
+        return limit - len(self.attached)
 
     # asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(WINDOW - 65535)
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -277,6 +259,7 @@ class H2Link:
         reason = f"upstream connection lost: {exc}" if exc else "upstream closed the connection"
         for stream in list(self.attached):
             stream.reset(reason)
+        self.blocked.clear()
 
     def eof_received(self) -> bool | None:
         return None
@@ -290,41 +273,54 @@ class H2Link:
             stream.conn.resume_writing()
 
     def data_received(self, data: bytes) -> None:
+        conn = self.h2
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+            conn.receive_data(data)
+        except CodecError as exc:
             log.warning("HTTP/2 protocol error from upstream %s: %s", self.mux.key, exc)
-            self.flush()
-            self.close()
+            if self.transport is not None:
+                self.transport.write(h2codec.goaway_for(exc, 0))
+                self.transport.close()
+            self.connection_lost(exc)
             return
-        for event in events:
-            stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
-            if isinstance(event, h2.events.ResponseReceived):
+        streams = self.streams
+        for event in conn.events():
+            if isinstance(event, DataReceived):
+                stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.response(list(event.headers or []), event.stream_ended is not None)
-            elif isinstance(event, h2.events.DataReceived):
+                    stream.data(event.data, len(event.data))
+                    if event.end_stream:
+                        self._ended(event.stream_id)
+                else:
+                    self.acknowledge(event.stream_id, len(event.data))
+            elif isinstance(event, ResponseReceived):
+                stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.data(event.data or b"", event.flow_controlled_length or 0)
-                elif event.flow_controlled_length:
-                    self.acknowledge(event.stream_id or 0, event.flow_controlled_length)
-            elif isinstance(event, h2.events.TrailersReceived):
+                    stream.response(event.headers, event.end_stream)
+                    if event.end_stream:
+                        self._ended(event.stream_id)
+            elif isinstance(event, TrailersReceived):
+                stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.trailers(list(event.headers or []))
-            elif isinstance(event, h2.events.StreamEnded):
+                    stream.trailers(event.headers)
+                    self._ended(event.stream_id)
+            elif isinstance(event, StreamReset | StreamClosed):
+                stream = streams.pop(event.stream_id, None)
                 if stream is not None:
-                    del self.streams[event.stream_id or 0]
-                    stream.ended()
-            elif isinstance(event, h2.events.StreamReset):
-                if stream is not None:
-                    del self.streams[event.stream_id or 0]
                     stream.reset(f"upstream reset the stream (code {event.error_code})")
-            elif isinstance(event, h2.events.WindowUpdated):
-                targets = [stream] if stream is not None else list(self.streams.values())
-                for target in targets:
-                    self.send_pending(target)
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self._goaway(event.last_stream_id or 0)
+            elif isinstance(event, WindowUpdated):
+                pass  # the blocked request bodies are looked at below
+            elif isinstance(event, GoAwayReceived):
+                self._goaway(event.last_stream_id)
         self.flush()
+        if not conn.want_read and not conn.want_write and not self.closed:
+            log.warning("HTTP/2 protocol error from upstream %s; connection closed", self.mux.key)
+            self.close()
+
+    def _ended(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            stream.ended()
 
     def _goaway(self, last_stream_id: int) -> None:
         """The upstream drains this connection: streams past `last_stream_id` were not
@@ -348,68 +344,97 @@ class H2Link:
         if self.closed or self.draining:
             stream.reset("upstream connection draining")
             return 0
-        stream_id = self.h2.get_next_available_stream_id()
         try:
-            self.h2.send_headers(stream_id, fields)
-        except h2.exceptions.ProtocolError as exc:
+            stream_id = self.h2.send_request(fields)
+        except CodecError as exc:
             stream.reset(f"cannot open a stream: {exc}")
             return 0
         self.streams[stream_id] = stream
         return stream_id
 
-    def send_pending(self, stream: StreamTransport) -> None:
-        stream_id = stream.stream_id
-        if not stream_id or self.closed:
+    def send_data(self, stream: StreamTransport, data: bytes) -> None:
+        """Queue request body bytes: the codec sends them as the upstream's window allows;
+        beyond HIGH_WATER held back, the client side is paused."""
+        if self.closed:
             return
         try:
-            stream.pending_size -= send_window(self.h2, stream_id, stream.pending)
-            if stream.pending:
-                return
-            stream.drained()
-            if stream.request_done:
-                stream.request_done = False
-                self.h2.end_stream(stream_id)
-        except h2.exceptions.ProtocolError:
+            self.h2.send_data(stream.stream_id, data)
+        except CodecError:
             return  # the stream was reset meanwhile; its reset event fails the request
+        self.filling.add(stream)
+        self.flush()
+
+    def end_request(self, stream: StreamTransport) -> None:
+        stream.request_done = False
+        if not self.closed:
+            with contextlib.suppress(CodecError):
+                self.h2.end_stream(stream.stream_id)
+
+    def queued(self, stream_id: int) -> int:
+        try:
+            return self.h2.queued_body_size(stream_id)
+        except CodecError:
+            return 0
 
     def acknowledge(self, stream_id: int, length: int) -> None:
         if length and not self.closed:
-            with contextlib.suppress(h2.exceptions.ProtocolError):
+            with contextlib.suppress(CodecError):
                 self.h2.acknowledge_received_data(length, stream_id)
 
     def detach(self, stream: StreamTransport) -> None:
         """A virtual connection closed: cancel its stream if one is open."""
         self.attached.discard(stream)
+        self.blocked.discard(stream)
+        self.filling.discard(stream)
         stream_id = stream.stream_id
         if stream_id and self.streams.get(stream_id) is stream:
             del self.streams[stream_id]
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            with contextlib.suppress(CodecError):
+                self.h2.reset_stream(stream_id, ErrorCode.CANCEL)
             self.flush()
         if not self.attached and (self.draining or not self.mux.keeps(self)):
             self.close()
 
     def flush(self) -> None:
-        if self.transport is not None and not self.closed:
-            data = self.h2.data_to_send()
-            if data:
-                self.transport.write(data)
+        """Send what the codec has, once this turn of the event loop is over: the frames of
+        every request made meanwhile go out in one write."""
+        if not self.flushing and not self.closed:
+            self.flushing = True
+            self.loop.call_soon(self.write_now)
+
+    def write_now(self) -> None:
+        self.flushing = False
+        if self.transport is None or self.closed:
+            return
+        data = self.h2.data_to_send()
+        if data:
+            self.transport.write(data)
+        # A request body that outruns the upstream's window pauses its client side.
+        if self.filling:
+            for stream in self.filling:
+                if stream.stream_id and self.queued(stream.stream_id) > HIGH_WATER:
+                    stream.block()
+                    self.blocked.add(stream)
+            self.filling.clear()
+        if self.blocked:
+            for stream in list(self.blocked):
+                if not stream.stream_id or self.queued(stream.stream_id) <= HIGH_WATER:
+                    self.blocked.discard(stream)
+                    stream.unblock()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.mux.forget(self)
+            self.blocked.clear()
+            self.filling.clear()
             if self.transport is not None:
-                with contextlib.suppress(h2.exceptions.ProtocolError):
-                    self.h2.close_connection()
-                self.flush_closing()
+                with contextlib.suppress(CodecError):
+                    self.h2.send_goaway()
+                data = self.h2.data_to_send()
+                if data:
+                    self.transport.write(data)
                 self.transport.close()
-
-    def flush_closing(self) -> None:
-        if self.transport is not None:
-            data = self.h2.data_to_send()
-            if data:
-                self.transport.write(data)
 
 
 class H2Upstream:
@@ -467,6 +492,7 @@ class H2Upstream:
 
 
 GRPC_HEALTH_PATH = b"/grpc.health.v1.Health/Check"
+PROBE_BODY_LIMIT = 65536  # a health answer's body kept (a gRPC health answer is 2 bytes)
 GRPC_SERVING = b"\x08\x01"  # HealthCheckResponse{status: SERVING}, protobuf-encoded
 
 
@@ -545,33 +571,38 @@ async def _one_request(
         host, port, ssl=tls, server_hostname=host if tls is not None else None
     )
     try:
-        conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
-        conn.initiate_connection()
-        conn.send_headers(1, head, end_stream=body is None)
+        conn = h2codec.client(65535)
+        stream_id = conn.send_request(head, end_stream=body is None)
         if body is not None:
-            conn.send_data(1, body, end_stream=True)
+            conn.send_data(stream_id, body, end_stream=True)
         writer.write(conn.data_to_send())
         fields: dict[bytes, bytes] = {}
         received = b""
         while data := await reader.read(65536):
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
-                    fields.update(event.headers or [])
-                    if body is None:
-                        return fields, b""
-                elif isinstance(event, h2.events.DataReceived):
-                    received += event.data or b""
-                    conn.acknowledge_received_data(event.flow_controlled_length or 0, 1)
-                elif isinstance(event, h2.events.StreamReset | h2.events.ConnectionTerminated):
-                    return "stream refused by the upstream"
-                if isinstance(event, h2.events.StreamEnded):
+            try:
+                conn.receive_data(data)
+            except CodecError as exc:
+                return f"invalid HTTP/2 from the upstream: {exc}"
+            for event in conn.events():
+                if isinstance(event, ResponseReceived):
+                    fields.update(event.headers)
+                    if body is None or event.end_stream:
+                        return fields, received
+                elif isinstance(event, TrailersReceived):
+                    fields.update(event.headers)
                     return fields, received
+                elif isinstance(event, DataReceived):
+                    if len(received) < PROBE_BODY_LIMIT:
+                        received += event.data
+                    conn.acknowledge_received_data(len(event.data), stream_id)
+                    if event.end_stream:
+                        return fields, received
+                elif isinstance(event, StreamReset | StreamClosed | GoAwayReceived):
+                    return "stream refused by the upstream"
+            if not conn.want_read:
+                return "invalid HTTP/2 from the upstream"
             writer.write(conn.data_to_send())
         return "connection closed before the answer"
-    except h2.exceptions.ProtocolError as exc:
-        return f"invalid HTTP/2: {exc}"
     finally:
         writer.close()
         with contextlib.suppress(Exception):
