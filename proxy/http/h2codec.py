@@ -211,13 +211,10 @@ class H2Reference:
         pending = self.pending
         for event in received:
             if isinstance(event, h2.events.RequestReceived):
-                headers = tuple(event.headers)
-                if any(forbidden(name) or forbidden(value) for name, value in headers):
-                    # libnghttp2 refuses these fields (RFC 9113 §8.2.1); h2 lets them by.
-                    self.conn.reset_stream(event.stream_id, ErrorCode.PROTOCOL_ERROR)
-                    continue
                 pending.append(
-                    RequestReceived(event.stream_id, headers, event.stream_ended is not None)
+                    RequestReceived(
+                        event.stream_id, tuple(event.headers), event.stream_ended is not None
+                    )
                 )
             elif isinstance(event, h2.events.ResponseReceived):
                 pending.append(
@@ -401,11 +398,6 @@ class H2Reference:
                 self._forget(stream_id)
         except h2.exceptions.ProtocolError:
             self._forget(stream_id)  # closed meanwhile (reset by the peer)
-
-
-def forbidden(text: bytes) -> bool:
-    """Whether a field's name or value holds CR, LF or NUL (RFC 9113 §8.2.1)."""
-    return b"\r" in text or b"\n" in text or b"\x00" in text
 
 
 def goaway_for(exc: CodecError, last_stream_id: int) -> bytes:

@@ -558,8 +558,9 @@ def request_head(
     fields: Iterable[tuple[bytes, bytes]], end_stream: bool
 ) -> tuple[bytes, bytes, bool] | None:
     """The HTTP/1.1 request head for an HTTP/2 request: (head, method, chunked), or None for
-    a request that cannot be one (a missing pseudo-header). The codec has refused fields with
-    bytes HTTP/1.1 forbids (CR, LF, NUL) or names that are not lowercase tokens."""
+    a request that cannot be one (a missing pseudo-header). Both codecs refuse fields with
+    bytes HTTP/1.1 forbids (CR, LF, NUL) and names that are not lowercase tokens: libnghttp2
+    resets the stream, h2 ends the connection."""
     method = path = authority = b""
     lines: list[bytes] = []
     cookies: list[bytes] = []
