@@ -30,6 +30,8 @@ COMPILED = (
     "logic.stats",
     "http.accesslog",
     "http.exchange",
+    "http.h2front",
+    "http.h2upstream",
     "http.headers",
     "http.router",
     "http.server",

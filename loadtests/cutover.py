@@ -50,6 +50,7 @@ from prometheus_client.parser import text_string_to_metric_families
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+GRPC_LOCUSTFILE = Path(__file__).with_name("locust_grpc.py")
 SAMPLE_EVERY = 0.5
 STEPS = (10.0, 50.0, 100.0)
 DRAIN_TIMEOUT = 5.0
@@ -84,6 +85,9 @@ class Scenario:
     # Raising the split only ever moves a sticky client blue -> green.
     check_sticky: bool = False
     needs_takeover: bool = False
+    # gRPC calls (locust_grpc.py) to grpc_upstream.py servers on h2c pools, health checked
+    # with grpc.health.v1; green_error_rate is then the share of unary calls that fail.
+    grpc: bool = False
 
 
 SCENARIOS = {
@@ -139,6 +143,23 @@ SCENARIOS = {
             expect_split=50.0,
             initial_split=50.0,
             needs_takeover=True,
+        ),
+        Scenario(
+            "grpc-adaptive-good",
+            "gRPC clients (unary, streaming both ways, one channel each) on h2c pools; "
+            f"POST /rollout/start adaptive with a healthy green: walks {STEPS}, promotes",
+            expect_state="promoted",
+            expect_split=100.0,
+            grpc=True,
+        ),
+        Scenario(
+            "grpc-adaptive-bad",
+            "gRPC clients; green ends 20% of unary calls with INTERNAL; adaptive start must "
+            "roll back, every unary call shielded by a retry on blue (0 failed calls)",
+            expect_state="rolled_back",
+            expect_split=0.0,
+            green_error_rate=0.2,
+            grpc=True,
         ),
     )
 }
@@ -213,6 +234,17 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 def answers(url: str) -> Callable[[], bool]:
     return lambda: http("GET", url, timeout=1.0)[0] == 200
+
+
+def accepts(port: int) -> Callable[[], bool]:
+    def connects() -> bool:
+        try:
+            socket.create_connection((HOST, port), timeout=1.0).close()
+        except OSError:
+            return False
+        return True
+
+    return connects
 
 
 def has_takeover() -> bool:
@@ -408,16 +440,17 @@ class Run:
         # with few users (each sends about 6 requests a second) in a short run.
         first_step_rate = self.users * 6 * STEPS[0] / 100
         min_requests = max(10, min(30, int(first_step_rate * interval_ms / 1000 * 2)))
+        protocol = "h2c" if self.scenario.grpc else "http1"
         config = {
             "listen": {"host": HOST, "port": self.ports["proxy"]},
             "admin": {"host": HOST, "port": self.ports["admin"]},
             "pools": {
-                "blue": {"upstreams": blue},
-                "green": {"upstreams": [{"url": self.upstream_url("green")}]},
+                "blue": {"protocol": protocol, "upstreams": blue},
+                "green": {"protocol": protocol, "upstreams": [{"url": self.upstream_url("green")}]},
             },
             "split": float(self.scenario.initial_split),
             "sticky": {"cookie": "sid"},
-            "health_check": {"interval": "1s"},
+            "health_check": {"interval": "1s", "grpc": self.scenario.grpc},
             "drain": {"timeout": f"{DRAIN_TIMEOUT:g}s"},
             "rollout": {
                 "strategy": self.scenario.strategy,
@@ -499,6 +532,8 @@ TRIGGERS: dict[str, Callable[[Run], float | None]] = {
     "adaptive-bad": trigger_rollout("adaptive"),
     "drain-and-reload": trigger_drain_and_reload,
     "restart": trigger_restart,
+    "grpc-adaptive-good": trigger_rollout("adaptive"),
+    "grpc-adaptive-bad": trigger_rollout("adaptive"),
 }
 
 
@@ -973,12 +1008,25 @@ def _run(run: Run) -> tuple[Report, list[Second]]:
     scenario = run.scenario
     for name in ("blue", "blue-2", "green"):
         if name in run.ports:
-            argv = [sys.executable, "-m", "proxy", "upstream", "--name", name]
-            run.procs.start(name, [*argv, "--port", str(run.ports[name])])
+            port = str(run.ports[name])
+            if scenario.grpc:
+                argv = [sys.executable, "-m", "loadtests.grpc_upstream", "--name", name]
+                if name == "green" and scenario.green_error_rate:
+                    argv += ["--fail-rate", str(scenario.green_error_rate)]
+                    run.notes.append(f"green: --fail-rate {scenario.green_error_rate} (INTERNAL)")
+                run.procs.start(name, [*argv, "--port", port])
+            else:
+                argv = [sys.executable, "-m", "proxy", "upstream", "--name", name]
+                run.procs.start(name, [*argv, "--port", port])
     for name in ("blue", "blue-2", "green"):
         if name in run.ports:
-            wait_until(answers(run.upstream_url(name) + "/healthz"), 20.0, f"{name} up")
-    if scenario.green_error_rate:
+            up = (
+                accepts(run.ports[name])
+                if scenario.grpc
+                else answers(run.upstream_url(name) + "/healthz")
+            )
+            wait_until(up, 20.0, f"{name} up")
+    if scenario.green_error_rate and not scenario.grpc:
         body = {"error_rate": scenario.green_error_rate, "error_status": 503}
         status, _ = http("POST", run.upstream_url("green") + "/_control", body)
         if status != 200:
@@ -1004,7 +1052,8 @@ def _load(run: Run, sampler: Sampler, reader: EventsReader) -> tuple[Report, lis
     hits_path = out / f"{name}_requests.csv"
     hits_path.unlink(missing_ok=True)
     argv = [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+        sys.executable, "-m", "locust", "-f",
+        str(GRPC_LOCUSTFILE if scenario.grpc else LOCUSTFILE), "--headless",
         "-u", str(run.users), "-r", str(run.users), "-t", f"{run.duration}s",
         "--host", f"http://{HOST}:{run.ports['proxy']}",
         "--csv", str(out / name), "--csv-full-history", "--html", str(out / f"{name}.html"),
