@@ -367,8 +367,10 @@ class H2Link:
     def end_request(self, stream: StreamTransport) -> None:
         stream.request_done = False
         if not self.closed:
-            with contextlib.suppress(CodecError):
+            try:
                 self.h2.end_stream(stream.stream_id)
+            except CodecError:
+                return  # the stream was reset meanwhile; its reset event fails the request
 
     def queued(self, stream_id: int) -> int:
         try:
@@ -378,8 +380,10 @@ class H2Link:
 
     def acknowledge(self, stream_id: int, length: int) -> None:
         if length and not self.closed:
-            with contextlib.suppress(CodecError):
+            try:
                 self.h2.acknowledge_received_data(length, stream_id)
+            except CodecError:
+                return  # the stream closed meanwhile; the connection's window was credited
 
     def detach(self, stream: StreamTransport) -> None:
         """A virtual connection closed: cancel its stream if one is open."""
