@@ -16,32 +16,22 @@ from pathlib import Path
 
 from setuptools import setup
 
-# Named relative to the package. The data path: accept, parse, choose, admit, forward, relay,
-# record (most of logic/ and http/); and what subclasses its classes (the proxy that composes
-# them, the worker processes' proxies and their shared breakers and limits), since interpreted
-# classes cannot inherit compiled ones.
-COMPILED = (
-    "logic.admission",
-    "logic.analysis",
-    "logic.balancer",
-    "logic.breaker",
-    "logic.retry",
-    "logic.routing",
-    "logic.stats",
-    "http.accesslog",
-    "http.exchange",
-    "http.h2front",
-    "http.h2upstream",
-    "http.headers",
-    "http.router",
-    "http.server",
-    "http.upstream",
-    "runtime",
-    "procs.shared",
-    "procs.supervisor",
-    "procs.worker",
-)
 HERE = Path(__file__).parent
+# The data path, compiled whole: every module of logic/ (pure decisions) and http/ (accept,
+# parse, choose, admit, forward, relay, record), named relative to the package. Then what
+# subclasses their classes (the proxy that composes them, the worker processes' proxies and
+# their shared breakers and limits), since interpreted classes cannot inherit compiled ones.
+COMPILED_FOLDERS = ("logic", "http")
+SUBCLASSES = ("runtime", "procs.shared", "procs.supervisor", "procs.worker")
+COMPILED = (
+    tuple(
+        f"{folder}.{path.stem}"
+        for folder in COMPILED_FOLDERS
+        for path in sorted((HERE / "proxy" / folder).glob("*.py"))
+        if path.stem != "__init__"
+    )
+    + SUBCLASSES
+)
 BUILD_RECORD = HERE / "proxy" / "_build.py"
 
 

@@ -510,6 +510,9 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
     (tmp / "turnout.yaml").write_text(turnout_conf(port, blue, green))
     turnout_cmd = [sys.executable, "-m", "proxy", "run", "-c", str(tmp / "turnout.yaml")]
     targets["turnout"] = (turnout_cmd, port)
+    # A compiled build runs from its sources once any of them changed since the install:
+    # say which one is measured.
+    print(f"turnout: {native.describe()}", file=sys.stderr, flush=True)
     if native.BUILD == "compiled":
         # The same Turnout from its Python sources: what compiling the data path gains.
         port = free_port()

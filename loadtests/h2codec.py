@@ -164,7 +164,8 @@ def round_of(make: Callable[[bool], Any], calls: int) -> float:
         to_client, to_upstream = front.out(), back.out()
         spent += clock() - began
         kinds = [kind for kind, _sid, _payload in client.receive(to_client)]
-        assert answer == MESSAGE and kinds == ["headers", "data", "trailers"], kinds
+        assert answer == MESSAGE, kinds
+        assert kinds == ["headers", "data", "trailers"], kinds
         upstream.receive(to_upstream)
     return spent
 

@@ -141,7 +141,9 @@ async def test_requests_the_parser_refuses_are_logged_too(
         ("GET", "/big", 431),
     ]
     for line, answer in zip(lines, answers, strict=True):
-        assert line["reason"] and line["pool"] is None and line["attempts"] == 0
+        assert line["reason"]
+        assert line["pool"] is None
+        assert line["attempts"] == 0
         assert line["bytes_out"] == len(answer.split(b"\r\n\r\n", 1)[1])
 
 
@@ -207,7 +209,8 @@ def test_lines_are_json_whatever_the_target_holds() -> None:
                 0.0123456, 0.001, reason,
             )  # fmt: skip
             line = format_line(entry)
-            assert line.endswith("\n") and line.count("\n") == 1
+            assert line.endswith("\n")
+            assert line.count("\n") == 1
             assert json.loads(line) == {
                 "time": "2026-03-01T23:59:59.987+00:00",
                 "client": "10.0.0.1",

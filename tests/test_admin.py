@@ -526,7 +526,8 @@ async def test_every_mutation_is_audited(
         ("POST /rollout/start", "rollout start"),
         ("POST /rollout/abort", "rollout abort"),
     ]
-    assert got[6][2]["state"] == "idle" and got[6][3]["state"] == "progressing"
+    assert got[6][2]["state"] == "idle"
+    assert got[6][3]["state"] == "progressing"
     assert got[7][3]["state"] == "aborted"
 
 
@@ -836,7 +837,8 @@ async def test_cli_status_shift_drain_undrain(
     code, out, err = await run_cli(capsys, "status", admin=admin)
     assert (code, err) == (0, "")
     assert "green 0%, blue 100%" in out
-    assert "stable" in out and "blue" in out
+    assert "stable" in out
+    assert "blue" in out
     header = next(line for line in out.splitlines() if line.startswith("POOL/INDEX"))
     for column in ("URL", "WEIGHT", "STATE", "BREAKER", "IN-FLIGHT", "QUEUED"):
         assert column in header
@@ -844,9 +846,11 @@ async def test_cli_status_shift_drain_undrain(
     assert rows["blue/0"][1] == admin.blue[0].url
     assert rows["blue/1"][1] == admin.blue[1].url
     assert rows["green/0"][1] == admin.green[0].url
-    assert rows["green/0"][3] == "up" and rows["green/0"][4] == "closed"
+    assert rows["green/0"][3] == "up"
+    assert rows["green/0"][4] == "closed"
     requests = {key: int(rows[key][7]) for key in ("blue/0", "blue/1", "green/0")}
-    assert requests["green/0"] == 0 and requests["blue/0"] + requests["blue/1"] == 4
+    assert requests["green/0"] == 0
+    assert requests["blue/0"] + requests["blue/1"] == 4
 
     code, out, err = await run_cli(capsys, "status", "--json", admin=admin)
     assert code == 0
@@ -863,7 +867,9 @@ async def test_cli_status_shift_drain_undrain(
     code, out, err = await run_cli(capsys, "shift", "green", "60", "--over", "20s", admin=admin)
     assert code == 0
     ramp = admin.proxy.control.ramp_status()
-    assert ramp is not None and ramp["target"] == 60.0 and 19.0 <= ramp["remaining"] <= 20.0
+    assert ramp is not None
+    assert ramp["target"] == 60.0
+    assert 19.0 <= ramp["remaining"] <= 20.0
     code, out, _ = await run_cli(capsys, "status", admin=admin)
     assert re.search(r"ramp:\s+green to 60% in (19(\.\d)?|20)s", out), out
     await run_cli(capsys, "shift", "green", "30", admin=admin)  # ends the ramp
@@ -893,7 +899,8 @@ async def test_cli_status_shift_drain_undrain(
     code, out, err = await run_cli(capsys, "drain", "blue", "--force", admin=admin)
     assert (code, err) == (0, "")
     assert all(u.draining for u in admin.proxy.router.pools["blue"])
-    assert "drain blue/0" in out and "drain blue/1" in out
+    assert "drain blue/0" in out
+    assert "drain blue/1" in out
     code, out, err = await run_cli(capsys, "undrain", "blue", admin=admin)
     assert code == 0
     assert not any(u.draining for u in admin.proxy.router.pools["blue"])
@@ -986,7 +993,8 @@ async def test_cli_errors_print_the_servers_message_and_exit_1(
 
     code, out, err = await run_cli(capsys, "rollout", "pause", admin=admin)
     assert code == 1
-    assert "409 cannot pause" in err and "idle" in err
+    assert "409 cannot pause" in err
+    assert "idle" in err
 
     # Bad usage never reaches the server: exit 2.
     with pytest.raises(SystemExit) as exc:
@@ -1006,7 +1014,8 @@ async def test_cli_needs_the_token_when_the_admin_api_has_one(
     monkeypatch.delenv("TURNOUT_ADMIN_TOKEN")
     code, _, err = await run_cli(capsys, "shift", "green", "10", admin=admin)
     assert code == 1
-    assert "401" in err and "TURNOUT_ADMIN_TOKEN" in err
+    assert "401" in err
+    assert "TURNOUT_ADMIN_TOKEN" in err
     monkeypatch.setenv("TURNOUT_ADMIN_TOKEN", "wrong")
     assert (await run_cli(capsys, "shift", "green", "10", admin=admin))[0] == 1
     assert admin.proxy.spreader.split == 0.0
@@ -1050,7 +1059,8 @@ async def test_cli_reload(
         code, out, err = await run_cli(capsys, "reload", admin=admin)
         assert (code, out) == (2, "")  # a bad config, as `turnout check` says
         assert "400 invalid config" in err
-        assert "weight" in err and "green" in err  # every error, with its path
+        assert "weight" in err
+        assert "green" in err
         assert [u.url for u in proxy.router.pools["green"]] == [green.url, green2.url]
         # A refused reload changed nothing, so there is nothing to audit.
         assert len([r for r in caplog.records if r.name == "turnout.audit"]) == 1

@@ -112,7 +112,8 @@ def test_queue_full_sheds_immediately() -> None:
 def test_queue_is_fifo() -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
         adm = Admission(max_in_flight=2, queue=10, queue_timeout=1.0, loop=loop)
-        assert adm.try_enter() and adm.try_enter()
+        assert adm.try_enter()
+        assert adm.try_enter()
         admitted: list[int] = []
 
         async def client(i: int) -> None:
@@ -143,7 +144,8 @@ def test_no_overtaking_while_a_slot_is_handed_over() -> None:
         assert adm.in_flight == 1
         assert not adm.try_enter()
         await settle()
-        assert waiter.done() and waiter.exception() is None
+        assert waiter.done()
+        assert waiter.exception() is None
 
     run(scenario)
 
@@ -197,7 +199,8 @@ def test_handed_slot_and_timeout_in_the_same_iteration() -> None:
         adm.leave()
         loop.now = 5.0  # the timer is due before the waiter's task resumes
         await settle()
-        assert waiter.done() and waiter.exception() is None  # the handover wins
+        assert waiter.done()
+        assert waiter.exception() is None
         assert adm.in_flight == 1
 
     run(scenario)
@@ -234,7 +237,8 @@ def test_cancel_before_the_waiter_runs_is_skipped_by_leave() -> None:
         adm.leave()  # a's future is already cancelled: b gets the slot
         await settle()
         assert a.cancelled()
-        assert b.done() and b.exception() is None
+        assert b.done()
+        assert b.exception() is None
         assert (adm.in_flight, adm.queued) == (1, 0)
 
     run(scenario)
@@ -253,7 +257,8 @@ def test_cancel_at_the_moment_of_handover_passes_the_slot_on(others: int) -> Non
         await settle()
         assert first.cancelled()
         if others:
-            assert rest[0].done() and rest[0].exception() is None
+            assert rest[0].done()
+            assert rest[0].exception() is None
             assert not any(t.done() for t in rest[1:])
             assert (adm.in_flight, adm.queued) == (1, others - 1)
         else:
@@ -288,7 +293,8 @@ def test_cancel_at_handover_on_uvloop() -> None:
 def test_rate_limit_on_the_fast_path() -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
         adm = Admission(max_in_flight=100, queue=0, queue_timeout=1.0, rate=2.0, loop=loop)
-        assert adm.try_enter() and adm.try_enter()  # a burst of one second's worth
+        assert adm.try_enter()
+        assert adm.try_enter()
         with pytest.raises(Shed) as info:
             adm.try_enter()
         assert info.value.reason == "rate_limited"
@@ -300,7 +306,8 @@ def test_rate_limit_on_the_fast_path() -> None:
         await adm.enter()
         assert adm.in_flight == 3
         loop.now = 100.0  # refills only up to the burst
-        assert adm.try_enter() and adm.try_enter()
+        assert adm.try_enter()
+        assert adm.try_enter()
         with pytest.raises(Shed):
             adm.try_enter()
         assert adm.snapshot().shed_rate_limited == 3
@@ -325,7 +332,8 @@ def test_rate_limit_applies_before_queueing_and_spares_shed_requests() -> None:
         assert info.value.reason == "queue_full"  # shed before the rate limit is consulted
         adm.leave()
         await settle()
-        assert waiter.done() and waiter.exception() is None
+        assert waiter.done()
+        assert waiter.exception() is None
 
     run(scenario)
 
@@ -342,7 +350,7 @@ def test_rate_limit_applies_before_queueing_and_spares_shed_requests() -> None:
 def test_rejects_nonsense(bad: dict[str, Any]) -> None:
     params: dict[str, Any] = {"max_in_flight": 1, "queue": 1, "queue_timeout": 1.0}
     params.update(bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(bad))):
         Admission(**params)
 
 

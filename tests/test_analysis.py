@@ -57,7 +57,8 @@ def test_window_counts_errors_and_requests() -> None:
     got = window.figures(6.0)
     assert (got.requests, got.errors) == (100, 10)
     assert got.error_rate == pytest.approx(0.1)
-    assert close(got.p50, 0.02) and close(got.p99, 0.02)
+    assert close(got.p50, 0.02)
+    assert close(got.p99, 0.02)
     assert got == window.snapshot(6.0)
     assert repr(window) == "<PoolWindow span=10s bucket=1s requests=100 errors=10>"
 
@@ -136,9 +137,9 @@ def test_reset_forgets_everything() -> None:
 
 
 def test_bad_shapes_are_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need span >= bucket > 0"):
         PoolWindow(span=0.5, bucket=1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need span >= bucket > 0"):
         PoolWindow(span=5, bucket=0)
 
 
@@ -193,9 +194,11 @@ def test_quantiles_exhaustively(values: list[float]) -> None:
 
 def test_latencies_outside_the_scale_are_clamped() -> None:
     got = figures([0.0, 1e-9] * 10)
-    assert got.p99 is not None and got.p99 <= LATENCY_MIN * (1 + QUANTILE_ERROR)
+    assert got.p99 is not None
+    assert got.p99 <= LATENCY_MIN * (1 + QUANTILE_ERROR)
     got = figures([1e6] * 10)
-    assert got.p99 is not None and got.p99 >= LATENCY_MAX * (1 - 2 * QUANTILE_ERROR)
+    assert got.p99 is not None
+    assert got.p99 >= LATENCY_MAX * (1 - 2 * QUANTILE_ERROR)
 
 
 def test_count_at_or_above_is_a_lower_bound_within_one_bin() -> None:
@@ -213,7 +216,8 @@ def test_merge_adds_windows() -> None:
     b = figures([0.1] * 10, errors=1)
     both = WindowFigures.merge([a, b])
     assert (both.requests, both.errors) == (100, 4)
-    assert close(both.p50, 0.01) and close(both.p99, 0.1)
+    assert close(both.p50, 0.01)
+    assert close(both.p99, 0.1)
     assert WindowFigures.merge([]) == WindowFigures.of(0, 0)
 
 
@@ -255,13 +259,13 @@ def test_error_test_budget_and_repr() -> None:
     test = ErrorTest(0.01)
     assert test.test_alpha == pytest.approx(0.01 / 16)
     assert "per-test alpha=0.000625" in repr(test)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="alpha must be"):
         ErrorTest(0.01, alpha=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_error_rate must be"):
         ErrorTest(1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="steps must be"):
         ErrorTest(0.01, steps=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="margin must be"):
         ErrorTest(0.01, margin=0.5)
 
 
@@ -274,20 +278,22 @@ def test_clearly_broken_candidate_fails_within_a_few_requests() -> None:
             first = n
             break
     print(f"\n100% failing candidate at a 1% share: failed after {first} candidate outcomes")
-    assert first is not None and first <= 5
+    assert first is not None
+    assert first <= 5
     assert verdict.reason.startswith(
         f"candidate error rate 100.0% over {first} requests vs stable 0.0%"
     )
-    assert (
-        "sequential test, likelihood ratio" in verdict.reason and "1/alpha = 1600" in verdict.reason
-    )
-    assert verdict.candidate.errors == first and verdict.stable.requests == 99 * first
+    assert "sequential test, likelihood ratio" in verdict.reason
+    assert "1/alpha = 1600" in verdict.reason
+    assert verdict.candidate.errors == first
+    assert verdict.stable.requests == 99 * first
 
 
 def test_no_errors_passes() -> None:
     verdict = ErrorTest(0.01).verdict(counts(500, 0), counts(50_000, 0))
     assert verdict.outcome == "pass"
-    assert verdict.relative_log_lr == 0.0 and verdict.absolute_log_lr < 0
+    assert verdict.relative_log_lr == 0.0
+    assert verdict.absolute_log_lr < 0
 
 
 def test_no_stable_traffic_leaves_only_the_absolute_test() -> None:
@@ -445,21 +451,26 @@ def test_three_times_slower_candidate_fails_on_the_ratio() -> None:
                 break
         else:
             raise AssertionError(f"3x slower candidate not caught: {verdict.reason}")
-        assert verdict.limit is not None and stable.p99 is not None
+        assert verdict.limit is not None
+        assert stable.p99 is not None
         assert verdict.limit == pytest.approx(1.5 * stable.p99)
-        assert "> 1.5 x stable p99" in verdict.reason and "sequential test" in verdict.reason
+        assert "> 1.5 x stable p99" in verdict.reason
+        assert "sequential test" in verdict.reason
     caught.sort()
     print(f"\n3x slower: caught after {caught[0]}..{caught[-1]} candidate outcomes")
-    assert caught[0] >= LATENCY_MIN_REQUESTS and caught[-1] <= 150
+    assert caught[0] >= LATENCY_MIN_REQUESTS
+    assert caught[-1] <= 150
 
 
 def test_absolute_p99_limit() -> None:
     verdict = LatencyTest(0.5, 1.5).verdict(figures([0.8] * 30), figures([0.7] * 50))
-    assert verdict.outcome == "fail" and "> max_p99 500.0 ms" in verdict.reason
+    assert verdict.outcome == "fail"
+    assert "> max_p99 500.0 ms" in verdict.reason
     assert verdict.limit is None  # too few stable outcomes to compare with
     # Over the limit in one request of 30: the p99 is over, the evidence is not.
     verdict = LatencyTest(0.5, 1.5).verdict(figures([0.01] * 29 + [0.8]), figures([]))
-    assert verdict.outcome == "undecided" and "not yet conclusive" in verdict.reason
+    assert verdict.outcome == "undecided"
+    assert "not yet conclusive" in verdict.reason
 
 
 def test_latency_floor_ignores_sub_millisecond_noise() -> None:

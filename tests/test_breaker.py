@@ -436,7 +436,7 @@ def test_release_without_acquire_is_an_error() -> None:
     ],
 )
 def test_rejects_nonsense(bad: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(bad))):
         make(FakeClock(), **bad)
 
 
@@ -520,11 +520,13 @@ def test_retune_keeps_the_state_and_applies_new_thresholds() -> None:
     assert b.state is CLOSED
     epoch = b.epoch
     outcome(b, False)
-    assert b.state is OPEN and b.epoch == epoch + 1
+    assert b.state is OPEN
+    assert b.epoch == epoch + 1
     snap = b.snapshot()
     assert snap.open_until == clock.now + 2.0
     to_half_open(b, clock)
-    assert b.acquire() and not b.acquire()  # one trial at a time now
+    assert b.acquire()
+    assert not b.acquire()
     # A new window length starts its counts afresh; an open period under way is kept.
     b.release(False)
     assert b.state is OPEN
@@ -533,5 +535,6 @@ def test_retune_keeps_the_state_and_applies_new_thresholds() -> None:
         consecutive_failures=3, failure_ratio=0.5, min_requests=1000, window=30.0,
         open_for=1.0, half_open_requests=1,
     )  # fmt: skip
-    assert b.state is OPEN and b.snapshot().open_until == until
+    assert b.state is OPEN
+    assert b.snapshot().open_until == until
     assert b.snapshot().window_requests == 0

@@ -85,7 +85,8 @@ def test_defaults() -> None:
         None,
     )
     assert (c.access_log.to, c.access_log.sample) == ("off", 1.0)
-    assert c.pools.blue.upstreams == () and c.pools.green.tls is None
+    assert c.pools.blue.upstreams == ()
+    assert c.pools.green.tls is None
     assert (c.split, c.balancer) == (0.0, "least_request")
     assert (c.sticky.cookie, c.sticky.header) == (None, None)
     assert c.override_header == "X-Turnout-Pool"
@@ -585,7 +586,8 @@ def pem(tmp_path: Path) -> dict[str, str]:
 def test_listen_and_admin_tls(pem: dict[str, str]) -> None:
     tls = {"cert": pem["cert"], "key": pem["key"]}
     c = config_with(listen={"tls": tls}, admin={"tls": {**tls, "min_version": 1.3}})
-    assert c.listen.tls is not None and c.admin.tls is not None
+    assert c.listen.tls is not None
+    assert c.admin.tls is not None
     assert (c.listen.tls.cert, c.listen.tls.key, c.listen.tls.min_version) == (
         pem["cert"],
         pem["key"],
@@ -624,9 +626,11 @@ def test_tls_unreadable_file(pem: dict[str, str]) -> None:
 
 def test_upstream_tls(pem: dict[str, str], tmp_path: Path) -> None:
     c = config_with(pools={"green": {"tls": pem}})
-    assert c.pools.green.tls is not None and c.pools.green.tls.ca == pem["ca"]
+    assert c.pools.green.tls is not None
+    assert c.pools.green.tls.ca == pem["ca"]
     only_ca = config_with(pools={"green": {"tls": {"ca": pem["ca"]}}}).pools.green.tls
-    assert only_ca is not None and only_ca.cert is None
+    assert only_ca is not None
+    assert only_ca.cert is None
     assert errors_with(pools={"green": {"tls": {"cert": pem["cert"]}}}) == [
         "pools.green.tls.key: required when cert is given"
     ]
@@ -697,7 +701,8 @@ def test_models_are_frozen() -> None:
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         c.pools.blue.upstreams[0].port = 1  # type: ignore[misc]
     assert isinstance(c.rollout.steps, tuple)
-    assert isinstance(c.retries.methods, tuple) and isinstance(c.pools.blue.upstreams, tuple)
+    assert isinstance(c.retries.methods, tuple)
+    assert isinstance(c.pools.blue.upstreams, tuple)
     assert hash(c) == hash(default_config())
 
 

@@ -31,13 +31,17 @@ def progress(lines: list[str]) -> list[re.Match[str]]:
 async def test_a_good_green_is_promoted_with_no_failed_request() -> None:
     lines: list[str] = []
     summary = await demo(False, 4.0, write=lines.append)
-    assert summary.final_state == "promoted" and summary.expected_state == "promoted"
-    assert summary.failed == 0 and summary.errors == {}
+    assert summary.final_state == "promoted"
+    assert summary.expected_state == "promoted"
+    assert summary.failed == 0
+    assert summary.errors == {}
     assert summary.ok
-    assert summary.split == 100.0 and summary.stable == "green"
+    assert summary.split == 100.0
+    assert summary.stable == "green"
     assert summary.rollback_seconds is None
     assert summary.sent > 1000
-    assert summary.share["blue"] > 0 and summary.share["green"] > 0
+    assert summary.share["blue"] > 0
+    assert summary.share["green"] > 0
     assert abs(summary.share["blue"] + summary.share["green"] - 100.0) < 1e-6
     assert summary.elapsed < 4.0 * 1.3
 
@@ -46,11 +50,14 @@ async def test_a_good_green_is_promoted_with_no_failed_request() -> None:
     assert len(rows) >= summary.elapsed / PROGRESS_EVERY - 1
     assert [float(r["t"]) for r in rows] == sorted(float(r["t"]) for r in rows)
     splits = [float(r["split"]) for r in rows]
-    assert splits[0] == 0.0 and splits[-1] == 100.0 and splits == sorted(splits)
+    assert splits[0] == 0.0
+    assert splits[-1] == 100.0
+    assert splits == sorted(splits)
     assert {r["step"] for r in rows} >= {"1", "2", "3"}
     assert {r["state"] for r in rows} >= {"progressing", "promoted"}
     assert all(r["failed"] == "0" for r in rows)
-    assert int(rows[-1]["blue"]) == 0 and int(rows[-1]["green"]) > 0
+    assert int(rows[-1]["blue"]) == 0
+    assert int(rows[-1]["green"]) > 0
     narrated = [line.strip() for line in lines if line.lstrip().startswith(">>")]
     assert narrated[:4] == [
         ">> step 1: 5% of new requests to green",
@@ -72,18 +79,22 @@ async def test_a_good_green_is_promoted_with_no_failed_request() -> None:
 async def test_a_bad_green_is_rolled_back_and_blue_answers_for_it() -> None:
     lines: list[str] = []
     summary = await demo(True, 4.0, write=lines.append)
-    assert summary.final_state == "rolled_back" and summary.expected_state == "rolled_back"
+    assert summary.final_state == "rolled_back"
+    assert summary.expected_state == "rolled_back"
     assert summary.failed == 0, summary.errors
     assert summary.ok
-    assert summary.split == 0.0 and summary.stable == "blue"
+    assert summary.split == 0.0
+    assert summary.stable == "blue"
     # Green's failures were answered by blue, and the analysis caught it fast.
     assert summary.rescued > 0
-    assert summary.rollback_seconds is not None and 0.0 < summary.rollback_seconds < 1.0
+    assert summary.rollback_seconds is not None
+    assert 0.0 < summary.rollback_seconds < 1.0
     assert summary.share["green"] < 5.0
     assert any(line.lstrip().startswith("!! breach: candidate error rate") for line in lines)
     rows = progress(lines)
     assert any(r["green_err"] != "0.0" for r in rows)  # the failures as they happen
-    assert rows[-1]["state"] == "rolled_back" and float(rows[-1]["split"]) == 0.0
+    assert rows[-1]["state"] == "rolled_back"
+    assert float(rows[-1]["split"]) == 0.0
     text = "\n".join(lines)
     assert "final state        rolled_back (expected rolled_back)" in text
     assert "ms from green's first failure to split 0" in text
@@ -134,7 +145,8 @@ def test_the_command_exits_0_when_the_demo_ends_as_expected(
 ) -> None:
     assert main(["demo", "--bad-green", "--duration", "4s"]) == 0
     out = capsys.readouterr().out
-    assert "rolled_back (expected rolled_back)" in out and "result             OK" in out
+    assert "rolled_back (expected rolled_back)" in out
+    assert "result             OK" in out
 
 
 @pytest.mark.parametrize(
@@ -155,7 +167,8 @@ def test_a_demo_duration_out_of_range_is_a_usage_error(
         build_parser().parse_args(["demo", f"--duration={duration}"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert says in err and "Traceback" not in err
+    assert says in err
+    assert "Traceback" not in err
 
 
 def test_the_demo_floor_is_the_demo_modules() -> None:

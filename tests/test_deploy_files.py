@@ -57,9 +57,7 @@ Exported = dict[str, list[dict[str, str]]]  # sample name -> the label sets of i
 
 
 @pytest.fixture
-async def exported(
-    sample: SampleFactory, make_proxy: ProxyFactory, tmp_path: Path
-) -> AsyncIterator[Exported]:
+async def exported(sample: SampleFactory, make_proxy: ProxyFactory, tmp_path: Path) -> Exported:
     """Every sample of a scrape of a real proxy that answered 2xx and 5xx and retried, and of
     a `turnout run --workers 2` supervisor (what only a supervisor exports)."""
     blue = await sample("blue")
@@ -88,7 +86,7 @@ async def exported(
     assert any(labels.get("code") == "503" for labels in samples["turnout_requests_total"])
     assert "turnout_retries_total" in samples
     assert "turnout_worker_restarts_total" in samples
-    yield samples
+    return samples
 
 
 @contextlib.asynccontextmanager
@@ -360,7 +358,8 @@ def test_dashboard_covers_the_operator_questions() -> None:
 def test_dashboard_is_importable() -> None:
     dash = load_dashboard()
     assert 36 <= dash["schemaVersion"] <= 41
-    assert dash["uid"] and dash["title"]
+    assert dash["uid"]
+    assert dash["title"]
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     source = variables["datasource"]
     assert (source["type"], source["query"]) == ("datasource", "prometheus")
@@ -368,7 +367,8 @@ def test_dashboard_is_importable() -> None:
     assert len(ids) == len(set(ids))
     for panel in dash["panels"]:
         pos = panel["gridPos"]
-        assert pos["x"] + pos["w"] <= 24 and pos["h"] > 0, panel["title"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        assert pos["h"] > 0, panel["title"]
         if panel["type"] == "row":
             continue
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
@@ -442,7 +442,8 @@ def pre_stop_sleep(container: dict[str, Any]) -> float:
     command = hook["exec"]["command"]
     if command[:2] == ["sh", "-c"] or command[:2] == ["/bin/sh", "-c"]:
         command = shlex.split(command[2])
-    assert command[0] in ("sleep", "/bin/sleep") and len(command) == 2, command
+    assert command[0] in ("sleep", "/bin/sleep"), command
+    assert len(command) == 2, command
     return float(command[1])
 
 
@@ -489,7 +490,8 @@ def test_kubernetes_probes_reach_the_admin_api() -> None:
     turnout = turnout_container(docs)
     ready = turnout["readinessProbe"]["httpGet"]
     live = turnout["livenessProbe"]["httpGet"]
-    assert ready["path"] == "/readyz" and live["path"] == "/healthz"
+    assert ready["path"] == "/readyz"
+    assert live["path"] == "/healthz"
     assert port_number(turnout, ready["port"]) == config.admin.port
     assert port_number(turnout, live["port"]) == config.admin.port
     # The kubelet probes from outside the pod: admin must listen beyond loopback, which
@@ -616,10 +618,12 @@ def test_kubernetes_pod_is_locked_down_and_sized() -> None:
         context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
         assert context["runAsNonRoot"] is True, name
         # The image's USER is not numeric, so the kubelet needs runAsUser to verify non-root.
-        assert isinstance(context["runAsUser"], int) and context["runAsUser"] > 0, name
+        assert isinstance(context["runAsUser"], int), name
+        assert context["runAsUser"] > 0, name
         assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
         resources = container["resources"]
-        assert resources["requests"]["cpu"] and resources["requests"]["memory"], name
+        assert resources["requests"]["cpu"], name
+        assert resources["requests"]["memory"], name
         assert resources["limits"]["memory"], name
 
 
@@ -664,7 +668,8 @@ def only(keyword: str) -> Instruction:
 
 def exec_form(args: str) -> list[str]:
     value = json.loads(args)
-    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
+    assert isinstance(value, list), args
+    assert all(isinstance(v, str) for v in value), args
     return value
 
 
@@ -715,7 +720,8 @@ def test_dockerfile_runs_turnout_as_non_root_with_its_ports() -> None:
     }
     assert {config.listen.port, config.admin.port} <= exposed
     users = [i.args.split(":")[0] for i in instructions if i.keyword == "USER"]
-    assert users and users[-1] not in ("root", "0")
+    assert users
+    assert users[-1] not in ("root", "0")
     healthcheck = only("HEALTHCHECK")
     assert not healthcheck.args.upper().startswith("NONE")
     assert str(config.listen.port) in healthcheck.args or str(config.admin.port) in healthcheck.args

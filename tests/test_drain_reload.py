@@ -207,7 +207,8 @@ async def test_ramp_under_load(admin_factory: AdminFactory) -> None:
         assert answer["split"] == {"green": 100.0, "over": 0.8}
         start = load.started
         ramp = (await admin.status())["ramp"]
-        assert ramp["target"] == 100.0 and 0.0 <= ramp["remaining"] <= 0.8
+        assert ramp["target"] == 100.0
+        assert 0.0 <= ramp["remaining"] <= 0.8
         await wait_for(lambda: admin.proxy.control.ramp_status() is None, TIMEOUT)
         end = load.started
         await load.more(150)
@@ -278,7 +279,8 @@ async def test_drain_and_undrain_under_load(admin_factory: AdminFactory) -> None
         assert answer["draining"] is True
         # Idle pooled connections to it are closed at once; the busy one stays.
         assert blue1.snapshot().idle_connections == 0
-        assert blue1.in_flight >= 1 and blue1.connections
+        assert blue1.in_flight >= 1
+        assert blue1.connections
         status = (await admin.status())["pools"]["blue"]["upstreams"][1]
         assert status | {"draining": True, "drained": False, "state": "draining"} == status
         await load.more(200)
@@ -300,12 +302,14 @@ async def test_drain_and_undrain_under_load(admin_factory: AdminFactory) -> None
     assert load.failures() == []
     assert set(load.went(done=before)) == {"blue0", "blue1"}
     between = load.went(first=drained_at, done=undraining)
-    assert set(between) == {"blue0"} and between.total() > 100
+    assert set(between) == {"blue0"}
+    assert between.total() > 100
     after = load.went(first=undrained_at)
     assert after["blue1"] > after.total() / 4, after
     assert "green0" not in load.went()
     assert [e["upstream"] for e in events(proxy, "undrain")] == ["blue/1"]
-    assert not blue1.draining and not blue1.drained
+    assert not blue1.draining
+    assert not blue1.drained
 
 
 async def test_delete_drains_then_removes_under_load(admin_factory: AdminFactory) -> None:
@@ -335,7 +339,8 @@ async def test_delete_drains_then_removes_under_load(admin_factory: AdminFactory
     # The one left is renumbered.
     left = (await admin.status())["pools"]["blue"]["upstreams"]
     assert [(u["index"], u["url"]) for u in left] == [(0, admin.blue[1].url)]
-    assert blue0 not in proxy.router.upstreams() and not blue0.connections
+    assert blue0 not in proxy.router.upstreams()
+    assert not blue0.connections
     assert (await admin.call("POST", "/pools/blue/upstreams/1/drain"))[0] == 404
 
 
@@ -475,7 +480,8 @@ async def test_reload_gives_kept_upstreams_new_limits_and_breaker_settings(
     kept = upstream(proxy, "blue/0")
     held = await hold_on(admin, "blue/0")
     refused = await admin.get("/")
-    assert refused.status == 503 and (await refused.json())["error"] == "queue_full"
+    assert refused.status == 503
+    assert (await refused.json())["error"] == "queue_full"
     fp.write(
         pools(
             [blue],
@@ -486,7 +492,8 @@ async def test_reload_gives_kept_upstreams_new_limits_and_breaker_settings(
         )
     )
     await admin.ok("POST", "/reload")
-    assert upstream(proxy, "blue/0") is kept and kept.in_flight == 1
+    assert upstream(proxy, "blue/0") is kept
+    assert kept.in_flight == 1
     answers = await asyncio.gather(*(admin.get("/delay/100") for _ in range(3)))
     assert [a.status for a in answers] == [200, 200, 200]
     assert all(r.status == 200 for r in await asyncio.gather(*held))

@@ -287,7 +287,8 @@ async def test_watch_from_a_compacted_revision_reads_the_keys_anew(etcd: Etcd) -
                 assert resp.status == 200
         stream = store.watch("/c/", prefix=True, start_revision=first)
         batch = await anext(stream)
-        assert batch.snapshot is not None and batch.revision >= last
+        assert batch.snapshot is not None
+        assert batch.revision >= last
         assert {kv.key: kv.value for kv in batch.snapshot} == {"/c/a": b"3", "/c/b": b"2"}
         later = await store.put("/c/b", b"4")
         batch = await anext(stream)
@@ -490,7 +491,8 @@ async def test_green_failing_behind_members_rolls_the_fleet_back(
     assert all(p.status()["rollout"]["state"] == "rolled_back" for p in fleet.proxies)
     for proxy in fleet.followers():
         seen = [e.data["state"] for e in proxy.events.history if e.kind == "fleet_rollout"]
-        assert seen[-1] == "rolled_back" and "progressing" in seen, seen
+        assert seen[-1] == "rolled_back", seen
+        assert "progressing" in seen, seen
     # Every member fences the rolled-back candidate from failover traffic, as the leader does.
     assert all(p.router.fenced == "green" for p in fleet.proxies)
 
@@ -945,7 +947,8 @@ async def test_fleet_demo_rolls_three_members_back_together() -> None:
     lines: list[str] = []
     summary = await fleet_demo(3, True, 6.0, lines.append)
     assert summary.ok, "\n".join(lines)
-    assert summary.final_state == "rolled_back" and summary.failed == 0
+    assert summary.final_state == "rolled_back"
+    assert summary.failed == 0
     assert "every member's split: i1 0%, i2 0%, i3 0%" in lines
     assert any("which does not lead" in line for line in lines)
 

@@ -263,7 +263,8 @@ async def test_a_green_answering_internal_is_rolled_back_with_no_failed_call(
                 break
     assert proxy.rollout.snapshot().state == "rolled_back"
     assert failed == []
-    assert green.calls > 0 and proxy.rescued == green.calls
+    assert green.calls > 0
+    assert proxy.rescued == green.calls
 
 
 class CallLoad:
@@ -341,7 +342,8 @@ async def test_no_call_fails_through_split_changes_drains_and_reloads(
         control.drain("green", 0, by="test")
         await load.more(100)
     assert load.results == {"OK": load.done}, load.results
-    assert blue.calls > 0 and green.calls > 0
+    assert blue.calls > 0
+    assert green.calls > 0
 
 
 async def test_no_call_fails_through_takeovers_and_sigterm(
@@ -382,7 +384,8 @@ async def test_no_call_fails_through_takeovers_and_sigterm(
             async with asyncio.timeout(15):
                 assert await running.proc.wait() == 0
         assert load.results == {"OK": load.done}, load.results
-        assert blue.calls > 0 and green.calls > 0
+        assert blue.calls > 0
+        assert green.calls > 0
     finally:
         for process in processes:
             process.kill()

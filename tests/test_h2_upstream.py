@@ -178,7 +178,8 @@ async def test_http2_clients_and_bodies_both_ways(
         posted, fetched = await asyncio.gather(
             client.post("/echo", content=payload), client.get("/bytes/3000000")
         )
-        assert posted.status_code == 200 and posted.content == payload
+        assert posted.status_code == 200
+        assert posted.content == payload
         assert fetched.status_code == 200
         assert fetched.content == bytes(i % 256 for i in range(3000000))
         answers = await asyncio.gather(*(client.get("/") for _ in range(200)))
@@ -203,7 +204,8 @@ async def test_faults_of_an_h2_upstream_map_as_usual(
             assert resp.status == 502
             assert (await resp.json())["pool"] == "blue"
     # Health checks speak HTTP/2 too (an HTTP/2-only upstream would refuse HTTP/1.1).
-    assert green.probes and set(green.probes) == {"2"}
+    assert green.probes
+    assert set(green.probes) == {"2"}
 
 
 async def test_h2_over_tls_with_alpn(

@@ -246,7 +246,8 @@ async def test_probe_sends_one_get_with_connection_close() -> None:
     fields = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:] if line)}
     assert fields["host"] == "svc.internal:8000"
     assert fields["connection"] == "close"
-    assert "content-length" not in fields and "transfer-encoding" not in fields
+    assert "content-length" not in fields
+    assert "transfer-encoding" not in fields
     assert rest == b""
 
 
@@ -362,19 +363,23 @@ async def test_sample_flips_unhealthy_and_back_after_exact_streaks() -> None:
         settings.healthy = False
         await changes.until(3)
         _, healthy, reason, n = changes.calls[2]
-        assert not healthy and not upstream.healthy
+        assert not healthy
+        assert not upstream.healthy
         # The change came with exactly the third failure in a row (a probe in flight at the
         # flip may still have passed, so the streak is located in the recorded results).
         oks = [r.ok for r in prober.results[:n]]
-        assert oks[-3:] == [False, False, False] and oks[-4] is True
+        assert oks[-3:] == [False, False, False]
+        assert oks[-4] is True
         assert reason == "3 consecutive failed checks (last: 503)"
 
         settings.healthy = True
         await changes.until(4)
         _, healthy, reason, n = changes.calls[3]
-        assert healthy and upstream.healthy
+        assert healthy
+        assert upstream.healthy
         oks = [r.ok for r in prober.results[:n]]
-        assert oks[-2:] == [True, True] and oks[-3] is False
+        assert oks[-2:] == [True, True]
+        assert oks[-3] is False
         assert reason == "2 consecutive passing checks"
 
         # Steady state: more probes, no more calls.
@@ -467,7 +472,8 @@ async def test_cold_upstream_failing_first_stays_out_until_its_first_pass(
     assert [(healthy, n) for _, healthy, _, n in changes.calls] == [(False, 0), (True, 6)]
     # No transition says why it stayed out: the first failure is logged, once.
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "the first failed" in warning and upstream.key in warning
+    assert "the first failed" in warning
+    assert upstream.key in warning
 
 
 async def test_cold_watch_of_an_already_unhealthy_upstream_reports_only_the_pass() -> None:
@@ -525,7 +531,9 @@ async def test_snapshot_and_repr() -> None:
         )
     }
     text = repr(hc)
-    assert "/healthz" in text and "watching=1" in text and "unhealthy=0" in text
+    assert "/healthz" in text
+    assert "watching=1" in text
+    assert "unhealthy=0" in text
     await hc.close()
     assert hc.snapshot() == {}
     assert "closed" in repr(hc)

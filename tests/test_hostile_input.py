@@ -561,7 +561,8 @@ async def test_sigterm_completes_when_nobody_reads_stdout(
         assert code == 0
         text = (tmp_path / "turnout.log").read_text()
         assert "lines dropped" in text
-        assert "Traceback" not in text and "Fatal Python error" not in text
+        assert "Traceback" not in text
+        assert "Fatal Python error" not in text
     finally:
         if proc.returncode is None:
             proc.kill()

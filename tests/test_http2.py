@@ -80,11 +80,13 @@ async def test_request_bodies_and_large_responses_stream_both_ways(stack: Stack)
             client.post("/echo", content=payload),
             client.get("/bytes/3000000"),
         )
-        assert posted.status_code == 200 and posted.content == payload
+        assert posted.status_code == 200
+        assert posted.content == payload
         assert fetched.status_code == 200
         assert fetched.content == bytes(i % 256 for i in range(3000000))
         head = await client.head("/bytes/100")
-        assert head.status_code == 200 and head.content == b""
+        assert head.status_code == 200
+        assert head.content == b""
 
 
 async def test_request_fields_reach_the_upstream_as_http11(stack: Stack) -> None:
@@ -141,7 +143,8 @@ async def test_alpn_h2_over_tls(
     # HTTP/1.1 clients on the same listener are unchanged.
     async with httpx.AsyncClient(http2=False, verify=context, timeout=10.0) as client:
         resp = await client.get(f"https://{HOST}:{proxy.port}/")
-    assert resp.http_version == "HTTP/1.1" and resp.status_code == 200
+    assert resp.http_version == "HTTP/1.1"
+    assert resp.status_code == 200
 
 
 async def test_http2_can_be_turned_off(sample: SampleFactory, make_proxy: ProxyFactory) -> None:

@@ -216,7 +216,8 @@ async def read_response(
         headers: list[tuple[bytes, bytes]] = []
         for line in lines[1:]:
             name, _, value = line.partition(b":")
-            assert name and name == name.strip(), f"bad header line {line!r}"
+            assert name, f"bad header line {line!r}"
+            assert name == name.strip(), f"bad header line {line!r}"
             headers.append((name, value.strip()))
         resp = Response(status, version, headers, b"")
         te = resp.value(b"transfer-encoding")
@@ -224,7 +225,8 @@ async def read_response(
         if head or status in (204, 304) or 100 <= status < 200:
             return resp
         if te is not None:
-            assert te.lower() == b"chunked" and length is None, (te, length)
+            assert te.lower() == b"chunked", (te, length)
+            assert length is None, (te, length)
             parts = []
             while True:
                 size_line = await reader.readuntil(b"\r\n")
@@ -837,7 +839,8 @@ async def test_no_response_headers_in_time_is_504_with_json(
     assert resp.status == 504
     body = resp.json()
     assert body["pool"] == "blue"
-    assert body["error"] and body["detail"]
+    assert body["error"]
+    assert body["detail"]
     assert upstream.targets == [b"/slow"]
 
 

@@ -131,7 +131,8 @@ async def refused(client: RawClient, status: int) -> dict[str, Any]:
     assert resp.status == status, resp
     assert resp.value(b"connection") == b"close"
     body: dict[str, Any] = json.loads(resp.body)
-    assert body["error"] and body["detail"]
+    assert body["error"]
+    assert body["detail"]
     assert await client.closed() == b""
     return body
 

@@ -460,7 +460,8 @@ async def test_hanging_upstream_sheds_a_storm_fast_and_the_other_pool_keeps_serv
             snap = upstream.admission.snapshot()
             peak["in_flight"] = max(peak["in_flight"], snap.in_flight)
             peak["queued"] = max(peak["queued"], snap.queued)
-            assert snap.in_flight <= MAX_IN_FLIGHT and snap.queued <= QUEUE, snap
+            assert snap.in_flight <= MAX_IN_FLIGHT, snap
+            assert snap.queued <= QUEUE, snap
             await asyncio.sleep(0.001)
 
     green_answers: list[Answer] = []
@@ -540,7 +541,8 @@ async def test_pool_down_at_start_fails_over_with_no_client_error(
     assert [u["state"] for u in status["pools"]["blue"]["upstreams"]] == ["down", "down"]
     traffic = load(url_of(proxy), total=400)
     await traffic.until(lambda: traffic.finished, timeout=10)
-    assert traffic.ok == 400 and not traffic.failures, traffic
+    assert traffic.ok == 400, traffic
+    assert not traffic.failures, traffic
     assert traffic.upstreams == {"green": 400}
     assert sum(u.requests for u in proxy.router.pools["blue"]) == 0
 
@@ -691,9 +693,11 @@ async def test_added_upstream_gets_traffic_only_after_its_first_passing_check(
     added = proxy.router.pools["blue"][1]
     assert added.url == new.url
     if not passes_at_once:
-        assert not added.healthy and added not in proxy.router.candidates["blue"]
+        assert not added.healthy
+        assert added not in proxy.router.candidates["blue"]
         await traffic.until(lambda: proxy.health.snapshot()["blue/1"].probes >= 3)
-        assert added.requests == 0 and traffic.upstreams["new"] == 0
+        assert added.requests == 0
+        assert traffic.upstreams["new"] == 0
         new.settings.healthy = True
     await traffic.until(lambda: any(t.after == "up" for t in seen))
     # Out of rotation from the moment it was added; in after its first passing check, and
@@ -717,9 +721,9 @@ async def test_no_retry_once_a_response_byte_went_to_the_client(
     blue = await sample("blue")
     green = await sample("green")
     proxy = await make_proxy(proxy_config([blue.url], [green.url], retries={"attempts": 2}))
-    with pytest.raises(aiohttp.ClientPayloadError):
-        async with session.get(url_of(proxy) + "/cut/100000") as resp:
-            assert resp.status == 200
+    async with session.get(url_of(proxy) + "/cut/100000") as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
     blue_up, green_up = proxy.router.pools["blue"][0], proxy.router.pools["green"][0]
     assert (blue_up.requests, blue_up.failures, green_up.requests) == (1, 1, 0)
@@ -893,7 +897,8 @@ async def test_a_retry_storm_is_capped_at_the_budget_ratio(
     retries = sum(v for _, v in metric(proxy, "turnout_retries_total"))
     attempts = sum(v for _, v in metric(proxy, "turnout_upstream_attempts_total"))
     print(f"\nretry storm: {retries:g} retries for {requests:g} requests, {proxy.retry_budget!r}")
-    assert requests == n and len(traffic.failures) == n
+    assert requests == n
+    assert len(traffic.failures) == n
     assert attempts == requests + retries
     assert ratio * requests <= retries <= ratio * requests + floor * 10
     assert proxy.retry_budget.snapshot().denied >= n - retries
@@ -1025,7 +1030,8 @@ async def test_failing_canary_is_shielded_by_the_stable_pool(
         f"\ncanary with {clients} clients: {traffic!r} rescued={proxy.rescued}"
         f" {proxy.retry_budget!r}"
     )
-    assert traffic.ok == 400 and not traffic.failures, traffic
+    assert traffic.ok == 400, traffic
+    assert not traffic.failures, traffic
     assert traffic.upstreams == {"blue": 400}
     # Every failed green attempt was answered by blue, until green's breaker opened and blue
     # took all the traffic.

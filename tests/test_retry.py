@@ -72,11 +72,11 @@ def test_old_requests_and_retries_leave_the_window() -> None:
 
 
 def test_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="budget must be"):
         RetryBudget(-0.1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="min_per_second must be"):
         RetryBudget(0.2, min_per_second=-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="window must be"):
         RetryBudget(0.2, window=0.0)
 
 

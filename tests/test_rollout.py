@@ -383,7 +383,8 @@ async def test_healthy_green_promotes_through_every_step_then_walks_back(rig: Ri
             assert figures["elapsed"] >= 0.3
             assert figures["candidate"]["requests"] >= 20
         promoted = r.kinds("rollout")[-1]
-        assert promoted["after"] == "promoted" and promoted["previous_stable"] == "blue"
+        assert promoted["after"] == "promoted"
+        assert promoted["previous_stable"] == "blue"
         assert promoted["stable"] == "green"
         green_at_promotion = load.by_pool["green"]
         assert green_at_promotion > 0
@@ -395,7 +396,8 @@ async def test_healthy_green_promotes_through_every_step_then_walks_back(rig: Ri
         await r.until_state("promoted")
         splits = [d["split"] for d in r.kinds("rollout_step")]
         assert splits == [95.0, 75.0, 50.0, 0.0]
-        assert r.stable_now() == "blue" and r.split == 0.0
+        assert r.stable_now() == "blue"
+        assert r.split == 0.0
     assert load.failed == 0, load
     assert load.by_pool["green"] > green_at_promotion
     print(f"\nhealthy green, there and back: {load!r}")
@@ -502,7 +504,8 @@ async def test_a_candidate_answering_500_costs_no_client_request(rig: RigFactory
         f" {r.green.errors} green 500s, {r.proxy.rescued} rescued, {r.proxy.retry_budget!r}"
     )
     assert load.failed == 0, load
-    assert r.green.errors > 0 and r.proxy.rescued == r.green.errors
+    assert r.green.errors > 0
+    assert r.proxy.rescued == r.green.errors
     breach = r.kinds("breach")[0]
     assert breach["figures"]["candidate"]["errors"] >= 1
     metrics = await r.metrics()
@@ -569,7 +572,8 @@ async def test_no_failover_to_a_candidate_just_rolled_back(rig: RigFactory) -> N
     r.blue.settings.healthy = False
     await wait_for(lambda: not r.proxy.router.candidates["blue"])
     status, _, body = await get(r.url)
-    assert status == 503 and body is not None
+    assert status == 503
+    assert body is not None
     assert (body["error"], body["pool"]) == ("no_upstream", "blue")
     assert body["detail"].startswith(
         "pool blue has no available upstream (blue/0 down (GET /healthz answered 503)), and no"
@@ -617,7 +621,9 @@ async def test_a_drain_that_would_empty_the_stable_pool_is_refused_unless_forced
     status, body = await r.drain("blue", {"force": True})
     assert (status, body["draining"]) == (200, True)
     status, _, answer = await get(r.url)
-    assert status == 503 and answer is not None and answer["error"] == "no_upstream"
+    assert status == 503
+    assert answer is not None
+    assert answer["error"] == "no_upstream"
 
 
 async def test_the_candidate_and_a_stable_pool_without_traffic_may_be_drained(
@@ -687,7 +693,8 @@ async def test_green_failing_five_percent_is_rolled_back_before_the_split_passes
     breach = r.kinds("breach")[0]
     assert "error rate" in breach["reason"], breach
     figures = breach["figures"]
-    assert figures["candidate"]["errors"] > 0 and figures["stable"]["errors"] == 0
+    assert figures["candidate"]["errors"] > 0
+    assert figures["stable"]["errors"] == 0
     assert load.failed == 0, load
     print(f"\ngreen failing 5%: rolled back at {r.shares()[-1]}%, {breach['reason']}; {load!r}")
 
@@ -700,7 +707,8 @@ async def test_green_three_times_slower_at_p99_is_rolled_back_on_the_ratio(
         assert (await r.post("start"))[0] == 200
         await r.until_state("rolled_back")
     breach = r.kinds("breach")[0]
-    assert "p99" in breach["reason"] and "x stable p99" in breach["reason"], breach
+    assert "p99" in breach["reason"], breach
+    assert "x stable p99" in breach["reason"], breach
     latency = breach["figures"]["latency"]
     assert latency["outcome"] == "fail"
     candidate, stable = breach["figures"]["candidate"], breach["figures"]["stable"]
@@ -723,7 +731,8 @@ async def test_fallback_pause_holds_the_split_for_the_operator(rig: RigFactory) 
         assert r.kinds("breach")[0]["fallback"] == "pause"
         assert "breach: candidate error rate" in r.proxy.rollout.reason
         await asyncio.sleep(0.5)
-        assert r.state == "paused" and r.split == 5.0
+        assert r.state == "paused"
+        assert r.split == 5.0
         status, body = await r.post("rollback")
         assert status == 200, body
         assert body["after"] == {"state": "rolled_back", "split": 0.0}
@@ -748,7 +757,8 @@ async def test_green_as_good_as_blue_is_never_rolled_back(rig: RigFactory) -> No
                 await r.until_state("promoted", "rolled_back")
                 assert r.state == "promoted", r.proxy.rollout.reason
         assert r.kinds("breach") == []
-        assert r.split == 0.0 and r.proxy.stable == "blue"
+        assert r.split == 0.0
+        assert r.proxy.stable == "blue"
         # Injected errors are retried on the other pool; a client sees one only when the
         # retry draws an injected error too (about 0.3% of retries).
         assert set(load.failures) <= {"HTTP 503"}
@@ -769,10 +779,13 @@ async def test_little_traffic_is_insufficient_data_and_never_a_silent_advance(
         # Held well past the interval: still the first step.
         await asyncio.sleep(0.6)
         assert r.state == "insufficient_data"
-        assert r.split == 5.0 and r.shares() == [5.0]
+        assert r.split == 5.0
+        assert r.shares() == [5.0]
         doc = (await r.status())["rollout"]
-        assert doc["state"] == "insufficient_data" and doc["step"] == 1
-        assert "insufficient data" in doc["reason"] and "20 needed" in doc["reason"]
+        assert doc["state"] == "insufficient_data"
+        assert doc["step"] == 1
+        assert "insufficient data" in doc["reason"]
+        assert "20 needed" in doc["reason"]
         metrics = await r.metrics()
         assert metrics['turnout_rollout_state{state="insufficient_data"}'] == 1.0
         assert metrics["turnout_rollout_step"] == 1.0
@@ -797,11 +810,13 @@ async def test_eager_waits_for_the_gate_then_goes_to_100_at_once(rig: RigFactory
     async with Load(r.url) as load:
         assert (await r.post("start", {"strategy": "eager"}))[0] == 200
         await wait_for(lambda: "gate failed" in r.proxy.rollout.reason, 3.0)
-        assert r.split == 0.0 and r.state == "progressing"
+        assert r.split == 0.0
+        assert r.state == "progressing"
         assert "expected 200" in (await r.status())["rollout"]["reason"]
         r.green.settings.error_rate = 0.0
         await r.until_state("promoted", timeout=4.0)
-        assert r.split == 100.0 and r.proxy.stable == "green"
+        assert r.split == 100.0
+        assert r.proxy.stable == "green"
         # One jump, no steps in between.
         assert [d["after"] for d in r.kinds("split")] == [100.0]
         await load.until(lambda: load.by_pool["green"] >= 50)
@@ -831,16 +846,19 @@ async def test_lazy_moves_only_when_the_operator_shifts(rig: RigFactory) -> None
         status, body = await r.post("start", {"strategy": "lazy"})
         assert status == 200, body
         await asyncio.sleep(0.5)  # longer than the adaptive interval: nothing automatic
-        assert r.split == 0.0 and r.state == "progressing"
+        assert r.split == 0.0
+        assert r.state == "progressing"
         assert (await r.put_split({"green": 30}))[0] == 200
         assert r.split == 30.0
         await asyncio.sleep(0.3)
-        assert r.state == "progressing" and r.split == 30.0
+        assert r.state == "progressing"
+        assert r.split == 30.0
         status, body = await r.put_split({"green": 100, "over": "400ms"})
         assert status == 200, body
         await wait_for(lambda: 30.0 < r.split < 100.0, 2.0)  # ramping
         await r.until_state("promoted", timeout=3.0)
-        assert r.split == 100.0 and r.proxy.stable == "green"
+        assert r.split == 100.0
+        assert r.proxy.stable == "green"
 
         # The next lazy rollout walks back to blue; the operator promotes it by API.
         assert (await r.post("start", {"strategy": "lazy"}))[0] == 200
@@ -866,7 +884,9 @@ async def test_pause_resume_abort_and_rollback_from_the_admin_api(rig: RigFactor
         assert status == 200, body
         assert body["after"]["state"] == "paused"
         await asyncio.sleep(0.8)  # two intervals: a paused rollout holds its split
-        assert r.state == "paused" and r.split == 25.0 and r.shares()[-1] == 25.0
+        assert r.state == "paused"
+        assert r.split == 25.0
+        assert r.shares()[-1] == 25.0
         assert (await r.post("resume"))[0] == 200
         assert r.state == "progressing"
         await r.until_share(50.0)
@@ -896,14 +916,17 @@ async def test_invalid_transitions_are_409(rig: RigFactory) -> None:
     for action in ("pause", "resume", "abort", "promote", "rollback"):
         status, body = await r.post(action)
         assert status == 409, (action, body)
-        assert body["error"] and "idle" in body["detail"]
+        assert body["error"]
+        assert "idle" in body["detail"]
     assert (await r.post("start", {"strategy": "canary"}))[0] == 400
     assert (await r.post("start", {"strategy": "adaptive", "x": 1}))[0] == 400
     assert (await r.post("start"))[0] == 200
     status, body = await r.post("start")
-    assert status == 409 and body["error"] == "rollout in progress"
+    assert status == 409
+    assert body["error"] == "rollout in progress"
     status, body = await r.post("resume")
-    assert status == 409 and "progressing" in body["detail"]
+    assert status == 409
+    assert "progressing" in body["detail"]
     assert (await r.post("pause"))[0] == 200
     assert (await r.post("pause"))[0] == 409
     assert (await r.post("abort"))[0] == 200
@@ -939,13 +962,19 @@ async def test_status_events_and_metrics_tell_the_story_of_a_rollback(rig: RigFa
         await load.until(lambda: r.green.served[200] >= 50)
         doc = await r.status()
         ro = doc["rollout"]
-        assert ro["strategy"] == "adaptive" and ro["state"] == "progressing"
-        assert ro["step"] == 2 and ro["split"] == 25.0 and doc["split"]["green"] == 25.0
-        assert doc["stable"] == "blue" and doc["candidate"] == "green"
+        assert ro["strategy"] == "adaptive"
+        assert ro["state"] == "progressing"
+        assert ro["step"] == 2
+        assert ro["split"] == 25.0
+        assert doc["split"]["green"] == 25.0
+        assert doc["stable"] == "blue"
+        assert doc["candidate"] == "green"
         for pool in ("blue", "green"):
             window = ro["windows"][pool]
-            assert window["requests"] > 0 and window["errors"] == 0
-            assert window["p99_ms"] is not None and window["p50_ms"] <= window["p99_ms"]
+            assert window["requests"] > 0
+            assert window["errors"] == 0
+            assert window["p99_ms"] is not None
+            assert window["p50_ms"] <= window["p99_ms"]
         assert ro["reason"]
 
         r.green.settings.error_rate = 1.0
@@ -962,22 +991,27 @@ async def test_status_events_and_metrics_tell_the_story_of_a_rollback(rig: RigFa
     assert breach["fallback"] == "rollback"
     figures = breach["figures"]
     assert figures["split"] == 25.0
-    assert figures["candidate"]["errors"] >= 1 and figures["candidate"]["error_rate"] > 0.01
-    assert figures["stable"]["errors"] == 0 and figures["stable"]["requests"] > 0
+    assert figures["candidate"]["errors"] >= 1
+    assert figures["candidate"]["error_rate"] > 0.01
+    assert figures["stable"]["errors"] == 0
+    assert figures["stable"]["requests"] > 0
     assert figures["errors"]["outcome"] == "fail"
     rolled = next(d for k, d in seen if k == "rollout" and d["after"] == "rolled_back")
-    assert rolled["figures"] == figures and rolled["reason"].startswith("breach: ")
+    assert rolled["figures"] == figures
+    assert rolled["reason"].startswith("breach: ")
     step_event = next(d for k, d in seen if k == "rollout_step" and d["share"] == 25.0)
     assert step_event["figures"]["candidate"]["requests"] >= 20  # what let step 1 pass
 
     doc = await r.status()
-    assert doc["rollout"]["state"] == "rolled_back" and doc["split"]["green"] == 0.0
+    assert doc["rollout"]["state"] == "rolled_back"
+    assert doc["split"]["green"] == 0.0
     assert doc["rollout"]["reason"] == rolled["reason"]
     # Each failed green request was answered by blue (rescued): the retry budget (20% of the
     # recent requests, at least 10 a second) lets the burst of green's failures through.
     assert doc["rescued"] == r.proxy.rescued > 0
     assert r.proxy.rescued == r.green.errors, (load, r.green)
-    assert load.failed == 0 and r.proxy.retry_budget.snapshot().denied == 0, load
+    assert load.failed == 0, load
+    assert r.proxy.retry_budget.snapshot().denied == 0, load
 
     metrics = await r.metrics()
     assert metrics["turnout_rollout_step"] == 0.0
@@ -1067,7 +1101,9 @@ async def test_a_pause_that_lands_while_the_gate_is_probed_is_not_overridden(
             assert status == 200, body
             release.set()
             await asyncio.sleep(0.5)  # five ticks: the gate's answer came, nothing may move
-            assert r.state == "paused" and r.split == 0.0 and r.shares() == [], r.kinds("split")
+            assert r.state == "paused", r.kinds("split")
+            assert r.split == 0.0, r.kinds("split")
+            assert r.shares() == [], r.kinds("split")
             assert r.proxy.rollout.reason.startswith("paused by")
             # Resumed, it goes on as usual.
             assert (await r.post("resume"))[0] == 200
@@ -1098,7 +1134,8 @@ async def test_green_down_mid_step_holds_the_rollout_and_the_step_starts_afresh(
         await wait_for(lambda: "no candidate upstream takes traffic" in r.proxy.rollout.reason, 4.0)
         assert "green/0 down" in (await r.status())["rollout"]["reason"]
         await asyncio.sleep(0.5)  # five ticks past the interval, with 25+ outcomes: held
-        assert r.shares() == [5.0, 25.0] and r.split == 25.0, r.shares()
+        assert r.shares() == [5.0, 25.0], r.shares()
+        assert r.split == 25.0, r.shares()
         assert r.state in ("progressing", "insufficient_data")
 
         r.green.settings.healthy = True
@@ -1107,7 +1144,8 @@ async def test_green_down_mid_step_holds_the_rollout_and_the_step_starts_afresh(
         await r.until_state("promoted", timeout=10.0)
     step3 = next(d for d in r.kinds("rollout_step") if d["share"] == 50.0)
     # Step 2 passed on outcomes green served after it came back, over a whole interval.
-    assert step3["figures"]["elapsed"] >= 2.0 and step3["figures"]["candidate"]["requests"] >= 20
+    assert step3["figures"]["elapsed"] >= 2.0
+    assert step3["figures"]["candidate"]["requests"] >= 20
     assert await r.event_time("rollout_step", share=50.0) > back
     assert load.failed == 0, load
 
@@ -1127,7 +1165,9 @@ async def test_eager_never_promotes_onto_a_candidate_pool_left_empty(rig: RigFac
         await wait_for(lambda: not r.proxy.router.pools["green"], 3.0)
         await wait_for(lambda: "pool green is empty" in r.proxy.rollout.reason, 2.0)
         await asyncio.sleep(0.5)  # five ticks: nothing to promote onto
-        assert r.state == "progressing" and r.split == 0.0 and r.proxy.stable == "blue"
+        assert r.state == "progressing"
+        assert r.split == 0.0
+        assert r.proxy.stable == "blue"
         assert "pool green is empty" in (await r.status())["rollout"]["reason"]
         # A healthy green upstream added: once it passes its health check, the rollout ends.
         r.green.settings.healthy = True
@@ -1136,7 +1176,8 @@ async def test_eager_never_promotes_onto_a_candidate_pool_left_empty(rig: RigFac
         ) as resp:
             assert resp.status == 201
         await r.until_state("promoted", timeout=4.0)
-        assert r.split == 100.0 and r.stable_now() == "green"
+        assert r.split == 100.0
+        assert r.stable_now() == "green"
         await load.until(lambda: load.by_pool["green"] >= 20)
     assert load.failed == 0, load
 
@@ -1162,9 +1203,11 @@ async def test_a_reload_mid_rollout_keeps_its_split_and_steps_and_applies_the_th
             assert resp.status == 200, answer
         kept = answer["after"]["kept_by_rollout"]
         assert set(kept) == {"split", "rollout.steps"}, kept
-        assert "kept at 5" in kept["split"] and "5, 25, 50, 100" in kept["rollout.steps"]
+        assert "kept at 5" in kept["split"]
+        assert "5, 25, 50, 100" in kept["rollout.steps"]
         assert r.kinds("reload")[-1]["kept_by_rollout"] == kept
-        assert r.split == 5.0 and (await r.status())["rollout"]["steps"] == STEPS
+        assert r.split == 5.0
+        assert (await r.status())["rollout"]["steps"] == STEPS
         # The new max_p99 judges the step in progress: green is rolled back well before 60 s.
         await r.until_state("rolled_back", timeout=5.0)
     assert "max_p99 10.0 ms" in r.kinds("breach")[0]["reason"], r.kinds("breach")

@@ -355,9 +355,13 @@ async def test_cut_body_is_a_payload_error(
     async with session.get(upstream.url(f"/cut/{n}")) as resp:
         assert resp.status == 200
         assert resp.content_length == 2 * n
-        with pytest.raises(aiohttp.ClientPayloadError):
+
+        async def read_all() -> None:
             while data := await resp.content.readany():
-                received += data
+                received.extend(data)
+
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await read_all()
     assert bytes(received) == pattern(n)
     # The upstream keeps serving other connections.
     async with session.get(upstream.url("/healthz")) as resp:
@@ -539,4 +543,5 @@ def test_bad_sample_arguments_are_usage_errors(
         build_parser().parse_args(["upstream", "--name", "blue", *argv])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "error: argument" in err and "Traceback" not in err
+    assert "error: argument" in err
+    assert "Traceback" not in err

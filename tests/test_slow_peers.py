@@ -388,7 +388,8 @@ async def test_tunnel_pauses_a_client_whose_upstream_reads_nothing(
 
         await wait_for(lambda: paused() is not None, 10.0)
         conn = paused()
-        assert conn is not None and conn.tunnel is not None
+        assert conn is not None
+        assert conn.tunnel is not None
         assert conn.tunnel.write_buffer_size() < 4 * MiB
         assert not pusher.done()
         assert pushed < 50 * MiB

@@ -170,7 +170,8 @@ def test_where_the_state_file_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     elsewhere = resolve("auto", "/nonexistent/etc/turnout.yaml")
     assert elsewhere is not None
     assert Path(elsewhere).parent == tmp_path / "run" / "turnout"
-    assert Path(elsewhere).name.startswith("turnout-") and elsewhere.endswith(".state.json")
+    assert Path(elsewhere).name.startswith("turnout-")
+    assert elsewhere.endswith(".state.json")
     assert resolve("auto", "/nonexistent/other/turnout.yaml") != elsewhere
 
 

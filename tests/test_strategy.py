@@ -64,7 +64,7 @@ def test_next_split_walks_the_steps() -> None:
     assert [next_split(STEPS, i) for i in range(-1, 5)] == [1, 5, 25, 50, 100, None]
     assert next_split([100], -1) == 100.0
     assert next_split([100], 0) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="step index must be"):
         next_split(STEPS, -2)
 
 
@@ -79,15 +79,18 @@ def test_analysed_steps_are_those_below_100() -> None:
 
 def test_hold_while_the_interval_runs() -> None:
     got = decide(elapsed=3.0)
-    assert got.verdict is Verdict.HOLD and got.next_split is None
+    assert got.verdict is Verdict.HOLD
+    assert got.next_split is None
     assert got.reason == "holding step 1 (1%): 3.0 s of 10.0 s, 200 candidate outcomes (50 needed)"
 
 
 def test_advance_when_interval_and_min_requests_are_met() -> None:
     got = decide()
-    assert got.verdict is Verdict.ADVANCE and got.next_split == 5.0
+    assert got.verdict is Verdict.ADVANCE
+    assert got.next_split == 5.0
     assert got.reason.startswith("step 1 (1%) passed, advancing to 5%: candidate error rate 0.0%")
-    assert got.figures["step"] == 1 and got.figures["split"] == 1.0
+    assert got.figures["step"] == 1
+    assert got.figures["split"] == 1.0
     assert got.figures["elapsed"] == pytest.approx(11.0)
     assert got.figures["candidate"] == GOOD.as_dict()
     assert got.figures["stable"] == STABLE.as_dict()
@@ -104,7 +107,8 @@ def test_advance_when_interval_and_min_requests_are_met() -> None:
 
 def test_insufficient_data_is_explicit() -> None:
     got = decide(candidate=figures([0.02] * 49))
-    assert got.verdict is Verdict.INSUFFICIENT_DATA and got.next_split is None
+    assert got.verdict is Verdict.INSUFFICIENT_DATA
+    assert got.next_split is None
     assert (
         got.reason
         == "insufficient data at step 1 (1%): 49 candidate outcomes (50 needed) after 11.0 s"
@@ -114,19 +118,22 @@ def test_insufficient_data_is_explicit() -> None:
 
 def test_promote_when_the_next_share_is_100() -> None:
     got = decide(index=3)
-    assert got.verdict is Verdict.PROMOTE and got.next_split == 100.0
+    assert got.verdict is Verdict.PROMOTE
+    assert got.next_split == 100.0
     assert got.reason.startswith("step 4 (50%) passed:")
 
 
 def test_promote_at_a_last_step_of_100() -> None:
     got = decide(index=4, elapsed=0.5, candidate=figures([0.02] * 5), stable=figures([]))
-    assert got.verdict is Verdict.PROMOTE and got.next_split == 100.0
+    assert got.verdict is Verdict.PROMOTE
+    assert got.next_split == 100.0
     assert got.reason == "step 5 (100%) is the last: all traffic on the candidate"
 
 
 def test_breach_on_errors_at_once() -> None:
     got = decide(elapsed=0.1, candidate=figures([0.001] * 14, errors=14))
-    assert got.verdict is Verdict.BREACH and got.next_split is None
+    assert got.verdict is Verdict.BREACH
+    assert got.next_split is None
     assert got.reason.startswith(
         "candidate error rate 100.0% over 14 requests vs stable 0.0% over 5000"
     )
@@ -159,7 +166,8 @@ def test_a_stall_at_the_full_step_is_not_a_breach() -> None:
 
 def test_breach_on_absolute_p99() -> None:
     got = decide(elapsed=2.0, candidate=figures([0.7] * 30), stable=figures([0.6] * 3000))
-    assert got.verdict is Verdict.BREACH and "> max_p99 500.0 ms" in got.reason
+    assert got.verdict is Verdict.BREACH
+    assert "> max_p99 500.0 ms" in got.reason
 
 
 def test_undecided_errors_hold_the_step() -> None:
@@ -276,7 +284,8 @@ def test_candidate_failing_everything_is_rolled_back_within_a_second() -> None:
     for seed in range(5):
         # 5,000 req/s: 50 candidate requests a second at the 1 % first step.
         got = simulate(seed, rate=5000, candidate=Pool(error_rate=1.0), stable=Pool())
-        assert got.verdict is Verdict.BREACH and got.split == 1.0
+        assert got.verdict is Verdict.BREACH
+        assert got.split == 1.0
         assert got.first_candidate_failure is not None
         delay = got.at - got.first_candidate_failure
         assert delay <= 1.0, got.reason
@@ -298,7 +307,8 @@ def test_candidate_three_times_slower_is_rolled_back_on_the_ratio() -> None:
             seed, rate=5000, candidate=Pool(median=0.06), stable=Pool(median=0.02), until=30
         )
         assert got.verdict is Verdict.BREACH, got.seen[-1]
-        assert "x stable p99" in got.reason and got.split == 1.0
+        assert "x stable p99" in got.reason
+        assert got.split == 1.0
     print(f"\n3x slower: {got.reason} after {got.at:.1f} s")
 
 
@@ -312,7 +322,8 @@ def test_candidate_as_good_as_stable_is_promoted() -> None:
         breaches += got.verdict is Verdict.BREACH
         if got.verdict is Verdict.PROMOTE:
             splits = [split for _, verdict, split in got.seen if verdict is Verdict.ADVANCE]
-            assert splits == [1.0, 5.0, 25.0] and got.split == 50.0
+            assert splits == [1.0, 5.0, 25.0]
+            assert got.split == 50.0
     print(f"\nequal pools: {breaches} breaches in 30 rollouts (designed: 1% per rollout)")
     assert breaches == 0
 

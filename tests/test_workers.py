@@ -300,7 +300,8 @@ async def test_both_workers_serve_and_every_request_is_counted_once(
         assert 'turnout_workers{state="ready"} 2.0' in text
         # The dashboard is the supervisor's, beside the admin API it reads.
         async with session.get(process.admin + "/ui") as resp:
-            assert resp.status == 200 and "Turnout dashboard" in await resp.text()
+            assert resp.status == 200
+            assert "Turnout dashboard" in await resp.text()
             assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
 
 
@@ -380,7 +381,8 @@ async def test_a_rollout_decides_on_the_outcomes_of_every_worker(
         doc = await until(session, process, lambda d: d["rollout"]["state"] == "rolled_back")
         # The breach counted more failures than either worker saw (4 each): both workers'.
         judged = re.search(r"over (\d+) requests", doc["rollout"]["reason"])
-        assert judged is not None and 6 <= int(judged[1]) <= 8, doc["rollout"]["reason"]
+        assert judged is not None, doc["rollout"]["reason"]
+        assert 6 <= int(judged[1]) <= 8, doc["rollout"]["reason"]
         # Reports come every 50 ms: the last failures may be counted after the verdict.
         doc = await until(
             session,
@@ -655,7 +657,8 @@ async def test_members_follow_drains_removals_splits_and_promotions() -> None:
     leader.router.pools["blue"] = (leader.router.pools["blue"][1],)
     leader.stable = "green"
     member.follow(routing_state(leader, 2, 1, 0.0))
-    assert member.router.pools["blue"] == (kept,) and kept.index == 0
+    assert member.router.pools["blue"] == (kept,)
+    assert kept.index == 0
     assert blue[0] in member.retiring
     assert member.stable == "green"
     assert member.generation == 2

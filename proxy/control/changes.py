@@ -257,7 +257,8 @@ class Control:
                 if conn.sink is not None and conn.sink in busy
             ]
 
-        while loop.time() < deadline and (pending() or any(_tunnel_pool(c) for c in tunnels)):
+        # Nothing signals "this pool's last exchange ended" yet: checked every DRAIN_POLL.
+        while loop.time() < deadline and (pending() or any(_tunnel_pool(c) for c in tunnels)):  # noqa: ASYNC110
             await asyncio.sleep(DRAIN_POLL)
         split = self.split
         if (pool == "green" and split == 0.0) or (pool == "blue" and split == 100.0):
@@ -335,7 +336,8 @@ class Control:
         loop = self.proxy.loop
         timeout = self.proxy.settings.drain_timeout
         deadline = loop.time() + timeout
-        while upstream.in_flight and loop.time() < deadline:
+        # Nothing signals "this upstream's last exchange ended" yet: checked every DRAIN_POLL.
+        while upstream.in_flight and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(DRAIN_POLL)
         forced = upstream.in_flight
         upstream.close_idle()

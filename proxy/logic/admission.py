@@ -108,8 +108,9 @@ class Admission:
         # Futures resolve True when handed a slot, False when their queue_timeout expired.
         # Only not-yet-resolved futures sit here, except a cancelled one for the instant between
         # its cancellation and its task running. The length check in enter() keeps appends
-        # below maxlen, so the deque never silently drops a waiter.
-        self._waiters: deque[asyncio.Future[bool]] = deque(maxlen=queue)
+        # below maxlen, so the deque never silently drops a waiter. (A negative queue is
+        # refused by retune() below, with its own message.)
+        self._waiters: deque[asyncio.Future[bool]] = deque(maxlen=max(queue, 0))
         self._shed_full = 0
         self._shed_timeout = 0
         self._shed_rate = 0

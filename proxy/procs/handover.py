@@ -122,13 +122,7 @@ class HandoverServer:
         self._busy = False
 
     async def start(self) -> None:
-        path = Path(self.path)
-        if path.exists():
-            # A stale socket of a process that is gone; a live one would have answered.
-            if not _alive(self.path):
-                path.unlink(missing_ok=True)
-            else:
-                raise HandoverError(f"another turnout listens for takeovers on {self.path}")
+        _clear_stale(self.path)
         self._server = await asyncio.start_unix_server(self._serve, self.path)
         os.chmod(self.path, 0o600)
 
@@ -173,7 +167,7 @@ class HandoverServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-            Path(self.path).unlink(missing_ok=True)
+            _remove(self.path)
 
 
 def _alive(path: str) -> bool:
@@ -186,3 +180,15 @@ def _alive(path: str) -> bool:
     finally:
         probe.close()
     return True
+
+
+def _clear_stale(path: str) -> None:
+    """Remove the socket file of a process that is gone; a live one would have answered."""
+    if Path(path).exists():
+        if _alive(path):
+            raise HandoverError(f"another turnout listens for takeovers on {path}")
+        _remove(path)
+
+
+def _remove(path: str) -> None:
+    Path(path).unlink(missing_ok=True)

@@ -446,7 +446,8 @@ class WorkerPool:
 
     async def _run(self, worker: Worker) -> int | None:
         """One incarnation of a worker, from spawn to exit; returns its exit code."""
-        assert self._sock is not None and self.state is not None
+        assert self._sock is not None
+        assert self.state is not None
         parent, child = socket.socketpair()
         listen_fd = self._sock.fileno()
         try:

@@ -207,7 +207,8 @@ class MemberProxy(Proxy):
     async def _finish_retiring(self, upstream: Upstream) -> None:
         deadline = self.loop.time() + self.settings.drain_timeout
         try:
-            while upstream.in_flight and self.loop.time() < deadline:
+            # As Changes' drains: no event says the upstream's last exchange ended yet.
+            while upstream.in_flight and self.loop.time() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             self._cut(upstream)
         finally:

@@ -69,11 +69,16 @@ class LocalEtcd:
         shutil.rmtree(self.data, ignore_errors=True)
 
 
+def memory_dir() -> str | None:
+    """Where etcd's data goes: memory when the machine has /dev/shm (fsyncs cost nothing)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
 async def start_etcd() -> LocalEtcd:
     binary = shutil.which("etcd")
     if binary is None:
         raise DemoError("the etcd binary is not installed (Debian: apt-get install etcd-server)")
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    base = memory_dir()
     for _ in range(5):
         # etcd takes no port 0: pick two and try elsewhere when they are taken.
         client = random.randrange(20000, 60000, 2)
@@ -170,7 +175,8 @@ async def _drive(
     loop = asyncio.get_running_loop()
     leader = await _formed(proxies)
     taker = next(p for p in proxies if p is not leader)
-    assert leader.fleet is not None and taker.fleet is not None
+    assert leader.fleet is not None
+    assert taker.fleet is not None
     write(
         f"turnout demo: a fleet of {len(proxies)} proxies on etcd {etcd}; "
         f"{leader.fleet.instance} leads (*); {CLIENTS} clients spread over them"
