@@ -9,6 +9,8 @@ import shutil
 
 from conftest import HOST, ProxyFactory, SampleFactory, proxy_config, wait_for
 
+from proxy.http.router import POOLS
+from proxy.logic.routing import PoolName
 from proxy.runtime import Proxy
 
 RESULT = re.compile(
@@ -16,7 +18,7 @@ RESULT = re.compile(
 )
 
 
-def served(proxy: Proxy, pool: str) -> int:
+def served(proxy: Proxy, pool: PoolName) -> int:
     return sum(upstream.requests for upstream in proxy.router.pools[pool])
 
 
@@ -51,6 +53,6 @@ async def test_every_stream_of_a_load_is_answered_while_the_split_moves(
     control.set_split(100, by="test")
     succeeded, failed, text = await load
     assert (succeeded, failed) == (6000, 0), text
-    shares = {pool: served(proxy, pool) for pool in ("blue", "green")}
+    shares = {pool: served(proxy, pool) for pool in POOLS}
     assert shares["blue"] > 0, shares
     assert shares["green"] > 0, shares
