@@ -65,8 +65,10 @@ __all__ = [
     "StreamReset",
     "TrailersReceived",
     "WindowUpdated",
+    "acknowledge",
     "client",
     "goaway_for",
+    "queued",
     "server",
     "use",
 ]
@@ -398,6 +400,23 @@ class H2Reference:
                 self._forget(stream_id)
         except h2.exceptions.ProtocolError:
             self._forget(stream_id)  # closed meanwhile (reset by the peer)
+
+
+def queued(conn: Codec, stream_id: int) -> int:
+    """What the peer's window still holds back of the stream's data; 0 for a stream gone."""
+    try:
+        return conn.queued_body_size(stream_id)
+    except CodecError:
+        return 0
+
+
+def acknowledge(conn: Codec, stream_id: int, length: int) -> None:
+    """Credit `length` bytes of the stream's data back to the peer (WINDOW_UPDATE as the codec
+    sees fit). A stream closed meanwhile raises; the connection's window was credited anyway."""
+    try:
+        conn.acknowledge_received_data(length, stream_id)
+    except CodecError:
+        return
 
 
 def goaway_for(exc: CodecError, last_stream_id: int) -> bytes:

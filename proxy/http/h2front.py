@@ -437,10 +437,7 @@ class H2Session:
 
     def queued(self, stream_id: int) -> int:
         """Response bytes the client's window still holds back on the stream."""
-        try:
-            return self.conn.queued_body_size(stream_id)
-        except CodecError:
-            return 0
+        return h2codec.queued(self.conn, stream_id)
 
     def reset_stream(self, stream_id: int, code: int) -> None:
         if self.closed:
@@ -451,10 +448,7 @@ class H2Session:
 
     def acknowledge(self, stream_id: int, length: int) -> None:
         if length and not self.closed:
-            try:
-                self.conn.acknowledge_received_data(length, stream_id)
-            except CodecError:
-                return  # the stream closed meanwhile; the connection's window was credited
+            h2codec.acknowledge(self.conn, stream_id, length)
 
     def stream_closed(self, stream: H2Stream) -> None:
         if self.streams.get(stream.stream_id) is stream:

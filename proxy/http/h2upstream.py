@@ -373,17 +373,11 @@ class H2Link:
                 return  # the stream was reset meanwhile; its reset event fails the request
 
     def queued(self, stream_id: int) -> int:
-        try:
-            return self.h2.queued_body_size(stream_id)
-        except CodecError:
-            return 0
+        return h2codec.queued(self.h2, stream_id)
 
     def acknowledge(self, stream_id: int, length: int) -> None:
         if length and not self.closed:
-            try:
-                self.h2.acknowledge_received_data(length, stream_id)
-            except CodecError:
-                return  # the stream closed meanwhile; the connection's window was credited
+            h2codec.acknowledge(self.h2, stream_id, length)
 
     def detach(self, stream: StreamTransport) -> None:
         """A virtual connection closed: cancel its stream if one is open."""
