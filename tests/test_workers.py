@@ -111,8 +111,8 @@ class KeepAliveClient:
     """An HTTP/1.1 client that reuses its connection as real ones do (aiohttp, httpx): it drops
     a connection the server closed while it sat idle, and sends an idempotent request once
     more on a fresh connection when a reused one ends before a byte of the answer (it may have
-    been closed just as the request left). A refused connection is a clean failure: nothing
-    was sent. Anything else is a failed request."""
+    been closed just as the request left). A refused connection (or one reset before it was
+    established) is a clean failure: nothing was sent. Anything else is a failed request."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -126,7 +126,9 @@ class KeepAliveClient:
                 self.drop()
                 try:
                     self.conn = await asyncio.open_connection(HOST, self.port)
-                except ConnectionRefusedError:
+                except (ConnectionRefusedError, ConnectionResetError):
+                    # Refused, or reset before the connection was established (a listener
+                    # closed with the handshake under way): either way nothing was sent.
                     return "refused"
             assert self.conn is not None
             reader, writer = self.conn
