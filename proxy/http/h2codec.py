@@ -32,7 +32,6 @@ import ngh2
 from hpack.exceptions import HPACKError
 from hyperframe.frame import GoAwayFrame
 from ngh2 import (
-    ConnectionClosed,
     DataReceived,
     ErrorCode,
     Event,
@@ -51,7 +50,6 @@ from ngh2 import (
 __all__ = [
     "Codec",
     "CodecError",
-    "ConnectionClosed",
     "DataReceived",
     "ErrorCode",
     "Event",
@@ -130,12 +128,6 @@ class Codec(Protocol):
 
     @property
     def remote_settings(self) -> dict[int, int]: ...
-
-
-SERVER_SETTINGS = {
-    Setting.MAX_CONCURRENT_STREAMS: 100,
-    Setting.MAX_HEADER_LIST_SIZE: 65536,
-}
 
 
 def _ngh2(role: ngh2.Role, max_header_list: int) -> ngh2.Connection:
@@ -353,10 +345,7 @@ class H2Reference:
     def _write_goaway(self, last_stream_id: int, error_code: int, debug_data: bytes) -> None:
         """A GOAWAY beside h2's state machine, which refuses to finish the streams in flight
         once it has sent one itself."""
-        frame = GoAwayFrame(
-            0, last_stream_id=last_stream_id, error_code=error_code, additional_data=debug_data
-        )
-        self.conn._data_to_send += frame.serialize()
+        self.conn._data_to_send += goaway_frame(last_stream_id, error_code, debug_data)
 
     # the send queue -------------------------------------------------------------------
 
@@ -427,7 +416,13 @@ def goaway_for(exc: CodecError, last_stream_id: int) -> bytes:
         code = ErrorCode.INTERNAL_ERROR
     else:
         code = ErrorCode.PROTOCOL_ERROR
-    frame = GoAwayFrame(0, last_stream_id=last_stream_id, error_code=code)
+    return goaway_frame(last_stream_id, code)
+
+
+def goaway_frame(last_stream_id: int, error_code: int, debug_data: bytes = b"") -> bytes:
+    frame = GoAwayFrame(
+        0, last_stream_id=last_stream_id, error_code=error_code, additional_data=debug_data
+    )
     return bytes(frame.serialize())
 
 
