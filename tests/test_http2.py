@@ -387,6 +387,55 @@ async def test_header_injection_is_refused(stack: Stack) -> None:
         client.close()
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        (b":path", b"/a\x01b"),
+        (b":path", b"/a\tb"),
+        (b":method", b"GE(T"),
+        (b":authority", b"t\x7fu"),
+        (b"content-length", b"1x"),
+    ],
+)
+async def test_a_head_http11_could_not_carry_is_refused(
+    stack: Stack, field: bytes, value: bytes
+) -> None:
+    """The codecs pass these (HTTP/2 allows them or does not look); an upstream on HTTP/1.1
+    must never be sent a request line or a Host field they would break."""
+    client = await RawH2.open(stack.proxy.port)
+    client.conn.config.validate_outbound_headers = False
+    try:
+        stream_id = client.conn.get_next_available_stream_id()
+        fields = {b":method": b"GET", b":scheme": b"http", b":authority": b"t", b":path": b"/"}
+        fields[field] = value
+        client.conn.send_headers(stream_id, list(fields.items()), end_stream=True)
+        client.flush()
+
+        def refused() -> bool:
+            return bool(client.of(h2.events.StreamReset) or client.goaways)
+
+        await client.until(refused)
+        assert refused()
+        assert not client.of(h2.events.ResponseReceived)
+    finally:
+        client.close()
+
+
+async def test_head_limits_hold_per_stream(sample: SampleFactory, make_proxy: ProxyFactory) -> None:
+    blue = await sample("blue")
+    listen = {"host": HOST, "port": 0, "max_header_fields": 8, "max_request_target": 256}
+    proxy = await make_proxy(proxy_config([blue.url], [blue.url], listen=listen))
+    async with h2c(proxy.port) as client:
+        assert (await client.get("/", headers={"x-a": "1"})).status_code == 200
+        many = await client.get("/", headers={f"x-{i}": "1" for i in range(12)})
+        assert many.status_code == 431
+        assert many.json()["detail"] == "request header fields too large"
+        long = await client.get("/" + "a" * 300)
+        assert long.status_code == 414
+        # The connection serves on after a refused stream.
+        assert (await client.get("/")).status_code == 200
+
+
 @pytest.mark.parametrize("attack", ["continuation-flood", "oversized-header-list"])
 async def test_header_floods_end_the_connection_not_the_proxy(stack: Stack, attack: str) -> None:
     reader, writer = await asyncio.open_connection(HOST, stack.proxy.port)

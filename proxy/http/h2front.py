@@ -1,12 +1,14 @@
 """HTTP/2 from clients: h2c with prior knowledge and ALPN `h2`, each stream served by the
 HTTP/1.1 data path.
 
-Every stream becomes one HTTP/1.1 request on an in-memory connection of the proxy's own (a
-ClientConnection whose transport is the stream). So split, stickiness, override, admission,
-breakers, retries, shielding, analysis, the access log and metrics apply per stream exactly as
-they do per HTTP/1.1 request, and the HTTP/1.1 path itself is unchanged. The price is an
-in-memory HTTP/1.1 encoding of each stream's head and its parsing, both ways: an HTTP/2
-request costs about twice the CPU of an HTTP/1.1 one (python -m loadtests.bench --h2).
+Every stream becomes one request on an in-memory connection of the proxy's own (a
+ClientConnection whose transport is the stream), handed over as the codec parsed it
+(ClientConnection.stream_request). So split, stickiness, override, admission, breakers,
+retries, shielding, analysis, the access log and metrics apply per stream exactly as they do
+per HTTP/1.1 request, and the HTTP/1.1 path itself is unchanged. The answer comes back as the
+data path writes it, HTTP/1.1 bytes, which an httptools parser per stream turns into frames.
+A stream lets go of its parser when it ends: nothing of it is left to the cyclic garbage
+collector (python -m loadtests.bench --h2 measures the cost per stream).
 
 Flow control runs end to end: a stream's request body is acknowledged (WINDOW_UPDATE) only
 as the data path takes it, and a response stream whose client window is exhausted pauses
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +60,14 @@ LAST_STREAM = 2**31 - 1
 CONNECTION_FIELDS = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
 )
-# Request fields not carried into the HTTP/1.1 request: HTTP/2 forbids the first ones, and
-# the stream's own framing replaces content-length only when there is none.
+# Request fields not passed on as they came: HTTP/2 forbids the first ones, Host is made from
+# :authority, and split cookies are joined.
 DROPPED_REQUEST_FIELDS = frozenset((b"connection", b"keep-alive", b"te", b"host", b"cookie"))
+
+# What may not appear in a request line or a Host field (the codecs pass them; llhttp would
+# not), and a method that is not a token.
+NOT_IN_LINE = re.compile(rb"[\x00-\x20\x7f]")
+NOT_TOKEN = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
 
 FLOW = 1  # the client's flow-control window is exhausted
 TRANSPORT = 2  # the client connection's own write buffer is full
@@ -72,7 +80,6 @@ class H2Stream(asyncio.Transport):
 
     __slots__ = (
         "blocked",
-        "chunked",
         "client_done",
         "closing",
         "complete",
@@ -95,13 +102,13 @@ class H2Stream(asyncio.Transport):
         self.session = session
         self.stream_id = stream_id
         self.head_request = head_request
-        self.internal = ClientConnection(session.proxy)
-        self.parser = httptools.HttpResponseParser(self)
+        self.internal = ClientConnection(session.proxy, parse=False)
+        # Dropped when the stream is done: it refers back to the stream.
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.fields: list[tuple[bytes, bytes]] = []
         self.in_trailers = False  # the response's head is done: fields now are trailers
         self.trailers: list[tuple[bytes, bytes]] = []
         self.blocked = 0
-        self.chunked = False
         self.reading_paused = False
         self.unacked = 0
         self.closing = False  # the data path closed its connection (the transport's state)
@@ -142,33 +149,32 @@ class H2Stream(asyncio.Transport):
 
     # request side ---------------------------------------------------------------
 
-    def begin(self, head: bytes, chunked: bool, end_stream: bool) -> None:
-        self.chunked = chunked
+    def begin(
+        self, method: bytes, path: bytes, fields: list[tuple[bytes, bytes]], end_stream: bool
+    ) -> None:
         internal = self.internal
         internal.connection_made(self)
         if self.session.transport_blocked:
             self.block(TRANSPORT)
-        internal.data_received(head)
-        if end_stream:
-            self.end_body()
+        self.client_done = end_stream
+        internal.stream_request(method, path, fields, end_stream)
 
     def body(self, data: bytes, flow_length: int) -> None:
         if self.closing:
             self.session.acknowledge(self.stream_id, flow_length)
             return
         if data:
-            if self.chunked:
-                data = b"%x\r\n%b\r\n" % (len(data), data)
-            self.internal.data_received(data)
+            self.internal.feed_body(data)
         if self.reading_paused:
             self.unacked += flow_length
         else:
             self.session.acknowledge(self.stream_id, flow_length)
 
     def end_body(self) -> None:
-        self.client_done = True
-        if self.chunked and not self.closing:
-            self.internal.data_received(b"0\r\n\r\n")
+        if not self.client_done:
+            self.client_done = True
+            if not self.closing:
+                self.internal.on_message_complete()
 
     def resume_body(self) -> None:
         self.reading_paused = False
@@ -182,14 +188,16 @@ class H2Stream(asyncio.Transport):
         if not self.closing:
             self.closing = True
             self.internal.connection_lost(ConnectionResetError("stream reset by the client"))
+            self.release()
 
     # response side ----------------------------------------------------------------
 
     def response_bytes(self, data: bytes) -> None:
-        if self.complete or self.ended:
+        parser = self.parser
+        if self.complete or self.ended or parser is None:
             return
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserError:
             log.error("unparsable response from the data path on stream %d", self.stream_id)
             self.reset(ErrorCode.INTERNAL_ERROR)
@@ -202,7 +210,9 @@ class H2Stream(asyncio.Transport):
             (self.trailers if self.in_trailers else self.fields).append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        parser = self.parser
+        assert parser is not None  # only the parser calls this
+        status = parser.get_status_code()
         if status < 200:
             self.fields = []  # an interim answer (100 Continue): HTTP/2 clients need none
             return
@@ -223,7 +233,9 @@ class H2Stream(asyncio.Transport):
             self.session.send_data(self, body)
 
     def on_message_complete(self) -> None:
-        if self.parser.get_status_code() < 200 or self.ended:
+        parser = self.parser
+        assert parser is not None  # only the parser calls this
+        if parser.get_status_code() < 200 or self.ended:
             return
         self.complete = self.ended = True
         self.session.end_stream(self.stream_id, self.trailers)
@@ -254,6 +266,14 @@ class H2Stream(asyncio.Transport):
             self.ended = True
             self.session.reset_stream(self.stream_id, ErrorCode.INTERNAL_ERROR)
         self.session.stream_closed(self)
+        self.release()
+
+    def release(self) -> None:
+        """Break the stream's reference cycles (its parser's callbacks, its connection's
+        transport) so that reference counting frees it: one stream per request would
+        otherwise keep the cyclic garbage collector busy."""
+        self.parser = None
+        self.internal.transport = None
 
 
 class H2Session:
@@ -371,10 +391,10 @@ class H2Session:
         if head is None:
             self.reset_stream(stream_id, ErrorCode.PROTOCOL_ERROR)
             return
-        data, method, chunked = head
+        method, path, fields = head
         stream = H2Stream(self, stream_id, method == b"HEAD")
         self.streams[stream_id] = stream
-        stream.begin(data, chunked, event.end_stream)
+        stream.begin(method, path, fields, event.end_stream)
 
     def _client_reset(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
@@ -548,13 +568,15 @@ class H2Session:
 
 def request_head(
     fields: Iterable[tuple[bytes, bytes]], end_stream: bool
-) -> tuple[bytes, bytes, bool] | None:
-    """The HTTP/1.1 request head for an HTTP/2 request: (head, method, chunked), or None for
-    a request that cannot be one (a missing pseudo-header). Both codecs refuse fields with
-    bytes HTTP/1.1 forbids (CR, LF, NUL) and names that are not lowercase tokens: libnghttp2
-    resets the stream, h2 ends the connection."""
+) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None:
+    """(method, path, fields) of an HTTP/2 request as the data path takes a request head, or
+    None for one that cannot be served (a missing pseudo-header, a method, target, authority
+    or content-length that would not parse as HTTP/1.1). A body without a length is
+    marked chunked, as the HTTP/1.1 upstreams it may go to need. Both codecs refuse fields
+    with bytes HTTP/1.1 forbids (CR, LF, NUL) and names that are not lowercase tokens:
+    libnghttp2 resets the stream, h2 ends the connection."""
     method = path = authority = b""
-    lines: list[bytes] = []
+    head: list[tuple[bytes, bytes]] = [(b"host", b"")]
     cookies: list[bytes] = []
     length = False
     for name, value in fields:
@@ -573,21 +595,24 @@ def request_head(
                 authority = value
             continue
         if name == b"content-length":
+            if not value.isdigit():
+                return None
             length = True
-        lines += (name, b": ", value, b"\r\n")
-    if not method or not path or b" " in path or b" " in method:
+        head.append((name, value))
+    if (
+        not method
+        or not path
+        or NOT_TOKEN.search(method) is not None
+        or NOT_IN_LINE.search(path) is not None
+        or NOT_IN_LINE.search(authority) is not None
+    ):
         return None
+    if authority:
+        head[0] = (b"host", authority)
+    else:
+        del head[0]
     if cookies:
-        lines += (b"cookie: ", b"; ".join(cookies), b"\r\n")
-    chunked = not end_stream and not length
-    if chunked:
-        lines.append(b"transfer-encoding: chunked\r\n")
-    host = b"host: %b\r\n" % authority if authority else b""
-    # One request per in-memory connection: `close` makes the data path end it after the answer.
-    head = b"%b %b HTTP/1.1\r\n%b%bconnection: close\r\n\r\n" % (
-        method,
-        path,
-        host,
-        b"".join(lines),
-    )
-    return head, method, chunked
+        head.append((b"cookie", b"; ".join(cookies)))
+    if not end_stream and not length:
+        head.append((b"transfer-encoding", b"chunked"))
+    return method, path, head

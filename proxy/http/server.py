@@ -96,10 +96,11 @@ class ClientConnection:
         "write_paused",
     )
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, parse: bool = True) -> None:
         self.proxy = proxy
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        # None for an HTTP/2 stream's connection: its requests come parsed (stream_request).
+        self.parser = httptools.HttpRequestParser(self) if parse else None
         self.parsing: Exchange | None = None
         self.active: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
@@ -238,10 +239,11 @@ class ClientConnection:
             cut = self._request_end(data, pos)
             if self.in_head or self.in_frame:
                 self.head_bytes += cut - pos
+            parser = self.parser
+            if parser is None:
+                return  # a stream's connection is given requests, never bytes
             try:
-                self.parser.feed_data(
-                    data if pos == 0 and cut == end else memoryview(data)[pos:cut]
-                )
+                parser.feed_data(data if pos == 0 and cut == end else memoryview(data)[pos:cut])
             except httptools.HttpParserUpgrade as exc:
                 self._on_upgrade(data[pos + exc.args[0] :])
                 return
@@ -385,6 +387,7 @@ class ClientConnection:
 
     def on_headers_complete(self) -> None:
         parser = self.parser
+        assert parser is not None  # only a parser calls this
         self.deadline = 0.0
         self.in_head = False
         # A chunk-size line (or a body) comes next: counted until a body byte arrives.
@@ -442,6 +445,36 @@ class ClientConnection:
             if ex is self.active and not ex.begun and not ex.upgrade and ex.error is None:
                 ex.start()
 
+    def stream_request(
+        self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], end: bool
+    ) -> None:
+        """An HTTP/2 stream's request, parsed by its codec: checked against the same limits
+        as a parsed head, then served like one. Its body follows through feed_body and
+        on_message_complete; `end` says there is none."""
+        self.url = url
+        self.deadline = 0.0
+        settings = self.proxy.settings
+        if len(url) > settings.max_target:
+            self._reject(414, "request target too long", method)
+            return
+        size = 0
+        for name, value in headers:
+            size += len(name) + len(value) + 4
+        if size > settings.max_head or len(headers) > settings.max_headers:
+            self._reject(431, "request header fields too large", method)
+            return
+        ex = Exchange(self, method, url, "1.1", headers, False)
+        self.parsing = self.active = ex
+        if end:
+            self.on_message_complete()
+        else:
+            self.proxy.loop.call_soon(ex.start)
+
+    def feed_body(self, data: bytes) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.feed_body(data)
+
     # upgrades -----------------------------------------------------------------
 
     def _become_h2(self, data: bytes) -> None:
@@ -462,7 +495,7 @@ class ClientConnection:
     def _on_upgrade(self, rest: bytes) -> None:
         ex = self.parsing or self.active
         self.parsing = None
-        if ex is None or self.parser.get_method() == b"CONNECT":
+        if ex is None or self.parser is None or self.parser.get_method() == b"CONNECT":
             self._reject(405, "CONNECT is not supported by a reverse proxy")
             return
         # The parser stops at an upgrade; this connection serves nothing after it.
@@ -596,7 +629,7 @@ class ClientConnection:
             head += body
         self.write(head)
 
-    def _reject(self, status: int, detail: str) -> None:
+    def _reject(self, status: int, detail: str, method: bytes = b"") -> None:
         """Answer a request the parser refused, then close: the stream is out of step."""
         self.closing = True
         self.deadline = 0.0  # answered once; the tick must not answer again while it closes
@@ -616,17 +649,16 @@ class ClientConnection:
             b"%bContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n%b" % (h.status_line(status), len(body), body)
         )
-        self._log_refused(status, detail, len(body))
+        self._log_refused(status, detail, len(body), method)
         self.close()
 
-    def _log_refused(self, status: int, detail: str, size: int) -> None:
+    def _log_refused(self, status: int, detail: str, size: int, method: bytes) -> None:
         """An access log line for a request refused before it became an exchange: what of its
         head was read (the method once the request line was), the answer and why."""
         access = self.proxy.access_log
         if access is None or not access.wants():
             return
-        method = b""
-        if self.url:
+        if not method and self.url and self.parser is not None:
             method = self.parser.get_method()
         access.write(
             (
