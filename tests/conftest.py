@@ -19,6 +19,15 @@ from proxy.tools.sample import SampleSettings, start
 
 HOST = "127.0.0.1"
 
+# The helpers shared by test modules (tests/helpers/) report a failed assert as the tests' own
+# do; this must come before any of them is imported.
+pytest.register_assert_rewrite("helpers")
+
+# Fixtures that live with their helpers, for every test module: `turnout` (helpers/processes.py),
+# `raw_upstream` and `clients` (helpers/raw_http.py). Named here rather than imported: those
+# modules import from this one.
+pytest_plugins = ["helpers.processes", "helpers.raw_http"]
+
 
 @dataclass
 class Sample:

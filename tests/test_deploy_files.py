@@ -34,8 +34,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from helpers.processes import ADMIN_API, ProxyProcess
 from prometheus_client.parser import text_string_to_metric_families
-from test_shutdown import ADMIN_API, ProxyProcess
 
 from proxy.cli import build_parser
 from proxy.config import Config, load_config, parse_config

@@ -27,8 +27,8 @@ import pytest
 import trustme
 import yaml
 from conftest import HOST, SampleFactory, proxy_config, wait_for
-from test_drain_reload import Load
-from test_shutdown import ADMIN_API, LISTENING, ProxyProcess, admin_get
+from helpers.load import Load
+from helpers.processes import ADMIN_API, LISTENING, ProxyProcess, admin_get
 
 from proxy.config import parse_config
 from proxy.fleet import join

@@ -15,7 +15,7 @@ import grpc
 import pytest
 import yaml
 from conftest import HOST, ProxyFactory, proxy_config, wait_for
-from test_hot_restart import LISTENING, TOOK_OVER, Process, first_process
+from helpers.takeover import LISTENING, TOOK_OVER, Process, first_process
 
 from proxy.config import ConfigError, parse_config
 from proxy.logic import grpcstatus

@@ -18,10 +18,11 @@ import aiohttp
 import httpx
 import pytest
 import trustme
-from conftest import HOST, ProxyFactory, proxy_config, wait_for
+from conftest import HOST, ProxyFactory, wait_for
+from helpers.http2 import h2_pools, up
+from helpers.tls import write_pair
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
-from test_tls import write_pair
 
 from proxy.config import ConfigError, parse_config
 
@@ -127,18 +128,6 @@ def _listening(port: int) -> bool:
         return True
     except OSError:
         return False
-
-
-def h2_pools(blue: str, green: str, protocol: str = "h2c", **overrides: Any) -> dict[str, Any]:
-    data = proxy_config([blue], [green], **overrides)
-    data["pools"]["blue"]["protocol"] = protocol
-    data["pools"]["green"]["protocol"] = protocol
-    return data
-
-
-async def up(proxy: Any) -> None:
-    """Health checks (over HTTP/2) passed for every upstream."""
-    await wait_for(lambda: all(u.healthy for u in proxy.router.upstreams()), timeout=10)
 
 
 async def test_http11_clients_reach_an_h2c_upstream_multiplexed(

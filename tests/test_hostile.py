@@ -11,22 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from conftest import HOST, ProxyFactory, proxy_config, wait_for
-from test_faults import RawUpstream as ScriptedUpstream
-from test_faults import Script, parse_response
-from test_http_semantics import (
-    ClientFactory,
-    RawClient,
-    RawUpstreamFactory,
-    Seen,
-    clients,
-    raw_upstream,
-    read_response,
-)
+from helpers.raw_http import ClientFactory, RawClient, RawUpstreamFactory, Seen, read_response
+from helpers.scripted import RawUpstream as ScriptedUpstream
+from helpers.scripted import Script, parse_response
 
 from proxy.http.server import ClientConnection
 from proxy.runtime import Proxy
-
-__all__ = ["clients", "raw_upstream"]  # fixtures shared with test_http_semantics
 
 CHUNKED_POST = b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
 NO_RETRIES = {"retries": {"attempts": 0}}
@@ -34,7 +24,7 @@ NO_RETRIES = {"retries": {"attempts": 0}}
 
 @pytest.fixture
 async def scripted() -> AsyncIterator[Callable[[Script], Awaitable[ScriptedUpstream]]]:
-    """Upstreams that send exactly what a test's script writes (test_faults.RawUpstream)."""
+    """Upstreams that send exactly what a test's script writes (helpers.scripted.RawUpstream)."""
     made: list[ScriptedUpstream] = []
 
     async def make(script: Script) -> ScriptedUpstream:

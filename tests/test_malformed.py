@@ -13,17 +13,13 @@ from typing import Any
 
 import pytest
 from conftest import ProxyFactory, proxy_config, wait_for
-from test_http_semantics import (
+from helpers.raw_http import (
     ClientFactory,
     RawClient,
     RawUpstream,
     RawUpstreamFactory,
-    clients,
-    raw_upstream,
     read_response,
 )
-
-__all__ = ["clients", "raw_upstream"]  # fixtures shared with test_http_semantics
 
 HEADER_TIMEOUT = 0.5
 HEAD = b"POST /bad HTTP/1.1\r\nHost: a\r\n"

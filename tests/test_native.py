@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import SampleFactory, proxy_config
-from test_shutdown import ProcessFactory, turnout  # noqa: F401 (the fixture)
+from helpers.processes import ProcessFactory
 
 import proxy
 from proxy import native
@@ -81,7 +81,7 @@ def test_an_edited_source_is_not_shadowed_by_its_stale_compiled_module(tmp_path:
 
 async def test_a_proxy_on_the_sources_serves(
     sample: SampleFactory,
-    turnout: ProcessFactory,  # noqa: F811
+    turnout: ProcessFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("TURNOUT_PURE", "1")

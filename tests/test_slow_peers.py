@@ -18,10 +18,9 @@ import aiohttp
 import h2.events
 import pytest
 from conftest import HOST, ProxyFactory, SampleFactory, proxy_config, wait_for
+from helpers.http2 import RawH2, h2_pools, up
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
-from test_h2_upstream import h2_pools, up
-from test_http2 import RawH2
 
 from proxy.config import ConfigError, parse_config
 from proxy.http.server import ClientConnection

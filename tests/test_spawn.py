@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 from conftest import HOST, SampleFactory, proxy_config
-from test_shutdown import ADMIN_API, LISTENING, ProxyProcess
+from helpers.processes import ADMIN_API, LISTENING, ProxyProcess
 
 
 async def test_an_operators_own_proxy_package_does_not_stand_in_for_the_workers(

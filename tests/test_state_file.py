@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import HOST, SampleFactory, wait_for
-from test_hot_restart import ADMIN, LISTENING, TOOK_OVER, Process, first_process
+from helpers.takeover import ADMIN, LISTENING, TOOK_OVER, Process, first_process
 
 from proxy.control.statefile import StateFileError, read, resolve, write_atomically
 

@@ -17,6 +17,7 @@ import trustme
 import yaml
 from aiohttp import web
 from conftest import HOST, ProxyFactory, proxy_config
+from helpers.tls import write_pair
 
 from proxy.config import parse_config
 from proxy.control.changes import ControlError
@@ -28,15 +29,6 @@ from proxy.runtime import Proxy
 @pytest.fixture
 def ca() -> trustme.CA:
     return trustme.CA()
-
-
-def write_pair(cert: trustme.LeafCert, tmp: Path, name: str) -> tuple[str, str]:
-    cert_path, key_path = tmp / f"{name}.crt", tmp / f"{name}.key"
-    cert.cert_chain_pems[0].write_to_path(str(cert_path))
-    for pem in cert.cert_chain_pems[1:]:
-        pem.write_to_path(str(cert_path), append=True)
-    cert.private_key_pem.write_to_path(str(key_path))
-    return str(cert_path), str(key_path)
 
 
 def proxy_on_file(data: dict[str, Any], tmp_path: Path) -> tuple[Proxy, Path]:

@@ -21,10 +21,10 @@ import aiohttp
 import pytest
 import yaml
 from conftest import HOST, SampleFactory, proxy_config
+from helpers.load import Load
+from helpers.processes import ADMIN_API, LISTENING, ProxyProcess, admin_get, until_draining
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_drain_reload import Load
-from test_shutdown import ADMIN_API, LISTENING, ProxyProcess, admin_get, until_draining
 
 from proxy.cli import main
 from proxy.config import parse_config
