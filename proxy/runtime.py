@@ -31,9 +31,9 @@ from proxy.http.router import OTHER, POOLS, Router
 from proxy.http.server import ClientConnection
 from proxy.http.tls import ListenerTLS, client_context, server_context
 from proxy.http.upstream import Upstream, protocol_factory
-from proxy.logic.admission import Admission
+from proxy.logic.admission import Admission, Limits
 from proxy.logic.analysis import PoolWindow, WindowFigures
-from proxy.logic.breaker import Breaker, BreakerState
+from proxy.logic.breaker import Breaker, BreakerSettings, BreakerState
 from proxy.logic.grpcstatus import parse_codes
 from proxy.logic.retry import RetryBudget
 from proxy.logic.routing import PoolName, SplitSpreader
@@ -267,19 +267,33 @@ class Proxy:
             )
 
         upstream.breaker = Breaker(
-            **self.breaker_settings(), clock=self.loop.time, on_transition=on_transition
+            self.breaker_settings(), clock=self.loop.time, on_transition=on_transition
         )
-        upstream.admission = Admission(**self.admission_settings(), loop=self.loop)
+        upstream.admission = Admission(self.admission_settings(), loop=self.loop)
         return upstream
 
-    def breaker_settings(self) -> dict[str, Any]:
+    def breaker_settings(self) -> BreakerSettings:
         """An upstream's breaker thresholds by the configuration in force."""
         b = self.config.breaker
-        return b.model_dump() | {"max_open_for": max(b.open_for, min(60.0, 8 * b.open_for))}
+        return BreakerSettings(
+            consecutive_failures=b.consecutive_failures,
+            failure_ratio=b.failure_ratio,
+            min_requests=b.min_requests,
+            window=b.window,
+            open_for=b.open_for,
+            half_open_requests=b.half_open_requests,
+            max_open_for=max(b.open_for, min(60.0, 8 * b.open_for)),
+        )
 
-    def admission_settings(self) -> dict[str, Any]:
+    def admission_settings(self) -> Limits:
         """An upstream's limits by the configuration in force."""
-        return self.config.limits.model_dump()
+        limits = self.config.limits
+        return Limits(
+            max_in_flight=limits.max_in_flight,
+            queue=limits.queue,
+            queue_timeout=limits.queue_timeout,
+            rate=limits.rate,
+        )
 
     def pool_context(self, pool: PoolName) -> ssl.SSLContext:
         """The client TLS context of a pool's https:// upstreams, built on first use."""
@@ -357,8 +371,8 @@ class Proxy:
             breaker, admission = self.breaker_settings(), self.admission_settings()
             for ups in pools.values():
                 for upstream in ups:
-                    upstream.breaker.retune(**breaker)
-                    upstream.admission.retune(**admission)
+                    upstream.breaker.retune(breaker)
+                    upstream.admission.retune(admission)
         self.settings = Settings.from_config(config)
         if config.retries != old.retries:
             self.retry_budget = RetryBudget(config.retries.budget, config.retries.min_per_second)

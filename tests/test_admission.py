@@ -17,7 +17,7 @@ import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.logic.admission import Admission, Shed
+from proxy.logic.admission import Admission, Limits, Shed
 
 
 class FakeTimeLoop(asyncio.SelectorEventLoop):
@@ -64,7 +64,7 @@ def shed_reason(task: asyncio.Task[None]) -> str | None:
 
 
 def test_fast_path_takes_free_slots() -> None:
-    adm = Admission(max_in_flight=3, queue=2, queue_timeout=1.0)
+    adm = Admission(Limits(max_in_flight=3, queue=2, queue_timeout=1.0))
     assert [adm.try_enter() for _ in range(4)] == [True, True, True, False]
     assert (adm.in_flight, adm.queued, adm.full) == (3, 0, False)
     assert repr(adm) == (
@@ -76,7 +76,7 @@ def test_fast_path_takes_free_slots() -> None:
 
 
 async def test_enter_returns_at_once_with_a_free_slot() -> None:
-    adm = Admission(max_in_flight=1, queue=0, queue_timeout=1.0)
+    adm = Admission(Limits(max_in_flight=1, queue=0, queue_timeout=1.0))
     await adm.enter()
     assert adm.in_flight == 1
     with pytest.raises(Shed) as info:
@@ -89,7 +89,7 @@ async def test_enter_returns_at_once_with_a_free_slot() -> None:
 
 def test_queue_full_sheds_immediately() -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
-        adm = Admission(max_in_flight=1, queue=2, queue_timeout=1.0, loop=loop)
+        adm = Admission(Limits(max_in_flight=1, queue=2, queue_timeout=1.0), loop=loop)
         assert adm.try_enter()
         waiters = [asyncio.create_task(adm.enter()) for _ in range(2)]
         await settle()
@@ -111,7 +111,7 @@ def test_queue_full_sheds_immediately() -> None:
 
 def test_queue_is_fifo() -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
-        adm = Admission(max_in_flight=2, queue=10, queue_timeout=1.0, loop=loop)
+        adm = Admission(Limits(max_in_flight=2, queue=10, queue_timeout=1.0), loop=loop)
         assert adm.try_enter()
         assert adm.try_enter()
         admitted: list[int] = []
@@ -136,7 +136,7 @@ def test_queue_is_fifo() -> None:
 
 def test_no_overtaking_while_a_slot_is_handed_over() -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
-        adm = Admission(max_in_flight=1, queue=5, queue_timeout=1.0, loop=loop)
+        adm = Admission(Limits(max_in_flight=1, queue=5, queue_timeout=1.0), loop=loop)
         assert adm.try_enter()
         waiter = asyncio.create_task(adm.enter())
         await settle()
@@ -152,7 +152,7 @@ def test_no_overtaking_while_a_slot_is_handed_over() -> None:
 
 def test_queue_timeout() -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
-        adm = Admission(max_in_flight=1, queue=5, queue_timeout=1.0, loop=loop)
+        adm = Admission(Limits(max_in_flight=1, queue=5, queue_timeout=1.0), loop=loop)
         assert adm.try_enter()
         first = asyncio.create_task(adm.enter())
         await settle()
@@ -179,7 +179,7 @@ def test_queue_timeout() -> None:
 
 
 async def test_queue_timeout_on_the_real_clock() -> None:
-    adm = Admission(max_in_flight=1, queue=1, queue_timeout=0.02)
+    adm = Admission(Limits(max_in_flight=1, queue=1, queue_timeout=0.02))
     assert adm.try_enter()
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -192,7 +192,7 @@ async def test_queue_timeout_on_the_real_clock() -> None:
 
 def test_handed_slot_and_timeout_in_the_same_iteration() -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
-        adm = Admission(max_in_flight=1, queue=5, queue_timeout=1.0, loop=loop)
+        adm = Admission(Limits(max_in_flight=1, queue=5, queue_timeout=1.0), loop=loop)
         assert adm.try_enter()
         waiter = asyncio.create_task(adm.enter())
         await settle()
@@ -211,7 +211,7 @@ def test_handed_slot_and_timeout_in_the_same_iteration() -> None:
 
 def test_cancel_while_queued_frees_the_place() -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
-        adm = Admission(max_in_flight=1, queue=1, queue_timeout=1.0, loop=loop)
+        adm = Admission(Limits(max_in_flight=1, queue=1, queue_timeout=1.0), loop=loop)
         assert adm.try_enter()
         waiter = asyncio.create_task(adm.enter())
         await settle()
@@ -228,7 +228,7 @@ def test_cancel_while_queued_frees_the_place() -> None:
 
 def test_cancel_before_the_waiter_runs_is_skipped_by_leave() -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
-        adm = Admission(max_in_flight=1, queue=3, queue_timeout=1.0, loop=loop)
+        adm = Admission(Limits(max_in_flight=1, queue=3, queue_timeout=1.0), loop=loop)
         assert adm.try_enter()
         a = asyncio.create_task(adm.enter())
         b = asyncio.create_task(adm.enter())
@@ -247,7 +247,7 @@ def test_cancel_before_the_waiter_runs_is_skipped_by_leave() -> None:
 @pytest.mark.parametrize("others", [0, 1, 3])
 def test_cancel_at_the_moment_of_handover_passes_the_slot_on(others: int) -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
-        adm = Admission(max_in_flight=1, queue=5, queue_timeout=1.0, loop=loop)
+        adm = Admission(Limits(max_in_flight=1, queue=5, queue_timeout=1.0), loop=loop)
         assert adm.try_enter()
         first = asyncio.create_task(adm.enter())
         rest = [asyncio.create_task(adm.enter()) for _ in range(others)]
@@ -269,7 +269,7 @@ def test_cancel_at_the_moment_of_handover_passes_the_slot_on(others: int) -> Non
 
 def test_cancel_at_handover_on_uvloop() -> None:
     async def scenario() -> None:
-        adm = Admission(max_in_flight=1, queue=5, queue_timeout=10.0)
+        adm = Admission(Limits(max_in_flight=1, queue=5, queue_timeout=10.0))
         assert adm.try_enter()
         first = asyncio.create_task(adm.enter())
         second = asyncio.create_task(adm.enter())
@@ -292,7 +292,7 @@ def test_cancel_at_handover_on_uvloop() -> None:
 
 def test_rate_limit_on_the_fast_path() -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
-        adm = Admission(max_in_flight=100, queue=0, queue_timeout=1.0, rate=2.0, loop=loop)
+        adm = Admission(Limits(max_in_flight=100, queue=0, queue_timeout=1.0, rate=2.0), loop=loop)
         assert adm.try_enter()
         assert adm.try_enter()
         with pytest.raises(Shed) as info:
@@ -318,7 +318,7 @@ def test_rate_limit_on_the_fast_path() -> None:
 
 def test_rate_limit_applies_before_queueing_and_spares_shed_requests() -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
-        adm = Admission(max_in_flight=1, queue=1, queue_timeout=1.0, rate=0.5, loop=loop)
+        adm = Admission(Limits(max_in_flight=1, queue=1, queue_timeout=1.0, rate=0.5), loop=loop)
         assert adm.try_enter()  # burst of 1 token
         with pytest.raises(Shed) as info:
             await adm.enter()  # would queue, but there is no token
@@ -351,11 +351,11 @@ def test_rejects_nonsense(bad: dict[str, Any]) -> None:
     params: dict[str, Any] = {"max_in_flight": 1, "queue": 1, "queue_timeout": 1.0}
     params.update(bad)
     with pytest.raises(ValueError, match=next(iter(bad))):
-        Admission(**params)
+        Admission(Limits(**params))
 
 
 def test_leave_without_enter_is_an_error() -> None:
-    adm = Admission(max_in_flight=1, queue=1, queue_timeout=1.0)
+    adm = Admission(Limits(max_in_flight=1, queue=1, queue_timeout=1.0))
     with pytest.raises(RuntimeError):
         adm.leave()
 
@@ -376,7 +376,7 @@ op_strategy = st.one_of(
 
 
 async def play(loop: FakeTimeLoop, ops: list[Op]) -> None:
-    adm = Admission(max_in_flight=MAX, queue=QUEUE, queue_timeout=TIMEOUT, loop=loop)
+    adm = Admission(Limits(max_in_flight=MAX, queue=QUEUE, queue_timeout=TIMEOUT), loop=loop)
     tasks: list[asyncio.Task[None]] = []  # in arrival order
     admitted_order: list[int] = []
     holders: list[int] = []  # clients holding a slot and not yet gone
@@ -459,12 +459,12 @@ def test_seeded_cancel_storm() -> None:
 
 def test_retune_keeps_slots_and_queue_and_admits_waiters_a_larger_limit_allows() -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
-        adm = Admission(max_in_flight=1, queue=3, queue_timeout=1.0, loop=loop)
+        adm = Admission(Limits(max_in_flight=1, queue=3, queue_timeout=1.0), loop=loop)
         assert adm.try_enter()
         waiters = [asyncio.create_task(adm.enter()) for _ in range(3)]
         await settle()
         # A smaller queue keeps those already queued; a larger limit admits two of them now.
-        adm.retune(max_in_flight=3, queue=1, queue_timeout=2.0)
+        adm.retune(Limits(max_in_flight=3, queue=1, queue_timeout=2.0))
         await settle()
         assert [w.done() for w in waiters] == [True, True, False]
         assert (adm.in_flight, adm.queued) == (3, 1)
@@ -479,7 +479,7 @@ def test_retune_keeps_slots_and_queue_and_admits_waiters_a_larger_limit_allows()
         assert all(w.done() and w.exception() is None for w in waiters)
         assert (adm.in_flight, adm.queued) == (0, 0)
         # A rate set at reload applies from then on.
-        adm.retune(max_in_flight=3, queue=1, queue_timeout=2.0, rate=1.0)
+        adm.retune(Limits(max_in_flight=3, queue=1, queue_timeout=2.0, rate=1.0))
         assert adm.try_enter()
         with pytest.raises(Shed) as info:
             adm.try_enter()

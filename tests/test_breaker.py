@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.logic.breaker import Breaker, BreakerState
+from proxy.logic.breaker import Breaker, BreakerSettings, BreakerState
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 
@@ -45,7 +45,7 @@ def make(clock: FakeClock, log: list[Transition] | None = None, **overrides: Any
         if log is not None:
             log.append((old, new, reason))
 
-    return Breaker(clock=clock, on_transition=hook, **params)
+    return Breaker(BreakerSettings(**params), clock=clock, on_transition=hook)
 
 
 def outcome(b: Breaker, ok: bool | None) -> None:
@@ -513,10 +513,10 @@ def test_retune_keeps_the_state_and_applies_new_thresholds() -> None:
     for _ in range(3):
         outcome(b, False)
     # Lowered to 3 consecutive failures: the count so far stands, the next failure opens.
-    b.retune(
+    b.retune(BreakerSettings(
         consecutive_failures=3, failure_ratio=0.5, min_requests=1000, window=10.0,
         open_for=2.0, half_open_requests=1,
-    )  # fmt: skip
+    ))  # fmt: skip
     assert b.state is CLOSED
     epoch = b.epoch
     outcome(b, False)
@@ -531,10 +531,10 @@ def test_retune_keeps_the_state_and_applies_new_thresholds() -> None:
     b.release(False)
     assert b.state is OPEN
     until = b.snapshot().open_until
-    b.retune(
+    b.retune(BreakerSettings(
         consecutive_failures=3, failure_ratio=0.5, min_requests=1000, window=30.0,
         open_for=1.0, half_open_requests=1,
-    )  # fmt: skip
+    ))  # fmt: skip
     assert b.state is OPEN
     assert b.snapshot().open_until == until
     assert b.snapshot().window_requests == 0

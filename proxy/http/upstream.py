@@ -10,7 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 import httptools
 
@@ -23,21 +23,21 @@ from proxy.http.headers import (
     PLAIN_CONNECTION,
     add_hop_names,
 )
-from proxy.logic.admission import Admission
-from proxy.logic.breaker import Breaker, BreakerState
+from proxy.logic.admission import Admission, Limits
+from proxy.logic.breaker import Breaker, BreakerSettings, BreakerState
 from proxy.logic.routing import PoolName
 
 log = logging.getLogger("turnout.upstream")
 
-DEFAULT_BREAKER: dict[str, Any] = {
-    "consecutive_failures": 5,
-    "failure_ratio": 0.5,
-    "min_requests": 20,
-    "window": 10.0,
-    "open_for": 5.0,
-    "half_open_requests": 3,
-}
-DEFAULT_LIMITS: dict[str, Any] = {"max_in_flight": 256, "queue": 512, "queue_timeout": 1.0}
+DEFAULT_BREAKER = BreakerSettings(
+    consecutive_failures=5,
+    failure_ratio=0.5,
+    min_requests=20,
+    window=10.0,
+    open_for=5.0,
+    half_open_requests=3,
+)
+DEFAULT_LIMITS = Limits(max_in_flight=256, queue=512, queue_timeout=1.0)
 
 
 class ConnectError(Exception):
@@ -141,8 +141,8 @@ class Upstream:
         self.port = port
         self.host_header = f"{host}:{port}".encode("latin-1")
         self.weight = weight
-        self.breaker = breaker or Breaker(**DEFAULT_BREAKER, clock=time.monotonic)
-        self.admission = admission or Admission(**DEFAULT_LIMITS)
+        self.breaker = breaker or Breaker(DEFAULT_BREAKER, clock=time.monotonic)
+        self.admission = admission or Admission(DEFAULT_LIMITS)
         # Client TLS towards an https:// upstream (None for http://).
         self.ssl: ssl.SSLContext | None = None
         # HTTP/2 towards the upstream (None: HTTP/1.1, a connection per request in flight).

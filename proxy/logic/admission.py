@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Admission", "AdmissionSnapshot", "Shed", "ShedReason"]
+__all__ = ["Admission", "AdmissionSnapshot", "Limits", "Shed", "ShedReason"]
 
 ShedReason = Literal["queue_full", "queue_timeout", "rate_limited"]
 
@@ -34,6 +34,16 @@ class Shed(Exception):
     def __init__(self, reason: ShedReason) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """An upstream's admission limits, built once from the configuration."""
+
+    max_in_flight: int  # requests admitted at once
+    queue: int  # places in the queue behind them
+    queue_timeout: float  # seconds a queued request waits at most
+    rate: float | None = None  # requests admitted or queued per second; None: no rate limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,15 +104,7 @@ class Admission:
         "_waiters",
     )
 
-    def __init__(
-        self,
-        *,
-        max_in_flight: int,
-        queue: int,
-        queue_timeout: float,
-        rate: float | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
+    def __init__(self, limits: Limits, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop
         self._in_flight = 0
         # Futures resolve True when handed a slot, False when their queue_timeout expired.
@@ -110,23 +112,21 @@ class Admission:
         # its cancellation and its task running. The length check in enter() keeps appends
         # below maxlen, so the deque never silently drops a waiter. (A negative queue is
         # refused by retune() below, with its own message.)
-        self._waiters: deque[asyncio.Future[bool]] = deque(maxlen=max(queue, 0))
+        self._waiters: deque[asyncio.Future[bool]] = deque(maxlen=max(limits.queue, 0))
         self._shed_full = 0
         self._shed_timeout = 0
         self._shed_rate = 0
         self._rate: float | None = None
         self._bucket: _TokenBucket | None = None
-        self.retune(
-            max_in_flight=max_in_flight, queue=queue, queue_timeout=queue_timeout, rate=rate
-        )
+        self.retune(limits)
 
-    def retune(
-        self, *, max_in_flight: int, queue: int, queue_timeout: float, rate: float | None = None
-    ) -> None:
+    def retune(self, limits: Limits) -> None:
         """Set the limits; again at a reload, for an upstream that keeps its requests in flight
         and its queue: waiters already queued keep their place (even beyond a smaller queue)
         and get the slots a larger max_in_flight frees at once; the new queue_timeout applies
         to requests queued from now on."""
+        max_in_flight, queue, rate = limits.max_in_flight, limits.queue, limits.rate
+        queue_timeout = limits.queue_timeout
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         if queue < 0:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["Breaker", "BreakerSnapshot", "BreakerState"]
+__all__ = ["Breaker", "BreakerSettings", "BreakerSnapshot", "BreakerState"]
 
 _BUCKETS = 10
 
@@ -44,6 +44,19 @@ _OPEN = BreakerState.OPEN
 _HALF_OPEN = BreakerState.HALF_OPEN
 
 TransitionHook = Callable[[BreakerState, BreakerState, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    """A breaker's thresholds (see the module docstring), built once from the configuration."""
+
+    consecutive_failures: int
+    failure_ratio: float
+    min_requests: int
+    window: float
+    open_for: float
+    half_open_requests: int
+    max_open_for: float | None = None  # None: 10 * open_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,15 +115,9 @@ class Breaker:
 
     def __init__(
         self,
+        settings: BreakerSettings,
         *,
-        consecutive_failures: int,
-        failure_ratio: float,
-        min_requests: int,
-        window: float,
-        open_for: float,
-        half_open_requests: int,
         clock: Callable[[], float],
-        max_open_for: float | None = None,
         on_transition: TransitionHook | None = None,
     ) -> None:
         self._clock = clock
@@ -123,7 +130,7 @@ class Breaker:
         self._consecutive = 0
         self._trial_successes = 0
         self._open_until = 0.0  # meaningful only while OPEN
-        self._open_for_now = open_for
+        self._open_for_now = settings.open_for
         self._reopens = 0
         self._opens = 0
 
@@ -135,54 +142,39 @@ class Breaker:
         self._width = 1.0
         self._head = self._slot = 0
         self._head_end = 0.0
-        self.retune(
-            consecutive_failures=consecutive_failures,
-            failure_ratio=failure_ratio,
-            min_requests=min_requests,
-            window=window,
-            open_for=open_for,
-            half_open_requests=half_open_requests,
-            max_open_for=max_open_for,
-        )
+        self.retune(settings)
 
-    def retune(
-        self,
-        *,
-        consecutive_failures: int,
-        failure_ratio: float,
-        min_requests: int,
-        window: float,
-        open_for: float,
-        half_open_requests: int,
-        max_open_for: float | None = None,
-    ) -> None:
+    def retune(self, settings: BreakerSettings) -> None:
         """Set the thresholds; again at a reload, for a breaker that keeps its state: an open
         breaker stays open until its current period ends, trials under way finish. A new
         window length starts its counts afresh."""
-        if consecutive_failures < 1:
+        s = settings
+        if s.consecutive_failures < 1:
             raise ValueError("consecutive_failures must be >= 1")
-        if not 0.0 < failure_ratio <= 1.0:
+        if not 0.0 < s.failure_ratio <= 1.0:
             raise ValueError("failure_ratio must be in (0, 1]")
-        if min_requests < 1:
+        if s.min_requests < 1:
             raise ValueError("min_requests must be >= 1")
-        if window <= 0 or open_for <= 0:
+        if s.window <= 0 or s.open_for <= 0:
             raise ValueError("window and open_for must be > 0")
-        if half_open_requests < 1:
+        if s.half_open_requests < 1:
             raise ValueError("half_open_requests must be >= 1")
-        self._consecutive_limit = consecutive_failures
-        self._failure_ratio = failure_ratio
-        self._min_requests = min_requests
-        self._half_open_requests = half_open_requests
-        self._open_for = open_for
+        # Copied into slots, not read through `settings`: the request path reads them often.
+        self._consecutive_limit = s.consecutive_failures
+        self._failure_ratio = s.failure_ratio
+        self._min_requests = s.min_requests
+        self._half_open_requests = s.half_open_requests
+        open_for = self._open_for = s.open_for
         # The cap never undercuts the first open period.
-        self._max_open_for = max(open_for, 10 * open_for if max_open_for is None else max_open_for)
+        cap = s.max_open_for
+        self._max_open_for = max(open_for, 10 * open_for if cap is None else cap)
         if self._state is _CLOSED:
             self._open_for_now = open_for
         else:  # a period grown by re-opens stays grown, within the new bounds
             self._open_for_now = min(max(self._open_for_now, open_for), self._max_open_for)
-        if window != self._window:
-            self._window = window
-            self._width = window / _BUCKETS
+        if s.window != self._window:
+            self._window = s.window
+            self._width = s.window / _BUCKETS
             self._clear_window()
             self._set_head(int(self._clock() // self._width))
 

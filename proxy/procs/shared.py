@@ -14,7 +14,8 @@ The leader adds every report into its own windows, counters and gauges, so its a
 rollout decisions, `/status` and `/metrics` see the sum of all members. proxy/procs/supervisor.py
 implements the seam over UNIX sockets between a supervisor and its worker processes; a shared
 store can implement the same two methods for a fleet of Turnout instances on many machines.
-Messages are plain JSON-ready dicts (`to_wire` / `from_wire`) so any transport can carry them.
+Messages are plain JSON-ready dicts (`to_wire` / `from_wire`, by one codec: proxy/procs/wire.py)
+so any transport can carry them.
 """
 
 from __future__ import annotations
@@ -23,12 +24,30 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from proxy.config import Config, parse_config
+from proxy.config import Config, ConfigError, parse_config
 from proxy.http.router import POOLS
-from proxy.logic.admission import Admission, AdmissionSnapshot
+from proxy.logic.admission import Admission, AdmissionSnapshot, Limits
 from proxy.logic.analysis import latency_bin
-from proxy.logic.breaker import Breaker, BreakerState
+from proxy.logic.breaker import Breaker, BreakerSettings, BreakerState
 from proxy.logic.routing import PoolName
+from proxy.procs.wire import (
+    BOOL,
+    FLOAT,
+    INT,
+    INT_KEY,
+    STR,
+    WireError,
+    custom,
+    enum,
+    list_of,
+    mapping,
+    one_of,
+    optional,
+    pair,
+    pairs,
+    record,
+    tuple_of,
+)
 
 if TYPE_CHECKING:
     from proxy.http.upstream import Upstream
@@ -76,53 +95,46 @@ class RoutingState:
     fence: str = ""  # why no request fails over to the candidate ("" when they may)
 
     def to_wire(self, *, with_config: bool = True) -> dict[str, Any]:
-        wire: dict[str, Any] = {
-            "generation": self.generation,
-            "split": self.split,
-            "stable": self.stable,
-            "config_generation": self.config_generation,
-            "pools": {
-                name: [
-                    [r.url, r.weight, r.healthy, r.draining, r.drained] for r in self.pools[name]
-                ]
-                for name in POOLS
-            },
-            "published_at": self.published_at,
-            "fence": self.fence,
-        }
-        if with_config:
-            wire["config"] = self.config.model_dump(mode="json")
-        return wire
+        """Without the configuration for a member that holds this `config_generation`."""
+        return _ROUTING_STATE.encode(self, omit=() if with_config else ("config",))
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any], previous: RoutingState | None) -> RoutingState:
         """Decode; a message without "config" keeps the configuration of `previous`."""
-        if "config" in wire:
-            config = parse_config(wire["config"])
-        elif previous is not None and previous.config_generation == wire["config_generation"]:
-            config = previous.config
-        else:
-            raise ValueError("routing state without the configuration it refers to")
-        stable = wire["stable"]
-        if stable not in POOLS:
-            raise ValueError(f"unknown stable pool {stable!r}")
-        pools = {
-            name: tuple(
-                UpstreamRoute(str(url), int(weight), bool(healthy), bool(draining), bool(drained))
-                for url, weight, healthy, draining, drained in wire["pools"][name]
-            )
-            for name in POOLS
-        }
-        return cls(
-            generation=int(wire["generation"]),
-            split=float(wire["split"]),
-            stable=stable,
-            config=config,
-            config_generation=int(wire["config_generation"]),
-            pools=pools,
-            published_at=float(wire["published_at"]),
-            fence=str(wire.get("fence", "")),
-        )
+        held: dict[str, Config] = {}
+        if "config" not in wire:
+            if previous is None or previous.config_generation != wire.get("config_generation"):
+                raise WireError("routing state without the configuration it refers to")
+            held["config"] = previous.config
+        return _ROUTING_STATE.decode(wire, "state", held=held)
+
+
+def _config_to_wire(config: Config) -> Any:
+    return config.model_dump(mode="json")
+
+
+def _config_from_wire(wire: object) -> Config:
+    try:
+        return parse_config(wire)
+    except ConfigError as exc:
+        raise ValueError(f"not a valid configuration: {exc}") from None
+
+
+_POOL = one_of(*POOLS)
+_UPSTREAM_ROUTE = record(
+    UpstreamRoute, url=STR, weight=INT, healthy=BOOL, draining=BOOL, drained=BOOL
+)
+_ROUTING_STATE = record(
+    RoutingState,
+    generation=INT,
+    split=FLOAT,
+    stable=_POOL,
+    config=custom(_config_to_wire, _config_from_wire),
+    config_generation=INT,
+    pools=mapping(_POOL, tuple_of(_UPSTREAM_ROUTE), every=POOLS),
+    published_at=FLOAT,
+    fence=optional(STR),
+)
 
 
 @dataclass(slots=True)
@@ -137,25 +149,23 @@ class PoolOutcomes:
     retries: dict[str, int] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "errors": self.errors,
-            "latency": {str(k): v for k, v in self.latency.items()},
-            "duration": self.duration,
-            "duration_sum": self.duration_sum,
-            "retries": self.retries,
-        }
+        return _POOL_OUTCOMES.encode(self)
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> PoolOutcomes:
-        return cls(
-            requests=int(wire["requests"]),
-            errors=int(wire["errors"]),
-            latency={int(k): int(v) for k, v in wire["latency"].items()},
-            duration=[int(x) for x in wire["duration"]],
-            duration_sum=float(wire["duration_sum"]),
-            retries={str(k): int(v) for k, v in wire["retries"].items()},
-        )
+        return _POOL_OUTCOMES.decode(wire, "pool")
+
+
+_COUNTS = mapping(STR, INT)
+_POOL_OUTCOMES = record(
+    PoolOutcomes,
+    requests=INT,
+    errors=INT,
+    latency=mapping(INT_KEY, INT),
+    duration=list_of(INT),
+    duration_sum=FLOAT,
+    retries=_COUNTS,
+)
 
 
 @dataclass(slots=True)
@@ -172,29 +182,25 @@ class UpstreamOutcomes:
     attempts: dict[str, int] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "in_flight": self.in_flight,
-            "queued": self.queued,
-            "breaker": self.breaker.value,
-            "requests": self.requests,
-            "failures": self.failures,
-            "codes": {str(k): v for k, v in self.codes.items()},
-            "shed": self.shed,
-            "attempts": self.attempts,
-        }
+        return _UPSTREAM_OUTCOMES.encode(self)
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> UpstreamOutcomes:
-        return cls(
-            in_flight=int(wire["in_flight"]),
-            queued=int(wire["queued"]),
-            breaker=BreakerState(wire["breaker"]),
-            requests=int(wire["requests"]),
-            failures=int(wire["failures"]),
-            codes={int(k): int(v) for k, v in wire["codes"].items()},
-            shed={k: int(v) for k, v in wire["shed"].items() if k in SHED_REASONS},
-            attempts={str(k): int(v) for k, v in wire.get("attempts", {}).items()},
-        )
+        return _UPSTREAM_OUTCOMES.decode(wire, "upstream")
+
+
+_STATUS_COUNTS = mapping(INT_KEY, INT)
+_UPSTREAM_OUTCOMES = record(
+    UpstreamOutcomes,
+    in_flight=INT,
+    queued=INT,
+    breaker=enum(BreakerState),
+    requests=INT,
+    failures=INT,
+    codes=_STATUS_COUNTS,
+    shed=mapping(one_of(*SHED_REASONS), INT),
+    attempts=optional(_COUNTS),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,43 +219,26 @@ class OutcomeReport:
     timeouts: Mapping[str, int] = field(default_factory=dict)  # exchanges ended, by phase
 
     def to_wire(self) -> dict[str, Any]:
-        return {
-            "member": self.member,
-            "generation": self.generation,
-            "applied_at": self.applied_at,
-            "served": self.served,
-            "connections": self.connections,
-            "rescued": self.rescued,
-            "pools": {name: p.to_wire() for name, p in self.pools.items()},
-            "upstreams": [[pool, ep, u.to_wire()] for (pool, ep), u in self.upstreams.items()],
-            "unrouted": {k: {str(c): n for c, n in v.items()} for k, v in self.unrouted.items()},
-            "timeouts": dict(self.timeouts),
-        }
+        return _OUTCOME_REPORT.encode(self)
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> OutcomeReport:
-        pools: dict[PoolName, PoolOutcomes] = {}
-        for name in POOLS:
-            if name in wire["pools"]:
-                pools[name] = PoolOutcomes.from_wire(wire["pools"][name])
-        upstreams: dict[UpstreamKey, UpstreamOutcomes] = {}
-        for pool, endpoint, data in wire["upstreams"]:
-            if pool in POOLS:
-                upstreams[pool, str(endpoint)] = UpstreamOutcomes.from_wire(data)
-        return cls(
-            member=str(wire["member"]),
-            generation=int(wire["generation"]),
-            applied_at=float(wire["applied_at"]),
-            served=int(wire["served"]),
-            connections=int(wire["connections"]),
-            rescued=int(wire["rescued"]),
-            pools=pools,
-            upstreams=upstreams,
-            unrouted={
-                str(k): {int(c): int(n) for c, n in v.items()} for k, v in wire["unrouted"].items()
-            },
-            timeouts={str(k): int(n) for k, n in wire.get("timeouts", {}).items()},
-        )
+        return _OUTCOME_REPORT.decode(wire, "report")
+
+
+_OUTCOME_REPORT = record(
+    OutcomeReport,
+    member=STR,
+    generation=INT,
+    applied_at=FLOAT,
+    served=INT,
+    connections=INT,
+    rescued=INT,
+    pools=mapping(_POOL, _POOL_OUTCOMES),
+    upstreams=pairs(pair(_POOL, STR), _UPSTREAM_OUTCOMES),
+    unrouted=mapping(STR, _STATUS_COUNTS),
+    timeouts=optional(_COUNTS),
+)
 
 
 # the leader's end --------------------------------------------------------------------------
@@ -260,13 +249,8 @@ class SharedAdmission(Admission):
 
     __slots__ = ("members", "shed_totals")
 
-    def __init__(
-        self, *, max_in_flight: int, queue: int, queue_timeout: float, rate: float | None = None
-    ) -> None:
-        # Keywords spelled out: mypyc passes a **kwargs dict on to a compiled base wrongly.
-        super().__init__(
-            max_in_flight=max_in_flight, queue=queue, queue_timeout=queue_timeout, rate=rate
-        )
+    def __init__(self, limits: Limits) -> None:
+        super().__init__(limits)
         self.members: dict[str, tuple[int, int]] = {}  # member -> (in flight, queued)
         self.shed_totals = dict.fromkeys(SHED_REASONS, 0)
 
@@ -301,29 +285,8 @@ class SharedBreaker(Breaker):
 
     __slots__ = ("members",)
 
-    def __init__(
-        self,
-        *,
-        consecutive_failures: int,
-        failure_ratio: float,
-        min_requests: int,
-        window: float,
-        open_for: float,
-        half_open_requests: int,
-        clock: Callable[[], float],
-        max_open_for: float | None = None,
-    ) -> None:
-        # Keywords spelled out: mypyc passes a **kwargs dict on to a compiled base wrongly.
-        super().__init__(
-            consecutive_failures=consecutive_failures,
-            failure_ratio=failure_ratio,
-            min_requests=min_requests,
-            window=window,
-            open_for=open_for,
-            half_open_requests=half_open_requests,
-            clock=clock,
-            max_open_for=max_open_for,
-        )
+    def __init__(self, settings: BreakerSettings, *, clock: Callable[[], float]) -> None:
+        super().__init__(settings, clock=clock)
         self.members: dict[str, BreakerState] = {}
 
     @property

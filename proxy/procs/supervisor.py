@@ -46,13 +46,8 @@ from proxy.procs.shared import (
     routing_state,
     upstream_key,
 )
-from proxy.procs.worker import (
-    LINK_BUFFER,
-    LINK_LIMIT,
-    STARTUP_TIMEOUT,
-    encode_message,
-    read_message,
-)
+from proxy.procs.wire import READY, STOP, Stop, WireError, encode_message, read_message
+from proxy.procs.worker import LINK_BUFFER, LINK_LIMIT, STARTUP_TIMEOUT
 from proxy.runtime import Proxy
 
 log = logging.getLogger("turnout.workers")
@@ -125,8 +120,8 @@ class LeaderProxy(Proxy):
 
     def new_upstream(self, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream:
         upstream = super().new_upstream(pool, index, cfg)
-        upstream.admission = SharedAdmission(**self.admission_settings())
-        upstream.breaker = SharedBreaker(**self.breaker_settings(), clock=self.loop.time)
+        upstream.admission = SharedAdmission(self.admission_settings())
+        upstream.breaker = SharedBreaker(self.breaker_settings(), clock=self.loop.time)
         self.shared[upstream_key(upstream)] = upstream
         return upstream
 
@@ -478,7 +473,7 @@ class WorkerPool:
         worker.writer = writer
         self._send_state(worker, self.state)
         if self.stopping:
-            worker.send(encode_message("stop", {"timeout": self._stop_timeout}))
+            worker.send(encode_message("stop", STOP.encode(Stop(self._stop_timeout))))
         try:
             await self._read(worker, reader)
         except (ValueError, KeyError, TypeError) as exc:
@@ -498,15 +493,18 @@ class WorkerPool:
 
     async def _read(self, worker: Worker, reader: asyncio.StreamReader) -> None:
         while (message := await read_message(reader)) is not None:
-            kind = message["t"]
+            kind, body = message
             if kind == "report":
-                self._merge(worker, OutcomeReport.from_wire(message))
+                self._merge(worker, OutcomeReport.from_wire(body))
             elif kind == "ready":
+                READY.decode(body, "ready")  # a malformed one is refused like any other
                 if not self.stopping:
                     worker.state = "ready"
                 log.info("worker %d (pid %d) serves", worker.index, worker.pid)
                 if worker.ready is not None and not worker.ready.done():
                     worker.ready.set_result(None)
+            else:
+                raise WireError(f"a worker does not send {kind!r} messages")
 
     def signal(self, sig: signal.Signals) -> None:
         for worker in self.workers:
@@ -524,7 +522,7 @@ class WorkerPool:
                 task.cancel()  # waiting to start again: nothing to drain
         for worker in self.workers:
             worker.state = "stopping"
-            worker.send(encode_message("stop", {"timeout": timeout}))
+            worker.send(encode_message("stop", STOP.encode(Stop(timeout))))
         # The workers alone hold the listener now: once each has stopped accepting, it closes
         # and a new connection is refused (as by a single process), rather than waiting in an
         # accept queue that no process serves, to be reset when the last worker has drained.
@@ -544,7 +542,7 @@ class WorkerPool:
 
     def stop_now(self) -> None:
         for worker in self.workers:
-            worker.send(encode_message("stop", {"timeout": 0.0}))
+            worker.send(encode_message("stop", STOP.encode(Stop(0.0))))
 
     def status(self) -> list[dict[str, Any]]:
         return [w.status() for w in self.workers]

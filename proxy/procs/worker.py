@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import uvloop
@@ -25,6 +24,7 @@ import uvloop
 from proxy.config import Config, UpstreamConfig
 from proxy.http.router import POOLS
 from proxy.http.upstream import Upstream
+from proxy.logic.admission import Limits
 from proxy.logic.routing import PoolName
 from proxy.procs.shared import (
     REPORT_INTERVAL,
@@ -34,6 +34,7 @@ from proxy.procs.shared import (
     UpstreamRoute,
     upstream_key,
 )
+from proxy.procs.wire import READY, STOP, Kind, Ready, WireError, encode_message, read_message
 from proxy.runtime import Proxy, freeze_startup_heap
 
 if TYPE_CHECKING:
@@ -44,21 +45,6 @@ log = logging.getLogger("turnout.workers")
 LINK_LIMIT = 8 * 1024 * 1024  # longest message (a configuration with very many upstreams)
 LINK_BUFFER = 8 * 1024 * 1024  # unsent bytes towards a peer that does not read
 STARTUP_TIMEOUT = 30.0
-
-
-def encode_message(kind: str, body: dict[str, Any] | None = None) -> bytes:
-    return json.dumps({"t": kind, **(body or {})}, separators=(",", ":")).encode() + b"\n"
-
-
-async def read_message(reader: asyncio.StreamReader) -> dict[str, Any] | None:
-    """The next message, None at the end of the link; ValueError on a malformed one."""
-    line = await reader.readline()
-    if not line:
-        return None
-    message = json.loads(line)
-    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
-        raise ValueError(f"not a message: {line[:80]!r}")
-    return message
 
 
 class MemberProxy(Proxy):
@@ -92,15 +78,16 @@ class MemberProxy(Proxy):
         share = math.ceil(self.config.listen.max_connections / self.workers)
         self.settings = dataclasses.replace(self.settings, max_connections=share)
 
-    def admission_settings(self) -> dict[str, Any]:
+    def admission_settings(self) -> Limits:
         """Limits are per upstream: each worker enforces its share, so that the upstream sees
         at most the configured figures from all workers together."""
-        limits, n = self.config.limits, self.workers
-        return super().admission_settings() | {
-            "max_in_flight": math.ceil(limits.max_in_flight / n),
-            "queue": math.ceil(limits.queue / n),
-            "rate": None if limits.rate is None else limits.rate / n,
-        }
+        limits, n = super().admission_settings(), self.workers
+        return dataclasses.replace(
+            limits,
+            max_in_flight=math.ceil(limits.max_in_flight / n),
+            queue=math.ceil(limits.queue / n),
+            rate=None if limits.rate is None else limits.rate / n,
+        )
 
     # what the data path reports --------------------------------------------------
 
@@ -262,7 +249,7 @@ class SocketMemberLink:
     def report(self, report: OutcomeReport) -> None:
         self.send("report", report.to_wire())
 
-    def send(self, kind: str, body: dict[str, Any] | None = None) -> None:
+    def send(self, kind: Kind, body: Mapping[str, Any]) -> None:
         if not self.writer.is_closing():
             self.writer.write(encode_message(kind, body))
 
@@ -275,12 +262,16 @@ async def serve_worker(index: int, workers: int, listen_fd: int, link_fd: int) -
         sock=socket.socket(fileno=link_fd), limit=LINK_LIMIT
     )
     link = SocketMemberLink(writer)
-    async with asyncio.timeout(STARTUP_TIMEOUT):
-        first = await read_message(reader)
-    if first is None or first["t"] != "state":
-        log.error("no routing state from the supervisor")
+    try:
+        async with asyncio.timeout(STARTUP_TIMEOUT):
+            first = await read_message(reader)
+        if first is None or first[0] != "state":
+            log.error("no routing state from the supervisor")
+            return 1
+        state = RoutingState.from_wire(first[1], None)
+    except ValueError as exc:  # a WireError, or a line longer than LINK_LIMIT
+        log.error("bad routing state from the supervisor: %s", exc)
         return 1
-    state = RoutingState.from_wire(first, None)
     proxy = MemberProxy(state.config, member=f"worker-{index}", workers=workers)
     proxy.follow(state)
     stop = asyncio.Event()
@@ -312,18 +303,21 @@ async def serve_worker(index: int, workers: int, listen_fd: int, link_fd: int) -
     listener.setblocking(False)
     await proxy.start(listener)
     freeze_startup_heap()
-    link.send("ready", {"pid": os.getpid()})
+    link.send("ready", READY.encode(Ready(os.getpid())))
 
     async def follow() -> None:
         nonlocal state
         try:
             while (message := await read_message(reader)) is not None:
-                if message["t"] == "state":
-                    state = RoutingState.from_wire(message, state)
+                kind, body = message
+                if kind == "state":
+                    state = RoutingState.from_wire(body, state)
                     proxy.follow(state)
                     send_report()  # tells the supervisor at once that it follows
-                elif message["t"] == "stop":
-                    begin(float(message.get("timeout", proxy.settings.drain_timeout)))
+                elif kind == "stop":
+                    begin(STOP.decode(body, "stop").timeout)
+                else:
+                    raise WireError(f"the supervisor does not send {kind!r} messages")
         except (ValueError, KeyError, TypeError, ConnectionError) as exc:
             log.error("bad message from the supervisor: %s", exc)
         except Exception:
