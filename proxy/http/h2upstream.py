@@ -3,8 +3,9 @@ per upstream, each carrying many requests at once.
 
 The data path speaks HTTP/1.1 to an upstream connection. For an HTTP/2 pool each of its
 UpstreamConnections is virtual: its transport (a StreamTransport) reads the HTTP/1.1 request
-it is given and opens one stream for it on a shared HTTP/2 connection (an H2Link), and writes
-the stream's answer back as HTTP/1.1 (chunked, with the upstream's trailers). A virtual
+it is given and opens one stream for it on a shared HTTP/2 connection (an H2Link), and hands
+the stream's answer to it as the codec parsed it (head, data, trailers: the calls llhttp's
+callbacks make for an HTTP/1.1 answer; one of unknown length is taken as chunked). A virtual
 connection is pooled and reused like a real one; each request on it is a new stream. So
 limits, breakers, retries, shielding and analysis treat an HTTP/2 upstream exactly as any
 other, and a GOAWAY, a reset or a lost connection reach the data path as the connection
@@ -71,7 +72,6 @@ class StreamTransport(asyncio.Transport):
         self.request_done = False
         self.paused = False  # the data path does not read (its client is slow)
         self.unacked = 0
-        self.chunked = False  # the answer under way is relayed chunked
 
     # what the UpstreamConnection calls -------------------------------------------
 
@@ -168,45 +168,28 @@ class StreamTransport(asyncio.Transport):
             self.blocked = False
             self.conn.resume_writing()
 
-    # the stream's answer, relayed to the data path as HTTP/1.1 --------------------
+    # the stream's answer, handed to the data path as parsed ------------------------------
 
     def response(self, fields: Iterable[tuple[bytes, bytes]], ended: bool) -> None:
-        status = b"502"
-        lines: list[bytes] = []
-        length = False
-        for name, value in fields:
-            if name == b":status":
-                status = value
-            elif name[:1] != b":":
-                if name == b"content-length":
-                    length = True
-                lines += (name, b": ", value, b"\r\n")
-        # Without a length the body is relayed chunked, which also carries trailers (gRPC).
-        self.chunked = not length and not ended
-        framing = b"transfer-encoding: chunked\r\n" if self.chunked else b""
-        if ended and not length and not status.startswith(b"1"):
-            framing = b"content-length: 0\r\n"
-        self.feed(b"HTTP/1.1 %b \r\n%b%b\r\n" % (status, b"".join(lines), framing))
+        if not self.closing:
+            self.conn.stream_head(fields, ended)
 
     def data(self, data: bytes, flow_length: int) -> None:
-        if data:
-            self.feed(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        if data and not self.closing:
+            self.conn.stream_body(data)
         if self.paused:
             self.unacked += flow_length
         else:
             self.link.acknowledge(self.stream_id, flow_length)
 
     def trailers(self, fields: Iterable[tuple[bytes, bytes]]) -> None:
-        lines = [b"%b: %b\r\n" % (name, value) for name, value in fields if name[:1] != b":"]
-        if self.chunked:
-            self.chunked = False
-            self.feed(b"0\r\n%b\r\n" % b"".join(lines))
+        if not self.closing:
+            self.conn.stream_trailers(fields)
 
     def ended(self) -> None:
         self.stream_id = 0
-        if self.chunked:
-            self.chunked = False
-            self.feed(b"0\r\n\r\n")
+        if not self.closing:
+            self.conn.stream_end()
 
     def reset(self, reason: str) -> None:
         """The stream or its connection failed: this virtual connection fails with it."""
@@ -215,10 +198,6 @@ class StreamTransport(asyncio.Transport):
             self.stream_id = 0
             self.link.detach(self)
             self.conn.connection_lost(ConnectionResetError(reason))
-
-    def feed(self, data: bytes) -> None:
-        if not self.closing:
-            self.conn.data_received(data)
 
 
 class H2Link:

@@ -8,7 +8,7 @@ import os
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -468,11 +468,14 @@ class UpstreamConnection:
         self.fields += (name, b": ", value, b"\r\n")
 
     def on_headers_complete(self) -> None:
+        parser = self.parser
+        self._head_complete(parser.get_status_code(), bool(parser.should_keep_alive()))
+
+    def _head_complete(self, status: int, keep_alive: bool) -> None:
         self.in_head = False
         # A chunked body begins with a chunk-size line: counted until a body byte arrives.
         self.framing = self.te
         self.head_size = 0
-        status = self.parser.get_status_code()
         if not 100 <= status <= 599:
             raise BadResponse(f"status {status} outside 100-599")
         if 100 <= status < 200 and status != 101:
@@ -480,7 +483,7 @@ class UpstreamConnection:
         sink = self.sink
         if sink is not None:
             # Read now: the parser of a bodiless response is replaced before the exchange ends.
-            self.keep_alive = bool(self.parser.should_keep_alive())
+            self.keep_alive = keep_alive
             sink.upstream_head(self, status)
             if self.no_body and self.sink is not None:
                 # A response to HEAD (or a 204/304) has no body whatever its headers say;
@@ -517,6 +520,57 @@ class UpstreamConnection:
         if self.ended or 100 <= self.parser.get_status_code() < 200:
             return
         self.ended = True
+
+    # an HTTP/2 stream's answer (a virtual connection of h2upstream): parsed by its codec,
+    # taken as llhttp's callbacks give an HTTP/1.1 one
+
+    def stream_head(self, fields: Iterable[tuple[bytes, bytes]], ended: bool) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        try:
+            self.on_message_begin()
+            status = 0
+            for name, value in fields:
+                if name[:1] != b":":
+                    self.on_header(name, value)
+                elif name == b":status" and value.isdigit():
+                    status = int(value)
+            if self.length is None:
+                if not ended:
+                    # A body of unknown length, maybe with trailers: relayed as a chunked one.
+                    self.te = True
+                elif status >= 200:
+                    self.length = b"0"
+            self._head_complete(status, True)
+        except BadResponse as exc:
+            self._fail(exc)
+            return
+        if ended or self.ended:
+            self.ended = False
+            self._done()
+        else:
+            sink.flush()
+
+    def stream_body(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        try:
+            self.on_body(data)
+        except BadResponse as exc:
+            self._fail(exc)
+            return
+        sink.flush()
+
+    def stream_trailers(self, fields: Iterable[tuple[bytes, bytes]]) -> None:
+        self.framing = True  # what on_header takes for trailer fields
+        for name, value in fields:
+            if name[:1] != b":":
+                self.on_header(name, value)
+
+    def stream_end(self) -> None:
+        self._done()
 
     # helpers
 
