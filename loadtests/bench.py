@@ -666,14 +666,16 @@ def report(
             cpu_us=statistics.median(r.cpu_us for r in rs),
         )
 
+    # Ratios are to this checkout's Turnout, or to the first Turnout measured (--only).
+    base = next((n for n in names if n.startswith("turnout")), names[0])
     print(
         "| target | size | conns | req/s | p50 ms | p99 ms | errors | RSS MiB idle/peak/after "
-        "| CPU µs/req | turnout/this |"
+        f"| CPU µs/req | {base}/this |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
         for c in conns:
-            t = med("turnout", size, c)
+            t = med(base, size, c)
             for name in names:
                 r = med(name, size, c)
                 ratio = t.rps / r.rps if r.rps else 0.0
