@@ -9,7 +9,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -168,12 +168,21 @@ class Proxy:
     """Owns the listeners, the routing state and every client connection."""
 
     def __init__(
-        self, config: Config, *, config_path: str | None = None, rng: random.Random | None = None
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.log = log
         self.loop = asyncio.get_running_loop()
+        # The time the analysis and the rollout controller go by (the loop's, in seconds):
+        # outcomes are recorded at it and steps are timed by it. Tests give a clock they move.
+        self.clock: Callable[[], float] = clock or self.loop.time
+        self.routing_listeners: list[Callable[[], None]] = []
         # Where the routing state is kept across restarts (`turnout run` sets it up).
         self.state_file: StateFile | None = None
         self.settings = Settings.from_config(config)
@@ -486,7 +495,7 @@ class Proxy:
         )
 
     def record_outcome(self, pool: PoolName, error: bool, latency: float) -> None:
-        self.windows[pool].record(self.loop.time(), error, latency)
+        self.windows[pool].record(self.clock(), error, latency)
         if error and pool != self.stable:
             self.rollout.candidate_failed()
 
@@ -510,11 +519,11 @@ class Proxy:
             access.write(access_entry(ex, duration))
 
     def figures(self, pool: PoolName, since: float | None = None) -> WindowFigures:
-        return self.windows[pool].figures(self.loop.time(), since)
+        return self.windows[pool].figures(self.clock(), since)
 
     def recent_figures(self) -> dict[str, Any]:
         """Each pool's outcomes over the last RECENT seconds, for watching traffic live."""
-        since = self.loop.time() - RECENT
+        since = self.clock() - RECENT
         figures: dict[str, Any] = {"seconds": RECENT}
         for name in POOLS:
             figures[name] = self.figures(name, since).as_dict()

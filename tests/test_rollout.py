@@ -183,6 +183,19 @@ class Rig:
         assert at is not None
         return at
 
+    async def ticks(self, count: int, timeout: float = 5.0) -> None:
+        """Wait until the rollout controller has taken `count` more looks at the rollout (TICK
+        apart): what "nothing moves for a while" is measured in. A controller that is stuck
+        fails this wait, where a sleep would let the assertion after it pass."""
+        rollout = self.proxy.rollout
+        target = rollout.ticks + count
+        await wait_for(lambda: rollout.ticks >= target, timeout)
+
+    async def stopped(self) -> None:
+        """Wait until the controller's loop has ended (the rollout is over): nothing of the
+        controller can move the split after this."""
+        await wait_for(lambda: not self.proxy.rollout.running)
+
     def shares(self) -> list[float]:
         """The candidate share of every step event so far, in order."""
         return [d["share"] for d in self.kinds("rollout_step")]
@@ -461,7 +474,8 @@ async def test_green_failing_everything_rolls_back_within_a_second_and_shields_c
             rolled_back_at = await r.event_time("split", after=0.0)
             assert green.first_5xx is not None
             took = rolled_back_at - green.first_5xx
-            await asyncio.sleep(0.1)  # traffic continues on blue
+            served = load.by_pool["blue"]
+            await load.until(lambda: load.by_pool["blue"] >= served + 20)  # traffic goes on
         assert r.split == 0.0
         # The breach acted at once, not at the end of the step's 3 s interval. How fast is the
         # benchmark's figure (loadtests.cutover, printed below): tens of milliseconds here.
@@ -730,7 +744,7 @@ async def test_fallback_pause_holds_the_split_for_the_operator(rig: RigFactory) 
         await r.until_state("paused", timeout=3.0)
         assert r.kinds("breach")[0]["fallback"] == "pause"
         assert "breach: candidate error rate" in r.proxy.rollout.reason
-        await asyncio.sleep(0.5)
+        await r.ticks(5)
         assert r.state == "paused"
         assert r.split == 5.0
         status, body = await r.post("rollback")
@@ -776,8 +790,8 @@ async def test_little_traffic_is_insufficient_data_and_never_a_silent_advance(
     async with Load(r.url, clients=1, pause=0.05):
         assert (await r.post("start"))[0] == 200
         await r.until_state("insufficient_data")
-        # Held well past the interval: still the first step.
-        await asyncio.sleep(0.6)
+        # Held well past the interval (300 ms): still the first step.
+        await r.ticks(6)
         assert r.state == "insufficient_data"
         assert r.split == 5.0
         assert r.shares() == [5.0]
@@ -845,12 +859,12 @@ async def test_lazy_moves_only_when_the_operator_shifts(rig: RigFactory) -> None
     async with Load(r.url) as load:
         status, body = await r.post("start", {"strategy": "lazy"})
         assert status == 200, body
-        await asyncio.sleep(0.5)  # longer than the adaptive interval: nothing automatic
+        await r.ticks(5)  # longer than the adaptive interval: nothing automatic
         assert r.split == 0.0
         assert r.state == "progressing"
         assert (await r.put_split({"green": 30}))[0] == 200
         assert r.split == 30.0
-        await asyncio.sleep(0.3)
+        await r.ticks(3)
         assert r.state == "progressing"
         assert r.split == 30.0
         status, body = await r.put_split({"green": 100, "over": "400ms"})
@@ -883,7 +897,7 @@ async def test_pause_resume_abort_and_rollback_from_the_admin_api(rig: RigFactor
         status, body = await r.post("pause")
         assert status == 200, body
         assert body["after"]["state"] == "paused"
-        await asyncio.sleep(0.8)  # two intervals: a paused rollout holds its split
+        await r.ticks(8)  # two intervals: a paused rollout holds its split
         assert r.state == "paused"
         assert r.split == 25.0
         assert r.shares()[-1] == 25.0
@@ -893,7 +907,7 @@ async def test_pause_resume_abort_and_rollback_from_the_admin_api(rig: RigFactor
 
         assert (await r.post("abort"))[0] == 200
         assert r.state == "aborted"
-        await asyncio.sleep(0.5)
+        await r.stopped()
         assert r.split == 50.0  # an abort leaves the split where it is
 
         # A new rollout, rolled back by the operator mid-way.
@@ -904,7 +918,7 @@ async def test_pause_resume_abort_and_rollback_from_the_admin_api(rig: RigFactor
         assert status == 200, body
         assert body["after"] == {"state": "rolled_back", "split": 0.0}
         assert r.proxy.stable == "blue"
-        await asyncio.sleep(0.5)
+        await r.stopped()
         assert r.split == 0.0
     assert load.failed == 0, load
     print(f"\npause resume abort and rollback from the admin api: {load!r}")
@@ -1100,7 +1114,7 @@ async def test_a_pause_that_lands_while_the_gate_is_probed_is_not_overridden(
             status, body = await r.post("pause")
             assert status == 200, body
             release.set()
-            await asyncio.sleep(0.5)  # five ticks: the gate's answer came, nothing may move
+            await r.ticks(5)  # the gate's answer came, nothing may move
             assert r.state == "paused", r.kinds("split")
             assert r.split == 0.0, r.kinds("split")
             assert r.shares() == [], r.kinds("split")
@@ -1133,7 +1147,7 @@ async def test_green_down_mid_step_holds_the_rollout_and_the_step_starts_afresh(
         await wait_for(lambda: not green.healthy, 2.0)
         await wait_for(lambda: "no candidate upstream takes traffic" in r.proxy.rollout.reason, 4.0)
         assert "green/0 down" in (await r.status())["rollout"]["reason"]
-        await asyncio.sleep(0.5)  # five ticks past the interval, with 25+ outcomes: held
+        await r.ticks(5)  # past the interval, with 25+ outcomes: held
         assert r.shares() == [5.0, 25.0], r.shares()
         assert r.split == 25.0, r.shares()
         assert r.state in ("progressing", "insufficient_data")
@@ -1164,7 +1178,7 @@ async def test_eager_never_promotes_onto_a_candidate_pool_left_empty(rig: RigFac
             assert resp.status == 202
         await wait_for(lambda: not r.proxy.router.pools["green"], 3.0)
         await wait_for(lambda: "pool green is empty" in r.proxy.rollout.reason, 2.0)
-        await asyncio.sleep(0.5)  # five ticks: nothing to promote onto
+        await r.ticks(5)  # nothing to promote onto
         assert r.state == "progressing"
         assert r.split == 0.0
         assert r.proxy.stable == "blue"

@@ -67,6 +67,10 @@ class RolloutController:
         self._threshold: ThresholdConfig | None = None
         self._candidate_lost = False
         self._last_note: str | None = None
+        # Ticks taken so far; with `driven` the loop takes none and whoever set it calls tick()
+        # (tests, with a clock of their own in the proxy: no real time passes in between).
+        self.ticks = 0
+        self.driven = False
         # A fleet's leader: why the outcomes it holds do not cover the fleet, or None; a
         # decision other than a breach waits (insufficient_data) while they do not.
         self.coverage: Callable[[], str | None] | None = None
@@ -82,6 +86,11 @@ class RolloutController:
     def steers_split(self) -> bool:
         """An automatic rollout in progress owns the split; an operator pauses it first."""
         return self.state in ACTIVE and self.strategy != "lazy"
+
+    @property
+    def running(self) -> bool:
+        """Whether the controller's loop runs (a rollout in progress or paused)."""
+        return self._task is not None and not self._task.done()
 
     @property
     def in_progress(self) -> bool:
@@ -141,7 +150,7 @@ class RolloutController:
         elif action == "resume":
             self._require({RolloutState.PAUSED}, "resume")
             if self.step is not None:
-                self.step = StepState(self.step.index, self.proxy.loop.time(), self.step.split)
+                self.step = StepState(self.step.index, self.proxy.clock(), self.step.split)
             self._set_state(RolloutState.PROGRESSING, f"resumed by {by}", by)
         elif action == "promote":
             self._require(ACTIVE | {RolloutState.PAUSED}, "promote")
@@ -234,7 +243,7 @@ class RolloutController:
         if isinstance(step, dict):
             index, share = step.get("index"), step.get("split")
             if isinstance(index, int) and 0 <= index < len(self.steps) and _share(share):
-                self.step = StepState(index, self.proxy.loop.time(), float(share))
+                self.step = StepState(index, self.proxy.clock(), float(share))
         self.first_failure = None
         self.last_figures = {}
         self._gate_ok_at = -1.0
@@ -289,7 +298,7 @@ class RolloutController:
         if self.first_failure is None:
             # The monotonic clock itself: the loop's (uvloop) moves in whole milliseconds.
             self.first_failure = time.monotonic()
-        if self.strategy == "adaptive" and not self._eval_pending:
+        if self.strategy == "adaptive" and not self._eval_pending and not self.driven:
             self._eval_pending = True
             self.proxy.loop.call_later(FAILURE_EVAL_DELAY, self._evaluate_soon)
 
@@ -302,14 +311,21 @@ class RolloutController:
 
     async def _run(self) -> None:
         while self.state in ACTIVE or self.state is RolloutState.PAUSED:
-            if self.state in ACTIVE:
-                if self.strategy == "adaptive":
-                    await self._tick_adaptive()
-                elif self.strategy == "eager":
-                    await self._tick_eager()
-                elif self.candidate_share >= 100.0:
-                    self.promote("the operator shifted all traffic to the candidate", "lazy")
+            if not self.driven:
+                await self.tick()
             await asyncio.sleep(TICK)
+
+    async def tick(self) -> None:
+        """One look at the rollout, as the controller's loop takes every TICK seconds: the
+        gate, the analysis of the step under way (by `proxy.clock`), an advance or a breach."""
+        if self.state in ACTIVE:
+            if self.strategy == "adaptive":
+                await self._tick_adaptive()
+            elif self.strategy == "eager":
+                await self._tick_eager()
+            elif self.candidate_share >= 100.0:
+                self.promote("the operator shifted all traffic to the candidate", "lazy")
+        self.ticks += 1
 
     async def _tick_eager(self) -> None:
         if not await self._ready() or self.state not in ACTIVE:
@@ -341,7 +357,7 @@ class RolloutController:
             return
         if self._candidate_lost:
             self._candidate_lost = False
-            self.step = StepState(step.index, self.proxy.loop.time(), step.split)
+            self.step = StepState(step.index, self.proxy.clock(), step.split)
             self._note(f"the candidate takes traffic again: step {step.index + 1} starts afresh")
             return
         if decision is not None and decision.verdict in (Verdict.ADVANCE, Verdict.PROMOTE):
@@ -364,7 +380,7 @@ class RolloutController:
         candidate = proxy.figures(proxy.candidate, step.started_at)
         stable = proxy.figures(proxy.stable, step.started_at)
         decision = decide_adaptive(
-            now=proxy.loop.time(),
+            now=proxy.clock(),
             step=step,
             steps=self.steps,
             interval=cfg.interval,
@@ -414,7 +430,7 @@ class RolloutController:
     def _enter_step(self, index: int, share: float) -> None:
         proxy = self.proxy
         self._set_share(share, "analysis")
-        self.step = StepState(index, proxy.loop.time(), share)
+        self.step = StepState(index, proxy.clock(), share)
         # Each step is a fresh test; a rollback is timed from the first failure it judged.
         self.first_failure = None
         self._candidate_lost = False
@@ -466,7 +482,7 @@ class RolloutController:
 
     async def _gate(self) -> bool:
         proxy = self.proxy
-        now = proxy.loop.time()
+        now = proxy.clock()
         if now - self._gate_ok_at < GATE_RECHECK:
             return True
         gate = proxy.config.rollout.gate

@@ -34,7 +34,7 @@ class OutcomeTap:
     def restart(self) -> None:
         """Report only what comes from now on (a member that stops leading must not report
         the others' outcomes it merged); forget who reported."""
-        now = self.proxy.loop.time()
+        now = self.proxy.clock()
         self._anchor = now
         self._last = {p: self.proxy.windows[p].figures(now, since=now) for p in POOL_NAMES}
         self._seen = {}
@@ -45,7 +45,7 @@ class OutcomeTap:
             self.restart()
             return None
         proxy = self.proxy
-        now = proxy.loop.time()
+        now = proxy.clock()
         pools: dict[str, Any] = {}
         for name in POOL_NAMES:
             window = proxy.windows[name]
@@ -88,7 +88,7 @@ class OutcomeTap:
             log.warning("fleet: unreadable outcomes from %s: %s", member, exc)
             return
         self._seen[member] = wall
-        now = proxy.loop.time()
+        now = proxy.clock()
         candidate_failed = False
         for name, errors, bins in parsed:
             proxy.windows[name].record_counts(now, errors, bins)

@@ -330,7 +330,7 @@ def merge_report(
     """Add a member's report into the leader's windows, counters and gauges; a candidate error
     asks the rollout controller for an evaluation, as a local one would. Returns the breaker
     transitions the report shows (upstream, before, after)."""
-    now = proxy.loop.time()
+    now = proxy.clock()
     candidate_failed = False
     for name, outcomes in report.pools.items():
         if outcomes.requests:
