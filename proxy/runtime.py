@@ -358,6 +358,7 @@ class Proxy:
 
     def _on_health_change(self, upstream: Upstream, healthy: bool, reason: str) -> None:
         self.router.refresh()
+        self.routing_changed()
         self.events.publish(
             "health", upstream=upstream.key, url=upstream.url, healthy=healthy, reason=reason
         )
@@ -401,6 +402,7 @@ class Proxy:
         fenced = self.router.fenced
         self.router = Router(config, pools, self.spreader, self.rng)
         self.router.fenced = fenced
+        self.routing_changed()
 
     def set_split(self, split: float) -> None:
         self.spreader.set_split(split)
@@ -411,6 +413,14 @@ class Proxy:
         state_file = self.state_file
         if state_file is not None:
             state_file.changed()
+        self.routing_changed()
+
+    def routing_changed(self) -> None:
+        """Said after every change of what routes a request (the split, the stable pool, the
+        fence, the configuration, an upstream's health, drain, weight or URL): each of
+        `routing_listeners` hears it (a supervisor then tells its workers)."""
+        for listener in self.routing_listeners:
+            listener()
 
     # what the data path reports --------------------------------------------------
 

@@ -87,6 +87,33 @@ async def test_enter_returns_at_once_with_a_free_slot() -> None:
     assert adm.in_flight == 0
 
 
+def test_until_idle_returns_when_the_last_slot_is_left() -> None:
+    async def scenario(loop: FakeTimeLoop) -> None:
+        adm = Admission(Limits(max_in_flight=2, queue=2, queue_timeout=1.0))
+        await adm.until_idle()  # nothing in flight: at once
+        assert adm.try_enter()
+        assert adm.try_enter()
+        first = loop.create_task(adm.until_idle())
+        second = loop.create_task(adm.until_idle())
+        queued = loop.create_task(adm.enter())
+        await settle()
+        adm.leave()  # handed to the queued request: still two in flight
+        await settle()
+        assert queued.done()
+        assert not first.done()
+        second.cancel()  # one waiter giving up leaves the other waiting
+        adm.leave()
+        await settle()
+        assert not first.done()
+        adm.leave()
+        await settle()
+        assert first.done()
+        assert first.exception() is None
+        assert second.cancelled()
+
+    run(scenario)
+
+
 def test_queue_full_sheds_immediately() -> None:
     async def scenario(loop: FakeTimeLoop) -> None:
         adm = Admission(Limits(max_in_flight=1, queue=2, queue_timeout=1.0), loop=loop)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Coroutine
@@ -292,6 +293,7 @@ class Control:
             upstream.draining = True
             upstream.drained = False
             self.proxy.router.refresh()
+            self.proxy.routing_changed()
             upstream.close_idle()
             self.events.publish("drain", upstream=upstream.key, url=upstream.url, by=by)
             self._drains[upstream] = self._spawn(self._finish_drain(upstream))
@@ -307,6 +309,7 @@ class Control:
             upstream.draining = False
             upstream.drained = False
             self.proxy.router.refresh()
+            self.proxy.routing_changed()
             self.events.publish("undrain", upstream=upstream.key, url=upstream.url, by=by)
         return Change(f"undrain {upstream.key}", {"draining": before}, {"draining": False})
 
@@ -333,12 +336,9 @@ class Control:
         )
 
     async def _finish_drain(self, upstream: Upstream) -> None:
-        loop = self.proxy.loop
-        timeout = self.proxy.settings.drain_timeout
-        deadline = loop.time() + timeout
-        # Nothing signals "this upstream's last exchange ended" yet: checked every DRAIN_POLL.
-        while upstream.in_flight and loop.time() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(DRAIN_POLL)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.proxy.settings.drain_timeout):
+                await upstream.admission.until_idle()
         forced = upstream.in_flight
         upstream.close_idle()
         # WebSocket tunnels end politely (1001 to both ends); anything else left is cut.
@@ -349,6 +349,7 @@ class Control:
             if not conn.closed:
                 conn.abort()
         upstream.drained = True
+        self.proxy.routing_changed()
         self._drains.pop(upstream, None)
         self.events.publish("drained", upstream=upstream.key, url=upstream.url, cut_requests=forced)
 

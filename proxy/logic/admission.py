@@ -92,6 +92,7 @@ class Admission:
 
     __slots__ = (
         "_bucket",
+        "_idle",
         "_in_flight",
         "_loop",
         "_max_in_flight",
@@ -118,6 +119,8 @@ class Admission:
         self._shed_rate = 0
         self._rate: float | None = None
         self._bucket: _TokenBucket | None = None
+        # Resolved when nothing is left in flight, while someone waits for that (a drain).
+        self._idle: asyncio.Future[None] | None = None
         self.retune(limits)
 
     def retune(self, limits: Limits) -> None:
@@ -225,6 +228,26 @@ class Admission:
         if self._in_flight <= 0:
             raise RuntimeError("Admission.leave() without a matching enter()")
         self._in_flight -= 1
+        if self._idle is not None and not self._in_flight:
+            self.idle_now()
+
+    def idle_now(self) -> None:
+        """Nothing is in flight any more: wake whoever waits in until_idle()."""
+        idle = self._idle
+        if idle is not None and not self.in_flight:
+            self._idle = None
+            if not idle.done():
+                idle.set_result(None)
+
+    async def until_idle(self) -> None:
+        """Return once no request holds a slot (bound it with a timeout)."""
+        while self.in_flight:
+            idle = self._idle
+            if idle is None:
+                loop = self._loop if self._loop is not None else asyncio.get_running_loop()
+                idle = self._idle = loop.create_future()
+            # Shielded: one waiter given up (its timeout) leaves the others waiting.
+            await asyncio.shield(idle)
 
     def snapshot(self) -> AdmissionSnapshot:
         return AdmissionSnapshot(

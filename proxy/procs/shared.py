@@ -364,6 +364,7 @@ def merge_report(
             admission.members[report.member] = (seen.in_flight, seen.queued)
             for reason, count in seen.shed.items():
                 admission.shed_totals[reason] += count
+            admission.idle_now()
         breaker = upstream.breaker
         if isinstance(breaker, SharedBreaker):
             before = breaker.members.get(report.member, BreakerState.CLOSED)
@@ -381,6 +382,7 @@ def forget_member(upstreams: Iterable[Upstream], member: str) -> None:
         admission, breaker = upstream.admission, upstream.breaker
         if isinstance(admission, SharedAdmission):
             admission.members.pop(member, None)
+            admission.idle_now()
         if isinstance(breaker, SharedBreaker):
             breaker.members.pop(member, None)
 

@@ -52,9 +52,6 @@ from proxy.runtime import Proxy
 
 log = logging.getLogger("turnout.workers")
 
-# Routing state is pushed at once on split, promotion, health and configuration changes; the
-# rest (drains, upstreams added or removed) is found by comparing the state this often.
-ROUTING_POLL = 0.02
 STOP_GRACE = 3.0  # past drain.timeout, before a worker that does not exit is killed
 RESTART_DELAY = 0.1
 RESTART_DELAY_MAX = 5.0
@@ -92,31 +89,11 @@ class LeaderProxy(Proxy):
         self.config_generation = 0
         self._published: RoutingState | None = None
         self._published_config: Config | None = None
-        self._watch_task: asyncio.Task[None] | None = None
+        self.routing_listeners.append(self._publish_soon)
         self.pool = WorkerPool(self, workers, command=command, clock=clock)
         self.metrics.registry.register(WorkerCollector(self.pool))
 
     # shared state --------------------------------------------------------------
-
-    def stable_changed(self) -> None:
-        super().stable_changed()
-        self.routing_changed()
-
-    def set_split(self, split: float) -> None:
-        super().set_split(split)
-        self.routing_changed()
-
-    def fence_candidate(self, reason: str) -> None:
-        super().fence_candidate(reason)
-        self.routing_changed()
-
-    def apply(self, config: Config, pools: dict[PoolName, tuple[Upstream, ...]]) -> None:
-        super().apply(config, pools)
-        self.routing_changed()
-
-    def _on_health_change(self, upstream: Upstream, healthy: bool, reason: str) -> None:
-        super()._on_health_change(upstream, healthy, reason)
-        self.routing_changed()
 
     def new_upstream(self, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream:
         upstream = super().new_upstream(pool, index, cfg)
@@ -128,7 +105,7 @@ class LeaderProxy(Proxy):
     def _access_log(self, config: Config) -> None:
         return None  # the workers write it
 
-    def routing_changed(self) -> None:
+    def _publish_soon(self) -> None:
         """Push the routing state soon (once, however many changes arrive)."""
         if not self._publish_pending and self.pool is not None:
             self._publish_pending = True
@@ -172,11 +149,6 @@ class LeaderProxy(Proxy):
                 worker=report.member,
             )
 
-    async def _watch_routing(self) -> None:
-        while True:
-            await asyncio.sleep(ROUTING_POLL)
-            self.publish_if_changed()
-
     # lifecycle -----------------------------------------------------------------
 
     async def start(self, sock: socket.socket | None = None) -> int:
@@ -185,7 +157,6 @@ class LeaderProxy(Proxy):
         assert self.pool is not None
         sock = await self.checked_listener(sock)
         self.publish_if_changed()
-        self._watch_task = self.loop.create_task(self._watch_routing())
         await self.pool.start(sock)
         return self.port
 
@@ -214,8 +185,6 @@ class LeaderProxy(Proxy):
             await self.fleet.close()
         if self.pool is not None:
             await self.pool.stop(timeout)
-        if self._watch_task is not None:
-            self._watch_task.cancel()
         if self.listen_socket is not None:
             self.listen_socket.close()
         await self.rollout.close()

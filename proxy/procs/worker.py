@@ -192,11 +192,10 @@ class MemberProxy(Proxy):
         task.add_done_callback(self._retire_tasks.discard)
 
     async def _finish_retiring(self, upstream: Upstream) -> None:
-        deadline = self.loop.time() + self.settings.drain_timeout
         try:
-            # As Changes' drains: no event says the upstream's last exchange ended yet.
-            while upstream.in_flight and self.loop.time() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.drain_timeout):
+                    await upstream.admission.until_idle()
             self._cut(upstream)
         finally:
             self.retiring.discard(upstream)
