@@ -18,6 +18,7 @@ from proxy.logic.routing import PoolName, parse_override
 from proxy.logic.stats import CODE_LABELS
 
 if TYPE_CHECKING:
+    from proxy.http.h2front import H2Stream
     from proxy.http.server import ClientConnection
 
 SHED_DETAIL = {
@@ -828,6 +829,10 @@ class Exchange:
             conn.detach()
             self._finish_attempt(Outcome.RETRY_STATUS)
             return
+        stream = self.client.stream
+        if stream is not None:
+            self._hold_stream_head(stream, conn, status)
+            return
         head = self._response_head(conn, status)
         if len(head) > h.MAX_RESPONSE_HEAD:
             # Checked once here: the fields of a head that came in one read are not counted
@@ -837,6 +842,26 @@ class Exchange:
         self.response_started = True
         # Held until the end of this read: head and body then leave in one write.
         self.out.append(head)
+
+    def _hold_stream_head(self, stream: H2Stream, conn: UpstreamConnection, status: int) -> None:
+        """An HTTP/2 client's answer: its head goes to the stream as fields, held (like the
+        HTTP/1.1 head in `out`) until this read of the upstream is over."""
+        fields = conn.fields
+        if conn.named is not None:
+            fields = h.without_named(fields, conn.named)
+        size = 0
+        for part in fields:
+            size += len(part)
+        if size > h.MAX_RESPONSE_HEAD:
+            raise BadResponse("response head too large")
+        no_body = self.no_body or status in (204, 304)
+        if no_body:
+            conn.no_body = True
+        # A body without a length or chunks ends where the upstream closes.
+        self.resp_until_close = conn.length is None and not conn.te and not no_body
+        self.status = status
+        self.response_started = True
+        stream.hold_head(status, fields, conn.length, no_body)
 
     def _response_head(self, conn: UpstreamConnection, status: int) -> bytes:
         client = self.client
@@ -885,6 +910,14 @@ class Exchange:
     def flush(self) -> None:
         """Write what this read of the upstream produced, in one system call."""
         out = self.out
+        client = self.client
+        stream = client.stream
+        if stream is not None:
+            if stream.respond(out):
+                out.clear()
+                client.upstream_progress += 1
+                self.relayed = True
+            return
         if out:
             self.client.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
@@ -897,6 +930,9 @@ class Exchange:
         if self.grpc:
             self.answered = self._grpc_answered(trailers, self.answered)
         self.flush()
+        stream = self.client.stream
+        if stream is not None:
+            stream.respond_end(trailers)
         upstream = conn.upstream
         reusable = self.body_done and conn.should_keep_alive()
         self.conn = None
@@ -910,6 +946,9 @@ class Exchange:
                 if self.resp_chunked:
                     self.out.append(h.CHUNK_END)
                 self.flush()
+                stream = self.client.stream
+                if stream is not None:
+                    stream.respond_end(None)
                 self.conn = None
                 conn.close()
                 self._finish_attempt(Outcome.OK)
@@ -918,6 +957,9 @@ class Exchange:
                 # Invalid before anything left (a bad chunk size in the head's own read):
                 # the client can still be told so plainly.
                 self.out.clear()
+                stream = self.client.stream
+                if stream is not None:
+                    stream.drop_head()
                 self.response_started = False
                 self.resp_chunked = False
                 self.resp_close = False

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from proxy.http import h2codec
+from proxy.http import headers as h
 from proxy.http.h2codec import (
     CodecError,
     DataReceived,
@@ -69,6 +70,8 @@ DROPPED_REQUEST_FIELDS = frozenset((b"connection", b"keep-alive", b"te", b"host"
 NOT_IN_LINE = re.compile(rb"[\x00-\x20\x7f]")
 NOT_TOKEN = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
 
+VIA_FIELD = (b"via", h.VIA)
+
 FLOW = 1  # the client's flow-control window is exhausted
 TRANSPORT = 2  # the client connection's own write buffer is full
 
@@ -86,6 +89,8 @@ class H2Stream(asyncio.Transport):
         "ended",
         "fields",
         "head_request",
+        "held",
+        "held_end",
         "in_trailers",
         "internal",
         "parser",
@@ -103,8 +108,14 @@ class H2Stream(asyncio.Transport):
         self.stream_id = stream_id
         self.head_request = head_request
         self.internal = ClientConnection(session.proxy, parse=False)
-        # Dropped when the stream is done: it refers back to the stream.
-        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self.internal.stream = self
+        # For what the data path writes as HTTP/1.1 bytes (its own errors, 100 Continue);
+        # made on the first such write, dropped when the stream is done (it refers back).
+        self.parser: httptools.HttpResponseParser | None = None
+        # An upstream's answer comes as fields (hold_head, respond, respond_end): the head
+        # is held until the read that brought it is over, as the HTTP/1.1 path holds it.
+        self.held: list[tuple[bytes, bytes]] | None = None
+        self.held_end = False
         self.fields: list[tuple[bytes, bytes]] = []
         self.in_trailers = False  # the response's head is done: fields now are trailers
         self.trailers: list[tuple[bytes, bytes]] = []
@@ -193,9 +204,11 @@ class H2Stream(asyncio.Transport):
     # response side ----------------------------------------------------------------
 
     def response_bytes(self, data: bytes) -> None:
-        parser = self.parser
-        if self.complete or self.ended or parser is None:
+        if self.complete or self.ended:
             return
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpResponseParser(self)
         try:
             parser.feed_data(data)
         except httptools.HttpParserError:
@@ -240,6 +253,61 @@ class H2Stream(asyncio.Transport):
         self.complete = self.ended = True
         self.session.end_stream(self.stream_id, self.trailers)
 
+    def hold_head(
+        self, status: int, runs: list[bytes], length: bytes | None, no_body: bool
+    ) -> None:
+        """An upstream's answer head: its fields as (name, b": ", value, CRLF) runs, less
+        those HTTP/2 forbids, with Via and the length the data path relays."""
+        fields = [(b":status", b"%d" % status)]
+        grpc_status = False
+        for i in range(0, len(runs), 4):
+            name = runs[i].lower()
+            if name not in CONNECTION_FIELDS:
+                fields.append((name, runs[i + 2]))
+                if name == b"grpc-status":
+                    grpc_status = True
+        fields.append(VIA_FIELD)
+        if length is not None:
+            fields.append((b"content-length", length))
+        self.held = fields
+        # A gRPC status in an empty answer's head: trailers-only, one HEADERS that ends it.
+        self.held_end = no_body or self.head_request or (grpc_status and length == b"0")
+
+    def drop_head(self) -> None:
+        """The held head is not sent after all (the answer turned out invalid first)."""
+        self.held = None
+
+    def respond(self, out: list[bytes]) -> bool:
+        """Send the held head and the body data in `out`; whether there was any."""
+        fields = self.held
+        if fields is None and not out:
+            return False
+        session = self.session
+        if fields is not None:
+            self.held = None
+            if not self.ended:
+                end = self.held_end
+                session.send_headers(self.stream_id, fields, end)
+                if end:
+                    self.complete = self.ended = True
+        if out and not self.ended:
+            session.send_data(self, out[0] if len(out) == 1 else b"".join(out))
+        session.flush()
+        return True
+
+    def respond_end(self, runs: list[bytes] | None) -> None:
+        """The answer is whole: end the stream, with the upstream's trailers if any."""
+        if self.ended:
+            return
+        self.complete = self.ended = True
+        trailers: list[tuple[bytes, bytes]] = []
+        if runs is not None:
+            for i in range(0, len(runs), 4):
+                name = runs[i].lower()
+                if name not in CONNECTION_FIELDS:
+                    trailers.append((name, runs[i + 2]))
+        self.session.end_stream(self.stream_id, trailers)
+
     def block(self, reason: int) -> None:
         was = self.blocked
         self.blocked |= reason
@@ -273,7 +341,10 @@ class H2Stream(asyncio.Transport):
         transport) so that reference counting frees it: one stream per request would
         otherwise keep the cyclic garbage collector busy."""
         self.parser = None
-        self.internal.transport = None
+        self.held = None
+        internal = self.internal
+        internal.transport = None
+        internal.stream = None
 
 
 class H2Session:

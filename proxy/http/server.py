@@ -13,6 +13,7 @@ from proxy.http import headers as h
 from proxy.http.exchange import Exchange, Phase
 
 if TYPE_CHECKING:
+    from proxy.http.h2front import H2Stream
     from proxy.http.upstream import UpstreamConnection
     from proxy.runtime import Proxy
 
@@ -81,6 +82,7 @@ class ClientConnection:
         "pipeline",
         "proxy",
         "scheme",
+        "stream",
         "task",
         "trailers",
         "transport",
@@ -101,6 +103,8 @@ class ClientConnection:
         self.transport: asyncio.Transport | None = None
         # None for an HTTP/2 stream's connection: its requests come parsed (stream_request).
         self.parser = httptools.HttpRequestParser(self) if parse else None
+        # The HTTP/2 stream this connection serves, which takes its answers as parsed.
+        self.stream: H2Stream | None = None
         self.parsing: Exchange | None = None
         self.active: Exchange | None = None
         self.pipeline: deque[Exchange] = deque()
