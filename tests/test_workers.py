@@ -1,7 +1,8 @@
 """`turnout run --workers 2`: two worker processes on one port share one state. Both serve;
-/metrics and /status count every worker's requests once; a split change, a drain and a reload
-reach every worker; an adaptive rollout decides on the outcomes of all workers together; SIGTERM
-drains every worker and fails no request; a killed worker is restarted."""
+/metrics and /status count every worker's requests once; a split change and a drain reach every
+worker; an adaptive rollout decides on the outcomes of all workers together; a killed worker is
+restarted. SIGTERM and SIGHUP, which must do with workers what they do to one process, are tested
+both ways in tests/test_shutdown.py."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import json
 import os
 import re
 import signal
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,16 @@ import aiohttp
 import pytest
 import yaml
 from conftest import HOST, SampleFactory, proxy_config
-from helpers.load import Load
-from helpers.processes import ADMIN_API, LISTENING, ProxyProcess, admin_get, until_draining
+from helpers.load import fresh_connections
+from helpers.processes import (
+    ProcessFactory,
+    ProxyProcess,
+    all_follow,
+    reap,
+    spawn,
+    status,
+    until,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,46 +45,24 @@ from proxy.procs.worker import MemberProxy
 TIMEOUT = 10.0
 WORKERS = 2
 
-WorkersFactory = Callable[..., Awaitable[ProxyProcess]]
-
 
 @pytest.fixture
 async def turnout_workers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[WorkersFactory]:
-    """`python -m proxy run -c FILE --workers 2` (or another count) on ports 0, its stdout
-    read line by line."""
+) -> AsyncIterator[ProcessFactory]:
+    """`python -m proxy run -c FILE --workers 2`, for what only a supervisor and its workers
+    do (tests/test_shutdown.py runs the rest both ways, with `turnout_process`)."""
     monkeypatch.delenv("TURNOUT_ADMIN_TOKEN", raising=False)
     started: list[ProxyProcess] = []
 
-    async def start(data: dict[str, Any], workers: int = WORKERS) -> ProxyProcess:
-        path = tmp_path / "turnout.yaml"
-        path.write_text(yaml.safe_dump({"admin": {"host": HOST, "port": 0}, **data}))
-        log = tmp_path / "turnout.log"
-        with log.open("wb") as stderr:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                *("-m", "proxy", "run", "-c", str(path), "--workers", str(workers)),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=stderr,
-            )
-        process = ProxyProcess(proc, log)
+    async def start(data: dict[str, Any]) -> ProxyProcess:
+        process = await spawn(tmp_path, data, "--workers", str(WORKERS))
         started.append(process)
-        process.port = int((await process.wait_line(LISTENING))[2])
-        process.admin_port = int((await process.wait_line(ADMIN_API))[2])
         return process
 
     yield start
     for process in started:
-        if process.alive:
-            # SIGTERM first: the workers drain and exit with the supervisor.
-            process.signal(signal.SIGTERM)
-            try:
-                await process.exit_code(TIMEOUT)
-            except TimeoutError:
-                process.proc.kill()
-        await process.proc.wait()
-        await process._reader
+        await reap(process, graceful=True)
 
 
 class RawClient:
@@ -107,101 +93,8 @@ class RawClient:
         self.writer.close()
 
 
-class KeepAliveClient:
-    """An HTTP/1.1 client that reuses its connection as real ones do (aiohttp, httpx): it drops
-    a connection the server closed while it sat idle, and sends an idempotent request once
-    more on a fresh connection when a reused one ends before a byte of the answer (it may have
-    been closed just as the request left). A refused connection (or one reset before it was
-    established) is a clean failure: nothing was sent. Anything else is a failed request."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-    async def get(self, path: str) -> str:
-        """ "ok", "refused", or what went wrong."""
-        for _ in range(2):
-            reused = self.conn is not None and not self.conn[0].at_eof()
-            if not reused:
-                self.drop()
-                try:
-                    self.conn = await asyncio.open_connection(HOST, self.port)
-                except (ConnectionRefusedError, ConnectionResetError):
-                    # Refused, or reset before the connection was established (a listener
-                    # closed with the handshake under way): either way nothing was sent.
-                    return "refused"
-            assert self.conn is not None
-            reader, writer = self.conn
-            try:
-                async with asyncio.timeout(TIMEOUT):
-                    writer.write(f"GET {path} HTTP/1.1\r\nHost: turnout\r\n\r\n".encode())
-                    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-                    length = re.search(r"(?im)^content-length: *(\d+)", head)
-                    await reader.readexactly(int(length[1]) if length else 0)
-            except (asyncio.IncompleteReadError, ConnectionError) as exc:
-                self.drop()
-                partial = isinstance(exc, asyncio.IncompleteReadError) and exc.partial
-                if reused and not partial:
-                    continue
-                kind = "reused" if reused else "fresh"
-                return f"{type(exc).__name__} on a {kind} connection"
-            except TimeoutError:
-                self.drop()
-                return "no answer in time"
-            if re.search(r"(?im)^connection: *close", head):
-                self.drop()
-            status = head.split(" ", 2)[1]
-            return "ok" if status == "200" else f"answered {status}"
-        return "the retry failed too"
-
-    def drop(self) -> None:
-        if self.conn is not None:
-            self.conn[1].close()
-            self.conn = None
-
-
-async def status(session: aiohttp.ClientSession, process: ProxyProcess) -> dict[str, Any]:
-    code, doc = await admin_get(session, process.admin + "/status")
-    assert code == 200
-    return dict(doc)
-
-
-async def until(
-    session: aiohttp.ClientSession,
-    process: ProxyProcess,
-    predicate: Callable[[dict[str, Any]], bool],
-    timeout: float = TIMEOUT,
-) -> dict[str, Any]:
-    """Poll /status until `predicate` holds for it; return that document."""
-    async with asyncio.timeout(timeout):
-        while not predicate(doc := await status(session, process)):
-            await asyncio.sleep(0.01)
-    return doc
-
-
 def served(doc: dict[str, Any]) -> list[int]:
     return [w["served"] for w in doc["workers"]]
-
-
-def all_follow(doc: dict[str, Any]) -> bool:
-    """Every worker routes by the supervisor's latest state."""
-    return all(w["generation"] == doc["generation"] for w in doc["workers"])
-
-
-async def fresh_connections(url: str, count: int, path: str = "/x") -> Counter[tuple[int, str]]:
-    """`count` GETs, each on a connection of its own (so the workers share them out)."""
-    results: Counter[tuple[int, str]] = Counter()
-    connector = aiohttp.TCPConnector(force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def one() -> None:
-            async with session.get(url + path) as resp:
-                await resp.read()
-                results[resp.status, resp.headers.get("X-Upstream", "")] += 1
-
-        for _ in range(count // 4):
-            await asyncio.gather(*(one() for _ in range(4)))
-    return results
 
 
 def process_state(pid: int) -> str:
@@ -278,7 +171,7 @@ def metric_sum(text: str, name: str) -> float:
 
 
 async def test_both_workers_serve_and_every_request_is_counted_once(
-    sample: SampleFactory, turnout_workers: WorkersFactory
+    sample: SampleFactory, turnout_workers: ProcessFactory
 ) -> None:
     blue, green = await sample("blue"), await sample("green")
     process = await turnout_workers(proxy_config([blue.url], [green.url]))
@@ -308,7 +201,7 @@ async def test_both_workers_serve_and_every_request_is_counted_once(
 
 
 async def test_a_split_change_reaches_every_worker_within_100ms(
-    sample: SampleFactory, turnout_workers: WorkersFactory
+    sample: SampleFactory, turnout_workers: ProcessFactory
 ) -> None:
     blue, green = await sample("blue"), await sample("green")
     process = await turnout_workers(proxy_config([blue.url], [green.url]))
@@ -329,7 +222,7 @@ async def test_a_split_change_reaches_every_worker_within_100ms(
 
 
 async def test_a_drain_reaches_every_worker(
-    sample: SampleFactory, turnout_workers: WorkersFactory
+    sample: SampleFactory, turnout_workers: ProcessFactory
 ) -> None:
     a, b, green = await sample("blue-a"), await sample("blue-b"), await sample("green")
     process = await turnout_workers(proxy_config([a.url, b.url], [green.url]))
@@ -349,7 +242,7 @@ async def test_a_drain_reaches_every_worker(
 
 
 async def test_a_rollout_decides_on_the_outcomes_of_every_worker(
-    sample: SampleFactory, turnout_workers: WorkersFactory
+    sample: SampleFactory, turnout_workers: ProcessFactory
 ) -> None:
     """With max_error_rate 20 % a candidate failing everything is rolled back at 6 failures
     (tests/test_analysis.py has the test itself); each worker sees only 4."""
@@ -400,143 +293,8 @@ async def test_a_rollout_decides_on_the_outcomes_of_every_worker(
             client.close()
 
 
-async def test_sighup_and_sigterm_reach_every_worker_and_fail_no_request(
-    sample: SampleFactory, turnout_workers: WorkersFactory, tmp_path: Path
-) -> None:
-    blue, green, blue2 = await sample("blue"), await sample("green"), await sample("blue2")
-    process = await turnout_workers(proxy_config([blue.url], [green.url], drain={"timeout": "5s"}))
-    path = tmp_path / "turnout.yaml"
-    data = yaml.safe_load(path.read_text())
-    async with aiohttp.ClientSession() as session:
-        pids = [w["pid"] for w in (await status(session, process))["workers"]]
-        async with Load(process.url, clients=4) as load:
-            await load.until(50)
-            # SIGHUP: the supervisor reloads, the workers follow.
-            data["pools"]["blue"]["upstreams"] = [{"url": blue2.url}]
-            path.write_text(yaml.safe_dump(data))
-            process.signal(signal.SIGHUP)
-            await until(
-                session,
-                process,
-                lambda d: d["pools"]["blue"]["upstreams"][0]["url"] == blue2.url and all_follow(d),
-            )
-            results = await fresh_connections(process.url, 20)
-            assert results == {(200, "blue2"): 20}
-
-            # Slow requests, each on a connection of its own, in flight when SIGTERM comes.
-            async def slow() -> tuple[int, str | None]:
-                async with (
-                    aiohttp.ClientSession() as own,
-                    own.get(process.url + "/delay/1000") as resp,
-                ):
-                    await resp.read()
-                    return resp.status, resp.headers.get("Connection")
-
-            held = [asyncio.create_task(slow()) for _ in range(4)]
-            await until(
-                session,
-                process,
-                lambda d: sum(u["in_flight"] for u in d["pools"]["blue"]["upstreams"]) >= 4,
-            )
-            await load.more(20)
-            # As a service manager does (systemd's KillMode=control-group): every process of
-            # the service at once; a worker takes its signal and the supervisor's as one.
-            process.signal(signal.SIGTERM)
-            for pid in pids:
-                os.kill(pid, signal.SIGTERM)
-            load.stop.set()
-            await until_draining(session, process)
-        answers = await asyncio.gather(*held)
-    assert await process.exit_code(TIMEOUT) == 0
-    assert answers == [(200, "close")] * 4
-    assert load.failures() == []
-    for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
-
-
-@pytest.mark.parametrize("workers", [WORKERS, 1])
-async def test_sigterm_fails_no_request_of_a_keep_alive_client(
-    sample: SampleFactory, turnout_workers: WorkersFactory, workers: int
-) -> None:
-    """Clients keep sending across a SIGTERM: busy ones, and idle keep-alive ones that send
-    again at moments through the drain. Each request is answered, or its connection is closed
-    or refused before it was sent, never dropped after: with workers as with one process."""
-    blue = await sample("blue")
-    config = proxy_config([blue.url], [], drain={"timeout": "5s"})
-    process = await turnout_workers(config, workers)
-    loop = asyncio.get_running_loop()
-    results: list[tuple[float, str]] = []
-    signalled = asyncio.Event()
-    idle_after = (0.05, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
-
-    async def busy(client: KeepAliveClient) -> None:
-        for _ in range(5000):
-            outcome = await client.get("/load")
-            results.append((loop.time(), outcome))
-            if outcome != "ok":
-                return
-
-    async def idle(client: KeepAliveClient, delay: float) -> None:
-        await signalled.wait()
-        await asyncio.sleep(delay)
-        results.append((loop.time(), await client.get("/after-idle")))
-
-    async with aiohttp.ClientSession() as session:
-        # A slow request keeps its process draining (and the supervisor alive) for a while
-        # after the signal (on a slow machine the signal may come after it was answered).
-        slow = asyncio.create_task(session.get(process.url + "/delay/3000"))
-        await until(
-            session, process, lambda d: d["pools"]["blue"]["upstreams"][0]["in_flight"] == 1
-        )
-        clients = [loop.create_task(busy(KeepAliveClient(process.port))) for _ in range(16)]
-        async with asyncio.timeout(TIMEOUT):
-            while len(results) < 500:
-                await asyncio.sleep(0.01)
-        # Keep-alive connections answered once just before the signal, then idle.
-        idlers = [KeepAliveClient(process.port) for _ in idle_after]
-        assert await asyncio.gather(*(c.get("/first") for c in idlers)) == ["ok"] * len(idlers)
-        clients += [loop.create_task(idle(c, t)) for c, t in zip(idlers, idle_after, strict=True)]
-        process.signal(signal.SIGTERM)
-        signal_at = loop.time()
-        signalled.set()
-        async with asyncio.timeout(TIMEOUT):
-            await asyncio.gather(*clients)
-        async with await slow as resp:
-            assert resp.status == 200
-            await resp.read()
-    assert await process.exit_code(TIMEOUT) == 0
-    after = Counter(outcome for at, outcome in results if at > signal_at)
-    failed = {outcome: n for outcome, n in after.items() if outcome not in ("ok", "refused")}
-    assert failed == {}, after
-    assert all(outcome == "ok" for at, outcome in results if at <= signal_at)
-    assert after["ok"] > 0
-
-
-async def test_a_second_sigterm_ends_every_worker_at_once(
-    sample: SampleFactory, turnout_workers: WorkersFactory
-) -> None:
-    blue, green = await sample("blue"), await sample("green")
-    process = await turnout_workers(proxy_config([blue.url], [green.url], drain={"timeout": "30s"}))
-    loop = asyncio.get_running_loop()
-    async with aiohttp.ClientSession() as session:
-        # A response that streams for 20 s, on whichever worker took it.
-        stuck = await session.get(process.url + "/stream?chunks=200&interval=100")
-        assert await stuck.content.readany()
-        process.signal(signal.SIGTERM)
-        await until_draining(session, process)
-        assert process.alive  # its worker waits for the request in flight, up to 30 s
-        process.signal(signal.SIGTERM)
-        second = loop.time()
-        assert await process.exit_code(TIMEOUT) == 0
-        assert loop.time() - second < 3.0
-        with pytest.raises(aiohttp.ClientError):
-            await stuck.read()
-        stuck.release()
-
-
 async def test_a_killed_worker_is_restarted(
-    sample: SampleFactory, turnout_workers: WorkersFactory
+    sample: SampleFactory, turnout_workers: ProcessFactory
 ) -> None:
     blue, green = await sample("blue"), await sample("green")
     process = await turnout_workers(proxy_config([blue.url], [green.url]))

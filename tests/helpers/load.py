@@ -1,4 +1,5 @@
-"""Steady client load through the proxy (`Load`), with every request's outcome recorded."""
+"""Steady client load through the proxy (`Load`), with every request's outcome recorded, and
+bursts of fresh connections (`fresh_connections`)."""
 
 from __future__ import annotations
 
@@ -87,3 +88,20 @@ class Load:
         the first `done` to complete (all when None). A request that completed before a change
         was made was routed before it; one started after the change was answered, after it."""
         return Counter(r.upstream for r in self.done[:done] if r.seq >= first)
+
+
+async def fresh_connections(url: str, count: int, path: str = "/x") -> Counter[tuple[int, str]]:
+    """`count` GETs, each on a connection of its own (so the workers share them out); how many
+    got each (status, X-Upstream)."""
+    results: Counter[tuple[int, str]] = Counter()
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> None:
+            async with session.get(url + path) as resp:
+                await resp.read()
+                results[resp.status, resp.headers.get("X-Upstream", "")] += 1
+
+        for _ in range(count // 4):
+            await asyncio.gather(*(one() for _ in range(4)))
+    return results
