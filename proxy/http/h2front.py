@@ -5,10 +5,11 @@ Every stream becomes one request on an in-memory connection of the proxy's own (
 ClientConnection whose transport is the stream), handed over as the codec parsed it
 (ClientConnection.stream_request). So split, stickiness, override, admission, breakers,
 retries, shielding, analysis, the access log and metrics apply per stream exactly as they do
-per HTTP/1.1 request, and the HTTP/1.1 path itself is unchanged. The answer comes back as the
-data path writes it, HTTP/1.1 bytes, which an httptools parser per stream turns into frames.
-A stream lets go of its parser when it ends: nothing of it is left to the cyclic garbage
-collector (python -m loadtests.bench --h2 measures the cost per stream).
+per HTTP/1.1 request, and the HTTP/1.1 path itself is unchanged. An upstream's answer comes
+back as fields (the exchange calls hold_head, respond, respond_end); only the proxy's own
+answers (errors, 100 Continue) come as HTTP/1.1 bytes, which a parser made on first use turns
+into frames. A stream lets go of its references when it ends: nothing of it is left to the
+cyclic garbage collector (python -m loadtests.bench --h2 measures the cost per stream).
 
 Flow control runs end to end: a stream's request body is acknowledged (WINDOW_UPDATE) only
 as the data path takes it, and a response stream whose client window is exhausted pauses
@@ -77,9 +78,8 @@ TRANSPORT = 2  # the client connection's own write buffer is full
 
 
 class H2Stream(asyncio.Transport):
-    """One HTTP/2 stream: its request fed to the HTTP/1.1 data path (an in-memory
-    ClientConnection whose transport the stream is), its response read back from it (an
-    httptools response parser) and sent as HTTP/2 frames."""
+    """One HTTP/2 stream: its request handed to the data path (an in-memory ClientConnection
+    whose transport the stream is), the answer it gives sent as HTTP/2 frames."""
 
     __slots__ = (
         "blocked",
