@@ -854,14 +854,19 @@ class Exchange:
             size += len(part)
         if size > h.MAX_RESPONSE_HEAD:
             raise BadResponse("response head too large")
-        no_body = self.no_body or status in (204, 304)
-        if no_body:
-            conn.no_body = True
-        # A body without a length or chunks ends where the upstream closes.
-        self.resp_until_close = conn.length is None and not conn.te and not no_body
+        no_body = self._body_framing(conn, status)
         self.status = status
         self.response_started = True
         stream.hold_head(status, fields, conn.length, no_body)
+
+    def _body_framing(self, conn: UpstreamConnection, status: int) -> bool:
+        """Whether the answer has no body (HEAD, 204, 304); else whether its body ends where
+        the upstream closes (no length, no chunks) is noted for upstream_failed."""
+        no_body = self.no_body or status in (204, 304)
+        if no_body:
+            conn.no_body = True
+        self.resp_until_close = conn.length is None and not conn.te and not no_body
+        return no_body
 
     def _response_head(self, conn: UpstreamConnection, status: int) -> bytes:
         client = self.client
@@ -880,12 +885,9 @@ class Exchange:
             parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
             parts.append(b"\r\n")
             return b"".join(parts)
-        no_body = self.no_body or status in (204, 304)
-        self.resp_until_close = length is None and not te and not no_body
-        if no_body:
+        if self._body_framing(conn, status):
             if length is not None:
                 parts += (b"Content-Length: ", length, b"\r\n")
-            conn.no_body = True
         elif length is not None and not te:
             parts += (b"Content-Length: ", length, b"\r\n")
         elif self.version == "1.1":
@@ -919,7 +921,7 @@ class Exchange:
                 self.relayed = True
             return
         if out:
-            self.client.write(out[0] if len(out) == 1 else b"".join(out))
+            client.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
             self.relayed = True
 

@@ -232,11 +232,7 @@ class H2Stream(asyncio.Transport):
         fields = [(b":status", b"%d" % status), *self.fields]
         self.fields = []
         self.in_trailers = True
-        # A gRPC status in an empty answer's head: trailers-only, one HEADERS that ends it.
-        trailers_only = (b"content-length", b"0") in fields and any(
-            name == b"grpc-status" for name, _ in fields
-        )
-        no_body = self.head_request or status in (204, 304) or trailers_only
+        no_body = self.head_request or status in (204, 304) or trailers_only(fields)
         self.session.send_headers(self.stream_id, fields, no_body)
         if no_body:
             self.complete = self.ended = True
@@ -256,22 +252,14 @@ class H2Stream(asyncio.Transport):
     def hold_head(
         self, status: int, runs: list[bytes], length: bytes | None, no_body: bool
     ) -> None:
-        """An upstream's answer head: its fields as (name, b": ", value, CRLF) runs, less
-        those HTTP/2 forbids, with Via and the length the data path relays."""
-        fields = [(b":status", b"%d" % status)]
-        grpc_status = False
-        for i in range(0, len(runs), 4):
-            name = runs[i].lower()
-            if name not in CONNECTION_FIELDS:
-                fields.append((name, runs[i + 2]))
-                if name == b"grpc-status":
-                    grpc_status = True
+        """An upstream's answer head (`no_body`: HEAD, 204, 304), with Via and the length the
+        data path relays."""
+        fields = h2_fields(runs, [(b":status", b"%d" % status)])
         fields.append(VIA_FIELD)
         if length is not None:
             fields.append((b"content-length", length))
         self.held = fields
-        # A gRPC status in an empty answer's head: trailers-only, one HEADERS that ends it.
-        self.held_end = no_body or self.head_request or (grpc_status and length == b"0")
+        self.held_end = no_body or (length == b"0" and trailers_only(fields))
 
     def drop_head(self) -> None:
         """The held head is not sent after all (the answer turned out invalid first)."""
@@ -300,13 +288,7 @@ class H2Stream(asyncio.Transport):
         if self.ended:
             return
         self.complete = self.ended = True
-        trailers: list[tuple[bytes, bytes]] = []
-        if runs is not None:
-            for i in range(0, len(runs), 4):
-                name = runs[i].lower()
-                if name not in CONNECTION_FIELDS:
-                    trailers.append((name, runs[i + 2]))
-        self.session.end_stream(self.stream_id, trailers)
+        self.session.end_stream(self.stream_id, [] if runs is None else h2_fields(runs, []))
 
     def block(self, reason: int) -> None:
         was = self.blocked
@@ -635,6 +617,21 @@ class H2Session:
 
     def abort(self) -> None:
         self.transport.abort()
+
+
+def h2_fields(runs: list[bytes], into: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """HTTP/1.1 fields laid out as (name, b": ", value, CRLF) runs, appended to `into` as
+    HTTP/2 fields: names lowercased, those HTTP/2 forbids left out."""
+    for i in range(0, len(runs), 4):
+        name = runs[i].lower()
+        if name not in CONNECTION_FIELDS:
+            into.append((name, runs[i + 2]))
+    return into
+
+
+def trailers_only(fields: list[tuple[bytes, bytes]]) -> bool:
+    """A gRPC status in an empty answer's head: trailers-only, one HEADERS that ends it."""
+    return (b"content-length", b"0") in fields and any(name == b"grpc-status" for name, _ in fields)
 
 
 def request_head(

@@ -228,7 +228,7 @@ class Admission:
         if self._in_flight <= 0:
             raise RuntimeError("Admission.leave() without a matching enter()")
         self._in_flight -= 1
-        if self._idle is not None and not self._in_flight:
+        if self._idle is not None:
             self.idle_now()
 
     def idle_now(self) -> None:
