@@ -20,6 +20,7 @@ import pytest
 import trustme
 from conftest import HOST, ProxyFactory, SampleFactory, Stack, proxy_config, wait_for
 from helpers.http2 import RawH2
+from helpers.raw_http import RawUpstreamFactory
 from helpers.tls import write_pair
 from hyperframe.frame import ContinuationFrame, HeadersFrame, SettingsFrame
 
@@ -91,61 +92,43 @@ async def test_request_bodies_and_large_responses_stream_both_ways(stack: Stack)
 
 
 SCRIPTED_ANSWERS = {
-    b"/healthz": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
-    b"/named": b"HTTP/1.1 200 OK\r\nConnection: close, x-secret\r\nX-Secret: 1\r\n"
+    b"/named": b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\n"
     b"X-Kept: 2\r\nContent-Length: 2\r\n\r\nok",
     b"/no-content": b"HTTP/1.1 204 No Content\r\nX-Kept: 3\r\n\r\n",
-    b"/until-close": b"HTTP/1.1 200 OK\r\n\r\nall of it, until the close",
+    b"/until-close": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it, until the close",
     b"/bad-chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
 }
 
 
-async def scripted_upstream() -> asyncio.Server:
-    """An HTTP/1.1 upstream answering each path with the bytes above, then closing."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            head = await reader.readuntil(b"\r\n\r\n")
-            writer.write(SCRIPTED_ANSWERS[head.split(b" ")[1]])
-            await writer.drain()
-        writer.close()
-
-    return await asyncio.start_server(serve, HOST, 0)
-
-
 async def test_answers_reach_http2_clients_as_fields_whatever_their_framing(
-    make_proxy: ProxyFactory,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """An HTTP/1.1 upstream's answers as an HTTP/2 client gets them: hop-by-hop fields (and
     those Connection names) dropped, Via added, the length kept, a 204 without a body, a body
     delimited by the upstream's close ended as a whole stream, and an answer found invalid
     before any of it left a 502."""
-    server = await scripted_upstream()
-    url = f"http://{HOST}:{server.sockets[0].getsockname()[1]}"
-    try:
-        proxy = await make_proxy(proxy_config([url], [url], retries={"attempts": 0}))
-        async with h2c(proxy.port) as client:
-            named = await client.get("/named")
-            assert named.status_code == 200
-            assert named.content == b"ok"
-            assert named.headers["x-kept"] == "2"
-            assert "x-secret" not in named.headers
-            assert "connection" not in named.headers
-            assert named.headers["content-length"] == "2"
-            assert named.headers["via"] == "1.1 turnout"
-            empty = await client.get("/no-content")
-            assert empty.status_code == 204
-            assert empty.content == b""
-            assert empty.headers["x-kept"] == "3"
-            whole = await client.get("/until-close")
-            assert whole.status_code == 200
-            assert whole.content == b"all of it, until the close"
-            bad = await client.get("/bad-chunk")
-            assert bad.status_code == 502
-            assert bad.json()["detail"].startswith("invalid response")
-            assert (await client.get("/named")).content == b"ok"  # the connection goes on
-    finally:
-        server.close()
+    upstream = await raw_upstream(lambda seen: SCRIPTED_ANSWERS[seen.target])
+    proxy = await make_proxy(proxy_config([upstream.url], [upstream.url], retries={"attempts": 0}))
+    async with h2c(proxy.port) as client:
+        named = await client.get("/named")
+        assert named.status_code == 200
+        assert named.content == b"ok"
+        assert named.headers["x-kept"] == "2"
+        assert "x-secret" not in named.headers
+        assert "connection" not in named.headers
+        assert named.headers["content-length"] == "2"
+        assert named.headers["via"] == "1.1 turnout"
+        empty = await client.get("/no-content")
+        assert empty.status_code == 204
+        assert empty.content == b""
+        assert empty.headers["x-kept"] == "3"
+        whole = await client.get("/until-close")
+        assert whole.status_code == 200
+        assert whole.content == b"all of it, until the close"
+        bad = await client.get("/bad-chunk")
+        assert bad.status_code == 502
+        assert bad.json()["detail"].startswith("invalid response")
+        assert (await client.get("/named")).content == b"ok"  # the connection goes on
 
 
 async def test_request_fields_reach_the_upstream_as_http11(stack: Stack) -> None:
