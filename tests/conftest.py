@@ -97,8 +97,10 @@ def proxy_config(blue: list[str], green: list[str], **overrides: Any) -> dict[st
 async def make_proxy() -> AsyncIterator[ProxyFactory]:
     proxies: list[Proxy] = []
 
-    async def make(data: dict[str, Any], seed: int = 1) -> Proxy:
-        proxy = Proxy(parse_config(data), rng=random.Random(seed))
+    async def make(
+        data: dict[str, Any], seed: int = 1, clock: Callable[[], float] | None = None
+    ) -> Proxy:
+        proxy = Proxy(parse_config(data), rng=random.Random(seed), clock=clock)
         await proxy.start()
         proxies.append(proxy)
         return proxy

@@ -5,16 +5,14 @@ so a controller that is stuck fails these tests instead of passing them."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import HOST, Sample, SampleFactory, proxy_config
+from conftest import HOST, ProxyFactory, Sample, SampleFactory, proxy_config
 
-from proxy.config import parse_config
 from proxy.control.rollout import RolloutState
 from proxy.runtime import Proxy
 
@@ -71,7 +69,7 @@ DrivenFactory = Callable[..., Awaitable[Driven]]
 
 
 @pytest.fixture
-async def driven(sample: SampleFactory) -> AsyncIterator[DrivenFactory]:
+async def driven(sample: SampleFactory, make_proxy: ProxyFactory) -> AsyncIterator[DrivenFactory]:
     made: list[Driven] = []
 
     async def make(**rollout: Any) -> Driven:
@@ -86,9 +84,8 @@ async def driven(sample: SampleFactory) -> AsyncIterator[DrivenFactory]:
         }
         data = proxy_config([blue.url], [green.url], rollout=settings)
         clock = ManualClock()
-        proxy = Proxy(parse_config(data), rng=random.Random(1), clock=clock)
+        proxy = await make_proxy(data, clock=clock)
         proxy.rollout.driven = True
-        await proxy.start()
         d = Driven(proxy, clock, blue, green, aiohttp.ClientSession())
         made.append(d)
         return d
@@ -96,7 +93,6 @@ async def driven(sample: SampleFactory) -> AsyncIterator[DrivenFactory]:
     yield make
     for d in made:
         await d.session.close()
-        await d.proxy.shutdown(timeout=1.0)
 
 
 async def test_a_step_is_held_for_its_interval_however_many_ticks(driven: DrivenFactory) -> None:
