@@ -18,11 +18,12 @@ from setuptools import setup
 
 HERE = Path(__file__).parent
 # The data path, compiled whole: every module of logic/ (pure decisions) and http/ (accept,
-# parse, choose, admit, forward, relay, record), named relative to the package. Then what
-# subclasses their classes (the proxy that composes them, the worker processes' proxies and
-# their shared breakers and limits), since interpreted classes cannot inherit compiled ones.
+# parse, choose, admit, forward, relay, record), named relative to the package. Then the proxy
+# that composes them, whose attributes the data path reads per request, and the worker processes'
+# outcome recorder and the supervisor's views of their breakers and limits, which subclass
+# compiled classes (interpreted classes cannot inherit compiled ones).
 COMPILED_FOLDERS = ("logic", "http")
-SUBCLASSES = ("runtime", "procs.shared", "procs.supervisor", "procs.worker")
+COMPOSING = ("runtime", "procs.shared")
 COMPILED = (
     tuple(
         f"{folder}.{path.stem}"
@@ -30,7 +31,7 @@ COMPILED = (
         for path in sorted((HERE / "proxy" / folder).glob("*.py"))
         if path.stem != "__init__"
     )
-    + SUBCLASSES
+    + COMPOSING
 )
 BUILD_RECORD = HERE / "proxy" / "_build.py"
 

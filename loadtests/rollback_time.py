@@ -89,7 +89,7 @@ async def one_run(green_rate: float, error_rate: float, limit: float) -> dict[st
             await asyncio.sleep(0.01)
         figures = proxy.rollout.status().get("figures") or {}
         rolled_back = proxy.rollout.state.value == "rolled_back"
-        seconds = proxy.rollback_seconds.snapshot().sum if rolled_back else None
+        seconds = proxy.observed.rollback_seconds.snapshot().sum if rolled_back else None
         return {
             "rate": green_rate,
             "rolled_back": rolled_back,

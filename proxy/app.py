@@ -28,7 +28,7 @@ from proxy.procs.handover import (
     default_path,
     request_takeover,
 )
-from proxy.procs.supervisor import LeaderProxy, WorkerError
+from proxy.procs.supervisor import WorkerError, WorkerPool, supervisor_proxy
 from proxy.runtime import Proxy, freeze_startup_heap
 
 log = logging.getLogger("turnout")
@@ -46,7 +46,7 @@ async def serve(
     proxy = (
         Proxy(config, config_path=config_path)
         if workers == 1
-        else LeaderProxy(config, config_path=config_path, workers=workers)
+        else supervisor_proxy(config, config_path=config_path, workers=workers)
     )
     listen, admin = config.listen, config.admin
     # A takeover's routing state is the running process's, newer than the file's.
@@ -100,12 +100,7 @@ async def serve(
         signals += 1
         if signals > 1:
             log.warning("second signal: exiting at once")
-            for conn in list(proxy.connections):
-                conn.abort()
-            for tunnel in list(proxy.tunnels):
-                tunnel.abort()
-            if isinstance(proxy, LeaderProxy):
-                proxy.abort_workers()
+            proxy.front.abort()
         stop.set()
 
     async def reload() -> None:
@@ -132,8 +127,8 @@ async def serve(
     scheme, admin_scheme = ("https" if tls else "http" for tls in (listen.tls, admin.tls))
     print(f"turnout: proxy listening on {scheme}://{listen.host}:{port}", flush=True)
     print(f"turnout: admin API on {admin_scheme}://{admin.host}:{admin_port}", flush=True)
-    if isinstance(proxy, LeaderProxy) and proxy.pool is not None:
-        pids = ", ".join(str(w.pid) for w in proxy.pool.workers)
+    if isinstance(proxy.front, WorkerPool):
+        pids = ", ".join(str(w.pid) for w in proxy.front.workers)
         print(f"turnout: {workers} workers share the port (pids {pids})", flush=True)
     print(f"turnout: {native.describe()}", flush=True)
 

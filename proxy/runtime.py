@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import random
 import socket
 import ssl
@@ -27,17 +28,17 @@ from proxy.http.accesslog import AccessLog, Entry
 from proxy.http.exchange import Outcome, Phase
 from proxy.http.h2front import H2Session
 from proxy.http.h2upstream import H2Upstream
-from proxy.http.router import OTHER, POOLS, Router
+from proxy.http.router import Router
 from proxy.http.server import ClientConnection
 from proxy.http.tls import ListenerTLS, client_context, server_context
 from proxy.http.upstream import Upstream, protocol_factory
 from proxy.logic.admission import Admission, Limits
-from proxy.logic.analysis import PoolWindow, WindowFigures
+from proxy.logic.analysis import WindowFigures
 from proxy.logic.breaker import Breaker, BreakerSettings, BreakerState
 from proxy.logic.grpcstatus import parse_codes
+from proxy.logic.observations import Observations
 from proxy.logic.retry import RetryBudget
-from proxy.logic.routing import PoolName, SplitSpreader
-from proxy.logic.stats import Histogram, PoolStats
+from proxy.logic.routing import OTHER, POOLS, PoolName, SplitSpreader
 
 if TYPE_CHECKING:
     from proxy.fleet import FleetMember
@@ -47,9 +48,7 @@ log = logging.getLogger("turnout")
 
 TICK = 0.5
 BACKLOG = 4096
-WINDOW_BUCKETS = 1200  # time buckets of an analysis window at most
 RECENT = 5.0  # seconds of outcomes in /status "recent"
-ROLLBACK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 # Failovers to the candidate are logged at once, then at most once per this many seconds.
 FAILOVER_LOG_INTERVAL = 5.0
 
@@ -79,6 +78,67 @@ def bind_listener(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class Front(Protocol):
+    """What serves the clients: this process's own data path (`LocalFront`), or a supervisor's
+    worker processes (proxy/procs/supervisor.py)."""
+
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on `sock`, checked and bound."""
+
+    async def stop(self, timeout: float) -> None:
+        """Stop accepting; what is in flight finishes within `timeout`, the rest is cut."""
+
+    async def closed(self) -> None:
+        """Wait until the listener has let go of everything (after `stop`)."""
+
+    def abort(self) -> None:
+        """A second signal: cut what is still served, at once."""
+
+    def reopen_logs(self) -> None: ...
+
+    def load(self) -> dict[str, int]:
+        """What it serves now: `connections`, and whatever else it counts."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """What /status adds for it."""
+        ...
+
+
+class OutcomeSink(Protocol):
+    """Takes the data path's upstream outcomes for the analysis (a worker's recorder)."""
+
+    def outcome(self, pool: PoolName, error: bool, latency: float) -> None: ...
+
+
+def _local_front(proxy: Proxy) -> Front:
+    return LocalFront(proxy)
+
+
+@dataclass(frozen=True)
+class Role:
+    """The part one process takes. A single Turnout does everything: the defaults. A supervisor
+    of `--workers N` (proxy/procs/supervisor.py) runs control, health checks and the rollout
+    over the state its workers share, and they serve the clients (`front`). A worker
+    (proxy/procs/worker.py) serves the clients by its supervisor's routing state: no health
+    checks, its outcomes go to the supervisor (`outcomes`), its share of the limits."""
+
+    # Who serves the clients, made once the proxy exists.
+    front: Callable[[Proxy], Front] = _local_front
+    # One process of `share` that serve the same upstreams: each enforces 1/share of the
+    # per-upstream limits and of listen.max_connections.
+    share: int = 1
+    checks_health: bool = True
+    writes_access_log: bool = True
+    # Called on every upstream made (from the configuration, the admin API, a reload).
+    fit_upstream: Callable[[Proxy, Upstream], None] | None = None
+    # Where the data path's outcomes for the analysis go; None: this process's windows.
+    outcomes: OutcomeSink | None = None
+
+
+SINGLE = Role()
 
 
 class Session(Protocol):
@@ -122,7 +182,8 @@ class Settings:
     grpc_failures: frozenset[int]  # grpc-status codes that count as the server's failure
 
     @classmethod
-    def from_config(cls, config: Config) -> Settings:
+    def from_config(cls, config: Config, share: int = 1) -> Settings:
+        """The settings by `config`, for one process of `share` that serve the same port."""
         t = config.timeouts
         r = config.retries
         outcomes = {Outcome.RETRY_STATUS, Outcome.RESET}
@@ -154,7 +215,7 @@ class Settings:
             shield_failures=bool(config.rollout.shield),
             failure_statuses=statuses | shield,
             drain_timeout=config.drain.timeout,
-            max_connections=config.listen.max_connections,
+            max_connections=math.ceil(config.listen.max_connections / share),
             http2=config.listen.http2,
             max_target=config.listen.max_request_target,
             max_head=config.listen.max_header_bytes,
@@ -165,7 +226,9 @@ class Settings:
 
 
 class Proxy:
-    """Owns the listeners, the routing state and every client connection."""
+    """One process of Turnout, composed by its `role`: the configuration, the routing state
+    (written by `control`), health checks, the rollout controller, the observations, the admin
+    API, and the `front` that serves the clients."""
 
     def __init__(
         self,
@@ -174,7 +237,9 @@ class Proxy:
         config_path: str | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] | None = None,
+        role: Role = SINGLE,
     ) -> None:
+        self.role = role
         self.config = config
         self.config_path = config_path
         self.log = log
@@ -182,36 +247,32 @@ class Proxy:
         # The time the analysis and the rollout controller go by (the loop's, in seconds):
         # outcomes are recorded at it and steps are timed by it. Tests give a clock they move.
         self.clock: Callable[[], float] = clock or self.loop.time
-        self.routing_listeners: list[Callable[[], None]] = []
         # Where the routing state is kept across restarts (`turnout run` sets it up).
         self.state_file: StateFile | None = None
-        self.settings = Settings.from_config(config)
+        self.settings = Settings.from_config(config, role.share)
         self.rng = rng or random.Random()
         self.spreader = SplitSpreader(config.split)
-        self._stable: PoolName = "green" if config.split == 100.0 else "blue"
         self.events = EventBus()
         self._refresh_pending = False
         self.pool_tls: dict[PoolName, ssl.SSLContext] = {}
         self.listener_tls = (
             ListenerTLS(config.listen.tls, http2=config.listen.http2) if config.listen.tls else None
         )
-        self.router = Router(config, self._build_pools(config), self.spreader, self.rng)
+        self.router = Router(
+            config,
+            self._build_pools(config),
+            self.spreader,
+            self.rng,
+            stable="green" if config.split == 100.0 else "blue",
+        )
         self.control = Control(self)
         self.health = self._health_checker(config)
         self.retry_budget = RetryBudget(config.retries.budget, config.retries.min_per_second)
-        self.pool_stats: dict[PoolName, PoolStats] = {p: PoolStats() for p in POOLS}
-        self.windows: dict[PoolName, PoolWindow] = {p: self._window(config) for p in POOLS}
-        self.unrouted: dict[str, dict[int, int]] = {}
-        self.rescued = 0
+        self.observed = Observations(config.rollout.interval, (phase.value for phase in Phase))
         # Requests for the stable pool that went to the candidate; the last logged count.
         self.candidate_failovers = 0
         self._failovers_logged = 0
         self._failover_logged_at = float("-inf")
-        # Why no request fails over to the candidate ("" when they may): a rollback's reason.
-        self.fence_reason = ""
-        # Exchanges ended by a timeout, by phase (Phase values).
-        self.timeouts: dict[str, int] = {phase.value: 0 for phase in Phase}
-        self.rollback_seconds = Histogram(ROLLBACK_BUCKETS)
         self.rollout = RolloutController(self)
         self.fleet: FleetMember | None = None  # set by proxy.fleet.join
         self.access_log = self._access_log(config)
@@ -223,23 +284,17 @@ class Proxy:
         self.sessions: set[Session] = set()
         self.tunnels: set[ClientConnection] = set()
         self.shutting_down = False
-        self.server: asyncio.Server | None = None
+        # Requests answered (a worker reports how many since its last report).
+        self.served = 0
         self.admin_runner: web.AppRunner | None = None
         self.listen_socket: socket.socket | None = None
         self.admin_socket: socket.socket | None = None
         self.admin_port = 0
-        self._tick_task: asyncio.Task[None] | None = None
         self.port = 0
         self.listen_address = ""
+        self.front = role.front(self)
 
     # construction --------------------------------------------------------------
-
-    @staticmethod
-    def _window(config: Config) -> PoolWindow:
-        # Three steps of history in quarter seconds; a long step gets coarser buckets rather
-        # than a table that grows with it (an hour-long step would take hundreds of MB).
-        span = max(60.0, 3 * config.rollout.interval)
-        return PoolWindow(span=span, bucket=max(0.25, span / WINDOW_BUCKETS))
 
     def _build_pools(self, config: Config) -> dict[PoolName, tuple[Upstream, ...]]:
         return {
@@ -279,6 +334,8 @@ class Proxy:
             self.breaker_settings(), clock=self.loop.time, on_transition=on_transition
         )
         upstream.admission = Admission(self.admission_settings(), loop=self.loop)
+        if self.role.fit_upstream is not None:
+            self.role.fit_upstream(self, upstream)
         return upstream
 
     def breaker_settings(self) -> BreakerSettings:
@@ -295,13 +352,15 @@ class Proxy:
         )
 
     def admission_settings(self) -> Limits:
-        """An upstream's limits by the configuration in force."""
-        limits = self.config.limits
+        """An upstream's limits by the configuration in force. Limits are per upstream: one
+        process of several that serve it enforces its share, so that the upstream sees at most
+        the configured figures from all of them together."""
+        limits, n = self.config.limits, self.role.share
         return Limits(
-            max_in_flight=limits.max_in_flight,
-            queue=limits.queue,
+            max_in_flight=math.ceil(limits.max_in_flight / n),
+            queue=math.ceil(limits.queue / n),
             queue_timeout=limits.queue_timeout,
-            rate=limits.rate,
+            rate=None if limits.rate is None else limits.rate / n,
         )
 
     def pool_context(self, pool: PoolName) -> ssl.SSLContext:
@@ -314,7 +373,7 @@ class Proxy:
 
     def _access_log(self, config: Config) -> AccessLog | None:
         cfg = config.access_log
-        if cfg.to == "off" or cfg.sample <= 0.0:
+        if cfg.to == "off" or cfg.sample <= 0.0 or not self.role.writes_access_log:
             return None
         return AccessLog(cfg.to, cfg.sample, self.rng)
 
@@ -328,8 +387,7 @@ class Proxy:
 
     def reopen_logs(self) -> None:
         """SIGUSR1: the access log file was rotated away; open it anew."""
-        if self.access_log is not None:
-            self.access_log.reopen()
+        self.front.reopen_logs()
 
     def _health_checker(self, config: Config) -> HealthChecker:
         hc = config.health_check
@@ -339,7 +397,7 @@ class Proxy:
             timeout=hc.timeout,
             healthy_after=hc.healthy_after,
             unhealthy_after=hc.unhealthy_after,
-            on_change=self._on_health_change,
+            on_change=self.control.health_changed,
             grpc_service=hc.service if hc.grpc else None,
             pool_fields={name: _probe_fields(config, name) for name in POOLS},
         )
@@ -356,24 +414,21 @@ class Proxy:
         self._refresh_pending = False
         self.router.refresh()
 
-    def _on_health_change(self, upstream: Upstream, healthy: bool, reason: str) -> None:
-        self.router.refresh()
-        self.routing_changed()
-        self.events.publish(
-            "health", upstream=upstream.key, url=upstream.url, healthy=healthy, reason=reason
-        )
-
     def watch(self, upstream: Upstream, *, cold: bool = True) -> None:
         """Start health-checking an upstream; a cold one takes traffic after its first passing
         check, a warm one keeps the health it has."""
-        self.health.watch(upstream, cold=cold)
+        if self.role.checks_health:
+            self.health.watch(upstream, cold=cold)
 
     def unwatch(self, upstream: Upstream) -> None:
-        self.health.unwatch(upstream)
+        if self.role.checks_health:
+            self.health.unwatch(upstream)
 
-    def apply(self, config: Config, pools: dict[PoolName, tuple[Upstream, ...]]) -> None:
-        """Swap configuration and routing snapshot; requests in flight keep the old ones.
-        Breakers and limits take new settings in place: upstreams keep their live state."""
+    def reconfigure(self, config: Config, pools: dict[PoolName, tuple[Upstream, ...]]) -> None:
+        """Take `config` for everything but the routing state (Control swaps that): the hot
+        path's settings, the retry budget, the access log, TLS; requests in flight keep the old
+        ones. Breakers and limits of `pools` take new settings in place: upstreams keep their
+        live state."""
         old = self.config
         old_log = old.access_log
         self.config = config
@@ -383,7 +438,7 @@ class Proxy:
                 for upstream in ups:
                     upstream.breaker.retune(breaker)
                     upstream.admission.retune(admission)
-        self.settings = Settings.from_config(config)
+        self.settings = Settings.from_config(config, self.role.share)
         if config.retries != old.retries:
             self.retry_budget = RetryBudget(config.retries.budget, config.retries.min_per_second)
         if config.access_log != old_log:
@@ -399,51 +454,18 @@ class Proxy:
                 upstream.ssl = self.pool_context(name) if upstream.url.startswith("https") else None
         if self.listener_tls is not None and config.listen.tls is not None:
             self.listener_tls.rotate(config.listen.tls)
-        fenced = self.router.fenced
-        self.router = Router(config, pools, self.spreader, self.rng)
-        self.router.fenced = fenced
-        self.routing_changed()
-
-    def set_split(self, split: float) -> None:
-        self.spreader.set_split(split)
-        self.state_changed()
-
-    def state_changed(self) -> None:
-        """The split, the stable pool or the rollout changed: the state file follows."""
-        state_file = self.state_file
-        if state_file is not None:
-            state_file.changed()
-        self.routing_changed()
-
-    def routing_changed(self) -> None:
-        """Said after every change of what routes a request (the split, the stable pool, the
-        fence, the configuration, an upstream's health, drain, weight or URL): each of
-        `routing_listeners` hears it (a supervisor then tells its workers)."""
-        for listener in self.routing_listeners:
-            listener()
 
     # what the data path reports --------------------------------------------------
 
     @property
     def stable(self) -> PoolName:
-        """The pool that holds the traffic; it flips at each promotion."""
-        return self._stable
+        """The pool that holds the traffic; it flips at each promotion (Control.set_stable)."""
+        return self.router.stable
 
-    @stable.setter
-    def stable(self, pool: PoolName) -> None:
-        self._stable = pool
-        self.stable_changed()
-
-    def stable_changed(self) -> None:
-        """Called when the stable pool flips (a supervisor also tells its workers)."""
-        self.state_changed()
-
-    def fence_candidate(self, reason: str) -> None:
-        """From now on no request fails over to the candidate pool, because of `reason` (a
-        rollback's); an empty reason lifts the fence (a new rollout, a promotion)."""
-        self.fence_reason = reason
-        self.router.fenced = self.candidate if reason else None
-        self.state_changed()
+    @property
+    def fence_reason(self) -> str:
+        """Why no request fails over to the candidate ("" when they may): a rollback's."""
+        return self.control.fence_reason
 
     def failed_over_to_candidate(self, pool: PoolName, retried: bool) -> None:
         """A request for the stable `pool` went to the candidate: `pool` had no upstream
@@ -505,11 +527,16 @@ class Proxy:
         )
 
     def record_outcome(self, pool: PoolName, error: bool, latency: float) -> None:
-        self.windows[pool].record(self.clock(), error, latency)
+        sink = self.role.outcomes
+        if sink is not None:
+            sink.outcome(pool, error, latency)
+            return
+        self.observed.windows[pool].record(self.clock(), error, latency)
         if error and pool != self.stable:
             self.rollout.candidate_failed()
 
     def record_response(self, ex: Exchange) -> None:
+        self.served += 1
         status = ex.status
         if not status:
             return
@@ -518,18 +545,18 @@ class Proxy:
             codes = upstream.codes
             codes[status] = codes.get(status, 0) + 1
         else:
-            unrouted = self.unrouted.setdefault(ex.pool or "", {})
+            unrouted = self.observed.unrouted.setdefault(ex.pool or "", {})
             unrouted[status] = unrouted.get(status, 0) + 1
         duration = time.monotonic() - ex.started
         if ex.pool is not None:
             pool = upstream.pool if upstream is not None else ex.pool
-            self.pool_stats[pool].duration.observe(duration)
+            self.observed.pool_stats[pool].duration.observe(duration)
         access = self.access_log
         if access is not None and access.wants():
             access.write(access_entry(ex, duration))
 
     def figures(self, pool: PoolName, since: float | None = None) -> WindowFigures:
-        return self.windows[pool].figures(self.clock(), since)
+        return self.observed.windows[pool].figures(self.clock(), since)
 
     def recent_figures(self) -> dict[str, Any]:
         """Each pool's outcomes over the last RECENT seconds, for watching traffic live."""
@@ -560,17 +587,8 @@ class Proxy:
         H2Session(self, transport).start(data)
 
     async def start(self, sock: socket.socket | None = None) -> int:
-        """Check the upstreams, then serve on the listener; returns the port."""
-        sock = await self.checked_listener(sock)
-        tls = self.listener_tls
-        self.server = await self.loop.create_server(
-            protocol_factory(lambda: ClientConnection(self)),
-            sock=sock,
-            backlog=BACKLOG,
-            ssl=tls.context if tls is not None else None,
-            ssl_handshake_timeout=self.settings.request_headers_timeout if tls else None,
-        )
-        self._tick_task = self.loop.create_task(self._tick())
+        """Check the upstreams, then serve on the listener (the front does); returns the port."""
+        await self.front.start(await self.checked_listener(sock))
         return self.port
 
     async def start_admin(self, sock: socket.socket | None = None) -> int:
@@ -598,30 +616,9 @@ class Proxy:
         """Take over the routing state of the process this one replaces."""
         split = state.get("split")
         if isinstance(split, int | float) and 0.0 <= split <= 100.0:
-            self.set_split(float(split))
+            self.control.put_split(float(split))
         if state.get("stable") in POOLS:
-            self.stable = state["stable"]
-
-    async def _tick(self) -> None:
-        while True:
-            await asyncio.sleep(TICK)
-            now = self.loop.time()
-            for conn in list(self.connections):
-                conn.expire(now)
-            for session in list(self.sessions):
-                session.expire(now)
-            idle_before = now - self.settings.idle_timeout
-            refresh = False
-            for upstream in self.router.upstreams():
-                if upstream.idle:
-                    upstream.close_idle(idle_before)
-                # Reading the state moves an open breaker whose time is up to half-open.
-                if upstream.breaker.state is BreakerState.HALF_OPEN and (
-                    upstream not in self.router.candidates[upstream.pool]
-                ):
-                    refresh = True
-            if refresh:
-                self.router.refresh()
+            self.control.set_stable(state["stable"])
 
     @property
     def in_flight(self) -> int:
@@ -632,34 +629,16 @@ class Proxy:
         return OTHER[self.stable]
 
     async def shutdown(self, timeout: float | None = None) -> None:
-        """Stop accepting, let requests in flight finish (bounded), then close everything."""
+        """The one shutdown sequence: stop accepting, let requests in flight finish (bounded),
+        then close everything, the admin API last."""
         if self.shutting_down:
             return
         self.shutting_down = True
         timeout = self.settings.drain_timeout if timeout is None else timeout
-        self.events.publish("shutdown", connections=len(self.connections), in_flight=self.in_flight)
+        self.events.publish("shutdown", in_flight=self.in_flight, **self.front.load())
         if self.fleet is not None:
             await self.fleet.close()
-        taking = self._stop_accepting()
-        deadline = self.loop.time() + timeout
-        while (self.connections or self.sessions or any(not t.done() for t in taking)) and (
-            self.loop.time() < deadline
-        ):
-            now = self.loop.time()
-            for conn in list(self.connections):
-                conn.shutdown(now)
-            for session in list(self.sessions):
-                session.shutdown(now)
-            await asyncio.sleep(0.05)
-        for conn in list(self.tunnels):
-            conn.going_away()
-        for conn in list(self.connections):
-            if conn.tunnel is None:
-                conn.abort()
-        for session in list(self.sessions):
-            session.abort()
-        if self._tick_task is not None:
-            self._tick_task.cancel()
+        await self.front.stop(timeout)
         await self.rollout.close()
         await self.control.close()
         if self.state_file is not None:
@@ -669,48 +648,13 @@ class Proxy:
             upstream.close_idle()
             for uconn in list(upstream.connections):
                 uconn.close()
-        if self.server is not None:
-            await self.server.wait_closed()
+        await self.front.closed()
         # Event streams end here, or the admin runner would wait for them to.
         self.events.close()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
         if self.access_log is not None:
             await asyncio.to_thread(self.access_log.close)
-
-    def _stop_accepting(self) -> list[asyncio.Task[None]]:
-        """Close the listener, taking first the connections the kernel has queued on it: one
-        still queued when the last process holding the listener closes it is reset, maybe after
-        its client sent a request (the other workers of a supervisor, or the successor of a hot
-        restart, may hold it on). Taken, it is answered with `Connection: close`."""
-        sock, server = self.listen_socket, self.server
-        if server is None:
-            return []
-        queued: list[socket.socket] = []
-        if sock is not None and sock.fileno() != -1:
-            # Taken and closed in one synchronous step: no connection can join the queue
-            # between the last accept and the close but those of the same instant.
-            while len(queued) < BACKLOG:
-                try:
-                    conn, _ = sock.accept()
-                except OSError:  # BlockingIOError: nothing (more) is queued
-                    break
-                queued.append(conn)
-        server.close()
-        return [self.loop.create_task(self._serve_accepted(conn)) for conn in queued]
-
-    async def _serve_accepted(self, conn: socket.socket) -> None:
-        tls = self.listener_tls
-        try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await self.loop.connect_accepted_socket(
-                protocol_factory(lambda: ClientConnection(self)),
-                conn,
-                ssl=tls.context if tls is not None else None,
-                ssl_handshake_timeout=self.settings.request_headers_timeout if tls else None,
-            )
-        except (OSError, TimeoutError):  # the client left (or failed its TLS handshake)
-            conn.close()
 
     # views -----------------------------------------------------------------------
 
@@ -735,23 +679,27 @@ class Proxy:
                 entry["last_check"] = self.health.describe(detail) if detail is not None else None
                 upstreams.append(entry)
             pools[name] = {"available": len(router.candidates[name]), "upstreams": upstreams}
-        return {
-            "split": {"green": green, "blue": 100.0 - green},
-            "stable": self.stable,
-            "candidate": self.candidate,
-            "config": self.config_path,
-            "listen": self.listen_address or None,
-            "ramp": self.control.ramp_status(),
-            "pools": pools,
-            "rollout": self.rollout.status(),
-            "recent": self.recent_figures(),
-            "connections": len(self.connections),
-            "rescued": self.rescued,
-            "fenced": {"pool": router.fenced, "reason": self.fence_reason}
-            if router.fenced
-            else None,
-            "state_file": self.state_file.status() if self.state_file is not None else None,
-        } | self.fleet_status()
+        return (
+            {
+                "split": {"green": green, "blue": 100.0 - green},
+                "stable": self.stable,
+                "candidate": self.candidate,
+                "config": self.config_path,
+                "listen": self.listen_address or None,
+                "ramp": self.control.ramp_status(),
+                "pools": pools,
+                "rollout": self.rollout.status(),
+                "recent": self.recent_figures(),
+                "connections": self.front.load()["connections"],
+                "rescued": self.observed.rescued,
+                "fenced": {"pool": router.fenced, "reason": self.fence_reason}
+                if router.fenced
+                else None,
+                "state_file": self.state_file.status() if self.state_file is not None else None,
+            }
+            | self.fleet_status()
+            | self.front.status()
+        )
 
     def fleet_status(self) -> dict[str, Any]:
         fleet = self.fleet
@@ -761,9 +709,136 @@ class Proxy:
 
     def __repr__(self) -> str:
         return (
-            f"<Proxy port={self.port} connections={len(self.connections)} "
-            f"in_flight={self.in_flight} stable={self.stable} {self.router!r}>"
+            f"<Proxy port={self.port} {self.front!r} in_flight={self.in_flight} "
+            f"stable={self.stable} {self.router!r}>"
         )
+
+
+class LocalFront:
+    """Serves the clients in this process (a single Turnout, a worker): the listener, the tick
+    that expires idle and stalled connections, the drain at shutdown."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.server: asyncio.Server | None = None
+        self._tick_task: asyncio.Task[None] | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        proxy = self.proxy
+        tls = proxy.listener_tls
+        self.server = await proxy.loop.create_server(
+            protocol_factory(lambda: ClientConnection(proxy)),
+            sock=sock,
+            backlog=BACKLOG,
+            ssl=tls.context if tls is not None else None,
+            ssl_handshake_timeout=proxy.settings.request_headers_timeout if tls else None,
+        )
+        self._tick_task = proxy.loop.create_task(self._tick())
+
+    async def _tick(self) -> None:
+        proxy = self.proxy
+        while True:
+            await asyncio.sleep(TICK)
+            now = proxy.loop.time()
+            for conn in list(proxy.connections):
+                conn.expire(now)
+            for session in list(proxy.sessions):
+                session.expire(now)
+            idle_before = now - proxy.settings.idle_timeout
+            router = proxy.router
+            refresh = False
+            for upstream in router.upstreams():
+                if upstream.idle:
+                    upstream.close_idle(idle_before)
+                # Reading the state moves an open breaker whose time is up to half-open.
+                if upstream.breaker.state is BreakerState.HALF_OPEN and (
+                    upstream not in router.candidates[upstream.pool]
+                ):
+                    refresh = True
+            if refresh:
+                router.refresh()
+
+    async def stop(self, timeout: float) -> None:
+        proxy = self.proxy
+        loop = proxy.loop
+        taking = self._stop_accepting()
+        deadline = loop.time() + timeout
+        while (proxy.connections or proxy.sessions or any(not t.done() for t in taking)) and (
+            loop.time() < deadline
+        ):
+            now = loop.time()
+            for conn in list(proxy.connections):
+                conn.shutdown(now)
+            for session in list(proxy.sessions):
+                session.shutdown(now)
+            await asyncio.sleep(0.05)
+        for conn in list(proxy.tunnels):
+            conn.going_away()
+        for conn in list(proxy.connections):
+            if conn.tunnel is None:
+                conn.abort()
+        for session in list(proxy.sessions):
+            session.abort()
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+
+    async def closed(self) -> None:
+        if self.server is not None:
+            await self.server.wait_closed()
+
+    def abort(self) -> None:
+        for conn in list(self.proxy.connections):
+            conn.abort()
+        for tunnel in list(self.proxy.tunnels):
+            tunnel.abort()
+
+    def reopen_logs(self) -> None:
+        if self.proxy.access_log is not None:
+            self.proxy.access_log.reopen()
+
+    def load(self) -> dict[str, int]:
+        return {"connections": len(self.proxy.connections)}
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def _stop_accepting(self) -> list[asyncio.Task[None]]:
+        """Close the listener, taking first the connections the kernel has queued on it: one
+        still queued when the last process holding the listener closes it is reset, maybe after
+        its client sent a request (the other workers of a supervisor, or the successor of a hot
+        restart, may hold it on). Taken, it is answered with `Connection: close`."""
+        sock, server = self.proxy.listen_socket, self.server
+        if server is None:
+            return []
+        queued: list[socket.socket] = []
+        if sock is not None and sock.fileno() != -1:
+            # Taken and closed in one synchronous step: no connection can join the queue
+            # between the last accept and the close but those of the same instant.
+            while len(queued) < BACKLOG:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:  # BlockingIOError: nothing (more) is queued
+                    break
+                queued.append(conn)
+        server.close()
+        return [self.proxy.loop.create_task(self._serve_accepted(conn)) for conn in queued]
+
+    async def _serve_accepted(self, conn: socket.socket) -> None:
+        proxy = self.proxy
+        tls = proxy.listener_tls
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await proxy.loop.connect_accepted_socket(
+                protocol_factory(lambda: ClientConnection(proxy)),
+                conn,
+                ssl=tls.context if tls is not None else None,
+                ssl_handshake_timeout=proxy.settings.request_headers_timeout if tls else None,
+            )
+        except (OSError, TimeoutError):  # the client left (or failed its TLS handshake)
+            conn.close()
+
+    def __repr__(self) -> str:
+        return f"<LocalFront connections={len(self.proxy.connections)}>"
 
 
 def access_entry(ex: Exchange, duration: float) -> Entry:

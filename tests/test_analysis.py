@@ -27,7 +27,8 @@ from proxy.logic.analysis import (
     WindowFigures,
     mixture_log_lr,
 )
-from proxy.runtime import WINDOW_BUCKETS, Proxy
+from proxy.logic.observations import WINDOW_BUCKETS
+from proxy.runtime import Proxy
 
 
 def nearest_rank(values: list[float], percent: int) -> float:
@@ -157,7 +158,7 @@ async def test_a_long_rollout_step_gets_coarser_buckets_not_a_bigger_window(
             "rollout": {"interval": interval},
         }
     )
-    window = Proxy(config).windows["blue"]
+    window = Proxy(config).observed.windows["blue"]
     assert window.buckets <= WINDOW_BUCKETS + 1
     assert window.span == pytest.approx(max(60.0, 3 * config.rollout.interval))
     assert window.span / (window.buckets - 1) == pytest.approx(bucket)

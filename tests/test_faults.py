@@ -516,7 +516,7 @@ async def test_post_is_retried_after_a_connect_error(
             assert (await resp.json())["bytes"] == len(payload)
     dead = proxy.router.pools["blue"][0].snapshot()
     assert dead.failures >= 1, "no POST was sent toward the dead upstream"
-    assert proxy.pool_stats["blue"].retries == {"connect_error": dead.failures}
+    assert proxy.observed.pool_stats["blue"].retries == {"connect_error": dead.failures}
 
 
 async def test_unreachable_pool_fails_over_to_the_other_pool(

@@ -190,7 +190,7 @@ async def test_a_calls_outcome_is_its_grpc_status(
         with pytest.raises(grpc.aio.AioRpcError) as answered:
             await ch.unary(b"x", timeout=10)
         assert answered.value.code() == grpc.StatusCode.NOT_FOUND
-    window = proxy.windows["blue"].figures(proxy.loop.time())
+    window = proxy.observed.windows["blue"].figures(proxy.loop.time())
     assert (window.requests, window.errors) == (2, 1)
 
 
@@ -264,7 +264,7 @@ async def test_a_green_answering_internal_is_rolled_back_with_no_failed_call(
     assert proxy.rollout.snapshot().state == "rolled_back"
     assert failed == []
     assert green.calls > 0
-    assert proxy.rescued == green.calls
+    assert proxy.observed.rescued == green.calls
 
 
 class CallLoad:

@@ -9,8 +9,7 @@ import shutil
 
 from conftest import HOST, ProxyFactory, SampleFactory, proxy_config, wait_for
 
-from proxy.http.router import POOLS
-from proxy.logic.routing import PoolName
+from proxy.logic.routing import POOLS, PoolName
 from proxy.runtime import Proxy
 
 RESULT = re.compile(

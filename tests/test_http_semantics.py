@@ -581,7 +581,7 @@ async def test_override_header_forces_a_pool(stack: Stack) -> None:
         assert await _pool_of(session, url, {"X-Turnout-Pool": "green"}) == "green"
         assert await _pool_of(session, url, {"x-turnout-pool": " GREEN "}) == "green"
         assert await _pool_of(session, url, {}) == "blue"
-    stack.proxy.set_split(100)
+    stack.proxy.control.put_split(100)
     for _ in range(5):
         assert await _pool_of(session, url, {"X-Turnout-Pool": "blue"}) == "blue"
         assert await _pool_of(session, url, {}) == "green"
@@ -619,7 +619,7 @@ async def test_sticky_cookie_moves_clients_only_blue_to_green(
 
     previous: set[str] = set()
     for split in (20, 50, 80):
-        proxy.set_split(split)
+        proxy.control.put_split(split)
         first = await asyncio.gather(*(pool_of(k) for k in keys))
         second = await asyncio.gather(*(pool_of(k) for k in reversed(keys)))
         assert first == second[::-1], f"a cookie changed pool at split {split}"

@@ -584,7 +584,7 @@ async def test_a_forced_pool_never_fails_over(
     assert metric(proxy, "turnout_retries_total") == [
         ({"pool": "green", "reason": "status_503"}, 1.0)
     ]
-    assert proxy.rescued == 0
+    assert proxy.observed.rescued == 0
 
 
 async def test_pool_dying_under_load_fails_over_with_no_client_error(
@@ -606,7 +606,7 @@ async def test_pool_dying_under_load_fails_over_with_no_client_error(
     served = traffic.upstreams["green"]
     await traffic.until(lambda: traffic.upstreams["green"] >= served + 200)
     await traffic.stop()
-    stats = proxy.pool_stats["blue"]
+    stats = proxy.observed.pool_stats["blue"]
     print(f"\npool dying: {traffic!r} {proxy.retry_budget!r} {stats!r}")
     assert not traffic.failures, traffic
     assert proxy.status()["pools"]["blue"]["available"] == 0
@@ -727,7 +727,7 @@ async def test_no_retry_once_a_response_byte_went_to_the_client(
             await resp.read()
     blue_up, green_up = proxy.router.pools["blue"][0], proxy.router.pools["green"][0]
     assert (blue_up.requests, blue_up.failures, green_up.requests) == (1, 1, 0)
-    assert proxy.pool_stats["blue"].retries == {}
+    assert proxy.observed.pool_stats["blue"].retries == {}
 
 
 async def test_post_is_not_retried_on_503_but_get_is(
@@ -752,7 +752,7 @@ async def test_post_is_not_retried_on_503_but_get_is(
             await resp.read()
     # Round robin sends every other POST to the bad upstream; its 503 is the answer.
     assert posts == {(503, "bad"): 3, (200, "good"): 3}
-    assert proxy.pool_stats["blue"].retries == {}
+    assert proxy.observed.pool_stats["blue"].retries == {}
     gets: Counter[tuple[int, str]] = Counter()
     for _ in range(6):
         async with session.get(url_of(proxy) + "/get") as resp:
@@ -760,7 +760,7 @@ async def test_post_is_not_retried_on_503_but_get_is(
             await resp.read()
     assert gets == {(200, "good"): 6}
     # POSTs answered 503 were relayed, not failed over: only the GETs' tries on bad retried.
-    assert proxy.pool_stats["blue"].retries == {"status_503": bad_up.failures}
+    assert proxy.observed.pool_stats["blue"].retries == {"status_503": bad_up.failures}
     assert bad_up.requests == 3 + bad_up.failures
 
 
@@ -789,7 +789,7 @@ async def test_retries_attempts_is_respected(
             await resp.read()
     tries = sum(u.requests for u in proxy.router.upstreams())
     assert tries == 5 * (1 + attempts)
-    retries = sum(sum(s.retries.values()) for s in proxy.pool_stats.values())
+    retries = sum(sum(s.retries.values()) for s in proxy.observed.pool_stats.values())
     assert retries == 5 * attempts
     samples = metric(proxy, "turnout_retries_total")
     assert sum(v for _, v in samples) == retries
@@ -814,7 +814,7 @@ async def test_retry_budget_bounds_retries_in_an_outage(
     n = 60
     answers = await asyncio.gather(*(one_shot(proxy.port, f"/o/{i}") for i in range(n)))
     assert Counter(a.status for a in answers) == {503: n}
-    retries = sum(sum(s.retries.values()) for s in proxy.pool_stats.values())
+    retries = sum(sum(s.retries.values()) for s in proxy.observed.pool_stats.values())
     budget = proxy.retry_budget.snapshot()
     print(f"\nbudget: {retries} retries of {n} failed requests, {budget}")
     assert 5 <= retries <= 0.2 * n + 5
@@ -1017,7 +1017,7 @@ async def test_failing_canary_is_shielded_by_the_stable_pool(
     sample: SampleFactory, make_proxy: ProxyFactory, load: LoadFactory, clients: int, budget: float
 ) -> None:
     """Split 50 with every green answer a 503: each GET green fails is retried once on blue,
-    so every client gets blue's answer, and proxy.rescued counts those."""
+    so every client gets blue's answer, and proxy.observed.rescued counts those."""
     blue = await sample("blue")
     green = await sample("green", error_rate=1.0, error_status=503)
     proxy = await make_proxy(
@@ -1027,7 +1027,7 @@ async def test_failing_canary_is_shielded_by_the_stable_pool(
     await traffic.until(lambda: traffic.finished, timeout=10)
     canary = proxy.router.pools["green"][0]
     print(
-        f"\ncanary with {clients} clients: {traffic!r} rescued={proxy.rescued}"
+        f"\ncanary with {clients} clients: {traffic!r} rescued={proxy.observed.rescued}"
         f" {proxy.retry_budget!r}"
     )
     assert traffic.ok == 400, traffic
@@ -1035,6 +1035,6 @@ async def test_failing_canary_is_shielded_by_the_stable_pool(
     assert traffic.upstreams == {"blue": 400}
     # Every failed green attempt was answered by blue, until green's breaker opened and blue
     # took all the traffic.
-    assert proxy.rescued == canary.failures >= 1
+    assert proxy.observed.rescued == canary.failures >= 1
     assert canary.breaker.snapshot().opens == 1
-    assert metric(proxy, "turnout_rescued_total")[0][1] == proxy.rescued
+    assert metric(proxy, "turnout_rescued_total")[0][1] == proxy.observed.rescued

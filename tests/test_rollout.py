@@ -481,10 +481,10 @@ async def test_green_failing_everything_rolls_back_within_a_second_and_shields_c
         # benchmark's figure (loadtests.cutover, printed below): tens of milliseconds here.
         assert took < 3.0, f"split 0 came {took:.3f} s after green's first failure"
         assert load.failed == 0, (load, r.proxy.retry_budget)
-        snap = r.proxy.rollback_seconds.snapshot()
+        snap = r.proxy.observed.rollback_seconds.snapshot()
         assert snap.count == 1
         # Every failed green request was answered by blue, and counted.
-        assert r.proxy.rescued == green.errors
+        assert r.proxy.observed.rescued == green.errors
         measured.append(took)
         reported.append(snap.sum)
         print(
@@ -515,11 +515,12 @@ async def test_a_candidate_answering_500_costs_no_client_request(rig: RigFactory
         await load.until(lambda: load.sent >= 200)  # bounded: traffic goes on, on blue
     print(
         f"\ngreen answering 500: {load.failed} client failures of {load.sent},"
-        f" {r.green.errors} green 500s, {r.proxy.rescued} rescued, {r.proxy.retry_budget!r}"
+        f" {r.green.errors} green 500s, {r.proxy.observed.rescued} rescued,"
+        f" {r.proxy.retry_budget!r}"
     )
     assert load.failed == 0, load
     assert r.green.errors > 0
-    assert r.proxy.rescued == r.green.errors
+    assert r.proxy.observed.rescued == r.green.errors
     breach = r.kinds("breach")[0]
     assert breach["figures"]["candidate"]["errors"] >= 1
     metrics = await r.metrics()
@@ -550,7 +551,7 @@ async def test_shield_off_lets_the_candidate_answer(rig: RigFactory) -> None:
             async with session.get(r.url) as resp:
                 assert resp.status == 200
                 assert resp.headers["X-Upstream"] == "blue"
-    assert r.proxy.rescued == 5
+    assert r.proxy.observed.rescued == 5
 
 
 # Checks every 100 ms, one failure takes an upstream out and one pass brings it back.
@@ -753,7 +754,7 @@ async def test_fallback_pause_holds_the_split_for_the_operator(rig: RigFactory) 
     # Green kept failing while paused; blue answered every one of those requests.
     assert load.failed == 0, load
     print(f"\nfallback pause holds the split for the operator: {load!r}")
-    assert r.proxy.rescued == r.green.errors > 0
+    assert r.proxy.observed.rescued == r.green.errors > 0
 
 
 # -- adaptive: a green as good as blue, many times ---------------------------------------------
@@ -922,7 +923,7 @@ async def test_pause_resume_abort_and_rollback_from_the_admin_api(rig: RigFactor
         assert r.split == 0.0
     assert load.failed == 0, load
     print(f"\npause resume abort and rollback from the admin api: {load!r}")
-    assert r.proxy.rollback_seconds.snapshot().count == 0  # no green failure to time
+    assert r.proxy.observed.rollback_seconds.snapshot().count == 0  # no green failure to time
 
 
 async def test_invalid_transitions_are_409(rig: RigFactory) -> None:
@@ -1022,8 +1023,8 @@ async def test_status_events_and_metrics_tell_the_story_of_a_rollback(rig: RigFa
     assert doc["rollout"]["reason"] == rolled["reason"]
     # Each failed green request was answered by blue (rescued): the retry budget (20% of the
     # recent requests, at least 10 a second) lets the burst of green's failures through.
-    assert doc["rescued"] == r.proxy.rescued > 0
-    assert r.proxy.rescued == r.green.errors, (load, r.green)
+    assert doc["rescued"] == r.proxy.observed.rescued > 0
+    assert r.proxy.observed.rescued == r.green.errors, (load, r.green)
     assert load.failed == 0, load
     assert r.proxy.retry_budget.snapshot().denied == 0, load
 
@@ -1042,14 +1043,14 @@ async def test_status_events_and_metrics_tell_the_story_of_a_rollback(rig: RigFa
             "aborted",
         )
     }
-    assert metrics["turnout_rescued_total"] == r.proxy.rescued
+    assert metrics["turnout_rescued_total"] == r.proxy.observed.rescued
     assert metrics["turnout_rollback_seconds_count"] == 1.0
     took = metrics["turnout_rollback_seconds_sum"]
     assert 0.0 < took < 1.0
     assert metrics['turnout_rollback_seconds_bucket{le="1.0"}'] == 1.0
     assert metrics['turnout_split_percent{pool="green"}'] == 0.0
     retried = metrics.get('turnout_retries_total{pool="green",reason="status_503"}', 0.0)
-    assert retried == r.proxy.rescued
+    assert retried == r.proxy.observed.rescued
     print(f"\nrollback at 25%: {load!r}, {r.proxy.retry_budget!r}")
 
 

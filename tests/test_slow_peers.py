@@ -25,8 +25,8 @@ from hypercorn.config import Config as HypercornConfig
 from proxy.config import ConfigError, parse_config
 from proxy.http.server import ClientConnection
 from proxy.procs.shared import OutcomeReport, routing_state
-from proxy.procs.supervisor import LeaderProxy
-from proxy.procs.worker import MemberProxy
+from proxy.procs.supervisor import WorkerPool, supervisor_proxy
+from proxy.procs.worker import Member
 from proxy.runtime import Proxy
 
 MiB = 1024 * 1024
@@ -495,17 +495,19 @@ async def test_upstream_half_close_reaches_the_client_which_may_still_send(
 async def test_timeouts_in_workers_add_up_on_the_leader() -> None:
     """With --workers the leader's /metrics counts the timeouts of every worker."""
     config = parse_config(proxy_config(["http://127.0.0.1:9001"], ["http://127.0.0.1:9002"]))
-    leader = LeaderProxy(config, workers=2)
-    members = [MemberProxy(config, member=f"worker-{i}", workers=2) for i in range(2)]
+    leader = supervisor_proxy(config, workers=2)
+    pool = leader.front
+    assert isinstance(pool, WorkerPool)
+    members = [Member(config, member=f"worker-{i}", workers=2) for i in range(2)]
     state = routing_state(leader, 1, 1, 0.0)
     for i, member in enumerate(members):
         member.follow(state)
-        member.timeouts["client_body"] += 1 + i
-        member.timeouts["tunnel_idle"] += 1
+        member.proxy.observed.timeouts["client_body"] += 1 + i
+        member.proxy.observed.timeouts["tunnel_idle"] += 1
     for member in members:
         report = member.report()
         assert report is not None
-        leader.merge(OutcomeReport.from_wire(json.loads(json.dumps(report.to_wire()))))
+        pool.merge(OutcomeReport.from_wire(json.loads(json.dumps(report.to_wire()))))
         assert member.report() is None  # nothing new since
     assert metric(leader, "client_body") == 3
     assert metric(leader, "tunnel_idle") == 2

@@ -15,7 +15,7 @@ async def test_forwards_to_blue_at_split_zero(stack: Stack) -> None:
 
 
 async def test_split_sends_exact_share_to_green(stack: Stack) -> None:
-    stack.proxy.set_split(25)
+    stack.proxy.control.put_split(25)
     seen = {"blue": 0, "green": 0}
     for _ in range(200):
         async with stack.session.get(stack.url + "/") as resp:

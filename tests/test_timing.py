@@ -46,7 +46,7 @@ async def serve_and_measure(log: Path) -> tuple[float, float, list[dict[str, flo
         loop_step = loop.time() - tick
         return (
             loop_step,
-            proxy.pool_stats["blue"].duration.sum,
+            proxy.observed.pool_stats["blue"].duration.sum,
             [json.loads(line) for line in log.read_text().splitlines()],
         )
     finally:

@@ -79,7 +79,7 @@ async def test_the_access_log_counts_a_tunnels_bytes(
 async def test_websocket_goes_to_the_pool_the_split_or_override_chooses(
     stack: Stack, split: float, override: str | None, pool: str
 ) -> None:
-    stack.proxy.set_split(split)
+    stack.proxy.control.put_split(split)
     headers = {"X-Turnout-Pool": override} if override else {}
     seen: list[str] = []
 

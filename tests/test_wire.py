@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.config import parse_config
-from proxy.http.router import POOLS
 from proxy.logic.breaker import BreakerState
+from proxy.logic.routing import POOLS
 from proxy.procs.shared import (
     SHED_REASONS,
     OutcomeReport,

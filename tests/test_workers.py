@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from conftest import HOST, SampleFactory, proxy_config
+from conftest import HOST, SampleFactory, proxy_config, wait_for
 from helpers.load import fresh_connections
 from helpers.processes import (
     ProcessFactory,
@@ -39,8 +39,8 @@ from proxy.config import parse_config
 from proxy.logic.analysis import PoolWindow, latency_bin
 from proxy.logic.breaker import BreakerState
 from proxy.procs.shared import OutcomeReport, RoutingState, forget_member, routing_state
-from proxy.procs.supervisor import LeaderProxy
-from proxy.procs.worker import MemberProxy
+from proxy.procs.supervisor import WorkerPool, supervisor_proxy
+from proxy.procs.worker import Member
 
 TIMEOUT = 10.0
 WORKERS = 2
@@ -341,9 +341,9 @@ def two_pools(blue: list[str], green: list[str]) -> dict[str, Any]:
 
 async def test_routing_state_crosses_the_wire_without_change() -> None:
     config = parse_config(two_pools(["http://127.0.0.1:9001"], ["http://127.0.0.1:9002"]))
-    leader = LeaderProxy(config, workers=2)
-    leader.set_split(12.5)
-    leader.fence_candidate("green was rolled back")
+    leader = supervisor_proxy(config, workers=2)
+    leader.control.put_split(12.5)
+    leader.control.fence("green was rolled back")
     first = routing_state(leader, 1, 1, 3.0)
     assert first.fence == "green was rolled back"
     wire = json.loads(json.dumps(first.to_wire()))
@@ -359,19 +359,21 @@ async def test_routing_state_crosses_the_wire_without_change() -> None:
 async def test_members_report_and_the_leader_adds_them_up() -> None:
     blue_url, green_url = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
     config = parse_config(two_pools([blue_url], [green_url]))
-    leader = LeaderProxy(config, workers=2)
-    members = [MemberProxy(config, member=f"worker-{i}", workers=2) for i in range(2)]
+    leader = supervisor_proxy(config, workers=2)
+    pool = leader.front
+    assert isinstance(pool, WorkerPool)
+    members = [Member(config, member=f"worker-{i}", workers=2) for i in range(2)]
     state = routing_state(leader, 1, 1, 0.0)
     for member in members:
         member.follow(state)
         # Per-upstream limits are shared out: both workers together stay within them.
-        assert member.settings.max_connections == config.listen.max_connections // 2
-        admission = member.router.pools["blue"][0].admission.snapshot()
+        assert member.proxy.settings.max_connections == config.listen.max_connections // 2
+        admission = member.proxy.router.pools["blue"][0].admission.snapshot()
         assert admission.max_in_flight == config.limits.max_in_flight // 2
     for i, member in enumerate(members):
-        green = member.router.pools["green"][0]
+        green = member.proxy.router.pools["green"][0]
         for n in range(3 + i):
-            member.record_outcome("green", n == 0, 0.01)
+            member.proxy.record_outcome("green", n == 0, 0.01)
             green.codes[500 if n == 0 else 200] = green.codes.get(500 if n == 0 else 200, 0) + 1
             outcome = "500" if n == 0 else "200"
             green.attempts[outcome] = green.attempts.get(outcome, 0) + 1
@@ -379,7 +381,7 @@ async def test_members_report_and_the_leader_adds_them_up() -> None:
     for member in members:
         report = member.report()
         assert report is not None
-        leader.merge(OutcomeReport.from_wire(json.loads(json.dumps(report.to_wire()))))
+        pool.merge(OutcomeReport.from_wire(json.loads(json.dumps(report.to_wire()))))
         assert member.report() is None  # nothing new since
     figures = leader.figures("green")
     assert (figures.requests, figures.errors) == (7, 2)
@@ -388,10 +390,10 @@ async def test_members_report_and_the_leader_adds_them_up() -> None:
     assert green.attempts == {"500": 2, "200": 5}
     assert green.in_flight == 2
     # A breaker open in one member shows on the leader; a member gone no longer counts.
-    members[1].router.pools["green"][0].breaker._open("test")
+    members[1].proxy.router.pools["green"][0].breaker._open("test")
     report = members[1].report()
     assert report is not None
-    leader.merge(report)
+    pool.merge(report)
     assert green.breaker.state is BreakerState.OPEN
     assert green.state_name() == "breaker_open"
     assert leader.events.history[-1].kind == "breaker"
@@ -403,32 +405,36 @@ async def test_members_report_and_the_leader_adds_them_up() -> None:
 async def test_members_follow_drains_removals_splits_and_promotions() -> None:
     a, b, g = "http://127.0.0.1:9001", "http://127.0.0.1:9003", "http://127.0.0.1:9002"
     config = parse_config(two_pools([a, b], [g]))
-    leader = LeaderProxy(config, workers=1)
-    member = MemberProxy(config, member="worker-0")
+    leader = supervisor_proxy(config, workers=1)
+    member = Member(config, member="worker-0")
     leader.control.drain("blue", 0)
-    leader.set_split(40.0)
+    leader.control.put_split(40.0)
     member.follow(routing_state(leader, 1, 1, 0.0))
-    blue = member.router.pools["blue"]
+    blue = member.proxy.router.pools["blue"]
     assert [u.draining for u in blue] == [True, False]
-    assert member.router.candidates["blue"] == (blue[1],)
-    assert member.spreader.split == 40.0
+    assert member.proxy.router.candidates["blue"] == (blue[1],)
+    assert member.proxy.spreader.split == 40.0
     # The leader drops blue/0 and promotes: the member keeps blue/1 (now index 0) as it was.
     kept = blue[1]
-    leader.router.pools["blue"] = (leader.router.pools["blue"][1],)
-    leader.stable = "green"
+    leader.control.remove_upstream("blue", 0)
+    await wait_for(lambda: len(leader.router.pools["blue"]) == 1)
+    leader.control.set_stable("green")
     member.follow(routing_state(leader, 2, 1, 0.0))
-    assert member.router.pools["blue"] == (kept,)
+    assert member.proxy.router.pools["blue"] == (kept,)
     assert kept.index == 0
     assert blue[0] in member.retiring
-    assert member.stable == "green"
+    assert member.proxy.stable == "green"
     assert member.generation == 2
     # A rollback's fence on the candidate (now blue) reaches the member, and its lifting.
-    leader.fence_candidate("blue was rolled back")
+    leader.control.fence("blue was rolled back")
     member.follow(routing_state(leader, 3, 1, 0.0))
-    assert (member.router.fenced, member.fence_reason) == ("blue", "blue was rolled back")
-    leader.fence_candidate("")
+    assert (member.proxy.router.fenced, member.proxy.fence_reason) == (
+        "blue",
+        "blue was rolled back",
+    )
+    leader.control.fence("")
     member.follow(routing_state(leader, 4, 1, 0.0))
-    assert (member.router.fenced, member.fence_reason) == (None, "")
+    assert (member.proxy.router.fenced, member.proxy.fence_reason) == (None, "")
     await member.shutdown(timeout=0)
     await leader.control.close()
 

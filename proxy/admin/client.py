@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from proxy.exits import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
+from proxy.logic.routing import POOLS
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 ADMIN_ENV = "TURNOUT_ADMIN"
@@ -28,7 +29,6 @@ TOKEN_ENV = "TURNOUT_ADMIN_TOKEN"
 DEFAULT_TIMEOUT = 10.0
 MAX_ANSWER = 32 * 1024 * 1024
 MAX_PROBLEMS = 500  # lines of an error answer's problem list shown at most
-POOLS = ("blue", "green")
 ROLLOUT_ACTIONS = ("start", "pause", "resume", "promote", "rollback", "abort")
 STRATEGIES = ("eager", "lazy", "adaptive")
 

@@ -16,7 +16,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from proxy.http.router import POOLS
+from proxy.logic.routing import POOLS
 
 if TYPE_CHECKING:
     from proxy.runtime import Proxy
@@ -50,7 +50,7 @@ class ProxyCollector(Collector):
         for u in upstreams:
             for code, count in sorted(u.codes.items()):
                 requests.add_metric((u.pool, u.url, str(code)), count)
-        for pool, codes in proxy.unrouted.items():
+        for pool, codes in proxy.observed.unrouted.items():
             for code, count in sorted(codes.items()):
                 requests.add_metric((pool, "", str(code)), count)
         yield requests
@@ -73,7 +73,7 @@ class ProxyCollector(Collector):
             labels=("pool",),
         )
         for pool in POOLS:
-            snap = proxy.pool_stats[pool].duration.snapshot()
+            snap = proxy.observed.pool_stats[pool].duration.snapshot()
             duration.add_metric(
                 (pool,),
                 [(_le(bound), count) for bound, count in snap.buckets],
@@ -125,7 +125,7 @@ class ProxyCollector(Collector):
             labels=("pool", "reason"),
         )
         for pool in POOLS:
-            for reason, count in sorted(proxy.pool_stats[pool].retries.items()):
+            for reason, count in sorted(proxy.observed.pool_stats[pool].retries.items()):
                 retries.add_metric((pool, reason), count)
         yield retries
 
@@ -158,20 +158,20 @@ class ProxyCollector(Collector):
             "Exchanges ended by a timeout, by phase (the timeouts setting of the same name)",
             labels=("phase",),
         )
-        for phase, count in proxy.timeouts.items():
+        for phase, count in proxy.observed.timeouts.items():
             timeouts.add_metric((phase,), count)
         yield timeouts
         yield CounterMetricFamily(
             "turnout_rescued",
             "Candidate failures answered by the stable pool",
-            value=proxy.rescued,
+            value=proxy.observed.rescued,
         )
         yield CounterMetricFamily(
             "turnout_access_log_dropped",
             "Access log lines dropped because the log could not keep up (a stuck disk or pipe)",
             value=proxy.access_log_dropped(),
         )
-        rb = proxy.rollback_seconds.snapshot()
+        rb = proxy.observed.rollback_seconds.snapshot()
         rollback = HistogramMetricFamily(
             "turnout_rollback_seconds",
             "Time from the first failed candidate outcome to split 0",

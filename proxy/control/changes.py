@@ -1,4 +1,5 @@
-"""The single writer of routing state: split and ramps, drains, upstreams, reload."""
+"""The single writer of routing state: split and ramps, the stable pool, the fence, health,
+drains, upstreams, reload. After each change it tells its listeners once (`changed`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
@@ -15,10 +16,10 @@ from pydantic import ValidationError
 from proxy.config import Config, ConfigError, UpstreamConfig, load_config, validation_problems
 from proxy.control.health import probe
 from proxy.http.accesslog import log_problems
-from proxy.http.router import POOLS
+from proxy.http.router import Router
 from proxy.http.tls import TLSSetupError, client_context, tls_problems
 from proxy.http.upstream import ResponseSink, Upstream, UpstreamConnection
-from proxy.logic.routing import PoolName
+from proxy.logic.routing import OTHER, POOLS, PoolName
 
 if TYPE_CHECKING:
     from proxy.http.server import ClientConnection
@@ -79,6 +80,21 @@ class Control:
         # In a fleet the split is the fleet's: decisions go to the coordinator, which applies
         # them here (apply_split_now) when the fleet's state says so.
         self.coordinator: SplitCoordinator | None = None
+        # Why no request fails over to the candidate ("" when they may): a rollback's reason.
+        self.fence_reason = ""
+        # Told after every change of what routes a request (a supervisor then tells its
+        # workers); the state file is told too.
+        self.listeners: list[Callable[[], None]] = []
+
+    def changed(self) -> None:
+        """Said once after every change of what routes a request or of the rollout: the split,
+        the stable pool, the fence, the configuration, an upstream's health, drain, weight or
+        URL."""
+        state_file = self.proxy.state_file
+        if state_file is not None:
+            state_file.changed()
+        for listener in self.listeners:
+            listener()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """A background task that is kept referenced until it ends, and cancelled at close."""
@@ -121,18 +137,48 @@ class Control:
         if self.coordinator is not None:
             self.coordinator.split_decided(green, by)
         else:
-            self.proxy.set_split(green)
+            self.put_split(green)
+
+    def put_split(self, green: float) -> None:
+        """Route `green` percent to green from now on, as a step (no event): a ramp's, or the
+        state a predecessor or the state file kept."""
+        self.proxy.spreader.set_split(green)
+        self.changed()
 
     def apply_split_now(self, green: float, by: str) -> None:
         """Route `green` percent to green from now on."""
         before = self.split
-        self.proxy.set_split(green)
+        self.put_split(green)
         if before != green:
             self.events.publish("split", before=before, after=green, by=by)
             if green == 0.0:
                 self._drain_pool_connections("green")
             elif green == 100.0:
                 self._drain_pool_connections("blue")
+
+    # the stable pool, the fence, health ---------------------------------------
+
+    def set_stable(self, pool: PoolName) -> None:
+        """`pool` holds the traffic from now on (a promotion flips it)."""
+        if self.proxy.router.stable != pool:
+            self.proxy.router.stable = pool
+            self.changed()
+
+    def fence(self, reason: str) -> None:
+        """From now on no request fails over to the candidate pool, because of `reason` (a
+        rollback's); an empty reason lifts the fence (a new rollout, a promotion)."""
+        router = self.proxy.router
+        self.fence_reason = reason
+        router.fenced = OTHER[router.stable] if reason else None
+        self.changed()
+
+    def health_changed(self, upstream: Upstream, healthy: bool, reason: str) -> None:
+        """The health checks took `upstream` into rotation or out of it."""
+        self.proxy.router.refresh()
+        self.changed()
+        self.events.publish(
+            "health", upstream=upstream.key, url=upstream.url, healthy=healthy, reason=reason
+        )
 
     def ramp_status(self) -> dict[str, Any] | None:
         if self._ramp is None or self._ramp_target is None:
@@ -182,9 +228,9 @@ class Control:
         rotation), upstreams it removed, and drains."""
         if not isinstance(state, dict):
             return
-        router = self.proxy.router
+        proxy = self.proxy
         for item in _items(state.get("removed")):
-            for upstream in router.pools[item["pool"]]:
+            for upstream in proxy.router.pools[item["pool"]]:
                 if upstream.url == item["url"]:
                     key = upstream.key
                     self._forget(upstream)
@@ -196,11 +242,11 @@ class Control:
                 cfg = UpstreamConfig.model_validate(fields)
             except ValidationError:
                 continue
-            if any((u.host, u.port) == (cfg.host, cfg.port) for u in router.pools[name]):
+            if any((u.host, u.port) == (cfg.host, cfg.port) for u in proxy.router.pools[name]):
                 continue
             self._append(name, cfg, cold=item.get("healthy") is not True)
         for item in _items(state.get("draining")):
-            for upstream in router.pools[item["pool"]]:
+            for upstream in proxy.router.pools[item["pool"]]:
                 if upstream.url == item["url"]:
                     self.drain(upstream.pool, upstream.index, by="hot restart", force=True)
         ramp = state.get("ramp")
@@ -293,7 +339,7 @@ class Control:
             upstream.draining = True
             upstream.drained = False
             self.proxy.router.refresh()
-            self.proxy.routing_changed()
+            self.changed()
             upstream.close_idle()
             self.events.publish("drain", upstream=upstream.key, url=upstream.url, by=by)
             self._drains[upstream] = self._spawn(self._finish_drain(upstream))
@@ -309,7 +355,7 @@ class Control:
             upstream.draining = False
             upstream.drained = False
             self.proxy.router.refresh()
-            self.proxy.routing_changed()
+            self.changed()
             self.events.publish("undrain", upstream=upstream.key, url=upstream.url, by=by)
         return Change(f"undrain {upstream.key}", {"draining": before}, {"draining": False})
 
@@ -349,7 +395,7 @@ class Control:
             if not conn.closed:
                 conn.abort()
         upstream.drained = True
-        self.proxy.routing_changed()
+        self.changed()
         self._drains.pop(upstream, None)
         self.events.publish("drained", upstream=upstream.key, url=upstream.url, cut_requests=forced)
 
@@ -373,11 +419,12 @@ class Control:
     def _append(self, pool: PoolName, cfg: UpstreamConfig, *, cold: bool) -> Upstream:
         """A new upstream at the end of `pool`, watched by the health checks (out of rotation
         until its first pass when `cold`)."""
-        router = self.proxy.router
-        upstream = self.proxy.new_upstream(pool, len(router.pools[pool]), cfg)
-        router.pools[pool] = (*router.pools[pool], upstream)
-        self.proxy.watch(upstream, cold=cold)
-        router.refresh()
+        proxy = self.proxy
+        router = proxy.router
+        upstream = proxy.new_upstream(pool, len(router.pools[pool]), cfg)
+        proxy.router = router.with_pools({pool: (*router.pools[pool], upstream)})
+        proxy.watch(upstream, cold=cold)
+        self.changed()
         self.events.publish("upstream_added", upstream=upstream.key, url=upstream.url)
         return upstream
 
@@ -412,10 +459,10 @@ class Control:
             self.proxy.unwatch(u)
         for i, u in enumerate(remaining):
             u.index = i
-        router.pools[pool] = remaining
+        self.proxy.router = router.with_pools({pool: remaining})
         for u in renumbered:
             self.proxy.watch(u, cold=False)
-        router.refresh()
+        self.changed()
 
     # reload ------------------------------------------------------------------
 
@@ -539,7 +586,7 @@ class Control:
             pools[name] = tuple(kept)
         for upstream in removed:
             proxy.unwatch(upstream)
-        proxy.apply(config, pools)
+        self.apply(config, pools)
         if config.split != old.split and not keep_split:
             self._cancel_ramp()
             self._apply_split(config.split, "reload")
@@ -550,6 +597,23 @@ class Control:
             proxy.watch(upstream, cold=False)
         for upstream in removed:
             self._retire(upstream)
+
+    def apply(self, config: Config, pools: dict[PoolName, tuple[Upstream, ...]]) -> None:
+        """Swap in `config`, and a routing state of `pools` (keeping the stable pool and the
+        fence), in one synchronous step; requests in flight keep the old ones."""
+        proxy = self.proxy
+        old = proxy.router
+        proxy.reconfigure(config, pools)
+        proxy.router = Router(
+            config,
+            pools,
+            proxy.spreader,
+            proxy.rng,
+            stable=old.stable,
+            fenced=old.fenced,
+            generation=old.generation + 1,
+        )
+        self.changed()
 
     def _retire(self, upstream: Upstream) -> None:
         """An upstream that left the configuration: no new requests, the rest finish."""

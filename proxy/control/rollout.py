@@ -187,7 +187,7 @@ class RolloutController:
         self._gate_ok_at = -1.0
         self._candidate_lost = False
         self._new_tests()
-        proxy.fence_candidate("")
+        proxy.control.fence("")
         self._set_state(
             RolloutState.PROGRESSING,
             f"{strategy} rollout from {proxy.stable} to {proxy.candidate} started by {by}",
@@ -261,8 +261,8 @@ class RolloutController:
         proxy = self.proxy
         self._set_share(100.0, by)
         old = proxy.stable
-        proxy.fence_candidate("")
-        proxy.stable = proxy.candidate
+        proxy.control.fence("")
+        proxy.control.set_stable(proxy.candidate)
         self.step = None
         self._set_state(
             RolloutState.PROMOTED,
@@ -275,7 +275,7 @@ class RolloutController:
     def rollback(self, reason: str, by: str, figures: dict[str, Any] | None = None) -> None:
         self._set_share(0.0, by)
         if self.first_failure is not None:
-            self.proxy.rollback_seconds.observe(time.monotonic() - self.first_failure)
+            self.proxy.observed.rollback_seconds.observe(time.monotonic() - self.first_failure)
         self.step = None
         self._fence(reason)
         self._set_state(RolloutState.ROLLED_BACK, reason, by, figures=figures)
@@ -284,7 +284,7 @@ class RolloutController:
         """A rolled-back candidate takes no failover traffic until the next rollout starts."""
         proxy = self.proxy
         candidate = proxy.candidate
-        proxy.fence_candidate(
+        proxy.control.fence(
             f"the rollout rolled {candidate} back ({reason}); it takes no failover traffic"
             " until a rollout starts"
         )
@@ -562,7 +562,7 @@ class RolloutController:
         if previous is not None:
             data["previous_stable"] = previous
         self.proxy.events.publish("rollout", **data)
-        self.proxy.state_changed()
+        self.proxy.control.changed()
 
     async def stand_down(self) -> None:
         """Stop deciding (a fleet member that no longer leads): the fleet's leader decides."""

@@ -22,12 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from proxy.logic.routing import POOLS
+
 log = logging.getLogger("turnout.state")
 
 FORMAT: Final = 1
 MAX_SIZE: Final = 65536  # a state file is a few hundred bytes; anything larger is not ours
 MIN_GAP: Final = 0.2  # seconds between two writes while changes keep coming
-POOLS: Final = ("blue", "green")
 
 
 class StateFileError(Exception):

@@ -404,7 +404,7 @@ class FleetMember:
         if not self.partition.holds(state):
             self.partition.superseded()
             if proxy.stable != state.stable:
-                proxy.stable = state.stable
+                proxy.control.set_stable(state.stable)
             if proxy.spreader.split != state.split:
                 proxy.control.apply_split_now(state.split, f"fleet ({state.writer})")
         previous = self.applied
@@ -420,9 +420,9 @@ class FleetMember:
             # As the leader's controller does: a rolled-back candidate takes no failover
             # traffic until a rollout starts (or a promotion) lifts the fence.
             if r.state == "rolled_back":
-                proxy.fence_candidate(f"the fleet rolled {proxy.candidate} back ({r.reason})")
+                proxy.control.fence(f"the fleet rolled {proxy.candidate} back ({r.reason})")
             elif proxy.router.fenced is not None:
-                proxy.fence_candidate("")
+                proxy.control.fence("")
         self._applied_event.set()
         self._applied_event = asyncio.Event()
         self._member_dirty.set()

@@ -9,8 +9,8 @@ import logging
 from itertools import zip_longest
 from typing import TYPE_CHECKING, Any
 
-from proxy.fleet.state import POOL_NAMES
 from proxy.logic.analysis import WindowFigures
+from proxy.logic.routing import POOLS
 
 if TYPE_CHECKING:
     from proxy.runtime import Proxy
@@ -36,7 +36,7 @@ class OutcomeTap:
         the others' outcomes it merged); forget who reported."""
         now = self.proxy.clock()
         self._anchor = now
-        self._last = {p: self.proxy.windows[p].figures(now, since=now) for p in POOL_NAMES}
+        self._last = {p: self.proxy.observed.windows[p].figures(now, since=now) for p in POOLS}
         self._seen = {}
 
     def take(self) -> bytes | None:
@@ -47,8 +47,8 @@ class OutcomeTap:
         proxy = self.proxy
         now = proxy.clock()
         pools: dict[str, Any] = {}
-        for name in POOL_NAMES:
-            window = proxy.windows[name]
+        for name in POOLS:
+            window = proxy.observed.windows[name]
             figures = window.figures(now, since=self._anchor)
             last = self._last[name]
             requests = figures.requests - last.requests
@@ -67,7 +67,7 @@ class OutcomeTap:
                 "latency": bins,
             }
         self._anchor = now
-        self._last = {p: proxy.windows[p].figures(now, since=now) for p in POOL_NAMES}
+        self._last = {p: proxy.observed.windows[p].figures(now, since=now) for p in POOLS}
         return json.dumps({"pools": pools}, separators=(",", ":")).encode()
 
     def merge(self, member: str, raw: bytes, wall: float) -> None:
@@ -81,7 +81,7 @@ class OutcomeTap:
                     int(pools[name]["errors"]),
                     {int(k): int(v) for k, v in pools[name]["latency"].items()},
                 )
-                for name in POOL_NAMES
+                for name in POOLS
                 if name in pools
             ]
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -91,7 +91,7 @@ class OutcomeTap:
         now = proxy.clock()
         candidate_failed = False
         for name, errors, bins in parsed:
-            proxy.windows[name].record_counts(now, errors, bins)
+            proxy.observed.windows[name].record_counts(now, errors, bins)
             if errors and name != proxy.stable:
                 candidate_failed = True
         if candidate_failed:

@@ -8,9 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from proxy.logic.routing import PoolName
-
-POOL_NAMES: tuple[PoolName, ...] = ("blue", "green")
+from proxy.logic.routing import POOLS, PoolName
 
 
 class StateError(ValueError):
@@ -95,7 +93,7 @@ class FleetState:
             rollout = data.get("rollout") or {}
             split = float(data["split"])
             stable = data["stable"]
-            if not (0.0 <= split <= 100.0) or stable not in POOL_NAMES:
+            if not (0.0 <= split <= 100.0) or stable not in POOLS:
                 raise StateError(f"fleet state out of range: split {split}, stable {stable!r}")
             step_split = rollout.get("step_split")
             return cls(

@@ -10,11 +10,10 @@ from typing import TYPE_CHECKING, Final
 
 from proxy.http import headers as h
 from proxy.http.headers import RawHeaders
-from proxy.http.router import OTHER
 from proxy.http.upstream import BadResponse, ConnectError, Upstream, UpstreamConnection
 from proxy.logic import grpcstatus
 from proxy.logic.admission import Shed, ShedReason
-from proxy.logic.routing import PoolName, parse_override
+from proxy.logic.routing import OTHER, PoolName, parse_override
 from proxy.logic.stats import CODE_LABELS
 
 if TYPE_CHECKING:
@@ -560,7 +559,7 @@ class Exchange:
             proxy.record_outcome(upstream.pool, error, self.upstream_time)
         if outcome is Outcome.OK or outcome is Outcome.CLIENT_GONE:
             if outcome is Outcome.OK and self.rescue_from not in (None, upstream.pool):
-                proxy.rescued += 1
+                proxy.observed.rescued += 1
                 self.note = "rescued"
             self._finish()
             return
@@ -717,7 +716,7 @@ class Exchange:
         elif upstream.pool != own:
             proxy.failed_over_to_candidate(own, True)
         reason = f"status_{status}" if status else outcome.value
-        proxy.pool_stats[own].retried(reason)
+        proxy.observed.pool_stats[own].retried(reason)
         self.note = f"retried: {reason}"
         return upstream
 
@@ -768,7 +767,7 @@ class Exchange:
         if conn is not None and not self.response_started:
             conn.detach()
             proxy = self.client.proxy
-            proxy.timeouts[Phase.RESPONSE_HEADERS.value] += 1
+            proxy.observed.timeouts[Phase.RESPONSE_HEADERS.value] += 1
             timeout = proxy.settings.response_headers_timeout
             if 0.0 < self.call_timeout < timeout:
                 self.detail = f"the call's grpc-timeout of {self.call_timeout:g}s passed"
@@ -784,7 +783,7 @@ class Exchange:
         conn = self.conn
         if conn is None or not self.waiting:
             return
-        self.client.proxy.timeouts[phase.value] += 1
+        self.client.proxy.observed.timeouts[phase.value] += 1
         self.note = f"{phase.value}_timeout"
         client = self.client
         if phase is Phase.CLIENT_BODY or phase is Phase.CLIENT_SEND:

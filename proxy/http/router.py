@@ -1,13 +1,18 @@
-"""The routing snapshot read by the data path: pools, eligible candidates, balancer."""
+"""The routing state read by the data path: pools, eligible candidates, the stable pool, the
+fence, balancer. Control (proxy/control/changes.py) is its only writer."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from proxy.http.upstream import Upstream
 from proxy.logic.balancer import Balancer, make_balancer
 from proxy.logic.routing import (
+    OTHER,
+    POOLS,
     PoolName,
     SplitSpreader,
     cookie_value,
@@ -18,24 +23,26 @@ from proxy.logic.routing import (
 if TYPE_CHECKING:
     from proxy.config import Config
 
-POOLS: tuple[PoolName, PoolName] = ("blue", "green")
-OTHER: dict[PoolName, PoolName] = {"blue": "green", "green": "blue"}
-
 
 class Router:
     """Chooses a pool for a request, then an upstream inside it (failing over when empty).
 
     The candidate tuples hold only upstreams that may take new requests; they are rebuilt by
-    `refresh()` when an upstream's health or drain state changes, never per request.
+    `refresh()` when an upstream's health or drain state changes, never per request. Its pools
+    are never edited: a change of an upstream set is a new Router (`with_pools`), one reference
+    swapped, its `generation` one more; a request in flight keeps the one it started with.
     """
 
     __slots__ = (
         "balancer",
         "candidates",
+        "config",
         "fenced",
+        "generation",
         "override_header",
         "pools",
         "spreader",
+        "stable",
         "sticky_cookie",
         "sticky_header",
     )
@@ -46,10 +53,21 @@ class Router:
         pools: dict[PoolName, tuple[Upstream, ...]],
         spreader: SplitSpreader,
         rng: random.Random | None = None,
+        *,
+        stable: PoolName = "blue",
+        fenced: PoolName | None = None,
+        balancer: Balancer[Any] | None = None,
+        generation: int = 1,
     ) -> None:
-        self.pools = pools
+        self.config = config
+        self.generation = generation
+        self.pools: Mapping[PoolName, tuple[Upstream, ...]] = MappingProxyType(dict(pools))
         self.spreader = spreader
-        self.balancer: Balancer[Any] = make_balancer(config.balancer, rng or random.Random())
+        # The pool that holds the traffic; it flips at each promotion.
+        self.stable: PoolName = stable
+        self.balancer: Balancer[Any] = balancer or make_balancer(
+            config.balancer, rng or random.Random()
+        )
         # Off (null): no field has an empty name, so nothing matches.
         override = config.override_header
         self.override_header = override.lower().encode("latin-1") if override else b""
@@ -58,8 +76,20 @@ class Router:
         self.sticky_header = sticky.header.lower().encode("latin-1") if sticky.header else None
         self.candidates: dict[PoolName, tuple[Upstream, ...]] = {"blue": (), "green": ()}
         # A pool no request fails over to: the candidate a rollout has just rolled back.
-        self.fenced: PoolName | None = None
+        self.fenced: PoolName | None = fenced
         self.refresh()
+
+    def with_pools(self, pools: Mapping[PoolName, tuple[Upstream, ...]]) -> Router:
+        """The next routing state: `pools` (those not given as here), the rest as here."""
+        return Router(
+            self.config,
+            {name: pools.get(name, self.pools[name]) for name in POOLS},
+            self.spreader,
+            stable=self.stable,
+            fenced=self.fenced,
+            balancer=self.balancer,
+            generation=self.generation + 1,
+        )
 
     def refresh(self) -> None:
         for name in POOLS:
@@ -116,7 +146,8 @@ class Router:
     def __repr__(self) -> str:
         fenced = f" fenced={self.fenced}" if self.fenced else ""
         return (
-            f"<Router{fenced} split={self.spreader.split:g} blue={len(self.candidates['blue'])}/"
-            f"{len(self.pools['blue'])} green={len(self.candidates['green'])}/"
+            f"<Router {self.generation}{fenced} split={self.spreader.split:g}"
+            f" blue={len(self.candidates['blue'])}/{len(self.pools['blue'])}"
+            f" green={len(self.candidates['green'])}/"
             f"{len(self.pools['green'])}>"
         )

@@ -758,7 +758,7 @@ class ClientConnection:
             self._watch(now)
         elif self.deadline and now >= self.deadline:
             if self.in_head:
-                self.proxy.timeouts[Phase.REQUEST_HEADERS.value] += 1
+                self.proxy.observed.timeouts[Phase.REQUEST_HEADERS.value] += 1
                 self._reject(408, "request head not received in time")
             else:
                 self.close()
@@ -814,7 +814,7 @@ class ClientConnection:
         if tunnel is None:
             ex.stalled(phase, timeout)
             return
-        self.proxy.timeouts[phase.value] += 1
+        self.proxy.observed.timeouts[phase.value] += 1
         ex.note = "tunnel_idle_timeout"
         # A peer that reads nothing would hold a graceful close open forever.
         if tunnel.write_buffer_size():

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 __all__ = [
+    "OTHER",
+    "POOLS",
     "PoolName",
     "SplitSpreader",
     "SpreaderSnapshot",
@@ -20,6 +22,8 @@ __all__ = [
 ]
 
 PoolName = Literal["blue", "green"]
+POOLS: Final[tuple[PoolName, PoolName]] = ("blue", "green")
+OTHER: Final[dict[PoolName, PoolName]] = {"blue": "green", "green": "blue"}
 
 STICKY_BUCKETS: Final = 10_000
 

@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config, ConfigError, parse_config
-from proxy.http.router import POOLS
 from proxy.logic.admission import Admission, AdmissionSnapshot, Limits
 from proxy.logic.analysis import latency_bin
 from proxy.logic.breaker import Breaker, BreakerSettings, BreakerState
-from proxy.logic.routing import PoolName
+from proxy.logic.routing import POOLS, PoolName
 from proxy.procs.wire import (
     BOOL,
     FLOAT,
@@ -334,22 +333,22 @@ def merge_report(
     candidate_failed = False
     for name, outcomes in report.pools.items():
         if outcomes.requests:
-            proxy.windows[name].record_counts(now, outcomes.errors, outcomes.latency)
+            proxy.observed.windows[name].record_counts(now, outcomes.errors, outcomes.latency)
             if outcomes.errors and name != proxy.stable:
                 candidate_failed = True
-        stats = proxy.pool_stats[name]
+        stats = proxy.observed.pool_stats[name]
         histogram = stats.duration
         for i, count in enumerate(outcomes.duration[: len(histogram.counts)]):
             histogram.counts[i] += count
         histogram.sum += outcomes.duration_sum
         for reason, count in outcomes.retries.items():
             stats.retries[reason] = stats.retries.get(reason, 0) + count
-    proxy.rescued += report.rescued
+    proxy.observed.rescued += report.rescued
     for phase, count in report.timeouts.items():
-        if phase in proxy.timeouts:
-            proxy.timeouts[phase] += count
+        if phase in proxy.observed.timeouts:
+            proxy.observed.timeouts[phase] += count
     for pool, codes in report.unrouted.items():
-        _add_codes(proxy.unrouted.setdefault(pool, {}), codes)
+        _add_codes(proxy.observed.unrouted.setdefault(pool, {}), codes)
     moved: list[tuple[Upstream, BreakerState, BreakerState]] = []
     for key, seen in report.upstreams.items():
         upstream = upstreams.get(key)
@@ -487,17 +486,17 @@ class OutcomeRecorder:
             if outcomes_u is not None:
                 changed[upstream_key(upstream)] = outcomes_u
         self._seen = seen_now
-        rescued = proxy.rescued - self._rescued
-        self._rescued = proxy.rescued
+        rescued = proxy.observed.rescued - self._rescued
+        self._rescued = proxy.observed.rescued
         timeouts = {
             phase: n - self._timeouts.get(phase, 0)
-            for phase, n in proxy.timeouts.items()
+            for phase, n in proxy.observed.timeouts.items()
             if n != self._timeouts.get(phase, 0)
         }
         if timeouts:
-            self._timeouts = dict(proxy.timeouts)
+            self._timeouts = dict(proxy.observed.timeouts)
         unrouted: dict[str, dict[int, int]] = {}
-        for pool, codes in proxy.unrouted.items():
+        for pool, codes in proxy.observed.unrouted.items():
             before = self._unrouted.setdefault(pool, {})
             delta = {c: n - before.get(c, 0) for c, n in codes.items() if n != before.get(c, 0)}
             if delta:
@@ -526,7 +525,7 @@ class OutcomeRecorder:
         requests, errors, bins = self._pending[name]
         if requests:
             self._pending[name] = [0, 0, {}]
-        stats = proxy.pool_stats[name]
+        stats = proxy.observed.pool_stats[name]
         counts = stats.duration.counts
         old_counts, old_sum = self._durations.get(name, ([0] * len(counts), 0.0))
         duration = [n - o for n, o in zip(counts, old_counts, strict=True)]

@@ -1,9 +1,10 @@
 """`turnout run --workers N`: a supervisor and N worker processes on one port, one rollout.
 
-The supervisor (`LeaderProxy`) runs what a single Turnout runs except the client data path: the
-admin API, the control layer, health checks, the rollout controller and events. It binds the
-listening socket and starts N workers (`python -m proxy worker ...`, proxy/procs/worker.py) that
-inherit it and serve clients, with no admin API, health checker or rollout controller of their own.
+The supervisor (`supervisor_proxy`) runs what a single Turnout runs except the client data path:
+the admin API, the control layer, health checks, the rollout controller and events. Its front, the
+`WorkerPool`, binds the listening socket and starts N workers (`python -m proxy worker ...`,
+proxy/procs/worker.py) that inherit it and serve clients, with no admin API, health checker or
+rollout controller of their own.
 Every connection waits in the one accept queue until some worker takes it, so a worker that stops
 accepting loses none (unlike SO_REUSEPORT listeners, whose queues die with them).
 
@@ -27,14 +28,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from proxy.admin.metrics import WorkerCollector
-from proxy.config import Config, UpstreamConfig
-from proxy.http.router import POOLS
+from proxy.config import Config
 from proxy.http.upstream import Upstream
-from proxy.logic.routing import PoolName
+from proxy.logic.routing import POOLS, PoolName
 from proxy.procs.shared import (
     OutcomeReport,
     RoutingState,
@@ -48,7 +48,7 @@ from proxy.procs.shared import (
 )
 from proxy.procs.wire import READY, STOP, Stop, WireError, encode_message, read_message
 from proxy.procs.worker import LINK_BUFFER, LINK_LIMIT, STARTUP_TIMEOUT
-from proxy.runtime import Proxy
+from proxy.runtime import Proxy, Role
 
 log = logging.getLogger("turnout.workers")
 
@@ -66,154 +66,46 @@ class WorkerError(Exception):
 # the supervisor ----------------------------------------------------------------------------
 
 
-class LeaderProxy(Proxy):
-    """The supervisor's proxy: control, health, rollout and the shared state; no client data
-    path of its own. Its upstreams' in-flight gauges, sheds and breakers are the workers'."""
+def supervisor_proxy(
+    config: Config,
+    *,
+    workers: int,
+    config_path: str | None = None,
+    command: Sequence[str] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Proxy:
+    """The supervisor's proxy: control, health, rollout and the shared state; its front is the
+    worker processes (`WorkerPool`), which serve the clients. Its upstreams' in-flight gauges,
+    sheds and breakers are the workers' (`SharedUpstreams`); so is the access log."""
+    shared = SharedUpstreams()
+    role = Role(
+        front=lambda proxy: WorkerPool(proxy, shared, workers, command=command, clock=clock),
+        writes_access_log=False,
+        fit_upstream=shared.fit,
+    )
+    return Proxy(config, config_path=config_path, role=role)
 
-    def __init__(
-        self,
-        config: Config,
-        *,
-        workers: int,
-        config_path: str | None = None,
-        command: Sequence[str] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        # Set before Proxy.__init__, which builds the upstreams (new_upstream).
-        self.shared: dict[UpstreamKey, Upstream] = {}
-        self.pool: WorkerPool | None = None
-        self._clock = clock
-        self._publish_pending = False
-        super().__init__(config, config_path=config_path)
-        self.generation = 0
-        self.config_generation = 0
-        self._published: RoutingState | None = None
-        self._published_config: Config | None = None
-        self.routing_listeners.append(self._publish_soon)
-        self.pool = WorkerPool(self, workers, command=command, clock=clock)
-        self.metrics.registry.register(WorkerCollector(self.pool))
 
-    # shared state --------------------------------------------------------------
+class SharedUpstreams:
+    """The supervisor's upstreams by key, each with views of what the workers count."""
 
-    def new_upstream(self, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream:
-        upstream = super().new_upstream(pool, index, cfg)
-        upstream.admission = SharedAdmission(self.admission_settings())
-        upstream.breaker = SharedBreaker(self.breaker_settings(), clock=self.loop.time)
-        self.shared[upstream_key(upstream)] = upstream
-        return upstream
+    def __init__(self) -> None:
+        self.by_key: dict[UpstreamKey, Upstream] = {}
 
-    def _access_log(self, config: Config) -> None:
-        return None  # the workers write it
+    def fit(self, proxy: Proxy, upstream: Upstream) -> None:
+        upstream.admission = SharedAdmission(proxy.admission_settings())
+        upstream.breaker = SharedBreaker(proxy.breaker_settings(), clock=proxy.loop.time)
+        self.by_key[upstream_key(upstream)] = upstream
 
-    def _publish_soon(self) -> None:
-        """Push the routing state soon (once, however many changes arrive)."""
-        if not self._publish_pending and self.pool is not None:
-            self._publish_pending = True
-            self.loop.call_soon(self.publish_if_changed)
-
-    def publish_if_changed(self) -> None:
-        self._publish_pending = False
-        if self.pool is None:
-            return
-        if self.config is not self._published_config:
-            self.config_generation += 1
-            self._published_config = self.config
-        state = routing_state(self, self.generation + 1, self.config_generation, self._clock())
-        last = self._published
-        if last is not None and _same_routing(state, last):
-            return
-        self.generation = state.generation
-        self._published = state
-        self._prune()
-        self.pool.publish(state)
-
-    def _prune(self) -> None:
+    def prune(self, live: Iterable[Upstream]) -> None:
         """Forget upstreams that left the configuration once nothing is in flight there."""
-        live = {upstream_key(u) for u in self.router.upstreams()}
-        for key, upstream in list(self.shared.items()):
-            if key not in live and upstream.in_flight == 0:
-                del self.shared[key]
-
-    def merge(self, report: OutcomeReport) -> None:
-        """Add a worker's report (the seam's leader end); breakers that moved are events."""
-        moved = merge_report(self, self.shared, report)
-        if moved:
-            self.router.refresh()  # /status counts the upstreams available
-        for upstream, before, after in moved:
-            self.events.publish(
-                "breaker",
-                upstream=upstream.key,
-                url=upstream.url,
-                before=before.value,
-                after=after.value,
-                worker=report.member,
-            )
-
-    # lifecycle -----------------------------------------------------------------
-
-    async def start(self, sock: socket.socket | None = None) -> int:
-        """Check every upstream once, bind the listener (or take `sock`), start the workers
-        and wait until each serves; returns the port."""
-        assert self.pool is not None
-        sock = await self.checked_listener(sock)
-        self.publish_if_changed()
-        await self.pool.start(sock)
-        return self.port
-
-    def abort_workers(self) -> None:
-        """A second signal: every worker cuts what it still serves and exits."""
-        if self.pool is not None:
-            self.pool.stop_now()
-
-    def reopen_logs(self) -> None:
-        if self.pool is not None:
-            self.pool.signal(signal.SIGUSR1)
-
-    async def shutdown(self, timeout: float | None = None) -> None:
-        """Every worker drains and exits (bounded), then the supervisor closes the rest."""
-        if self.shutting_down:
-            return
-        self.shutting_down = True
-        timeout = self.settings.drain_timeout if timeout is None else timeout
-        self.events.publish(
-            "shutdown",
-            connections=self.connections_total,
-            in_flight=self.in_flight,
-            workers=len(self.pool.workers) if self.pool else 0,
-        )
-        if self.fleet is not None:
-            await self.fleet.close()
-        if self.pool is not None:
-            await self.pool.stop(timeout)
-        if self.listen_socket is not None:
-            self.listen_socket.close()
-        await self.rollout.close()
-        await self.control.close()
-        await self.health.close()
-        self.events.close()
-        if self.admin_runner is not None:
-            await self.admin_runner.cleanup()
-
-    # views ---------------------------------------------------------------------
-
-    @property
-    def connections_total(self) -> int:
-        return sum(w.connections for w in self.pool.workers) if self.pool else 0
-
-    def status(self) -> dict[str, Any]:
-        # What /status shows has been sent to the workers (`generation` says which state).
-        self.publish_if_changed()
-        doc = super().status()
-        doc["connections"] = self.connections_total
-        doc["generation"] = self.generation
-        doc["workers"] = self.pool.status() if self.pool else []
-        return doc
+        keys = {upstream_key(u) for u in live}
+        for key, upstream in list(self.by_key.items()):
+            if key not in keys and upstream.in_flight == 0:
+                del self.by_key[key]
 
     def __repr__(self) -> str:
-        return (
-            f"<LeaderProxy port={self.port} generation={self.generation} "
-            f"stable={self.stable} {self.pool!r} {self.router!r}>"
-        )
+        return f"<SharedUpstreams {len(self.by_key)}>"
 
 
 def _same_routing(a: RoutingState, b: RoutingState) -> bool:
@@ -298,12 +190,14 @@ class Worker:
 
 
 class WorkerPool:
-    """Starts, links, restarts and stops the worker processes; the supervisor's half of the seam
-    (proxy/procs/shared.py)."""
+    """The supervisor's front: starts, links, restarts and stops the worker processes that serve
+    the clients; the supervisor's half of the seam (proxy/procs/shared.py): it pushes the
+    routing state on every change and adds up what the workers report."""
 
     def __init__(
         self,
-        leader: LeaderProxy,
+        proxy: Proxy,
+        shared: SharedUpstreams,
         count: int,
         *,
         command: Sequence[str] | None = None,
@@ -311,7 +205,12 @@ class WorkerPool:
     ) -> None:
         if count < 1:
             raise ValueError("at least one worker")
-        self.leader = leader
+        self.proxy = proxy
+        self.shared = shared
+        self.generation = 0
+        self.config_generation = 0
+        self._published_config: Config | None = None
+        self._publish_pending = False
         # -P: the current directory is not put first on sys.path, so an operator's own
         # `proxy.py` or `proxy/` there cannot stand in for Turnout in the workers.
         self.command = list(command or (sys.executable, "-P", "-m", "proxy", "worker"))
@@ -323,8 +222,46 @@ class WorkerPool:
         self._stop_timeout = 0.0
         self._sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        proxy.control.listeners.append(self._publish_soon)
+        proxy.metrics.registry.register(WorkerCollector(self))
 
     # the seam ------------------------------------------------------------------
+
+    def _publish_soon(self) -> None:
+        """Push the routing state soon (once, however many changes arrive)."""
+        if not self._publish_pending:
+            self._publish_pending = True
+            self.proxy.loop.call_soon(self.publish_if_changed)
+
+    def publish_if_changed(self) -> None:
+        self._publish_pending = False
+        proxy = self.proxy
+        if proxy.config is not self._published_config:
+            self.config_generation += 1
+            self._published_config = proxy.config
+        state = routing_state(proxy, self.generation + 1, self.config_generation, self.clock())
+        last = self.state
+        if last is not None and _same_routing(state, last):
+            return
+        self.generation = state.generation
+        self.shared.prune(proxy.router.upstreams())
+        self.publish(state)
+
+    def merge(self, report: OutcomeReport) -> None:
+        """Add a worker's report; breakers that moved are events."""
+        proxy = self.proxy
+        moved = merge_report(proxy, self.shared.by_key, report)
+        if moved:
+            proxy.router.refresh()  # /status counts the upstreams available
+        for upstream, before, after in moved:
+            proxy.events.publish(
+                "breaker",
+                upstream=upstream.key,
+                url=upstream.url,
+                before=before.value,
+                after=after.value,
+                worker=report.member,
+            )
 
     def publish(self, state: RoutingState) -> None:
         self.state = state
@@ -343,7 +280,7 @@ class WorkerPool:
             worker.process.kill()
 
     def _merge(self, worker: Worker, report: OutcomeReport) -> None:
-        self.leader.merge(report)
+        self.merge(report)
         worker.served += report.served
         worker.connections = report.connections
         for name, outcomes in report.pools.items():
@@ -361,6 +298,7 @@ class WorkerPool:
 
     async def start(self, sock: socket.socket) -> None:
         """Start every worker and wait until each serves; WorkerError if one cannot."""
+        self.publish_if_changed()
         self._sock = sock
         loop = asyncio.get_running_loop()
         for worker in self.workers:
@@ -385,7 +323,7 @@ class WorkerPool:
             except Exception:
                 log.exception("worker %d: supervising it failed", worker.index)
                 code = None
-            forget_member(self.leader.shared.values(), worker.member)
+            forget_member(self.shared.by_key.values(), worker.member)
             worker.connections = 0
             if self.stopping:
                 break
@@ -509,12 +447,27 @@ class WorkerPool:
         for worker in self.workers:
             worker.state = "exited"
 
-    def stop_now(self) -> None:
+    async def closed(self) -> None:
+        """Nothing is left to wait for once the workers have exited (`stop`)."""
+
+    def abort(self) -> None:
+        """A second signal: every worker cuts what it still serves and exits."""
         for worker in self.workers:
             worker.send(encode_message("stop", STOP.encode(Stop(0.0))))
 
-    def status(self) -> list[dict[str, Any]]:
-        return [w.status() for w in self.workers]
+    def reopen_logs(self) -> None:
+        self.signal(signal.SIGUSR1)
+
+    def load(self) -> dict[str, int]:
+        return {
+            "connections": sum(w.connections for w in self.workers),
+            "workers": len(self.workers),
+        }
+
+    def status(self) -> dict[str, Any]:
+        # What /status shows has been sent to the workers (`generation` says which state).
+        self.publish_if_changed()
+        return {"generation": self.generation, "workers": [w.status() for w in self.workers]}
 
     def __repr__(self) -> str:
-        return f"<WorkerPool {self.workers}>"
+        return f"<WorkerPool generation={self.generation} {self.workers}>"

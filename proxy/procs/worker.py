@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import math
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import uvloop
 
 from proxy.config import Config, UpstreamConfig
-from proxy.http.router import POOLS
 from proxy.http.upstream import Upstream
-from proxy.logic.admission import Limits
-from proxy.logic.routing import PoolName
+from proxy.logic.routing import POOLS, PoolName
 from proxy.procs.shared import (
     REPORT_INTERVAL,
     OutcomeRecorder,
@@ -35,10 +31,7 @@ from proxy.procs.shared import (
     upstream_key,
 )
 from proxy.procs.wire import READY, STOP, Kind, Ready, WireError, encode_message, read_message
-from proxy.runtime import Proxy, freeze_startup_heap
-
-if TYPE_CHECKING:
-    from proxy.http.exchange import Exchange
+from proxy.runtime import Proxy, Role, freeze_startup_heap
 
 log = logging.getLogger("turnout.workers")
 
@@ -47,8 +40,10 @@ LINK_BUFFER = 8 * 1024 * 1024  # unsent bytes towards a peer that does not read
 STARTUP_TIMEOUT = 30.0
 
 
-class MemberProxy(Proxy):
-    """A worker's proxy: the client data path, routing by the supervisor's state."""
+class Member:
+    """A worker's part in the seam: its proxy serves the clients by the supervisor's routing state
+    (`follow`, written through the proxy's control), with its share of the limits and no health
+    checks of its own; its outcomes go to the supervisor (`report`)."""
 
     def __init__(
         self,
@@ -58,65 +53,27 @@ class MemberProxy(Proxy):
         workers: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.workers = workers  # before Proxy.__init__, which builds the upstreams
-        super().__init__(config)
         self.member = member
         self.recorder = OutcomeRecorder(member)
+        role = Role(share=workers, checks_health=False, outcomes=self.recorder)
+        self.proxy = Proxy(config, role=role)
         self.clock = clock
         self.generation = 0
         self._reported_generation = 0
+        self._served = 0
         self.config_generation = -1
         self.applied_at = 0.0
-        self.served = 0
         self.retiring: set[Upstream] = set()
         self._upstream_configs: dict[str, UpstreamConfig] = {}
         self._retire_tasks: set[asyncio.Task[None]] = set()
-        self._limit_connections()
-
-    def _limit_connections(self) -> None:
-        # listen.max_connections bounds the whole: each worker takes its share.
-        share = math.ceil(self.config.listen.max_connections / self.workers)
-        self.settings = dataclasses.replace(self.settings, max_connections=share)
-
-    def admission_settings(self) -> Limits:
-        """Limits are per upstream: each worker enforces its share, so that the upstream sees
-        at most the configured figures from all workers together."""
-        limits, n = super().admission_settings(), self.workers
-        return dataclasses.replace(
-            limits,
-            max_in_flight=math.ceil(limits.max_in_flight / n),
-            queue=math.ceil(limits.queue / n),
-            rate=None if limits.rate is None else limits.rate / n,
-        )
-
-    # what the data path reports --------------------------------------------------
-
-    def record_outcome(self, pool: PoolName, error: bool, latency: float) -> None:
-        self.recorder.outcome(pool, error, latency)
-
-    def record_response(self, ex: Exchange) -> None:
-        super().record_response(ex)
-        self.served += 1
-
-    # health is the supervisor's -----------------------------------------------------
-
-    def watch(self, upstream: Upstream, *, cold: bool = True) -> None:
-        pass
-
-    def unwatch(self, upstream: Upstream) -> None:
-        pass
-
-    def apply(self, config: Config, pools: dict[PoolName, tuple[Upstream, ...]]) -> None:
-        super().apply(config, pools)
-        self._limit_connections()
-
-    # following the supervisor ----------------------------------------------------
 
     def follow(self, state: RoutingState) -> None:
         """Route by `state` from now on, in one synchronous step."""
+        proxy = self.proxy
+        control = proxy.control
         new_config = state.config_generation != self.config_generation
-        config = state.config if new_config else self.config
-        current = {upstream_key(u): u for u in self.router.upstreams()}
+        config = state.config if new_config else proxy.config
+        current = {upstream_key(u): u for u in proxy.router.upstreams()}
         pools: dict[PoolName, tuple[Upstream, ...]] = {}
         rebuild = new_config
         for name in POOLS:
@@ -125,7 +82,7 @@ class MemberProxy(Proxy):
                 cfg = self._upstream_config(route)
                 upstream = current.pop((name, f"{cfg.host}:{cfg.port}"), None)
                 if upstream is None:
-                    upstream = self.new_upstream(name, index, cfg)
+                    upstream = proxy.new_upstream(name, index, cfg)
                     rebuild = True
                 elif (upstream.index, upstream.weight, upstream.url) != (
                     index,
@@ -141,15 +98,15 @@ class MemberProxy(Proxy):
             self._retire(upstream)
             rebuild = True
         if rebuild:
-            self.apply(config, pools)
+            control.apply(config, pools)
         else:
-            self.router.refresh()
+            proxy.router.refresh()
         self.config_generation = state.config_generation
-        self.stable = state.stable
-        if state.fence != self.fence_reason:
-            self.fence_candidate(state.fence)
-        if state.split != self.spreader.split:
-            self.control.set_split(state.split, by="supervisor")
+        control.set_stable(state.stable)
+        if state.fence != control.fence_reason:
+            control.fence(state.fence)
+        if state.split != proxy.spreader.split:
+            control.set_split(state.split, by="supervisor")
         self.generation = state.generation
         self.applied_at = self.clock()
 
@@ -174,7 +131,7 @@ class MemberProxy(Proxy):
     def _cut(self, upstream: Upstream) -> None:
         """The supervisor's drain of `upstream` ended (or timed out): end what is left."""
         upstream.close_idle()
-        for client in list(self.tunnels):
+        for client in list(self.proxy.tunnels):
             if client.tunnel is not None and client.tunnel.upstream is upstream:
                 client.going_away()
         for conn in list(upstream.connections):
@@ -187,14 +144,14 @@ class MemberProxy(Proxy):
         upstream.draining = True
         upstream.close_idle()
         self.retiring.add(upstream)
-        task = self.loop.create_task(self._finish_retiring(upstream))
+        task = self.proxy.loop.create_task(self._finish_retiring(upstream))
         self._retire_tasks.add(task)
         task.add_done_callback(self._retire_tasks.discard)
 
     async def _finish_retiring(self, upstream: Upstream) -> None:
         try:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.drain_timeout):
+                async with asyncio.timeout(self.proxy.settings.drain_timeout):
                     await upstream.admission.until_idle()
             self._cut(upstream)
         finally:
@@ -203,12 +160,13 @@ class MemberProxy(Proxy):
     def report(self) -> OutcomeReport | None:
         """What happened since the previous report (None when nothing did); the first one
         after following a new routing state says so, even when nothing else happened."""
-        served, self.served = self.served, 0
+        proxy = self.proxy
+        served, self._served = proxy.served - self._served, proxy.served
         force = self.generation != self._reported_generation
         self._reported_generation = self.generation
         return self.recorder.take(
-            self,
-            [*self.router.upstreams(), *self.retiring],
+            proxy,
+            [*proxy.router.upstreams(), *self.retiring],
             generation=self.generation,
             applied_at=self.applied_at,
             served=served,
@@ -216,21 +174,12 @@ class MemberProxy(Proxy):
         )
 
     async def shutdown(self, timeout: float | None = None) -> None:
-        await super().shutdown(timeout)
+        await self.proxy.shutdown(timeout)
         for task in list(self._retire_tasks):
             task.cancel()
 
-    def abort_all(self) -> None:
-        for conn in list(self.connections):
-            conn.abort()
-        for tunnel in list(self.tunnels):
-            tunnel.abort()
-
     def __repr__(self) -> str:
-        return (
-            f"<MemberProxy {self.member} generation={self.generation} port={self.port} "
-            f"connections={len(self.connections)} in_flight={self.in_flight} {self.router!r}>"
-        )
+        return f"<Member {self.member} generation={self.generation} {self.proxy!r}>"
 
 
 class SocketMemberLink:
@@ -271,8 +220,9 @@ async def serve_worker(index: int, workers: int, listen_fd: int, link_fd: int) -
     except ValueError as exc:  # a WireError, or a line longer than LINK_LIMIT
         log.error("bad routing state from the supervisor: %s", exc)
         return 1
-    proxy = MemberProxy(state.config, member=f"worker-{index}", workers=workers)
-    proxy.follow(state)
+    member = Member(state.config, member=f"worker-{index}", workers=workers)
+    member.follow(state)
+    proxy = member.proxy
     stop = asyncio.Event()
     drain: list[float] = []
     signals = 0
@@ -283,7 +233,7 @@ async def serve_worker(index: int, workers: int, listen_fd: int, link_fd: int) -
             drain.append(timeout)
             stop.set()
         elif timeout <= 0:
-            proxy.abort_all()
+            proxy.front.abort()
 
     def on_signal() -> None:
         # A SIGTERM may come both from the supervisor (as a stop message) and straight from
@@ -311,7 +261,7 @@ async def serve_worker(index: int, workers: int, listen_fd: int, link_fd: int) -
                 kind, body = message
                 if kind == "state":
                     state = RoutingState.from_wire(body, state)
-                    proxy.follow(state)
+                    member.follow(state)
                     send_report()  # tells the supervisor at once that it follows
                 elif kind == "stop":
                     begin(STOP.decode(body, "stop").timeout)
@@ -328,7 +278,7 @@ async def serve_worker(index: int, workers: int, listen_fd: int, link_fd: int) -
             begin(proxy.settings.drain_timeout)
 
     def send_report() -> None:
-        if not link.busy and (outcomes := proxy.report()) is not None:
+        if not link.busy and (outcomes := member.report()) is not None:
             link.report(outcomes)
 
     async def report() -> None:
@@ -338,11 +288,11 @@ async def serve_worker(index: int, workers: int, listen_fd: int, link_fd: int) -
 
     tasks = [loop.create_task(follow()), loop.create_task(report())]
     await stop.wait()
-    await proxy.shutdown(drain[0])
+    await member.shutdown(drain[0])
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    if (outcomes := proxy.report()) is not None:
+    if (outcomes := member.report()) is not None:
         link.report(outcomes)
     writer.close()
     with contextlib.suppress(ConnectionError, TimeoutError):

@@ -268,13 +268,13 @@ async def _drive(
             await asyncio.gather(*clients, return_exceptions=True)
             narrator.cancel()
             await asyncio.gather(narrator, return_exceptions=True)
-    rollback = proxy.rollback_seconds.snapshot()
+    rollback = proxy.observed.rollback_seconds.snapshot()
     summary = Summary(
         sent=tally.sent,
         failed=tally.failed,
         errors=dict(tally.errors),
         share={pool: tally.share(pool) for pool in ("blue", "green")},
-        rescued=proxy.rescued,
+        rescued=proxy.observed.rescued,
         final_state=proxy.rollout.state.value,
         expected_state="rolled_back" if bad_green else "promoted",
         split=proxy.spreader.split,

@@ -210,7 +210,7 @@ async def _drive(
         failed=tally.failed,
         errors=dict(tally.errors),
         share={pool: tally.share(pool) for pool in ("blue", "green")},
-        rescued=sum(p.rescued for p in proxies),
+        rescued=sum(p.observed.rescued for p in proxies),
         final_state=final.status()["rollout"]["state"],
         expected_state="rolled_back" if bad_green else "promoted",
         split=final.spreader.split,
