@@ -35,6 +35,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from proxy.logic.grpcstatus import CODES as GRPC_CODES
 from proxy.logic.grpcstatus import DEFAULT_FAILURES as GRPC_DEFAULT_FAILURES
+from proxy.logic.strategy import Strategy
 
 __all__ = [
     "DEFAULT_CONFIG_YAML",
@@ -682,7 +683,7 @@ class GateConfig(_Model):
 class RolloutConfig(_Model):
     """How a rollout moves the split from the stable pool to the candidate."""
 
-    strategy: Literal["eager", "lazy", "adaptive"] = "adaptive"
+    strategy: Strategy = "adaptive"
     steps: Annotated[tuple[Step, ...], Field(min_length=1)] = (1.0, 5.0, 25.0, 50.0, 100.0)
     interval: Duration = 10.0
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)

@@ -22,6 +22,7 @@ from urllib.parse import quote, urlsplit
 
 from proxy.exits import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 from proxy.logic.routing import POOLS
+from proxy.logic.strategy import STRATEGIES
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 ADMIN_ENV = "TURNOUT_ADMIN"
@@ -30,7 +31,6 @@ DEFAULT_TIMEOUT = 10.0
 MAX_ANSWER = 32 * 1024 * 1024
 MAX_PROBLEMS = 500  # lines of an error answer's problem list shown at most
 ROLLOUT_ACTIONS = ("start", "pause", "resume", "promote", "rollback", "abort")
-STRATEGIES = ("eager", "lazy", "adaptive")
 
 # Every admin API answer carries this header; the client refuses answers without it.
 ADMIN_HEADER = "X-Turnout-Admin"

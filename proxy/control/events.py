@@ -10,12 +10,42 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger("turnout.events")
 
 HISTORY = 256
 SUBSCRIBER_QUEUE = 1024
+
+# Every kind of event, as `GET /events` and the log name them.
+EventKind = Literal[
+    "breach",
+    "breaker",
+    "drain",
+    "drained",
+    "failover",
+    "fleet_connected",
+    "fleet_disconnected",
+    "fleet_fenced",
+    "fleet_leader",
+    "fleet_leader_lease_expiring",
+    "fleet_leading",
+    "fleet_local_rollback",
+    "fleet_rollout",
+    "fleet_stood_down",
+    "health",
+    "ramp",
+    "reload",
+    "reload_failed",
+    "rollout",
+    "rollout_note",
+    "rollout_step",
+    "shutdown",
+    "split",
+    "undrain",
+    "upstream_added",
+    "upstream_removed",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +53,7 @@ class Event:
     """One state change: its kind (`split`, `drain`, `reload`, `breaker`, ...) and figures."""
 
     seq: int
-    kind: str
+    kind: EventKind
     time: float  # wall clock, for people reading it; never used for intervals
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -43,7 +73,7 @@ class EventBus:
         self.subscribers: set[asyncio.Queue[Event | None]] = set()
         self.counts: dict[str, int] = {}
 
-    def publish(self, kind: str, **data: Any) -> Event:
+    def publish(self, kind: EventKind, **data: Any) -> Event:
         event = Event(next(self._seq), kind, time.time(), data)
         self.history.append(event)
         self.counts[kind] = self.counts.get(kind, 0) + 1

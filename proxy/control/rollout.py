@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 from proxy.control.changes import Change, ControlError
 from proxy.control.health import probe
 from proxy.logic.analysis import ErrorTest, LatencyTest, WindowFigures
-from proxy.logic.strategy import Decision, StepState, Verdict, analysed_steps, decide_adaptive
+from proxy.logic.strategy import (
+    STRATEGIES,
+    Decision,
+    StepState,
+    Verdict,
+    analysed_steps,
+    decide_adaptive,
+)
 
 if TYPE_CHECKING:
     from proxy.config import ThresholdConfig
@@ -23,7 +30,6 @@ TICK = 0.1
 # pending), so a broken candidate is caught well within a second.
 FAILURE_EVAL_DELAY = 0.02
 GATE_RECHECK = 1.0
-STRATEGIES = ("eager", "lazy", "adaptive")
 
 
 class RolloutState(StrEnum):

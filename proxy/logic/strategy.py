@@ -17,13 +17,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Final, Literal, Protocol
 
 from proxy.logic.analysis import ErrorTest, LatencyTest, WindowFigures
 
 __all__ = [
+    "STRATEGIES",
     "Decision",
     "StepState",
+    "Strategy",
     "ThresholdLike",
     "Verdict",
     "analysed_steps",
@@ -32,6 +34,11 @@ __all__ = [
 ]
 
 FULL = 100.0
+
+# How a rollout moves the traffic: all at once (eager), when the operator says (lazy), or step
+# by step while the analysis passes (adaptive).
+Strategy = Literal["eager", "lazy", "adaptive"]
+STRATEGIES: Final[tuple[Strategy, ...]] = ("eager", "lazy", "adaptive")
 
 
 class Verdict(StrEnum):
