@@ -58,6 +58,19 @@ class Phase(Enum):
     TUNNEL_IDLE = "tunnel_idle"  # no byte either way through a WebSocket tunnel
 
 
+class Stage(Enum):
+    """Where an exchange stands, in order (as h11's states). Each attempt goes from STARTED
+    (maybe through QUEUED) to HOLDING, then WAITING, and back to STARTED when it settles;
+    FINISHED is final."""
+
+    NEW = "new"  # its head is in; the client connection starts it when it may
+    STARTED = "started"  # choosing an upstream, or between two attempts
+    QUEUED = "queued"  # in an upstream's admission queue
+    HOLDING = "holding"  # holds an upstream's admission slot and breaker trial (connecting)
+    WAITING = "waiting"  # holding, its request out, the attempt's outcome awaited
+    FINISHED = "finished"  # recorded, its connection freed
+
+
 class Exchange:
     """State of one request; callbacks from both connections meet here."""
 
@@ -66,7 +79,6 @@ class Exchange:
         "attempt_started",
         "attempts",
         "attempts_left",
-        "begun",
         "body_done",
         "body_size",
         "buffered",
@@ -81,10 +93,8 @@ class Exchange:
         "epoch",
         "error",
         "expect_continue",
-        "finished",
         "forward_head",
         "grpc",
-        "holding",
         "host",
         "keep_alive",
         "method",
@@ -93,7 +103,6 @@ class Exchange:
         "out",
         "override",
         "pool",
-        "queued",
         "relayed",
         "request_headers",
         "rescue_from",
@@ -103,6 +112,7 @@ class Exchange:
         "response_started",
         "retry_to",
         "reused_conn",
+        "stage",
         "started",
         "status",
         "sticky_key",
@@ -113,7 +123,6 @@ class Exchange:
         "upstream",
         "upstream_time",
         "version",
-        "waiting",
         "websocket",
     )
 
@@ -158,13 +167,7 @@ class Exchange:
         self.body_done = False
         self.conn: UpstreamConnection | None = None
         self.upstream: Upstream | None = None
-        # Progress: start() ran; an attempt holds an admission slot and a breaker trial; its
-        # request is out and its outcome awaited; the exchange is over.
-        self.begun = False
-        self.holding = False
-        self.queued = False
-        self.waiting = False
-        self.finished = False
+        self.stage = Stage.NEW
         self.epoch = 0
         self.attempt_started = 0.0
         self.status = 0
@@ -364,7 +367,7 @@ class Exchange:
         else:
             self.client.abort()
         self._finish_attempt(Outcome.CLIENT_GONE)
-        if not self.begun:
+        if self.stage is Stage.NEW:
             self.start()  # it answers nothing more, but finishes the exchange
 
     # the attempts --------------------------------------------------------------
@@ -376,9 +379,9 @@ class Exchange:
 
     def start(self) -> None:
         """Begin serving the request (once; ClientConnection decides when it may)."""
-        if self.begun:
+        if self.stage is not Stage.NEW:
             return
-        self.begun = True
+        self.stage = Stage.STARTED
         try:
             if self.error is not None:
                 if not self.response_started:
@@ -431,7 +434,7 @@ class Exchange:
     async def _queue(self, upstream: Upstream, epoch: int) -> None:
         """Wait in the upstream's admission queue (bounded in places and in time)."""
         try:
-            self.queued = True
+            self.stage = Stage.QUEUED
             try:
                 await upstream.admission.enter()
             except Shed as exc:
@@ -442,7 +445,8 @@ class Exchange:
                 upstream.breaker.release(None, epoch=epoch)
                 raise
             finally:
-                self.queued = False
+                if self.stage is Stage.QUEUED:
+                    self.stage = Stage.STARTED
             self._admitted(upstream, epoch)
         except Exception as exc:
             self._crash(exc)
@@ -455,7 +459,7 @@ class Exchange:
         # (or _abandon on the way out of an error) gives both back, exactly once.
         self.upstream = upstream
         self.epoch = epoch
-        self.holding = True
+        self.stage = Stage.HOLDING
         self.answered = 0
         upstream.requests += 1
         self.attempts += 1
@@ -507,7 +511,7 @@ class Exchange:
             cut = head.index(b"\r\n") + 2
             head = b"%bHost: %b\r\n%b" % (head[:cut], conn.upstream.host_header, head[cut:])
         self.conn = conn
-        self.waiting = True
+        self.stage = Stage.WAITING
         conn.start(self, head, self.no_body)
         client = self.client
         if self.buffered:
@@ -530,7 +534,7 @@ class Exchange:
 
     def _finish_attempt(self, outcome: Outcome) -> None:
         """The outcome of the attempt under way (the first one reported counts)."""
-        if self.waiting:
+        if self.stage is Stage.WAITING:
             self._settle(outcome)
 
     def _settle(self, outcome: Outcome) -> None:
@@ -587,15 +591,16 @@ class Exchange:
     def _end_wait(self) -> None:
         """No outcome is awaited any more: drop the head deadline and a connection still
         serving this attempt (it cannot be reused)."""
-        self.waiting = False
+        if self.stage is Stage.WAITING:
+            self.stage = Stage.HOLDING
         self.client.head_deadline = 0.0
         conn = self.conn
         if conn is not None and conn.sink is self:
             conn.detach()
 
     def _release(self, verdict: bool | None) -> None:
-        if self.holding:
-            self.holding = False
+        if self.stage is Stage.HOLDING:
+            self.stage = Stage.STARTED
             upstream = self.upstream
             assert upstream is not None
             try:
@@ -610,7 +615,7 @@ class Exchange:
 
     def _crash(self, exc: Exception) -> None:
         self.client.proxy.log.error("unexpected error while forwarding", exc_info=exc)
-        if self.finished:
+        if self.stage is Stage.FINISHED:
             return
         self._abandon()
         if not self.response_started:
@@ -621,9 +626,9 @@ class Exchange:
 
     def _finish(self) -> None:
         """The exchange is over: record it, free the connection."""
-        if self.finished:
+        if self.stage is Stage.FINISHED:
             return
-        self.finished = True
+        self.stage = Stage.FINISHED
         client = self.client
         try:
             client.proxy.record_response(self)
@@ -781,7 +786,7 @@ class Exchange:
         and answer the client (408, 504) or, once its response has begun, cut it. Only the
         upstream's stall counts against its breaker."""
         conn = self.conn
-        if conn is None or not self.waiting:
+        if conn is None or self.stage is not Stage.WAITING:
             return
         self.client.proxy.observed.timeouts[phase.value] += 1
         self.note = f"{phase.value}_timeout"

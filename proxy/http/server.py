@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from proxy.http import headers as h
-from proxy.http.exchange import Exchange, Phase
+from proxy.http.exchange import Exchange, Phase, Stage
 
 if TYPE_CHECKING:
     from proxy.http.h2front import H2Stream
@@ -328,7 +328,7 @@ class ClientConnection:
         such a request is dropped from the queue, as HAProxy's abortonclose does. Through a
         tunnel the half-close passes on to the upstream."""
         ex = self.active
-        if ex is not None and ex.queued:
+        if ex is not None and ex.stage is Stage.QUEUED:
             self.closing = True  # nothing pipelined behind it is served either
             if self.task is not None:
                 self.task.cancel()
@@ -446,7 +446,7 @@ class ClientConnection:
         if ex is not None:
             self.parsing = None
             ex.end_body()
-            if ex is self.active and not ex.begun and not ex.upgrade and ex.error is None:
+            if ex is self.active and ex.stage is Stage.NEW and not ex.upgrade and ex.error is None:
                 ex.start()
 
     def stream_request(
