@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 Endpoint = tuple[PoolName, str, int]
 
 RAMP_TICK = 0.1
-DRAIN_POLL = 0.05
 
 
 class ControlError(Exception):
@@ -293,8 +292,13 @@ class Control:
     async def _expire_pool(
         self, pool: PoolName, busy: set[ResponseSink], tunnels: set[ClientConnection]
     ) -> None:
-        loop = self.proxy.loop
-        deadline = loop.time() + self.proxy.settings.drain_timeout
+        # What was in flight there holds its upstream's admission slot until it ends (a
+        # tunnel until it closes): wait until the pool's upstreams hold none (a request sent
+        # there since, by the override header or a failover, is waited for too), or the bound.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.proxy.settings.drain_timeout):
+                for upstream in self.proxy.router.pools[pool]:
+                    await upstream.admission.until_idle()
 
         def pending() -> list[UpstreamConnection]:
             return [
@@ -304,9 +308,6 @@ class Control:
                 if conn.sink is not None and conn.sink in busy
             ]
 
-        # Nothing signals "this pool's last exchange ended" yet: checked every DRAIN_POLL.
-        while loop.time() < deadline and (pending() or any(_tunnel_pool(c) for c in tunnels)):  # noqa: ASYNC110
-            await asyncio.sleep(DRAIN_POLL)
         split = self.split
         if (pool == "green" and split == 0.0) or (pool == "blue" and split == 100.0):
             for client in tunnels:
