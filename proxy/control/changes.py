@@ -85,12 +85,13 @@ class Control:
         # workers); the state file is told too.
         self.listeners: list[Callable[[], None]] = []
 
-    def changed(self) -> None:
+    def changed(self, *, kept: bool = False) -> None:
         """Said once after every change of what routes a request or of the rollout: the split,
         the stable pool, the fence, the configuration, an upstream's health, drain, weight or
-        URL."""
+        URL. `kept`: of what the state file keeps (the split, the stable pool, the rollout),
+        which it then writes."""
         state_file = self.proxy.state_file
-        if state_file is not None:
+        if kept and state_file is not None:
             state_file.changed()
         for listener in self.listeners:
             listener()
@@ -142,7 +143,7 @@ class Control:
         """Route `green` percent to green from now on, as a step (no event): a ramp's, or the
         state a predecessor or the state file kept."""
         self.proxy.spreader.set_split(green)
-        self.changed()
+        self.changed(kept=True)
 
     def apply_split_now(self, green: float, by: str) -> None:
         """Route `green` percent to green from now on."""
@@ -161,7 +162,7 @@ class Control:
         """`pool` holds the traffic from now on (a promotion flips it)."""
         if self.proxy.router.stable != pool:
             self.proxy.router.stable = pool
-            self.changed()
+            self.changed(kept=True)
 
     def fence(self, reason: str) -> None:
         """From now on no request fails over to the candidate pool, because of `reason` (a
@@ -169,7 +170,7 @@ class Control:
         router = self.proxy.router
         self.fence_reason = reason
         router.fenced = OTHER[router.stable] if reason else None
-        self.changed()
+        self.changed(kept=True)
 
     def health_changed(self, upstream: Upstream, healthy: bool, reason: str) -> None:
         """The health checks took `upstream` into rotation or out of it."""

@@ -568,7 +568,7 @@ class RolloutController:
         if previous is not None:
             data["previous_stable"] = previous
         self.proxy.events.publish("rollout", **data)
-        self.proxy.control.changed()
+        self.proxy.control.changed(kept=True)
 
     async def stand_down(self) -> None:
         """Stop deciding (a fleet member that no longer leads): the fleet's leader decides."""
