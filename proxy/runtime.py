@@ -10,7 +10,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,24 +18,24 @@ from aiohttp import web
 
 from proxy.admin.api import admin_token, build_admin_app
 from proxy.admin.metrics import Metrics
-from proxy.config import Config, UpstreamConfig, shield_statuses
+from proxy.config import Config, UpstreamConfig
 from proxy.control.changes import Change, Control
 from proxy.control.events import EventBus
 from proxy.control.health import HealthChecker, ProbeFields
 from proxy.control.rollout import RolloutController, RolloutSnapshot
 from proxy.control.statefile import StateFile
 from proxy.http.accesslog import AccessLog, Entry
-from proxy.http.exchange import Outcome, Phase
+from proxy.http.exchange import Phase
 from proxy.http.h2front import H2Session
 from proxy.http.h2upstream import H2Upstream
 from proxy.http.router import Router
 from proxy.http.server import ClientConnection
+from proxy.http.serving import Serving, Settings
 from proxy.http.tls import ListenerTLS, client_context, server_context
 from proxy.http.upstream import Upstream, protocol_factory
 from proxy.logic.admission import Admission, Limits
 from proxy.logic.analysis import WindowFigures
 from proxy.logic.breaker import Breaker, BreakerSettings, BreakerState
-from proxy.logic.grpcstatus import parse_codes
 from proxy.logic.observations import Observations
 from proxy.logic.retry import RetryBudget
 from proxy.logic.routing import OTHER, POOLS, PoolName, SplitSpreader
@@ -141,90 +141,6 @@ class Role:
 SINGLE = Role()
 
 
-class Session(Protocol):
-    """A client connection that serves many requests at once (an HTTP/2 connection): told of
-    the proxy's tick and of its shutdown, like a ClientConnection."""
-
-    def expire(self, now: float) -> None: ...
-    def shutdown(self, now: float) -> None: ...
-    def abort(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Values the hot path reads, prepared once per configuration."""
-
-    connect_timeout: float
-    response_headers_timeout: float
-    request_headers_timeout: float
-    idle_timeout: float
-    # The inactivity bound of each phase the tick watches (client_body ... tunnel_idle).
-    inactivity: Mapping[Phase, float]
-    retry_attempts: int
-    retry_methods: frozenset[bytes]
-    retry_statuses: frozenset[int]
-    retry_outcomes: frozenset[Outcome]
-    breaker_statuses: frozenset[int]
-    # A candidate's answers retried on the stable pool (rollout.shield), and with them every
-    # status the data path looks at twice: one lookup per answer.
-    shield_statuses: frozenset[int]
-    shield_failures: bool
-    failure_statuses: frozenset[int]
-    drain_timeout: float
-    max_connections: int
-    http2: bool
-    max_target: int
-    max_head: int
-    max_headers: int
-    # Raw bytes of a request head still arriving: the limits above plus the request line and
-    # whitespace. httptools holds a header's pieces until the header ends; this bounds that.
-    max_head_bytes: int
-    grpc_failures: frozenset[int]  # grpc-status codes that count as the server's failure
-
-    @classmethod
-    def from_config(cls, config: Config, share: int = 1) -> Settings:
-        """The settings by `config`, for one process of `share` that serve the same port."""
-        t = config.timeouts
-        r = config.retries
-        outcomes = {Outcome.RETRY_STATUS, Outcome.RESET}
-        if "connect_error" in r.on:
-            outcomes.add(Outcome.CONNECT_ERROR)
-        if "timeout" in r.on:
-            outcomes.add(Outcome.TIMEOUT)
-        statuses = frozenset(x for x in r.on if isinstance(x, int))
-        shield = shield_statuses(config.rollout.shield)
-        return cls(
-            connect_timeout=t.connect,
-            response_headers_timeout=t.response_headers,
-            request_headers_timeout=t.request_headers,
-            idle_timeout=t.idle,
-            inactivity={
-                Phase.CLIENT_BODY: t.client_body,
-                Phase.CLIENT_SEND: t.client_send,
-                Phase.UPSTREAM_BODY: t.upstream_body,
-                Phase.TUNNEL_IDLE: t.tunnel_idle,
-            },
-            retry_attempts=r.attempts,
-            retry_methods=frozenset(m.encode("ascii") for m in r.methods),
-            retry_statuses=statuses,
-            retry_outcomes=frozenset(outcomes),
-            # The upstream's own 5xx answers that count as breaker failures: those the
-            # operator also treats as retriable (502/503/504 by default).
-            breaker_statuses=statuses,
-            shield_statuses=shield,
-            shield_failures=bool(config.rollout.shield),
-            failure_statuses=statuses | shield,
-            drain_timeout=config.drain.timeout,
-            max_connections=math.ceil(config.listen.max_connections / share),
-            http2=config.listen.http2,
-            max_target=config.listen.max_request_target,
-            max_head=config.listen.max_header_bytes,
-            max_headers=config.listen.max_header_fields,
-            max_head_bytes=config.listen.max_request_target + config.listen.max_header_bytes + 1024,
-            grpc_failures=parse_codes(list(config.grpc.failures)),
-        )
-
-
 class Proxy:
     """One process of Turnout, composed by its `role`: the configuration, the routing state
     (written by `control`), health checks, the rollout controller, the observations, the admin
@@ -249,7 +165,7 @@ class Proxy:
         self.clock: Callable[[], float] = clock or self.loop.time
         # Where the routing state is kept across restarts (`turnout run` sets it up).
         self.state_file: StateFile | None = None
-        self.settings = Settings.from_config(config, role.share)
+        self.serving = Serving(Settings.from_config(config, role.share))
         self.rng = rng or random.Random()
         self.spreader = SplitSpreader(config.split)
         self.events = EventBus()
@@ -278,12 +194,6 @@ class Proxy:
         self.access_log = self._access_log(config)
         self.access_log_dropped_before = 0  # by the access logs a reload replaced
         self.metrics = Metrics(self)
-        self.connections: set[ClientConnection] = set()
-        # Client connections that serve several requests at once (HTTP/2): each of their
-        # requests runs on a connection of its own in `connections` as well.
-        self.sessions: set[Session] = set()
-        self.tunnels: set[ClientConnection] = set()
-        self.shutting_down = False
         # Requests answered (a worker reports how many since its last report).
         self.served = 0
         self.admin_runner: web.AppRunner | None = None
@@ -438,7 +348,7 @@ class Proxy:
                 for upstream in ups:
                     upstream.breaker.retune(breaker)
                     upstream.admission.retune(admission)
-        self.settings = Settings.from_config(config, self.role.share)
+        self.serving.settings = Settings.from_config(config, self.role.share)
         if config.retries != old.retries:
             self.retry_budget = RetryBudget(config.retries.budget, config.retries.min_per_second)
         if config.access_log != old_log:
@@ -461,6 +371,19 @@ class Proxy:
     def stable(self) -> PoolName:
         """The pool that holds the traffic; it flips at each promotion (Control.set_stable)."""
         return self.router.stable
+
+    @property
+    def settings(self) -> Settings:
+        """The values the hot path reads, by the configuration in force."""
+        return self.serving.settings
+
+    @property
+    def connections(self) -> set[ClientConnection]:
+        return self.serving.connections
+
+    @property
+    def tunnels(self) -> set[ClientConnection]:
+        return self.serving.tunnels
 
     @property
     def fence_reason(self) -> str:
@@ -631,9 +554,9 @@ class Proxy:
     async def shutdown(self, timeout: float | None = None) -> None:
         """The one shutdown sequence: stop accepting, let requests in flight finish (bounded),
         then close everything, the admin API last."""
-        if self.shutting_down:
+        if self.serving.shutting_down:
             return
-        self.shutting_down = True
+        self.serving.shutting_down = True
         timeout = self.settings.drain_timeout if timeout is None else timeout
         self.events.publish("shutdown", in_flight=self.in_flight, **self.front.load())
         if self.fleet is not None:
@@ -720,31 +643,32 @@ class LocalFront:
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
+        self.serving = proxy.serving
         self.server: asyncio.Server | None = None
         self._tick_task: asyncio.Task[None] | None = None
 
     async def start(self, sock: socket.socket) -> None:
-        proxy = self.proxy
+        proxy, serving = self.proxy, self.serving
         tls = proxy.listener_tls
         self.server = await proxy.loop.create_server(
             protocol_factory(lambda: ClientConnection(proxy)),
             sock=sock,
             backlog=BACKLOG,
             ssl=tls.context if tls is not None else None,
-            ssl_handshake_timeout=proxy.settings.request_headers_timeout if tls else None,
+            ssl_handshake_timeout=serving.settings.request_headers_timeout if tls else None,
         )
         self._tick_task = proxy.loop.create_task(self._tick())
 
     async def _tick(self) -> None:
-        proxy = self.proxy
+        proxy, serving = self.proxy, self.serving
         while True:
             await asyncio.sleep(TICK)
             now = proxy.loop.time()
-            for conn in list(proxy.connections):
+            for conn in list(serving.connections):
                 conn.expire(now)
-            for session in list(proxy.sessions):
+            for session in list(serving.sessions):
                 session.expire(now)
-            idle_before = now - proxy.settings.idle_timeout
+            idle_before = now - serving.settings.idle_timeout
             router = proxy.router
             refresh = False
             for upstream in router.upstreams():
@@ -759,25 +683,25 @@ class LocalFront:
                 router.refresh()
 
     async def stop(self, timeout: float) -> None:
-        proxy = self.proxy
+        proxy, serving = self.proxy, self.serving
         loop = proxy.loop
         taking = self._stop_accepting()
         deadline = loop.time() + timeout
-        while (proxy.connections or proxy.sessions or any(not t.done() for t in taking)) and (
+        while (serving.connections or serving.sessions or any(not t.done() for t in taking)) and (
             loop.time() < deadline
         ):
             now = loop.time()
-            for conn in list(proxy.connections):
+            for conn in list(serving.connections):
                 conn.shutdown(now)
-            for session in list(proxy.sessions):
+            for session in list(serving.sessions):
                 session.shutdown(now)
             await asyncio.sleep(0.05)
-        for conn in list(proxy.tunnels):
+        for conn in list(serving.tunnels):
             conn.going_away()
-        for conn in list(proxy.connections):
+        for conn in list(serving.connections):
             if conn.tunnel is None:
                 conn.abort()
-        for session in list(proxy.sessions):
+        for session in list(serving.sessions):
             session.abort()
         if self._tick_task is not None:
             self._tick_task.cancel()
@@ -787,9 +711,9 @@ class LocalFront:
             await self.server.wait_closed()
 
     def abort(self) -> None:
-        for conn in list(self.proxy.connections):
+        for conn in list(self.serving.connections):
             conn.abort()
-        for tunnel in list(self.proxy.tunnels):
+        for tunnel in list(self.serving.tunnels):
             tunnel.abort()
 
     def reopen_logs(self) -> None:
@@ -797,7 +721,7 @@ class LocalFront:
             self.proxy.access_log.reopen()
 
     def load(self) -> dict[str, int]:
-        return {"connections": len(self.proxy.connections)}
+        return {"connections": len(self.serving.connections)}
 
     def status(self) -> dict[str, Any]:
         return {}
@@ -824,7 +748,7 @@ class LocalFront:
         return [self.proxy.loop.create_task(self._serve_accepted(conn)) for conn in queued]
 
     async def _serve_accepted(self, conn: socket.socket) -> None:
-        proxy = self.proxy
+        proxy, serving = self.proxy, self.serving
         tls = proxy.listener_tls
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -832,13 +756,13 @@ class LocalFront:
                 protocol_factory(lambda: ClientConnection(proxy)),
                 conn,
                 ssl=tls.context if tls is not None else None,
-                ssl_handshake_timeout=proxy.settings.request_headers_timeout if tls else None,
+                ssl_handshake_timeout=serving.settings.request_headers_timeout if tls else None,
             )
         except (OSError, TimeoutError):  # the client left (or failed its TLS handshake)
             conn.close()
 
     def __repr__(self) -> str:
-        return f"<LocalFront connections={len(self.proxy.connections)}>"
+        return f"<LocalFront connections={len(self.serving.connections)}>"
 
 
 def access_entry(ex: Exchange, duration: float) -> Entry:

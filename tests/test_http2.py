@@ -37,7 +37,7 @@ def h2c(port: int) -> httpx.AsyncClient:
 
 
 def sessions(stack: Stack) -> list[H2Session]:
-    return list(stack.proxy.sessions)  # type: ignore[arg-type]
+    return list(stack.proxy.serving.sessions)  # type: ignore[arg-type]
 
 
 async def test_curl_with_prior_knowledge_is_answered_over_http2(stack: Stack) -> None:
@@ -71,7 +71,7 @@ async def test_split_is_per_stream_on_one_connection(
                 assert resp.http_version == "HTTP/2"
                 seen[resp.headers["x-upstream"]] += 1
             assert start < 1000
-    assert len(proxy.sessions) == 1  # one client connection carried every request
+    assert len(proxy.serving.sessions) == 1  # one client connection carried every request
     assert abs(seen["green"] / 10 - 30) <= 1.5, seen
 
 
@@ -460,7 +460,7 @@ async def test_malformed_frames_are_a_goaway_with_their_code(stack: Stack, attac
             goaways.append(int.from_bytes(received[13:17], "big"))
         del received[:size]
     assert [h2.errors.ErrorCodes(c).name for c in goaways] == [code]
-    await wait_for(lambda: stack.proxy.in_flight == 0 and not stack.proxy.sessions)
+    await wait_for(lambda: stack.proxy.in_flight == 0 and not stack.proxy.serving.sessions)
     async with h2c(stack.proxy.port) as other:
         assert (await other.get("/")).status_code == 200
 

@@ -343,10 +343,10 @@ class AdminAPI:
         proxy = self.proxy
         candidates = proxy.router.candidates
         # A proxy that is shutting down no longer accepts: a load balancer should look away.
-        ready = not proxy.shutting_down and any(candidates[p] for p in candidates)
+        ready = not proxy.serving.shutting_down and any(candidates[p] for p in candidates)
         body = {
             "ready": ready,
-            "shutting_down": proxy.shutting_down,
+            "shutting_down": proxy.serving.shutting_down,
             "available": {p: len(c) for p, c in candidates.items()},
         }
         return web.json_response(body, status=200 if ready else 503)

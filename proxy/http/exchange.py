@@ -393,7 +393,7 @@ class Exchange:
             router = proxy.router
             pool = router.choose_pool(self.override, self.sticky_key)
             self.pool = pool
-            self.attempts_left = proxy.settings.retry_attempts
+            self.attempts_left = self.client.serving.settings.retry_attempts
             proxy.retry_budget.request(self.started)
             upstream = router.pick_admissible(pool, self.override is not None)
             if upstream is not None and upstream.pool != pool and upstream.pool != proxy.stable:
@@ -473,7 +473,7 @@ class Exchange:
     async def _connect(self, upstream: Upstream) -> None:
         try:
             try:
-                conn = await upstream.connect(self.client.proxy.settings.connect_timeout)
+                conn = await upstream.connect(self.client.serving.settings.connect_timeout)
             except ConnectError as exc:
                 # The upstream by its key: the answer goes to clients, its address must not.
                 self.detail = f"connect to {upstream.key} failed: {exc}"
@@ -646,7 +646,7 @@ class Exchange:
         upstream's doing."""
         if outcome is Outcome.OK or outcome is Outcome.RETRY_STATUS:
             # A shielded status outside retries.on is the analysis' failure, not the breaker's.
-            return self.answered not in self.client.proxy.settings.breaker_statuses
+            return self.answered not in self.client.serving.settings.breaker_statuses
         if outcome is Outcome.CLIENT_GONE:
             return None
         if outcome is Outcome.RESET and self.reused_conn:
@@ -680,7 +680,7 @@ class Exchange:
         if self.buffered is None:
             return None
         proxy = self.client.proxy
-        settings = proxy.settings
+        settings = self.client.serving.settings
         if status:
             retry = status in settings.retry_statuses
             shield = status in settings.shield_statuses
@@ -750,7 +750,7 @@ class Exchange:
         """A gRPC call's answer as the status the analysis, breakers and retries judge: the
         HTTP status unless its grpc-status is a failure (grpc.failures)."""
         code = grpcstatus.status_in(fields)
-        if code is None or code not in self.client.proxy.settings.grpc_failures:
+        if code is None or code not in self.client.serving.settings.grpc_failures:
             return status
         return grpcstatus.as_http_status(code)
 
@@ -761,7 +761,7 @@ class Exchange:
 
     def _arm_head_deadline(self) -> None:
         if not self.response_started:
-            timeout = self.client.proxy.settings.response_headers_timeout
+            timeout = self.client.serving.settings.response_headers_timeout
             if 0.0 < self.call_timeout < timeout:
                 timeout = self.call_timeout - (monotonic() - self.started)
             self.client.arm_head_deadline(timeout)
@@ -773,7 +773,7 @@ class Exchange:
             conn.detach()
             proxy = self.client.proxy
             proxy.observed.timeouts[Phase.RESPONSE_HEADERS.value] += 1
-            timeout = proxy.settings.response_headers_timeout
+            timeout = self.client.serving.settings.response_headers_timeout
             if 0.0 < self.call_timeout < timeout:
                 self.detail = f"the call's grpc-timeout of {self.call_timeout:g}s passed"
                 self.attempts_left = 0  # the deadline is the call's, not the attempt's
@@ -820,7 +820,7 @@ class Exchange:
             self._upstream_error(conn, Outcome.BAD_RESPONSE, "101 to a request without upgrade")
             return
         if (
-            answered in self.client.proxy.settings.failure_statuses
+            answered in self.client.serving.settings.failure_statuses
             and self.upstream is not None
             and (retry_to := self._retry_target(self.upstream, Outcome.RETRY_STATUS, answered))
             is not None

@@ -356,7 +356,7 @@ class H2Session:
 
     def start(self, data: bytes) -> None:
         self.transport.set_protocol(self)  # type: ignore[arg-type]
-        self.proxy.sessions.add(self)
+        self.proxy.serving.sessions.add(self)
         if data:
             self.data_received(data)
         else:
@@ -367,7 +367,7 @@ class H2Session:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.proxy.sessions.discard(self)
+        self.proxy.serving.sessions.discard(self)
         for stream in list(self.streams.values()):
             stream.reset_by_client()
         self.streams.clear()
@@ -585,7 +585,7 @@ class H2Session:
     # the proxy's tick and shutdown --------------------------------------------------
 
     def expire(self, now: float) -> None:
-        if not self.streams and now - self.idle_since >= self.proxy.settings.idle_timeout:
+        if not self.streams and now - self.idle_since >= self.proxy.serving.settings.idle_timeout:
             self._close_gracefully()
 
     def shutdown(self, now: float) -> None:
@@ -601,7 +601,7 @@ class H2Session:
         if not self.streams and now - self.idle_since >= SHUTDOWN_IDLE_GRACE:
             self._close_gracefully()
         elif not self.goaway_at and (
-            now - self.shutdown_at >= self.proxy.settings.drain_timeout / 2
+            now - self.shutdown_at >= self.proxy.serving.settings.drain_timeout / 2
         ):
             self.goaway_at = now
             self.conn.send_shutdown_notice()

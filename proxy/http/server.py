@@ -82,6 +82,7 @@ class ClientConnection:
         "pipeline",
         "proxy",
         "scheme",
+        "serving",
         "stream",
         "task",
         "trailers",
@@ -100,6 +101,7 @@ class ClientConnection:
 
     def __init__(self, proxy: Proxy, parse: bool = True) -> None:
         self.proxy = proxy
+        self.serving = proxy.serving
         self.transport: asyncio.Transport | None = None
         # None for an HTTP/2 stream's connection: its requests come parsed (stream_request).
         self.parser = httptools.HttpRequestParser(self) if parse else None
@@ -169,7 +171,7 @@ class ClientConnection:
             self.peer_ip,
             self.scheme,
         )
-        if len(proxy.connections) >= proxy.settings.max_connections:
+        if len(self.serving.connections) >= self.serving.settings.max_connections:
             # Refused at once rather than queued: the client learns to back off.
             self.transport.write(TOO_MANY_CONNECTIONS)
             self.transport.close()
@@ -179,16 +181,16 @@ class ClientConnection:
             self.closed = True  # the HTTP/2 session takes the connection (ALPN said so)
             proxy.start_session(self.transport, b"")
             return
-        proxy.connections.add(self)
+        self.serving.connections.add(self)
         self.idle_since = proxy.loop.time()
         # Until a whole request head has arrived the client has request_headers to send it.
-        self.deadline = proxy.loop.time() + proxy.settings.request_headers_timeout
-        if proxy.shutting_down:
+        self.deadline = proxy.loop.time() + self.serving.settings.request_headers_timeout
+        if self.serving.shutting_down:
             self.closing = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.proxy.connections.discard(self)
+        self.serving.connections.discard(self)
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
@@ -271,7 +273,7 @@ class ClientConnection:
             # A phase that began during this piece restarted the count: head_bytes holds only
             # pieces that were wholly inside the head (or chunk framing) still under way.
             if self.in_head:
-                if self.head_bytes > self.proxy.settings.max_head_bytes:
+                if self.head_bytes > self.serving.settings.max_head_bytes:
                     # A header that never ends reaches no callback, so its size is bounded here.
                     self._reject(431, "request header fields too large")
                     return
@@ -279,7 +281,9 @@ class ClientConnection:
                     # A head begun in this read has request_headers to arrive whole. Set here,
                     # not per message: most heads arrive whole in the read that began them.
                     proxy = self.proxy
-                    self.deadline = proxy.loop.time() + proxy.settings.request_headers_timeout
+                    self.deadline = (
+                        proxy.loop.time() + self.serving.settings.request_headers_timeout
+                    )
             elif self.in_frame and self.head_bytes > h.MAX_CHUNK_FRAMING:
                 # A chunk extension or a trailer field that never ends reaches no callback.
                 self._reject(400, "chunk size line or trailer section too large")
@@ -371,7 +375,7 @@ class ClientConnection:
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        if len(self.url) > self.proxy.settings.max_target:
+        if len(self.url) > self.serving.settings.max_target:
             raise HeadError(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -385,7 +389,7 @@ class ClientConnection:
         self.head_size += len(name) + len(value) + 4
         headers = self.headers
         headers.append((name, value))
-        settings = self.proxy.settings
+        settings = self.serving.settings
         if self.head_size > settings.max_head or len(headers) > settings.max_headers:
             raise HeadError(431, "request header fields too large")
 
@@ -457,7 +461,7 @@ class ClientConnection:
         on_message_complete; `end` says there is none."""
         self.url = url
         self.deadline = 0.0
-        settings = self.proxy.settings
+        settings = self.serving.settings
         if len(url) > settings.max_target:
             self._reject(414, "request target too long", method)
             return
@@ -485,7 +489,7 @@ class ClientConnection:
         """The client opened with the HTTP/2 connection preface (h2c, prior knowledge)."""
         proxy = self.proxy
         transport = self.transport
-        if not proxy.settings.http2 or transport is None:
+        if not self.serving.settings.http2 or transport is None:
             self._reject(400, "HTTP/2 is not enabled on this listener (listen.http2)")
             return
         # This protocol hands its transport to the HTTP/2 session and hears nothing more.
@@ -493,7 +497,7 @@ class ClientConnection:
         self.transport = None
         self.in_head = False
         self.deadline = 0.0
-        proxy.connections.discard(self)
+        self.serving.connections.discard(self)
         proxy.start_session(transport, data)
 
     def _on_upgrade(self, rest: bytes) -> None:
@@ -537,7 +541,7 @@ class ClientConnection:
             # half-close cannot be passed on (TLS).
             self.close()
         self.resume_reading(self.PAUSE_TUNNEL)
-        self.proxy.tunnels.add(self)
+        self.serving.tunnels.add(self)
 
     def _tunnel_eof(self, end: int) -> bool | None:
         """One end of a tunnel finished sending: pass the half-close on and keep relaying the
@@ -685,7 +689,7 @@ class ClientConnection:
     def exchange_finished(self, ex: Exchange) -> None:
         if ex is self.tunnel_exchange:
             self.tunnel_exchange = None
-            self.proxy.tunnels.discard(self)
+            self.serving.tunnels.discard(self)
             self.close()
         self.active = None
         self.watch_phase = None
@@ -708,7 +712,7 @@ class ClientConnection:
             return
         proxy = self.proxy
         self.idle_since = proxy.loop.time()
-        self.deadline = self.idle_since + proxy.settings.idle_timeout
+        self.deadline = self.idle_since + self.serving.settings.idle_timeout
 
     def arm_head_deadline(self, timeout: float) -> None:
         """The active exchange's request went out whole: its response head is due within
@@ -807,7 +811,7 @@ class ClientConnection:
             return
         if phase is None:
             return
-        timeout = self.proxy.settings.inactivity[phase]
+        timeout = self.serving.settings.inactivity[phase]
         if now - self.watch_since < timeout:
             return
         self.watch_phase = None
