@@ -277,11 +277,15 @@ async def test_added_upstream_takes_traffic_after_its_health_check_passes(
     newcomer.settings.healthy = False
     async with Load(admin.proxy_url) as load:
         await load.until(100)
+        routed = proxy.router
         status, answer = await admin.call(
             "POST", "/pools/blue/upstreams", {"url": newcomer.url, "weight": 1}
         )
         assert status == 201
         assert answer == {"added": {"url": newcomer.url, "weight": 1}, "what": "add blue/1"}
+        # A new routing state, swapped whole; requests in flight keep the one they started with.
+        assert proxy.router.generation == routed.generation + 1
+        assert (len(routed.pools["blue"]), len(proxy.router.pools["blue"])) == (1, 2)
         added = upstream(proxy, "blue/1")
         entry = (await admin.status())["pools"]["blue"]["upstreams"][1]
         assert entry | {"url": newcomer.url, "healthy": False, "state": "down"} == entry
