@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("turnout.fleet")
 
 EFFECTIVE_DELAY = 0.3  # seconds between a move toward the candidate and its effective_at
-LEAD_POLL = 0.02
 APPLY_TIMEOUT = 2.0
 RETRY = 0.2
 REPORT_EVERY = 0.25
@@ -135,6 +134,8 @@ class FleetMember:
 
     def start(self) -> None:
         self.proxy.control.coordinator = self
+        # Every change of the stable pool or the rollout may change the state a leader writes.
+        self.proxy.control.listeners.append(self._wake_lead.set)
         self._main = self.loop.create_task(self._run())
 
     async def close(self) -> None:
@@ -524,17 +525,20 @@ class FleetMember:
         return (state.split, state.stable, r.state, r.strategy, r.step, r.step_split, r.steps)
 
     async def _lead_loop(self) -> None:
+        """Write the leader's state each time it may have changed: the control layer's changes
+        and split decisions wake this loop (cleared before the write, so that a change made
+        while it is under way is written next); a write etcd did not take is tried again."""
         while self.leading:
+            self._wake_lead.clear()
             try:
                 await self.write_state()
             except StoreError as exc:
                 log.warning("fleet %s: state write failed: %s", self.name, exc)
-            self._wake_lead.clear()
-            try:
-                async with asyncio.timeout(LEAD_POLL):
-                    await self._wake_lead.wait()
-            except TimeoutError:
-                pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RETRY):
+                        await self._wake_lead.wait()
+                continue
+            await self._wake_lead.wait()
 
     async def write_state(self, extra: tuple[Op, ...] = ()) -> tuple[bool, int]:
         """Write the leader's state if it changed (and `extra`), fenced on the election key.
