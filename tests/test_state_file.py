@@ -104,6 +104,30 @@ async def test_a_promotion_survives_a_plain_restart(sample: SampleFactory, tmp_p
         running.process.kill()
 
 
+async def test_a_supervisor_writes_the_last_change_before_it_exits(
+    sample: SampleFactory, tmp_path: Path
+) -> None:
+    """With --workers the supervisor keeps the file: a change made just before SIGTERM (still
+    waiting out the gap between two writes) is written before the process exits."""
+    blue, green = await sample("blue"), await sample("green")
+    path, handover, process = await first_process(
+        config(blue.url, green.url), tmp_path, "--workers", "2"
+    )
+    running = await Running.start(process)
+    try:
+        kept = tmp_path / "turnout.state.json"
+        assert (await running.call("PUT", "/split", {"green": 20}))[0] == 200
+        await wait_for(lambda: kept_state(kept).get("split") == 20.0)
+        assert (await running.call("PUT", "/split", {"green": 35}))[0] == 200
+        await running.stop()
+        assert kept_state(kept)["split"] == 35.0
+        running = await restart(path, handover)
+        assert (await running.status())["split"]["green"] == 35.0
+        await running.stop()
+    finally:
+        running.process.kill()
+
+
 async def test_a_corrupt_state_file_falls_back_to_the_config(
     sample: SampleFactory, tmp_path: Path
 ) -> None:
