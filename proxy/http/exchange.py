@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Final
 
 from proxy.http import headers as h
 from proxy.http.headers import RawHeaders
+from proxy.http.request import parse_request_head
 from proxy.http.upstream import BadResponse, ConnectError, Upstream, UpstreamConnection
 from proxy.logic import grpcstatus
 from proxy.logic.admission import Shed, ShedReason
-from proxy.logic.routing import OTHER, PoolName, parse_override
+from proxy.logic.routing import OTHER, PoolName
 from proxy.logic.stats import CODE_LABELS
 
 if TYPE_CHECKING:
@@ -137,29 +138,39 @@ class Exchange:
     ) -> None:
         self.client = client
         self.method = method
-        self.target = target
         self.version = version
         self.request_headers = headers
         self.keep_alive = keep_alive
-        self.error: tuple[int, str] | None = None
+        head = parse_request_head(
+            method,
+            target,
+            version,
+            headers,
+            client.proxy.router,
+            client.forwarded,
+            client.peer_ip,
+            client.scheme,
+        )
+        self.target = head.target
+        # Set when the request is refused (status, detail); the body's framing still counts.
+        self.error = head.error
         self.detail = ""
-        self.host: bytes | None = None
-        self.chunked = False
-        self.content_length = 0
-        self.expect_continue = False
-        self.upgrade = False
-        self.websocket = False
+        self.host = head.host
+        self.chunked = head.chunked
+        self.content_length = head.content_length
+        self.expect_continue = head.expect_continue
+        self.upgrade = head.upgrade
+        self.websocket = head.websocket
         self.upgrade_rest: list[bytes] | None = None
-        self.override: PoolName | None = None
-        self.sticky_key: bytes | None = None
-        self.forward_head: bytes | None = None
+        self.override = head.override
+        self.sticky_key = head.sticky_key
+        self.forward_head = head.forward_head
         self.no_body = method == b"HEAD"
-        # A gRPC call (content-type application/grpc...): judged by its grpc-status, answered
-        # in gRPC's terms when the proxy itself answers.
-        self.grpc = False
-        # A gRPC call's own deadline (grpc-timeout, seconds; 0: none): its response head is
-        # due within it when that is sooner than timeouts.response_headers.
-        self.call_timeout = 0.0
+        # A gRPC call: judged by its grpc-status, answered in gRPC's terms when the proxy
+        # itself answers; its own deadline (grpc-timeout) bounds its response head when that
+        # is sooner than timeouts.response_headers.
+        self.grpc = head.grpc
+        self.call_timeout = head.call_timeout
         # Body chunks received so far, kept while they fit the retry limit.
         self.buffered: list[bytes] | None = []
         self.buffered_size = 0
@@ -194,140 +205,8 @@ class Exchange:
         self.bytes_out = 0
         self.upstream_time = 0.0
         self.note = ""
-        self._inspect_headers()
 
     # request side ------------------------------------------------------------
-
-    def _inspect_headers(self) -> None:
-        """One pass over the request head: framing checks, the values routing needs, and the
-        head to forward (hop-by-hop fields dropped; X-Forwarded-*, Via and framing set)."""
-        if self.method == b"CONNECT":
-            # A reverse proxy opens no tunnels to arbitrary hosts (the parser also stops here).
-            self.error = (405, "CONNECT is not supported by a reverse proxy")
-            return
-        if self.version != "1.1" and self.version != "1.0":
-            # llhttp also accepts 0.9 and 2.0 request lines; neither can be relayed as HTTP/1.1.
-            self.error = (505, f"HTTP/{self.version} is not supported")
-            return
-        absolute_host: bytes | None = None
-        if self.target[:1] != b"/":
-            form = h.origin_form(self.target)
-            if form is not None:
-                # Absolute form: the target's host replaces any Host field (RFC 9112 3.2.2).
-                absolute_host, self.target = form
-                if not absolute_host:
-                    self.error = (400, "no host in the absolute-form request target")
-                    return
-        router = self.client.proxy.router
-        override_name = router.override_header
-        sticky_header = router.sticky_header
-        cookie: bytes | None = None
-        sticky_value: bytes | None = None
-        te_seen = False
-        xff: bytes | None = None
-        via: bytes | None = None
-        named: set[bytes] | None = None
-        singletons: set[bytes] | None = None
-        # The forwarded head: request line, then the fields passed on as they came.
-        head = [self.method, b" ", self.target, b" HTTP/1.1\r\n"]
-        for name, value in self.request_headers:
-            lname = name.lower()
-            if len(lname) in h.SINGLETON_LENGTHS and lname in h.SINGLETONS:
-                if singletons is None:
-                    singletons = {lname}
-                elif lname in singletons:
-                    self.error = (400, f"duplicate {name.decode('latin-1')} header")
-                    return
-                else:
-                    singletons.add(lname)
-                if lname == b"content-type" and value.startswith(b"application/grpc"):
-                    self.grpc = True
-            if lname in h.HOP_BY_HOP:
-                if lname == b"transfer-encoding":
-                    if te_seen or not h.valid_transfer_encoding(value):
-                        self.error = (400, "unsupported or ambiguous Transfer-Encoding")
-                        return
-                    te_seen = True
-                    self.chunked = True
-                elif lname == b"content-length":
-                    self.content_length = int(value)
-                elif lname == b"upgrade":
-                    self.upgrade = True
-                    self.websocket = value.strip().lower() == b"websocket"
-                elif lname in h.NAMING_HEADERS and value not in h.PLAIN_CONNECTION:
-                    named = h.add_hop_names(named, value)
-                continue
-            if lname == b"host":
-                if self.host is not None:
-                    self.error = (400, "duplicate Host header")
-                    return
-                self.host = value
-                if absolute_host is not None:
-                    continue
-            elif lname == b"expect":
-                if value.strip().lower() != b"100-continue":
-                    self.error = (417, "unsupported Expect")
-                    return
-                self.expect_continue = True
-                continue  # the proxy answers 100-continue itself
-            elif lname == override_name:
-                self.override = parse_override(value)
-            elif lname == b"cookie":
-                cookie = value if cookie is None else cookie + b"; " + value
-            elif lname == sticky_header:
-                sticky_value = value
-            if lname == b"x-forwarded-for":
-                xff = value if xff is None else xff + b", " + value
-            elif lname == b"via":
-                via = value if via is None else via + b", " + value
-            elif lname != b"x-forwarded-proto" and lname != b"x-forwarded-host":
-                head += (name, b": ", value, b"\r\n")
-        if absolute_host is not None:
-            self.host = absolute_host
-            head.insert(4, b"Host: %b\r\n" % absolute_host)
-        elif self.host is None and self.version == "1.1":
-            self.error = (400, "missing Host header")
-            return
-        if te_seen and self.version == "1.0":
-            self.error = (400, "Transfer-Encoding in an HTTP/1.0 request")
-            return
-        if router.sticky_cookie is not None or sticky_value is not None:
-            self.sticky_key = router.sticky_key(cookie, sticky_value)
-        if named is not None:
-            # Rare: Connection names further hop-by-hop fields, maybe ones that came before it.
-            head[4:] = h.without_named(head[4:], named)
-            if b"x-forwarded-for" in named:
-                xff = None
-            if b"via" in named:
-                via = None
-        self.forward_head = self._end_forward_head(head, xff, via)
-        if self.grpc:
-            for name, value in self.request_headers:
-                if name.lower() == b"grpc-timeout":
-                    self.call_timeout = grpcstatus.parse_timeout(value)
-
-    def _end_forward_head(self, head: list[bytes], xff: bytes | None, via: bytes | None) -> bytes:
-        client = self.client
-        if xff is None:
-            head.append(client.forwarded)
-        else:
-            head += (b"X-Forwarded-For: ", xff, b", ", client.peer_ip, b"\r\n")
-            head += (b"X-Forwarded-Proto: ", client.scheme, b"\r\n")
-        if self.host is not None:
-            head += (b"X-Forwarded-Host: ", self.host, b"\r\n")
-        if via is not None:
-            ours = h.VIA if self.version == "1.1" else h.VIA_10
-            head += (b"Via: ", via, b", ", ours, b"\r\n")
-        else:
-            head.append(h.VIA_LINE if self.version == "1.1" else h.VIA_10_LINE)
-        if self.websocket:
-            head.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
-        elif self.chunked:
-            head.append(b"Transfer-Encoding: chunked\r\n")
-        elif self.content_length or self.method in (b"POST", b"PUT", b"PATCH"):
-            head += (b"Content-Length: ", b"%d" % self.content_length, b"\r\n")
-        head.append(b"\r\n")
-        return b"".join(head)
 
     def feed_body(self, data: bytes) -> None:
         self.body_size += len(data)
@@ -505,7 +384,7 @@ class Exchange:
             self.attempt_started = monotonic()
         conn.reused = True
         head = self.forward_head
-        assert head is not None  # set by _inspect_headers unless the request was refused
+        assert head is not None  # parse_request_head makes it unless the request was refused
         if self.host is None:
             # HTTP/1.0 without Host: name the upstream, right after the request line.
             cut = head.index(b"\r\n") + 2
