@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -93,6 +94,24 @@ def proxy_config(blue: list[str], green: list[str], **overrides: Any) -> dict[st
     return data
 
 
+# A teardown step that has not ended after this long is a hang: see bounded().
+TEARDOWN_BOUND = 20.0
+
+
+async def bounded(step: Awaitable[None], what: str) -> None:
+    """Await a teardown step that must end; one that has not after TEARDOWN_BOUND prints where
+    every task of the loop waits (stderr, shown with the failure), then fails the test."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=TEARDOWN_BOUND)
+    if not done:
+        for waiting in asyncio.all_tasks():
+            if waiting is not asyncio.current_task():
+                waiting.print_stack(file=sys.stderr)
+        task.cancel()
+        raise AssertionError(f"{what} did not end within {TEARDOWN_BOUND:g}s (tasks above)")
+    task.result()
+
+
 @pytest.fixture
 async def make_proxy() -> AsyncIterator[ProxyFactory]:
     proxies: list[Proxy] = []
@@ -107,7 +126,7 @@ async def make_proxy() -> AsyncIterator[ProxyFactory]:
 
     yield make
     for proxy in proxies:
-        await proxy.shutdown(timeout=1.0)
+        await bounded(proxy.shutdown(timeout=1.0), f"the shutdown of {proxy!r}")
 
 
 @pytest.fixture

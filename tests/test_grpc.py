@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from conftest import HOST, ProxyFactory, proxy_config, wait_for
+from conftest import HOST, ProxyFactory, bounded, proxy_config, wait_for
 from helpers.takeover import LISTENING, TOOK_OVER, Process, first_process
 
 from proxy.config import ConfigError, parse_config
@@ -111,7 +111,7 @@ async def grpc_upstream() -> AsyncIterator[GrpcFactory]:
 
     yield make
     for upstream in started:
-        await upstream.server.stop(0)
+        await bounded(upstream.server.stop(0), f"the stop of the gRPC upstream {upstream.name}")
 
 
 def grpc_config(blue: str, green: str, **overrides: Any) -> dict[str, Any]:
