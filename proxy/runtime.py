@@ -156,6 +156,8 @@ class Proxy:
         role: Role = SINGLE,
     ) -> None:
         self.role = role
+        # The role's, read once per request (an attribute of the proxy costs less to read).
+        self.outcome_sink = role.outcomes
         self.config = config
         self.config_path = config_path
         self.log = log
@@ -450,7 +452,7 @@ class Proxy:
         )
 
     def record_outcome(self, pool: PoolName, error: bool, latency: float) -> None:
-        sink = self.role.outcomes
+        sink = self.outcome_sink
         if sink is not None:
             sink.outcome(pool, error, latency)
             return
