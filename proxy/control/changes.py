@@ -18,7 +18,7 @@ from proxy.control.health import probe
 from proxy.http.accesslog import log_problems
 from proxy.http.router import Router
 from proxy.http.tls import TLSSetupError, client_context, tls_problems
-from proxy.http.upstream import ResponseSink, Upstream, UpstreamConnection
+from proxy.http.upstream import ResponseSink, Upstream
 from proxy.logic.routing import OTHER, POOLS, PoolName
 
 if TYPE_CHECKING:
@@ -300,22 +300,14 @@ class Control:
             async with asyncio.timeout(self.proxy.settings.drain_timeout):
                 for upstream in self.proxy.router.pools[pool]:
                     await upstream.admission.until_idle()
-
-        def pending() -> list[UpstreamConnection]:
-            return [
-                conn
-                for upstream in self.proxy.router.pools[pool]
-                for conn in upstream.connections
-                if conn.sink is not None and conn.sink in busy
-            ]
-
         split = self.split
         if (pool == "green" and split == 0.0) or (pool == "blue" and split == 100.0):
             for client in tunnels:
                 client.going_away()
-            for conn in pending():
-                conn.abort()
             for upstream in self.proxy.router.pools[pool]:
+                for conn in list(upstream.connections):
+                    if conn.sink is not None and conn.sink in busy:
+                        conn.abort()
                 upstream.close_idle()
 
     # upstreams ---------------------------------------------------------------
