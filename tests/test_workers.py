@@ -31,6 +31,7 @@ from helpers.processes import (
     status,
     until,
 )
+from helpers.raw_http import RawClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,32 +66,16 @@ async def turnout_workers(
         await reap(process, graceful=True)
 
 
-class RawClient:
-    """One keep-alive client connection: it stays on the worker that accepted it."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int) -> RawClient:
-        return cls(*await asyncio.open_connection(HOST, port))
-
-    async def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
-        """(status, X-Upstream) of one GET; the body is read and dropped."""
-        lines = [f"GET {path} HTTP/1.1", "Host: turnout"]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
-        async with asyncio.timeout(TIMEOUT):
-            head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-            length = re.search(r"(?im)^content-length: *(\d+)", head)
-            assert length is not None, head
-            await self.reader.readexactly(int(length[1]))
-        upstream = re.search(r"(?im)^x-upstream: *(\S+)", head)
-        return int(head.split(" ", 2)[1]), upstream[1] if upstream else ""
-
-    def close(self) -> None:
-        self.writer.close()
+async def get(
+    client: RawClient, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """(status, X-Upstream) of one GET on a keep-alive connection (it stays on the worker that
+    accepted it)."""
+    lines = [f"GET {path} HTTP/1.1", "Host: turnout"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    resp = await client.request(("\r\n".join(lines) + "\r\n\r\n").encode())
+    upstream = resp.value(b"x-upstream")
+    return resp.status, upstream.decode() if upstream else ""
 
 
 def served(doc: dict[str, Any]) -> list[int]:
@@ -157,7 +142,7 @@ async def on_each_worker(
         before = served(doc)
         async with only_worker(doc, index):
             client = await RawClient.open(process.port)
-            assert await client.get("/who", {"X-Turnout-Pool": "blue"}) == (200, "blue")
+            assert await get(client, "/who", {"X-Turnout-Pool": "blue"}) == (200, "blue")
             after = [n + (i == index) for i, n in enumerate(before)]
             await until(session, process, served_is(after))
         found[index] = client
@@ -262,7 +247,7 @@ async def test_a_rollout_decides_on_the_outcomes_of_every_worker(
         await until(session, process, lambda d: d["rollout"]["step"] == 1 and all_follow(d))
         green_only = {"X-Turnout-Pool": "green"}
         for _ in range(4):
-            assert await clients[0].get("/fail", green_only) == (500, "green")
+            assert await get(clients[0], "/fail", green_only) == (500, "green")
 
         # Worker 0's four failures are in the supervisor's window, judged, and not enough.
         doc = await until(
@@ -272,7 +257,7 @@ async def test_a_rollout_decides_on_the_outcomes_of_every_worker(
         assert doc["rollout"]["windows"]["green"]["errors"] == 4
         assert [w["outcomes"]["green"]["errors"] for w in doc["workers"]] == [4, 0]
         for _ in range(4):
-            assert await clients[1].get("/fail", green_only) == (500, "green")
+            assert await get(clients[1], "/fail", green_only) == (500, "green")
         doc = await until(session, process, lambda d: d["rollout"]["state"] == "rolled_back")
         # The breach counted more failures than either worker saw (4 each): both workers'.
         judged = re.search(r"over (\d+) requests", doc["rollout"]["reason"])
@@ -289,7 +274,7 @@ async def test_a_rollout_decides_on_the_outcomes_of_every_worker(
         # The rollback reaches both workers: what they serve now is blue.
         doc = await until(session, process, all_follow)
         for client in clients.values():
-            assert await client.get("/after") == (200, "blue")
+            assert await get(client, "/after") == (200, "blue")
             client.close()
 
 
