@@ -627,10 +627,11 @@ class FleetMember:
         """Publish this member's outcomes every quarter second (the leader has its own)."""
         while True:
             await asyncio.sleep(REPORT_EVERY)
-            wire = self.tap.take()
-            if self.leading or not self.lease or wire is None:
+            wire = self.tap.take(counting=not self.leading)
+            if not self.lease or wire is None:
                 continue
-            # A report that does not get through is lost: the leader sees less coverage.
+            # A report that does not get through is carried by the next (totals); meanwhile
+            # the leader sees less coverage.
             with contextlib.suppress(StoreError):
                 await self.store.put(self.keys.outcomes + self.instance, wire, lease=self.lease)
 
