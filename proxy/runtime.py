@@ -20,7 +20,7 @@ from proxy.admin.api import admin_token, build_admin_app
 from proxy.admin.metrics import Metrics
 from proxy.config import Config, UpstreamConfig
 from proxy.control.changes import Change, Control
-from proxy.control.events import EventBus
+from proxy.control.events import BreakerChanged, EventBus, Failover, ShuttingDown
 from proxy.control.health import HealthChecker, ProbeFields
 from proxy.control.rollout import RolloutController, RolloutSnapshot
 from proxy.control.statefile import StateFile
@@ -234,12 +234,9 @@ class Proxy:
                 if open_until is not None:
                     self.loop.call_at(open_until, self.request_refresh)
             self.events.publish(
-                "breaker",
-                upstream=key,
-                url=cfg.url,
-                before=old.value,
-                after=new.value,
-                reason=reason,
+                BreakerChanged(
+                    upstream=key, url=cfg.url, before=old.value, after=new.value, reason=reason
+                )
             )
 
         upstream.breaker = Breaker(
@@ -416,7 +413,7 @@ class Proxy:
             problems,
         )
         self.events.publish(
-            "failover", to=candidate, pool=pool, requests=count, reason=why, upstreams=problems
+            Failover(to=candidate, pool=pool, requests=count, reason=why, upstreams=problems)
         )
 
     def pool_problems(self, pool: PoolName) -> str:
@@ -560,7 +557,10 @@ class Proxy:
             return
         self.serving.shutting_down = True
         timeout = self.settings.drain_timeout if timeout is None else timeout
-        self.events.publish("shutdown", in_flight=self.in_flight, **self.front.load())
+        load = self.front.load()
+        self.events.publish(
+            ShuttingDown(self.in_flight, load["connections"], workers=load.get("workers"))
+        )
         if self.fleet is not None:
             await self.fleet.close()
         await self.front.stop(timeout)

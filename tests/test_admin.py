@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import aiohttp
 import pytest
@@ -25,6 +26,7 @@ from proxy import cli
 from proxy.admin import api as admin_api
 from proxy.admin.api import AdminSetupError
 from proxy.config import load_config, parse_config
+from proxy.control.events import EventData, EventKind, FleetLeader, SplitChanged
 from proxy.runtime import Proxy
 
 TIMEOUT = 10.0
@@ -608,6 +610,8 @@ async def test_events_stream_split_changes_drains_and_reloads(
                 events = await read_events(stream, 6)
         kinds = [kind for kind, _ in events]
         assert kinds[0] == "split"
+        # Exactly its kind's fields; `ramp` (None: not a step of a ramp) is left out.
+        assert events[0][1].keys() - {"seq", "kind", "time"} == {"before", "after", "by"}
         assert events[0][1] | {"before": 0.0, "after": 10.0, "by": "127.0.0.1"} == events[0][1]
         assert events[1][0] == "drain"
         assert events[1][1]["upstream"] == "green/0"
@@ -624,6 +628,18 @@ async def test_events_stream_split_changes_drains_and_reloads(
         assert seqs == sorted(seqs)
     finally:
         await proxy.shutdown(timeout=1.0)
+
+
+def test_every_event_kind_has_one_frozen_payload() -> None:
+    # By name: @dataclass(slots=True) leaves the class it replaced among the subclasses.
+    payloads = {(p.kind, p.__name__) for p in EventData.__subclasses__()}
+    assert sorted(kind for kind, _ in payloads) == sorted(get_args(EventKind))
+    split = SplitChanged(before=0.0, after=5.0, by="test")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        split.after = 6.0  # type: ignore[misc]
+    assert split.as_dict() == {"before": 0.0, "after": 5.0, "by": "test"}
+    # A field without a default says None out loud (a first leader has no previous one).
+    assert FleetLeader(leader="m0", previous=None, instance="m1").as_dict()["previous"] is None
 
 
 async def test_a_quiet_event_stream_stays_open_with_keep_alives(

@@ -14,6 +14,18 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 from pydantic import ValidationError
 
 from proxy.config import Config, ConfigError, UpstreamConfig, load_config, validation_problems
+from proxy.control.events import (
+    Drain,
+    Drained,
+    HealthChanged,
+    RampStarted,
+    Reloaded,
+    ReloadFailed,
+    SplitChanged,
+    Undrain,
+    UpstreamAdded,
+    UpstreamRemoved,
+)
 from proxy.control.health import probe
 from proxy.http.accesslog import log_problems
 from proxy.http.router import Router
@@ -121,7 +133,7 @@ class Control:
             self._ramp_ends = self.proxy.loop.time() + over
             self._ramp_by = by
             self._ramp = self.proxy.loop.create_task(self._run_ramp(before, green, over, by))
-            self.events.publish("ramp", start=before, target=green, over=over, by=by)
+            self.events.publish(RampStarted(start=before, target=green, over=over, by=by))
         else:
             self._apply_split(green, by)
         return Change("split", {"green": before}, {"green": green, "over": over})
@@ -150,7 +162,7 @@ class Control:
         before = self.split
         self.put_split(green)
         if before != green:
-            self.events.publish("split", before=before, after=green, by=by)
+            self.events.publish(SplitChanged(before=before, after=green, by=by))
             if green == 0.0:
                 self._drain_pool_connections("green")
             elif green == 100.0:
@@ -176,9 +188,7 @@ class Control:
         """The health checks took `upstream` into rotation or out of it."""
         self.proxy.router.refresh()
         self.changed()
-        self.events.publish(
-            "health", upstream=upstream.key, url=upstream.url, healthy=healthy, reason=reason
-        )
+        self.events.publish(HealthChanged(upstream.key, upstream.url, healthy, reason))
 
     def ramp_status(self) -> dict[str, Any] | None:
         if self._ramp is None or self._ramp_target is None:
@@ -234,7 +244,7 @@ class Control:
                 if upstream.url == item["url"]:
                     key = upstream.key
                     self._forget(upstream)
-                    self.events.publish("upstream_removed", upstream=key, url=upstream.url)
+                    self.events.publish(UpstreamRemoved(key, upstream.url))
         for item in _items(state.get("added")):
             name: PoolName = item["pool"]
             try:
@@ -275,7 +285,7 @@ class Control:
         self._ramp = None
         self._ramp_target = None
         self._steer(target, by)
-        self.events.publish("split", before=start, after=target, by=by, ramp=over)
+        self.events.publish(SplitChanged(before=start, after=target, by=by, ramp=over))
         if target in (0.0, 100.0):
             self._drain_pool_connections("green" if target == 0.0 else "blue")
 
@@ -335,7 +345,7 @@ class Control:
             self.proxy.router.refresh()
             self.changed()
             upstream.close_idle()
-            self.events.publish("drain", upstream=upstream.key, url=upstream.url, by=by)
+            self.events.publish(Drain(upstream.key, upstream.url, by))
             self._drains[upstream] = self._spawn(self._finish_drain(upstream))
         return Change(f"drain {upstream.key}", {"draining": before}, {"draining": True})
 
@@ -350,7 +360,7 @@ class Control:
             upstream.drained = False
             self.proxy.router.refresh()
             self.changed()
-            self.events.publish("undrain", upstream=upstream.key, url=upstream.url, by=by)
+            self.events.publish(Undrain(upstream.key, upstream.url, by))
         return Change(f"undrain {upstream.key}", {"draining": before}, {"draining": False})
 
     def _refuse_emptying_stable(self, upstream: Upstream) -> None:
@@ -391,7 +401,7 @@ class Control:
         upstream.drained = True
         self.changed()
         self._drains.pop(upstream, None)
-        self.events.publish("drained", upstream=upstream.key, url=upstream.url, cut_requests=forced)
+        self.events.publish(Drained(upstream.key, upstream.url, cut_requests=forced))
 
     async def add_upstream(self, pool: str, url: object, weight: object = 1) -> Change:
         if pool not in POOLS:
@@ -419,7 +429,7 @@ class Control:
         proxy.router = router.with_pools({pool: (*router.pools[pool], upstream)})
         proxy.watch(upstream, cold=cold)
         self.changed()
-        self.events.publish("upstream_added", upstream=upstream.key, url=upstream.url)
+        self.events.publish(UpstreamAdded(upstream.key, upstream.url))
         return upstream
 
     def remove_upstream(
@@ -438,7 +448,7 @@ class Control:
         if task is not None:
             await asyncio.shield(task)
         self._forget(upstream)
-        self.events.publish("upstream_removed", upstream=upstream.key, url=upstream.url)
+        self.events.publish(UpstreamRemoved(upstream.key, upstream.url))
 
     def _forget(self, upstream: Upstream) -> None:
         router = self.proxy.router
@@ -467,11 +477,11 @@ class Control:
         try:
             config = await asyncio.to_thread(load_config, path)
         except ConfigError as exc:
-            self.events.publish("reload_failed", path=path, errors=exc.errors, by=by)
+            self.events.publish(ReloadFailed(path=path, errors=exc.errors, by=by))
             raise ControlError(400, "invalid config", exc.errors) from exc
         problems = tls_problems(config) + log_problems(config)
         if problems:
-            self.events.publish("reload_failed", path=path, errors=problems, by=by)
+            self.events.publish(ReloadFailed(path=path, errors=problems, by=by))
             raise ControlError(400, "invalid config", problems)
         warm = await self._probe_added(config)
         old = self.proxy.config
@@ -487,7 +497,7 @@ class Control:
         if kept:
             log.warning("reload: %s", "; ".join(f"{k} {why}" for k, why in kept.items()))
             after["kept_by_rollout"] = kept
-        self.events.publish("reload", path=path, by=by, restart_needed=later, kept_by_rollout=kept)
+        self.events.publish(Reloaded(path=path, by=by, restart_needed=later, kept_by_rollout=kept))
         return Change("reload", before, after)
 
     def _kept_by_rollout(self, old: Config, new: Config) -> dict[str, str]:

@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from proxy.control.changes import Change, ControlError
+from proxy.control.events import Breach, RolloutChanged, RolloutNote, RolloutStep
 from proxy.control.health import probe
 from proxy.logic.analysis import ErrorTest, LatencyTest, WindowFigures
 from proxy.logic.strategy import (
@@ -443,18 +444,19 @@ class RolloutController:
         self._last_note = None
         self.reason = f"step {index + 1} of {len(self.steps)}: {share:g}% on {proxy.candidate}"
         proxy.events.publish(
-            "rollout_step",
-            step=index + 1,
-            share=share,
-            candidate=proxy.candidate,
-            split=proxy.spreader.split,
-            figures=self.last_figures,
+            RolloutStep(
+                step=index + 1,
+                share=share,
+                candidate=proxy.candidate,
+                split=proxy.spreader.split,
+                figures=self.last_figures,
+            )
         )
 
     def _breach(self, decision: Decision) -> None:
         fallback = self.proxy.config.rollout.fallback
         self.proxy.events.publish(
-            "breach", reason=decision.reason, fallback=fallback, figures=decision.figures
+            Breach(reason=decision.reason, fallback=fallback, figures=decision.figures)
         )
         if fallback == "rollback":
             self.rollback(f"breach: {decision.reason}", "analysis", decision.figures)
@@ -539,7 +541,7 @@ class RolloutController:
         self.reason = reason
         if reason != self._last_note:
             self._last_note = reason
-            self.proxy.events.publish("rollout_note", reason=reason)
+            self.proxy.events.publish(RolloutNote(reason))
 
     def _set_state(
         self,
@@ -554,20 +556,19 @@ class RolloutController:
         self.state = state
         self.reason = reason
         self._last_note = None
-        data: dict[str, Any] = {
-            "before": before.value,
-            "after": state.value,
-            "reason": reason,
-            "by": by,
-            "strategy": self.strategy,
-            "split": self.proxy.spreader.split,
-            "stable": self.proxy.stable,
-        }
-        if figures:
-            data["figures"] = figures
-        if previous is not None:
-            data["previous_stable"] = previous
-        self.proxy.events.publish("rollout", **data)
+        self.proxy.events.publish(
+            RolloutChanged(
+                before=before.value,
+                after=state.value,
+                reason=reason,
+                by=by,
+                strategy=self.strategy,
+                split=self.proxy.spreader.split,
+                stable=self.proxy.stable,
+                figures=figures or None,
+                previous_stable=previous,
+            )
+        )
         self.proxy.control.changed(kept=True)
 
     async def stand_down(self) -> None:

@@ -27,6 +27,16 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.config import FleetConfig
 from proxy.control.changes import ControlError
+from proxy.control.events import (
+    FleetConnected,
+    FleetDisconnected,
+    FleetFenced,
+    FleetLeader,
+    FleetLeading,
+    FleetLeaseExpiring,
+    FleetRolloutApplied,
+    FleetStoodDown,
+)
 from proxy.control.rollout import RolloutSnapshot
 from proxy.fleet.commands import Commands
 from proxy.fleet.outcomes import FRESH, OutcomeTap
@@ -230,9 +240,7 @@ class FleetMember:
         self._set_disconnected("no lease renewal within the lease")
         if self.leading:
             self.suspect = self.term
-            self.proxy.events.publish(
-                "fleet_leader_lease_expiring", instance=self.instance, term=self.term
-            )
+            self.proxy.events.publish(FleetLeaseExpiring(self.instance, self.term))
             self._stand_down("its lease is about to run out")
 
     async def _campaign(self) -> None:
@@ -276,7 +284,7 @@ class FleetMember:
     def _set_disconnected(self, why: str) -> None:
         if self.disconnected_since is None:
             self.disconnected_since = self.loop.time()
-            self.proxy.events.publish("fleet_disconnected", instance=self.instance, reason=why)
+            self.proxy.events.publish(FleetDisconnected(self.instance, why))
             self.partition.start()
 
     def _set_connected(self) -> None:
@@ -285,10 +293,11 @@ class FleetMember:
         self.partition.stop()
         override = self.partition.override
         self.proxy.events.publish(
-            "fleet_connected",
-            instance=self.instance,
-            after=None if since is None else round(self.loop.time() - since, 3),
-            override=override,
+            FleetConnected(
+                instance=self.instance,
+                after=None if since is None else round(self.loop.time() - since, 3),
+                override=override,
+            )
         )
         self._member_dirty.set()
 
@@ -356,7 +365,7 @@ class FleetMember:
         if leader != self.leader:
             previous, self.leader = self.leader, leader
             self.proxy.events.publish(
-                "fleet_leader", leader=leader, previous=previous, instance=self.instance
+                FleetLeader(leader=leader, previous=previous, instance=self.instance)
             )
         should_lead = (
             leader == self.instance
@@ -416,7 +425,7 @@ class FleetMember:
         ):
             # The leader's rollout events, as each member sees them take effect.
             proxy.events.publish(
-                "fleet_rollout", state=r.state, step=r.step, reason=r.reason, by=state.writer
+                FleetRolloutApplied(state=r.state, step=r.step, reason=r.reason, by=state.writer)
             )
             # As the leader's controller does: a rolled-back candidate takes no failover
             # traffic until a rollout starts (or a promotion) lifts the fence.
@@ -448,7 +457,7 @@ class FleetMember:
 
     def _lead(self) -> None:
         self.leading = True
-        self.proxy.events.publish("fleet_leading", instance=self.instance, term=self.term)
+        self.proxy.events.publish(FleetLeading(self.instance, self.term))
         state = self.applied or self.state
         self._decided = state.split if state is not None else None
         self._written = self._key(state) if state is not None else None
@@ -483,7 +492,7 @@ class FleetMember:
         self.proxy.rollout.coverage = None
         # A ramp this member was walking stops where it got; the fleet's leader decides now.
         self.proxy.control.stop_ramp()
-        self.proxy.events.publish("fleet_stood_down", instance=self.instance, reason=why)
+        self.proxy.events.publish(FleetStoodDown(self.instance, why))
         self.spawn(self.proxy.rollout.stand_down())
 
     def split_decided(self, green: float, by: str) -> None:
@@ -580,9 +589,7 @@ class FleetMember:
     def _fenced(self, why: str) -> None:
         self.fenced_writes += 1
         log.warning("fleet %s: %s: etcd refused the write (fenced)", self.name, why)
-        self.proxy.events.publish(
-            "fleet_fenced", instance=self.instance, term=self.term, reason=why
-        )
+        self.proxy.events.publish(FleetFenced(self.instance, self.term, why))
         self.term = 0
         self.campaigns.pop(self.instance, None)
         self._stand_down(why)

@@ -8,6 +8,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from proxy.control.events import FleetLocalRollback
 from proxy.control.rollout import ACTIVE
 from proxy.logic.analysis import ErrorTest
 from proxy.logic.strategy import analysed_steps
@@ -83,17 +84,20 @@ class PartitionGuard:
         before = proxy.spreader.split
         proxy.control.apply_split_now(green, "fleet partition policy")
         applied = member.applied
-        self.override = {
-            "split": green,
-            "before": before,
-            "fleet_split": applied.split if applied is not None else before,
-            "fleet_stable": applied.stable if applied is not None else proxy.stable,
-            "reason": f"local rollback while cut off from etcd: {reason}",
-            "at": member.wall(),
-            "fleet_revision": member.applied_revision,
-            "in_force": True,
-        }
-        proxy.events.publish("fleet_local_rollback", instance=member.instance, **self.override)
+        event = FleetLocalRollback(
+            instance=member.instance,
+            split=green,
+            before=before,
+            fleet_split=applied.split if applied is not None else before,
+            fleet_stable=applied.stable if applied is not None else proxy.stable,
+            reason=f"local rollback while cut off from etcd: {reason}",
+            at=member.wall(),
+            fleet_revision=member.applied_revision,
+            in_force=True,
+        )
+        self.override = event.as_dict()
+        del self.override["instance"]
+        proxy.events.publish(event)
 
     def __repr__(self) -> str:
         return f"<PartitionGuard running={self._task is not None} override={self.override}>"

@@ -33,6 +33,7 @@ from typing import Any
 
 from proxy.admin.metrics import WorkerCollector
 from proxy.config import Config
+from proxy.control.events import BreakerChanged
 from proxy.http.upstream import Upstream
 from proxy.logic.routing import POOLS, PoolName
 from proxy.procs.shared import (
@@ -255,12 +256,13 @@ class WorkerPool:
             proxy.router.refresh()  # /status counts the upstreams available
         for upstream, before, after in moved:
             proxy.events.publish(
-                "breaker",
-                upstream=upstream.key,
-                url=upstream.url,
-                before=before.value,
-                after=after.value,
-                worker=report.member,
+                BreakerChanged(
+                    upstream=upstream.key,
+                    url=upstream.url,
+                    before=before.value,
+                    after=after.value,
+                    worker=report.member,
+                )
             )
 
     def publish(self, state: RoutingState) -> None:
