@@ -44,11 +44,14 @@ class OutcomeTap:
         self.proxy = proxy
         # Tells the leader that totals restarted from zero (a new process).
         self.epoch = secrets.token_hex(8)
-        self._anchor: float | None = None
-        self._last: dict[str, WindowFigures] = {}
         self._totals: Totals = {p: _zero() for p in POOLS}
         # Per member: its epoch, when it was last heard (wall clock) and its last totals.
         self._heard: dict[str, tuple[str, float, Totals]] = {}
+        # Counting starts now: the first report carries what came since, a candidate failing
+        # in the fleet's first moments too.
+        self._anchor = 0.0
+        self._last: dict[PoolName, WindowFigures] = {}
+        self.restart()
 
     def restart(self) -> None:
         """Count only what comes from now on (a member that stops leading must not report
@@ -61,10 +64,7 @@ class OutcomeTap:
     def take(self, *, counting: bool) -> bytes | None:
         """Add what the windows counted since the previous call to the totals (unless not
         `counting`: a leader's windows hold the others' outcomes too) and return the report,
-        JSON; None when not counting or right after a restart."""
-        if self._anchor is None:
-            self.restart()
-            return None
+        JSON; None when not counting."""
         proxy = self.proxy
         now = proxy.clock()
         increases: Totals = {}
