@@ -10,7 +10,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,7 +41,6 @@ from proxy.logic.retry import RetryBudget
 from proxy.logic.routing import OTHER, POOLS, PoolName, SplitSpreader
 
 if TYPE_CHECKING:
-    from proxy.fleet import FleetMember
     from proxy.http.exchange import Exchange
 
 log = logging.getLogger("turnout")
@@ -105,6 +104,29 @@ class Front(Protocol):
     def status(self) -> dict[str, Any]:
         """What /status adds for it."""
         ...
+
+
+class FleetSeam(Protocol):
+    """This process's part in a fleet (proxy/fleet/member.py's FleetMember, set by
+    proxy.fleet.join): what the proxy, its admin API and its metrics ask of it."""
+
+    @property
+    def instance(self) -> str: ...
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def leading(self) -> bool: ...
+    @property
+    def members(self) -> Sized: ...
+    @property
+    def applied_revision(self) -> int: ...
+    @property
+    def fenced_writes(self) -> int: ...
+    async def command(self, kind: str, data: dict[str, Any], by: str) -> dict[str, Any]: ...
+    def status(self) -> dict[str, Any]: ...
+    def rollout_snapshot(self, local: RolloutSnapshot) -> RolloutSnapshot: ...
+    def rollout_status(self, local: dict[str, Any]) -> dict[str, Any]: ...
+    async def close(self) -> None: ...
 
 
 class OutcomeSink(Protocol):
@@ -183,7 +205,7 @@ class Proxy:
             self.rng,
             stable="green" if config.split == 100.0 else "blue",
         )
-        self.control = Control(self)
+        self.control: Control = Control(self)
         self.health = self._health_checker(config)
         self.retry_budget = RetryBudget(config.retries.budget, config.retries.min_per_second)
         self.observed = Observations(config.rollout.interval, (phase.value for phase in Phase))
@@ -191,8 +213,8 @@ class Proxy:
         self.candidate_failovers = 0
         self._failovers_logged = 0
         self._failover_logged_at = float("-inf")
-        self.rollout = RolloutController(self)
-        self.fleet: FleetMember | None = None  # set by proxy.fleet.join
+        self.rollout: RolloutController = RolloutController(self)
+        self.fleet: FleetSeam | None = None  # set by proxy.fleet.join
         self.access_log = self._access_log(config)
         self.access_log_dropped_before = 0  # by the access logs a reload replaced
         self.metrics = Metrics(self)

@@ -31,7 +31,7 @@ from helpers.load import Load
 from helpers.processes import ADMIN_API, LISTENING, ProxyProcess, admin_get
 
 from proxy.config import parse_config
-from proxy.fleet import join
+from proxy.fleet import FleetMember, join
 from proxy.fleet.state import FleetState, MemberRecord
 from proxy.fleet.store import EtcdStore, StoreError, client_tls
 from proxy.runtime import Proxy
@@ -318,8 +318,8 @@ class Fleet:
 
     proxies: list[Proxy] = field(default_factory=list)
 
-    def member(self, proxy: Proxy) -> Any:
-        assert proxy.fleet is not None
+    def member(self, proxy: Proxy) -> FleetMember:
+        assert isinstance(proxy.fleet, FleetMember)
         return proxy.fleet
 
     def leader(self) -> Proxy | None:
@@ -332,14 +332,13 @@ class Fleet:
     def formed(self) -> bool:
         """One leader, every member knows it and applied the fleet's newest state."""
         leader = self.leader()
-        if leader is None or leader.fleet is None:
+        if leader is None:
             return False
-        revision = leader.fleet.revision
+        revision = self.member(leader).revision
         return revision > 0 and all(
-            p.fleet is not None
-            and p.fleet.leader == leader.fleet.instance
-            and p.fleet.applied_revision == revision
-            and len(p.fleet.members) == len(self.proxies)
+            self.member(p).leader == self.member(leader).instance
+            and self.member(p).applied_revision == revision
+            and len(self.member(p).members) == len(self.proxies)
             for p in self.proxies
         )
 
@@ -865,7 +864,9 @@ async def test_cut_off_member_rolls_back_locally_and_says_so_when_back(
             assert answer["error"] == "no fleet leader"
             greens[2].settings.error_rate = 1.0
             await wait_for(lambda: cut_off.spreader.split == 0.0, TIMEOUT)
-            assert member.partition.override["in_force"] is True
+            override = member.partition.override
+            assert override is not None
+            assert override["in_force"] is True
             # The others saw nothing wrong: they follow their leader.
             assert [p.spreader.split for p in fleet.proxies[:2]] == [10.0, 10.0]
             await loads[2].more(50)
@@ -895,7 +896,9 @@ async def test_cut_off_member_rolls_back_locally_and_says_so_when_back(
             )
             assert code == 200, answer
             await wait_for(lambda: all(p.spreader.split == 0.0 for p in fleet.proxies), TIMEOUT)
-            await wait_for(lambda: member.partition.override["in_force"] is False, TIMEOUT)
+            await wait_for(
+                lambda: (member.partition.override or {}).get("in_force") is False, TIMEOUT
+            )
     finally:
         for load in loads:
             await load.finish()

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
@@ -22,13 +22,16 @@ from proxy.config import AdminConfig, Config, parse_duration
 from proxy.control.changes import Change, ControlError
 
 if TYPE_CHECKING:
-    from proxy.control.events import Event
-    from proxy.runtime import Proxy
+    from proxy.admin.metrics import Metrics
+    from proxy.control.changes import Control
+    from proxy.control.events import Event, EventBus
+    from proxy.control.rollout import RolloutController
+    from proxy.http.router import Router
+    from proxy.http.serving import Serving
 
 audit_log = logging.getLogger("turnout.audit")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy")
 AUTHENTICATED: web.RequestKey[bool] = web.RequestKey("authenticated", bool)
 # The dashboard's page and assets carry no data: the page asks for the token itself.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", *ui.PATHS})
@@ -55,7 +58,37 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def admin_token(proxy: Proxy) -> str | None:
+class FleetCommands(Protocol):
+    """A fleet member as the admin API uses it (proxy/fleet/member.py's FleetMember)."""
+
+    async def command(self, kind: str, data: dict[str, Any], by: str) -> dict[str, Any]: ...
+
+
+class AdminHost(Protocol):
+    """What the admin API serves and changes (runtime.py's Proxy): changes go through its
+    Control, its rollout controller or, in a fleet, to the fleet's leader."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def router(self) -> Router: ...
+    @property
+    def serving(self) -> Serving: ...
+    @property
+    def control(self) -> Control: ...
+    @property
+    def rollout(self) -> RolloutController: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def fleet(self) -> FleetCommands | None: ...
+    def status(self) -> dict[str, Any]: ...
+    async def rollout_action(self, action: str, data: dict[str, Any], by: str) -> Change: ...
+
+
+def admin_token(proxy: AdminHost) -> str | None:
     token, problem = _token(proxy.config.admin)
     if problem:
         raise AdminSetupError(problem)
@@ -331,7 +364,7 @@ def index_of(request: web.Request) -> int:
 class AdminAPI:
     """Handlers of the admin API over one running proxy."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: AdminHost) -> None:
         self.proxy = proxy
         self.control = proxy.control
         self.heartbeat = SSE_HEARTBEAT  # read when built, so a test can shorten it
@@ -484,12 +517,11 @@ class AdminAPI:
         return resp
 
 
-def build_admin_app(proxy: Proxy, token: str | None) -> web.Application:
+def build_admin_app(proxy: AdminHost, token: str | None) -> web.Application:
     admin = proxy.config.admin
     names = own_names(admin.host, admin.allowed_hosts)
     app = web.Application(middlewares=[make_middleware(token, names)], client_max_size=MAX_BODY)
     app.on_response_prepare.append(_mark_as_admin)
-    app[PROXY_KEY] = proxy
     api = AdminAPI(proxy)
     r = app.router
     r.add_get("/healthz", api.healthz)

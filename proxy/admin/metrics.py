@@ -19,7 +19,12 @@ from prometheus_client.registry import Collector
 from proxy.logic.routing import POOLS
 
 if TYPE_CHECKING:
-    from proxy.runtime import Proxy
+    from collections.abc import Sized
+
+    from proxy.control.rollout import RolloutSnapshot
+    from proxy.http.router import Router
+    from proxy.logic.observations import Observations
+    from proxy.logic.routing import SplitSpreader
 
 UPSTREAM_STATES = ("up", "down", "draining", "drained", "breaker_open", "breaker_half_open")
 ROLLOUT_STATES = (
@@ -33,10 +38,40 @@ ROLLOUT_STATES = (
 )
 
 
+class FleetView(Protocol):
+    """A fleet member as its metrics read it (proxy/fleet/member.py's FleetMember)."""
+
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def leading(self) -> bool: ...
+    @property
+    def members(self) -> Sized: ...
+    @property
+    def applied_revision(self) -> int: ...
+    @property
+    def fenced_writes(self) -> int: ...
+
+
+class MetricsSource(Protocol):
+    """What a scrape reads of a proxy (runtime.py's Proxy)."""
+
+    @property
+    def router(self) -> Router: ...
+    @property
+    def spreader(self) -> SplitSpreader: ...
+    @property
+    def observed(self) -> Observations: ...
+    @property
+    def fleet(self) -> FleetView | None: ...
+    def rollout_snapshot(self) -> RolloutSnapshot: ...
+    def access_log_dropped(self) -> int: ...
+
+
 class ProxyCollector(Collector):
     """Reads the proxy's live state on every scrape."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: MetricsSource) -> None:
         self.proxy = proxy
 
     def collect(self) -> Iterator[Metric]:
@@ -181,7 +216,7 @@ class ProxyCollector(Collector):
         yield from _fleet_metrics(proxy)
 
 
-def _fleet_metrics(proxy: Proxy) -> Iterator[Metric]:
+def _fleet_metrics(proxy: MetricsSource) -> Iterator[Metric]:
     """With `fleet:`: this member's link to etcd and its part in the fleet."""
     fleet = proxy.fleet
     if fleet is None:
@@ -252,7 +287,7 @@ def _le(bound: float) -> str:
 class Metrics:
     """The proxy's registry and its exposition."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: MetricsSource) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ProxyCollector(proxy))
 

@@ -34,8 +34,14 @@ from proxy.http.upstream import ResponseSink, Upstream
 from proxy.logic.routing import OTHER, POOLS, PoolName
 
 if TYPE_CHECKING:
+    import random
+
+    from proxy.control.events import EventBus
+    from proxy.control.rollout import RolloutController
+    from proxy.control.statefile import StateFile
     from proxy.http.server import ClientConnection
-    from proxy.runtime import Proxy
+    from proxy.http.serving import Settings
+    from proxy.logic.routing import SplitSpreader
 
 # An upstream endpoint of a configuration: pool, host, port.
 Endpoint = tuple[PoolName, str, int]
@@ -71,10 +77,47 @@ class Change:
     after: Any
 
 
+class ControlHost(Protocol):
+    """What Control needs of the proxy whose routing state it writes (runtime.py's Proxy)."""
+
+    router: Router  # written here only
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def config_path(self) -> str | None: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def rng(self) -> random.Random: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def spreader(self) -> SplitSpreader: ...
+    @property
+    def stable(self) -> PoolName: ...
+    @property
+    def candidate(self) -> PoolName: ...
+    @property
+    def fence_reason(self) -> str: ...
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def tunnels(self) -> set[ClientConnection]: ...
+    @property
+    def state_file(self) -> StateFile | None: ...
+    @property
+    def rollout(self) -> RolloutController: ...
+    def new_upstream(self, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream: ...
+    def watch(self, upstream: Upstream, *, cold: bool = True) -> None: ...
+    def unwatch(self, upstream: Upstream) -> None: ...
+    def reconfigure(self, config: Config, pools: dict[PoolName, tuple[Upstream, ...]]) -> None: ...
+
+
 class Control:
     """Every change to routing state goes through here, one synchronous step at a time."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: ControlHost) -> None:
         self.proxy = proxy
         self.events = proxy.events
         self._ramp: asyncio.Task[None] | None = None

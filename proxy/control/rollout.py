@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 from proxy.control.changes import Change, ControlError
 from proxy.control.events import Breach, RolloutChanged, RolloutNote, RolloutStep
@@ -23,8 +23,13 @@ from proxy.logic.strategy import (
 )
 
 if TYPE_CHECKING:
-    from proxy.config import ThresholdConfig
-    from proxy.runtime import Proxy
+    from proxy.config import Config, ThresholdConfig
+    from proxy.control.changes import Control
+    from proxy.control.events import EventBus
+    from proxy.control.health import HealthChecker
+    from proxy.http.router import Router
+    from proxy.logic.observations import Observations
+    from proxy.logic.routing import PoolName, SplitSpreader
 
 TICK = 0.1
 # A candidate failure asks for an evaluation this soon (not on every failure: at most one
@@ -53,10 +58,39 @@ class RolloutSnapshot:
     strategy: str
 
 
+class RolloutHost(Protocol):
+    """What the controller needs of the proxy whose rollout it drives (runtime.py's Proxy):
+    what it reads, the Control it changes routing state through, and its clock."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def clock(self) -> Callable[[], float]: ...
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+    @property
+    def router(self) -> Router: ...
+    @property
+    def spreader(self) -> SplitSpreader: ...
+    @property
+    def stable(self) -> PoolName: ...
+    @property
+    def candidate(self) -> PoolName: ...
+    @property
+    def control(self) -> Control: ...
+    @property
+    def health(self) -> HealthChecker: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def observed(self) -> Observations: ...
+    def figures(self, pool: PoolName, since: float | None = None) -> WindowFigures: ...
+
+
 class RolloutController:
     """Drives one rollout at a time from the stable pool to the candidate."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: RolloutHost) -> None:
         self.proxy = proxy
         self.state = RolloutState.IDLE
         self.strategy: str = proxy.config.rollout.strategy
