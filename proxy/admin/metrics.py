@@ -16,26 +16,18 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from proxy.control.rollout import RolloutSnapshot, RolloutState
+from proxy.http.upstream import UPSTREAM_STATES
 from proxy.logic.routing import POOLS
 
 if TYPE_CHECKING:
     from collections.abc import Sized
 
-    from proxy.control.rollout import RolloutSnapshot
     from proxy.http.router import Router
     from proxy.logic.observations import Observations
     from proxy.logic.routing import SplitSpreader
 
-UPSTREAM_STATES = ("up", "down", "draining", "drained", "breaker_open", "breaker_half_open")
-ROLLOUT_STATES = (
-    "idle",
-    "progressing",
-    "paused",
-    "insufficient_data",
-    "promoted",
-    "rolled_back",
-    "aborted",
-)
+ROLLOUT_STATES = tuple(state.value for state in RolloutState)
 
 
 class FleetView(Protocol):

@@ -10,7 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 
@@ -94,6 +94,10 @@ class UpstreamSnapshot:
     idle_connections: int
     requests: int
     failures: int
+
+
+# What `Upstream.state_name()` says, as /status and /metrics name it.
+UPSTREAM_STATES: Final = ("up", "down", "draining", "drained", "breaker_open", "breaker_half_open")
 
 
 class Upstream:

@@ -103,9 +103,9 @@ __all__ = [
     "STABLE_MIN_REQUESTS",
     "ErrorTest",
     "ErrorVerdict",
+    "Judgement",
     "LatencyTest",
     "LatencyVerdict",
-    "Outcome",
     "PoolWindow",
     "WindowFigures",
     "latency_bin",
@@ -134,7 +134,8 @@ STABLE_MIN_REQUESTS = 100  # stable outcomes before its p99 is a yardstick for t
 LATENCY_FLOOR = 0.005  # seconds the candidate p99 must exceed the stable one by, besides the ratio
 _TAIL = 0.01  # share of requests above the p99
 
-Outcome = Literal["pass", "undecided", "fail"]
+# What a test says of the candidate (not an upstream attempt's outcome: http/exchange.py).
+Judgement = Literal["pass", "undecided", "fail"]
 
 
 def _first_bin_at_or_above(seconds: float) -> int:
@@ -373,7 +374,7 @@ def _budget(alpha: float, steps: int) -> float:
 class ErrorVerdict:
     """The error analysis of the candidate pool against the stable pool and the absolute limit."""
 
-    outcome: Outcome
+    outcome: Judgement
     reason: str
     relative_log_lr: float  # natural log of the likelihood ratio against the stable pool
     absolute_log_lr: float  # natural log of the likelihood ratio against max_error_rate
@@ -429,7 +430,7 @@ class ErrorTest:
         )
         worse = candidate.error_rate > self.margin * stable.error_rate
         if relative >= self._log_bar and worse:
-            outcome: Outcome = "fail"
+            outcome: Judgement = "fail"
             reason = f"{versus} (sequential test, likelihood ratio {_ratio_text(relative)} > {bar})"
         elif absolute >= self._log_bar and candidate.error_rate > self.max_error_rate:
             outcome = "fail"
@@ -465,7 +466,7 @@ def _ms(seconds: float | None) -> str:
 class LatencyVerdict:
     """The latency analysis of the candidate pool against the stable pool and max_p99."""
 
-    outcome: Outcome
+    outcome: Judgement
     reason: str
     relative_log_lr: float  # natural log of the likelihood ratio against the stable pool
     absolute_log_lr: float  # natural log of the likelihood ratio against max_p99
@@ -575,7 +576,7 @@ class LatencyTest:
                 )
             )
 
-        def answer(outcome: Outcome, reason: str) -> LatencyVerdict:
+        def answer(outcome: Judgement, reason: str) -> LatencyVerdict:
             return LatencyVerdict(
                 outcome, reason, relative, absolute, limit, candidate, stable, pooled
             )
