@@ -6,25 +6,15 @@ control/ and admin/ name what they need as Protocols."""
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import proxy
 
 PACKAGE = Path(proxy.__file__).parent
-# From the top down, as pyproject.toml's contract lists them.
-LAYERS = [
-    "proxy.cli",
-    "proxy.app",
-    "proxy.tools",
-    "proxy.fleet",
-    "proxy.procs",
-    "proxy.runtime",
-    "proxy.admin",
-    "proxy.control",
-    "proxy.http",
-    "proxy.config",
-    "proxy.logic",
-]
+PYPROJECT = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+# From the top down: the layers contract lint-imports checks.
+LAYERS = PYPROJECT["tool"]["importlinter"]["contracts"][0]["layers"]
 ALLOWED = {("proxy.http.server", "proxy.runtime"), ("proxy.http.h2front", "proxy.runtime")}
 
 
