@@ -717,6 +717,36 @@ async def test_close_cancels_every_task_and_refuses_new_watches() -> None:
     await hc.close()  # idempotent
 
 
+@pytest.mark.parametrize("stop", ["close", "unwatch"])
+async def test_a_prober_that_swallows_the_cancellation_still_stops(stop: str) -> None:
+    """A prober (or the stream and timeout machinery under it) that takes the checker's
+    cancellation for its own and returns a result: the task ends all the same, records nothing
+    more, and close() returns (it waited for ever on a gRPC probe in a hot restart)."""
+    before = asyncio.all_tasks()
+    started = asyncio.Event()
+    never = asyncio.Event()
+
+    async def swallows(u: Upstream) -> ProbeResult:
+        started.set()
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            return ProbeResult(False, "cancelled, and said nothing")
+        return ProbeResult(True, "200")
+
+    changes = Changes()
+    hc = checker(changes, swallows, timeout=5.0)
+    upstream = make_upstream(1)
+    hc.watch(upstream)
+    async with asyncio.timeout(WAIT):
+        await started.wait()
+        if stop == "unwatch":
+            hc.unwatch(upstream)
+        await hc.close()
+    assert asyncio.all_tasks() - before == set()
+    assert [c[1] for c in changes.calls] == [False]  # the cold mark only
+
+
 async def test_watching_the_same_upstream_twice_keeps_one_task() -> None:
     before = asyncio.all_tasks()
     prober = Prober()

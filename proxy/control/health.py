@@ -171,7 +171,16 @@ async def _read_head(reader: asyncio.StreamReader) -> ProbeResult:
 class _Watch:
     """Probe state of one watched upstream."""
 
-    __slots__ = ("cold", "failures", "last_detail", "passes", "probes", "task", "upstream")
+    __slots__ = (
+        "cold",
+        "failures",
+        "last_detail",
+        "passes",
+        "probes",
+        "stopped",
+        "task",
+        "upstream",
+    )
 
     def __init__(self, upstream: Upstream, cold: bool) -> None:
         self.upstream = upstream
@@ -181,6 +190,7 @@ class _Watch:
         self.probes = 0
         self.last_detail: str | None = None
         self.task: asyncio.Task[None] | None = None
+        self.stopped = False  # unwatched or closed: its task ends even if a cancel went astray
 
 
 def _plural(n: int, word: str) -> str:
@@ -279,6 +289,7 @@ class HealthChecker:
         if watch is None or watch.upstream is not upstream:
             return
         del self._watches[upstream.key]
+        watch.stopped = True
         if watch.probes == 0:
             self._unprobed -= 1
             if self._unprobed == 0:
@@ -300,6 +311,8 @@ class HealthChecker:
     async def close(self) -> None:
         """Cancel every probe task and wait for them to end."""
         self._closed = True
+        for watch in self._watches.values():
+            watch.stopped = True
         tasks = [w.task for w in self._watches.values() if w.task is not None]
         tasks.extend(self._stopping)
         self._watches.clear()
@@ -314,9 +327,14 @@ class HealthChecker:
 
     async def _run(self, watch: _Watch) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not watch.stopped:
             started = loop.time()
             result = await self._probe(watch.upstream)
+            if watch.stopped:
+                # Cancelled meanwhile, and a prober (or the stream and timeout machinery under
+                # it) may have taken that cancellation for its own: end here all the same, or
+                # close() would wait for this task for ever.
+                return
             self._record(watch, result)
             # Start to start; one task per upstream, so a probe slower than the interval is
             # followed at once and never overlapped.
