@@ -351,7 +351,10 @@ class RolloutController:
     # the loop ----------------------------------------------------------------
 
     async def _run(self) -> None:
-        while self.state in ACTIVE or self.state is RolloutState.PAUSED:
+        # While it is the controller's loop: close() lets go of it before cancelling, so a gate
+        # probe that took the cancellation for its own does not keep it going.
+        me = asyncio.current_task()
+        while self._task is me and (self.state in ACTIVE or self.state is RolloutState.PAUSED):
             if not self.driven:
                 await self.tick()
             await asyncio.sleep(TICK)
@@ -613,9 +616,10 @@ class RolloutController:
         self.first_failure = None
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def _share(value: object) -> TypeGuard[float]:
