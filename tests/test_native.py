@@ -139,3 +139,25 @@ def test_no_compiled_module_calls_inside_a_slice_bound() -> None:
                 ]
     assert "http.exchange" in compiled_modules()
     assert found == []
+
+
+def test_no_compiled_module_awaits_while_an_exception_is_on_its_way_out() -> None:
+    """mypyc loses the exception in flight when a `finally` block (or an except handler)
+    awaits (mypyc/mypyc#1114): a gRPC health probe's cleanup swallowed its task's
+    cancellation, and the proxy's shutdown waited for that task for ever. In a compiled module
+    neither awaits."""
+    found = []
+    for name in compiled_modules():
+        path = native.source_of(name)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Try | ast.TryStar):
+                continue
+            cleanup = [*node.finalbody, *(s for h in node.handlers for s in h.body)]
+            found += [
+                f"{name}.py:{inner.lineno}"
+                for statement in cleanup
+                for inner in ast.walk(statement)
+                if isinstance(inner, ast.Await | ast.AsyncWith | ast.AsyncFor)
+            ]
+    assert "http.h2upstream" in compiled_modules()
+    assert found == []

@@ -548,39 +548,54 @@ async def _one_request(
         host, port, ssl=tls, server_hostname=host if tls is not None else None
     )
     try:
-        conn = h2codec.client(65535)
-        stream_id = conn.send_request(head, end_stream=body is None)
-        if body is not None:
-            conn.send_data(stream_id, body, end_stream=True)
-        writer.write(conn.data_to_send())
-        fields: dict[bytes, bytes] = {}
-        received = b""
-        while data := await reader.read(65536):
-            try:
-                conn.receive_data(data)
-            except CodecError as exc:
-                return f"invalid HTTP/2 from the upstream: {exc}"
-            for event in conn.events():
-                if isinstance(event, ResponseReceived):
-                    fields.update(event.headers)
-                    if body is None or event.end_stream:
-                        return fields, received
-                elif isinstance(event, TrailersReceived):
-                    fields.update(event.headers)
-                    return fields, received
-                elif isinstance(event, DataReceived):
-                    if len(received) < PROBE_BODY_LIMIT:
-                        received += event.data
-                    conn.acknowledge_received_data(len(event.data), stream_id)
-                    if event.end_stream:
-                        return fields, received
-                elif isinstance(event, StreamReset | StreamClosed | GoAwayReceived):
-                    return "stream refused by the upstream"
-            if not conn.want_read:
-                return "invalid HTTP/2 from the upstream"
-            writer.write(conn.data_to_send())
-        return "connection closed before the answer"
-    finally:
+        answer = await _exchange(reader, writer, head, body)
+    except BaseException:
+        # No await here: compiled by mypyc, an await while an exception is on its way out
+        # loses it (mypyc/mypyc#1114), and a cancellation would be lost with it.
         writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+        raise
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+    return answer
+
+
+async def _exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    head: list[tuple[bytes, bytes]],
+    body: bytes | None,
+) -> tuple[dict[bytes, bytes], bytes] | str:
+    """The request on an open connection, and its answer (as _one_request says)."""
+    conn = h2codec.client(65535)
+    stream_id = conn.send_request(head, end_stream=body is None)
+    if body is not None:
+        conn.send_data(stream_id, body, end_stream=True)
+    writer.write(conn.data_to_send())
+    fields: dict[bytes, bytes] = {}
+    received = b""
+    while data := await reader.read(65536):
+        try:
+            conn.receive_data(data)
+        except CodecError as exc:
+            return f"invalid HTTP/2 from the upstream: {exc}"
+        for event in conn.events():
+            if isinstance(event, ResponseReceived):
+                fields.update(event.headers)
+                if body is None or event.end_stream:
+                    return fields, received
+            elif isinstance(event, TrailersReceived):
+                fields.update(event.headers)
+                return fields, received
+            elif isinstance(event, DataReceived):
+                if len(received) < PROBE_BODY_LIMIT:
+                    received += event.data
+                conn.acknowledge_received_data(len(event.data), stream_id)
+                if event.end_stream:
+                    return fields, received
+            elif isinstance(event, StreamReset | StreamClosed | GoAwayReceived):
+                return "stream refused by the upstream"
+        if not conn.want_read:
+            return "invalid HTTP/2 from the upstream"
+        writer.write(conn.data_to_send())
+    return "connection closed before the answer"
