@@ -10,14 +10,14 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from proxy.admin.api import admin_token, build_admin_app
-from proxy.admin.metrics import Metrics
+from proxy.admin.api import FleetCommands, admin_token, build_admin_app
+from proxy.admin.metrics import FleetView, Metrics
 from proxy.config import Config, UpstreamConfig
 from proxy.control.changes import Change, Control
 from proxy.control.events import BreakerChanged, EventBus, Failover, ShuttingDown
@@ -106,23 +106,12 @@ class Front(Protocol):
         ...
 
 
-class FleetSeam(Protocol):
+class FleetSeam(FleetView, FleetCommands, Protocol):
     """This process's part in a fleet (proxy/fleet/member.py's FleetMember, set by
-    proxy.fleet.join): what the proxy, its admin API and its metrics ask of it."""
+    proxy.fleet.join): what its metrics and admin API ask of it, and the proxy itself."""
 
     @property
     def instance(self) -> str: ...
-    @property
-    def connected(self) -> bool: ...
-    @property
-    def leading(self) -> bool: ...
-    @property
-    def members(self) -> Sized: ...
-    @property
-    def applied_revision(self) -> int: ...
-    @property
-    def fenced_writes(self) -> int: ...
-    async def command(self, kind: str, data: dict[str, Any], by: str) -> dict[str, Any]: ...
     def status(self) -> dict[str, Any]: ...
     def rollout_snapshot(self, local: RolloutSnapshot) -> RolloutSnapshot: ...
     def rollout_status(self, local: dict[str, Any]) -> dict[str, Any]: ...

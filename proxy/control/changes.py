@@ -77,19 +77,13 @@ class Change:
     after: Any
 
 
-class ControlHost(Protocol):
-    """What Control needs of the proxy whose routing state it writes (runtime.py's Proxy)."""
-
-    router: Router  # written here only
+class ProxyView(Protocol):
+    """What the control layer reads of the proxy it serves (runtime.py's Proxy)."""
 
     @property
     def config(self) -> Config: ...
     @property
-    def config_path(self) -> str | None: ...
-    @property
     def loop(self) -> asyncio.AbstractEventLoop: ...
-    @property
-    def rng(self) -> random.Random: ...
     @property
     def events(self) -> EventBus: ...
     @property
@@ -98,6 +92,17 @@ class ControlHost(Protocol):
     def stable(self) -> PoolName: ...
     @property
     def candidate(self) -> PoolName: ...
+
+
+class ControlHost(ProxyView, Protocol):
+    """What Control needs of the proxy whose routing state it writes."""
+
+    router: Router  # written here only
+
+    @property
+    def config_path(self) -> str | None: ...
+    @property
+    def rng(self) -> random.Random: ...
     @property
     def fence_reason(self) -> str: ...
     @property

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
-from proxy.control.changes import Change, ControlError
+from proxy.control.changes import Change, ControlError, ProxyView
 from proxy.control.events import Breach, RolloutChanged, RolloutNote, RolloutStep
 from proxy.control.health import probe
 from proxy.logic.analysis import ErrorTest, LatencyTest, WindowFigures
@@ -23,13 +23,12 @@ from proxy.logic.strategy import (
 )
 
 if TYPE_CHECKING:
-    from proxy.config import Config, ThresholdConfig
+    from proxy.config import ThresholdConfig
     from proxy.control.changes import Control
-    from proxy.control.events import EventBus
     from proxy.control.health import HealthChecker
     from proxy.http.router import Router
     from proxy.logic.observations import Observations
-    from proxy.logic.routing import PoolName, SplitSpreader
+    from proxy.logic.routing import PoolName
 
 TICK = 0.1
 # A candidate failure asks for an evaluation this soon (not on every failure: at most one
@@ -58,30 +57,18 @@ class RolloutSnapshot:
     strategy: str
 
 
-class RolloutHost(Protocol):
-    """What the controller needs of the proxy whose rollout it drives (runtime.py's Proxy):
-    what it reads, the Control it changes routing state through, and its clock."""
+class RolloutHost(ProxyView, Protocol):
+    """What the controller needs of the proxy whose rollout it drives: its clock, what it
+    reads, and the Control it changes routing state through."""
 
-    @property
-    def config(self) -> Config: ...
     @property
     def clock(self) -> Callable[[], float]: ...
     @property
-    def loop(self) -> asyncio.AbstractEventLoop: ...
-    @property
     def router(self) -> Router: ...
-    @property
-    def spreader(self) -> SplitSpreader: ...
-    @property
-    def stable(self) -> PoolName: ...
-    @property
-    def candidate(self) -> PoolName: ...
     @property
     def control(self) -> Control: ...
     @property
     def health(self) -> HealthChecker: ...
-    @property
-    def events(self) -> EventBus: ...
     @property
     def observed(self) -> Observations: ...
     def figures(self, pool: PoolName, since: float | None = None) -> WindowFigures: ...
