@@ -219,14 +219,16 @@ def text(driver: Any, element_id: str) -> str:
 
 def fresh_page(driver: Any, running: Running, token: str | None) -> None:
     """The dashboard in a tab with no history, holding `token` (as if typed before)."""
-    driver.get(running.admin + "/ui")
+    # The token goes in from an open page of the same origin: the dashboard itself, loaded
+    # without it, would ask for /status and log the 401, maybe after any point we could pick.
+    driver.get(running.admin + "/healthz")
     driver.execute_script(
         "sessionStorage.clear();"
         "if (arguments[0]) sessionStorage.setItem('turnout.token', arguments[0]);",
         token,
     )
-    driver.get_log("browser")  # what the first load logged is not this page's
-    driver.refresh()
+    driver.get_log("browser")  # what the earlier pages logged is not this page's
+    driver.get(running.admin + "/ui")
     if token is not None:
         until(lambda: text(driver, "contact") == "live", what="the page is live")
         until(lambda: text(driver, "upstreams").count("http://") == 2, what="the upstream table")
