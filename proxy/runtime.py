@@ -785,7 +785,7 @@ def access_entry(ex: Exchange, duration: float) -> Entry:
         time.time(),
         ex.client.peer_ip,
         ex.method,
-        ex.target,
+        ex.head.target,
         ex.status,
         ex.body_size,
         ex.bytes_out,

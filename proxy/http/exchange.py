@@ -85,24 +85,18 @@ class Exchange:
         "buffered",
         "buffered_size",
         "bytes_out",
-        "call_timeout",
-        "chunked",
         "client",
         "conn",
-        "content_length",
         "detail",
         "epoch",
         "error",
         "expect_continue",
-        "forward_head",
-        "grpc",
-        "host",
+        "head",
         "keep_alive",
         "method",
         "no_body",
         "note",
         "out",
-        "override",
         "pool",
         "relayed",
         "request_headers",
@@ -116,15 +110,12 @@ class Exchange:
         "stage",
         "started",
         "status",
-        "sticky_key",
-        "target",
         "tried",
         "upgrade",
         "upgrade_rest",
         "upstream",
         "upstream_time",
         "version",
-        "websocket",
     )
 
     def __init__(
@@ -151,26 +142,18 @@ class Exchange:
             client.peer_ip,
             client.scheme,
         )
-        self.target = head.target
-        # Set when the request is refused (status, detail); the body's framing still counts.
+        # What the head says, read where it is needed (not copied: the hot path pays per
+        # field). The few fields an exchange changes as it goes are its own:
+        self.head = head
+        # set when the request is refused (status, detail); the body's framing still counts,
         self.error = head.error
         self.detail = ""
-        self.host = head.host
-        self.chunked = head.chunked
-        self.content_length = head.content_length
+        # cleared once the upstream is told to expect the body, or the client sent it,
         self.expect_continue = head.expect_continue
+        # cleared when the upstream declines the upgrade.
         self.upgrade = head.upgrade
-        self.websocket = head.websocket
         self.upgrade_rest: list[bytes] | None = None
-        self.override = head.override
-        self.sticky_key = head.sticky_key
-        self.forward_head = head.forward_head
         self.no_body = method == b"HEAD"
-        # A gRPC call: judged by its grpc-status, answered in gRPC's terms when the proxy
-        # itself answers; its own deadline (grpc-timeout) bounds its response head when that
-        # is sooner than timeouts.response_headers.
-        self.grpc = head.grpc
-        self.call_timeout = head.call_timeout
         # Body chunks received so far, kept while they fit the retry limit.
         self.buffered: list[bytes] | None = []
         self.buffered_size = 0
@@ -222,13 +205,13 @@ class Exchange:
             else:
                 self.buffered = None
         if conn is not None:
-            conn.write(h.chunk(data) if self.chunked else data)
+            conn.write(h.chunk(data) if self.head.chunked else data)
 
     def end_body(self) -> None:
         self.body_done = True
         conn = self.conn
         if conn is not None:
-            if self.chunked:
+            if self.head.chunked:
                 conn.write(h.CHUNK_END)
             self._arm_head_deadline()
 
@@ -270,11 +253,11 @@ class Exchange:
                 return
             proxy = self.client.proxy
             router = proxy.router
-            pool = router.choose_pool(self.override, self.sticky_key)
+            pool = router.choose_pool(self.head.override, self.head.sticky_key)
             self.pool = pool
             self.attempts_left = self.client.serving.settings.retry_attempts
             proxy.retry_budget.request(self.started)
-            upstream = router.pick_admissible(pool, self.override is not None)
+            upstream = router.pick_admissible(pool, self.head.override is not None)
             if upstream is not None and upstream.pool != pool and upstream.pool != proxy.stable:
                 proxy.failed_over_to_candidate(pool, False)
             self._next(upstream)
@@ -288,7 +271,7 @@ class Exchange:
             if upstream is None:
                 pool = self.pool
                 assert pool is not None  # chosen by start() before any attempt
-                detail = self.client.proxy.no_upstream_detail(pool, self.override is not None)
+                detail = self.client.proxy.no_upstream_detail(pool, self.head.override is not None)
                 self.client.send_error(self, 503, "no_upstream", detail, pool)
                 self._finish()
                 return
@@ -383,9 +366,9 @@ class Exchange:
             # (a candidate's new connections would otherwise look like a slower candidate).
             self.attempt_started = monotonic()
         conn.reused = True
-        head = self.forward_head
+        head = self.head.forward_head
         assert head is not None  # parse_request_head makes it unless the request was refused
-        if self.host is None:
+        if self.head.host is None:
             # HTTP/1.0 without Host: name the upstream, right after the request line.
             cut = head.index(b"\r\n") + 2
             head = b"%bHost: %b\r\n%b" % (head[:cut], conn.upstream.host_header, head[cut:])
@@ -394,7 +377,7 @@ class Exchange:
         conn.start(self, head, self.no_body)
         client = self.client
         if self.buffered:
-            chunked = self.chunked
+            chunked = self.head.chunked
             for data in self.buffered:
                 conn.write(h.chunk(data) if chunked else data)
             if self.buffered_size > RETRY_BODY_LIMIT:
@@ -402,7 +385,7 @@ class Exchange:
         if client.paused:
             client.resume_reading(client.PAUSE_BODY)
         if self.body_done:
-            if self.chunked:
+            if self.head.chunked:
                 conn.write(h.CHUNK_END)
             self._arm_head_deadline()
         elif self.expect_continue and self.version == "1.1":
@@ -547,7 +530,7 @@ class Exchange:
     def _stays_in(self, pool: PoolName) -> bool:
         """Whether a retry must stay in `pool`: forced by the override header, or the other
         pool fenced (a candidate just rolled back)."""
-        return self.override is not None or not self.client.proxy.router.may_fail_over(pool)
+        return self.head.override is not None or not self.client.proxy.router.may_fail_over(pool)
 
     def _retry_target(self, failed: Upstream, outcome: Outcome, status: int) -> Upstream | None:
         """Where a retry of the failed attempt goes (`status`: its answer's, 0 when none came),
@@ -566,17 +549,19 @@ class Exchange:
         else:
             retry = outcome in settings.retry_outcomes
             shield = settings.shield_failures and outcome in SHIELDED_OUTCOMES
+        head = self.head
+        # A gRPC call is a POST; one whose request is buffered may go again.
         if (
             self.method not in settings.retry_methods
             and outcome is not Outcome.CONNECT_ERROR
-            and not self.grpc  # a gRPC call is a POST; one whose request is buffered may go again
+            and not head.grpc
         ):
             # Any method may be re-sent after a connect error: nothing reached an upstream
             # (Envoy's connect-failure, HAProxy's conn-failure).
             return None
         stable = proxy.stable
         own = failed.pool
-        shield = shield and own != stable and self.override is None and self.rescue_from is None
+        shield = shield and own != stable and head.override is None and self.rescue_from is None
         if not shield and not (retry and self.attempts_left > 0):
             return None
         self.tried = (*self.tried, failed)
@@ -641,8 +626,8 @@ class Exchange:
     def _arm_head_deadline(self) -> None:
         if not self.response_started:
             timeout = self.client.serving.settings.response_headers_timeout
-            if 0.0 < self.call_timeout < timeout:
-                timeout = self.call_timeout - (monotonic() - self.started)
+            if 0.0 < self.head.call_timeout < timeout:
+                timeout = self.head.call_timeout - (monotonic() - self.started)
             self.client.arm_head_deadline(timeout)
 
     def head_timeout(self) -> None:
@@ -653,8 +638,8 @@ class Exchange:
             proxy = self.client.proxy
             proxy.observed.timeouts[Phase.RESPONSE_HEADERS.value] += 1
             timeout = self.client.serving.settings.response_headers_timeout
-            if 0.0 < self.call_timeout < timeout:
-                self.detail = f"the call's grpc-timeout of {self.call_timeout:g}s passed"
+            if 0.0 < self.head.call_timeout < timeout:
+                self.detail = f"the call's grpc-timeout of {self.head.call_timeout:g}s passed"
                 self.attempts_left = 0  # the deadline is the call's, not the attempt's
             else:
                 self.detail = f"no response headers within {timeout:g}s"
@@ -693,9 +678,9 @@ class Exchange:
     def upstream_head(self, conn: UpstreamConnection, status: int) -> None:
         self.client.head_deadline = 0.0
         # A gRPC answer that is all head (trailers-only) carries the call's status here.
-        answered = self._grpc_answered(conn.fields, status) if self.grpc else status
+        answered = self._grpc_answered(conn.fields, status) if self.head.grpc else status
         self.answered = answered
-        if status == 101 and not self.websocket:
+        if status == 101 and not self.head.websocket:
             self._upstream_error(conn, Outcome.BAD_RESPONSE, "101 to a request without upgrade")
             return
         if (
@@ -812,7 +797,7 @@ class Exchange:
         trailers = conn.trailers
         if self.resp_chunked:
             self.out.append(h.CHUNK_END if trailers is None else h.last_chunk(trailers))
-        if self.grpc:
+        if self.head.grpc:
             self.answered = self._grpc_answered(trailers, self.answered)
         self.flush()
         stream = self.client.stream
@@ -869,7 +854,7 @@ class Exchange:
 
     def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
         self.flush()
-        if not (self.websocket and self.status == 101):
+        if not (self.head.websocket and self.status == 101):
             self._upstream_error(conn, Outcome.BAD_RESPONSE, "unexpected protocol switch")
             return
         self.client.start_tunnel(self, conn, rest)
@@ -903,5 +888,5 @@ class Exchange:
         return json.dumps(payload).encode() + b"\n"
 
     def __repr__(self) -> str:
-        target = self.target.decode("latin-1")
+        target = self.head.target.decode("latin-1")
         return f"<Exchange {self.method.decode()} {target} status={self.status}>"

@@ -298,14 +298,14 @@ class ClientConnection:
         head and every chunked body ends with one). One read is almost always one piece."""
         ex = self.parsing
         first = data[pos]
-        if ex is not None and not ex.chunked:
-            left = ex.content_length - ex.body_size
+        if ex is not None and not ex.head.chunked:
+            left = ex.head.content_length - ex.body_size
             if left > 0:
                 return min(pos + left, len(data))
         if first == 10 or first == 13:
             # A blank line the previous read began may end here: one byte at a time.
             return pos + 1
-        if ex is not None and ex.chunked and first != 48:
+        if ex is not None and ex.head.chunked and first != 48:
             # In a chunked body the blank line that ends it follows the last chunk's line
             # ("0" after a line break): blank lines in the data before it are passed over.
             last = data.find(b"\n0", pos)
@@ -418,7 +418,7 @@ class ClientConnection:
         self.parsing = ex
         if self.active is None:
             self.active = ex
-            if ex.error is not None or ex.upgrade or ex.chunked or ex.content_length:
+            if ex.error is not None or ex.upgrade or ex.head.chunked or ex.head.content_length:
                 # A body streams to the upstream as it arrives, and an upgrade or a refusal
                 # waits for the parser to stop: start after this read. A bodiless request
                 # starts the moment its message is complete (on_message_complete).
@@ -508,10 +508,10 @@ class ClientConnection:
             return
         # The parser stops at an upgrade; this connection serves nothing after it.
         self.closing = True
-        if ex.websocket:
+        if ex.head.websocket:
             ex.upgrade_rest = [rest] if rest else []
             self.tunnel_exchange = ex
-        elif ex.chunked or ex.content_length:
+        elif ex.head.chunked or ex.head.content_length:
             ex.error = (400, "an upgrade request with a body is not supported")
         else:
             # Other upgrades (h2c and the like) are not relayed: forward as a plain request.
@@ -613,7 +613,7 @@ class ClientConnection:
         upstream: str = "",
     ) -> None:
         close = self.closing or not ex.keep_alive or not ex.body_done or status == 400
-        if ex.grpc:
+        if ex.head.grpc:
             # A gRPC client reads only gRPC: a trailers-only answer with the status in it.
             body = b""
             head = h.grpc_error_head(status, error, detail, pool, close)
