@@ -148,9 +148,9 @@ class Exchange:
         # set when the request is refused (status, detail); the body's framing still counts,
         self.error = head.error
         self.detail = ""
-        # cleared once the upstream is told to expect the body, or the client sent it,
+        # cleared once the proxy has told the client to go on (100 Continue),
         self.expect_continue = head.expect_continue
-        # cleared when the upstream declines the upgrade.
+        # cleared when an upgrade other than WebSocket goes on as a plain request.
         self.upgrade = head.upgrade
         self.upgrade_rest: list[bytes] | None = None
         self.no_body = method == b"HEAD"
