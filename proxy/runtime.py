@@ -222,19 +222,22 @@ class Proxy:
     def _build_pools(self, config: Config) -> dict[PoolName, tuple[Upstream, ...]]:
         return {
             name: tuple(
-                self.new_upstream(name, i, u)
+                self.new_upstream(name, i, u, getattr(config.pools, name).protocol)
                 for i, u in enumerate(getattr(config.pools, name).upstreams)
             )
             for name in POOLS
         }
 
-    def new_upstream(self, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream:
-        upstream = Upstream(pool, index, cfg.url, cfg.host, cfg.port, cfg.weight)
+    def new_upstream(
+        self, pool: PoolName, index: int, cfg: UpstreamConfig, protocol: str
+    ) -> Upstream:
+        """An upstream of `pool` speaking `protocol` (the pool's, in the configuration of the
+        routing snapshot it is made for)."""
+        upstream = Upstream(pool, index, cfg.url, cfg.host, cfg.port, cfg.weight, protocol=protocol)
         if cfg.scheme == "https":
             upstream.ssl = self.pool_context(pool)
-        if getattr(self.config.pools, pool).protocol != "http1":
+        if protocol != "http1":
             upstream.mux = H2Upstream(upstream, self.loop, tls=upstream.ssl is not None)
-        key = f"{pool}/{index}"
 
         def on_transition(old: BreakerState, new: BreakerState, reason: str) -> None:
             self.request_refresh()
@@ -244,9 +247,14 @@ class Proxy:
                 open_until = upstream.breaker.snapshot().open_until
                 if open_until is not None:
                     self.loop.call_at(open_until, self.request_refresh)
+            # Its key at the time: a reload may have moved it since.
             self.events.publish(
                 BreakerChanged(
-                    upstream=key, url=cfg.url, before=old.value, after=new.value, reason=reason
+                    upstream=upstream.key,
+                    url=upstream.url,
+                    before=old.value,
+                    after=new.value,
+                    reason=reason,
                 )
             )
 

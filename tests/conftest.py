@@ -24,10 +24,10 @@ HOST = "127.0.0.1"
 # do; this must come before any of them is imported.
 pytest.register_assert_rewrite("helpers")
 
-# Fixtures that live with their helpers, for every test module: `turnout` (helpers/processes.py),
-# `raw_upstream` and `clients` (helpers/raw_http.py). Named here rather than imported: those
-# modules import from this one.
-pytest_plugins = ["helpers.processes", "helpers.raw_http"]
+# Fixtures that live with their helpers, for every test module: `h2_server`
+# (helpers/h2server.py), `turnout` (helpers/processes.py), `raw_upstream` and `clients`
+# (helpers/raw_http.py). Named here rather than imported: those modules import from this one.
+pytest_plugins = ["helpers.h2server", "helpers.processes", "helpers.raw_http"]
 
 
 @dataclass

@@ -433,6 +433,30 @@ async def test_reload_gives_kept_upstreams_new_limits_and_breaker_settings(
     assert kept.breaker.state.value == "open"
 
 
+async def test_a_moved_upstream_is_named_by_its_new_key(
+    sample: SampleFactory, file_proxy: Callable[[dict[str, Any]], Awaitable[FileProxy]]
+) -> None:
+    """A reload that removes blue/0 makes blue/1 the new blue/0, with its live state and a new
+    weight; what is said of it afterwards (its breaker's events, /status) names it so."""
+    first, second = await sample("first"), await sample("second")
+    fp = await file_proxy(pools([first, second], [], breaker={"consecutive_failures": 2}))
+    admin, proxy = fp.admin, fp.admin.proxy
+    moved = upstream(proxy, "blue/1")
+    data = pools([second], [], admin=ADMIN, breaker={"consecutive_failures": 2})
+    data["pools"]["blue"]["upstreams"][0]["weight"] = 3
+    fp.write(data)
+    await admin.ok("POST", "/reload")
+    assert upstream(proxy, "blue/0") is moved
+    assert (moved.key, moved.weight) == ("blue/0", 3)
+    second.settings.error_status, second.settings.error_rate = 503, 1.0
+    for _ in range(2):
+        assert (await admin.get("/")).status == 503
+    (opened,) = events(proxy, "breaker")
+    assert (opened["upstream"], opened["url"], opened["after"]) == ("blue/0", second.url, "open")
+    (shown,) = (await admin.status())["pools"]["blue"]["upstreams"]
+    assert (shown["url"], shown["weight"], shown["breaker"]) == (second.url, 3, "open")
+
+
 async def test_reload_names_the_settings_that_wait_for_a_restart(
     sample: SampleFactory, file_proxy: Callable[[dict[str, Any]], Awaitable[FileProxy]]
 ) -> None:

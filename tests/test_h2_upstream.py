@@ -1,15 +1,12 @@
 """HTTP/2 towards upstreams (`pools.<pool>.protocol: h2c | h2`), against a real HTTP/2 server
 (hypercorn): requests from HTTP/1.1 and HTTP/2 clients are multiplexed on a few connections
-per upstream, bodies stream both ways, health checks speak HTTP/2, faults map as usual."""
+per upstream, bodies stream both ways, health checks speak HTTP/2, faults map as usual, and a
+reload that changes a pool's protocol reaches every process."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -17,117 +14,13 @@ from urllib.parse import unquote
 import aiohttp
 import httpx
 import pytest
-import trustme
-from conftest import HOST, ProxyFactory, wait_for
+import yaml
+from conftest import HOST, ProxyFactory, proxy_config, wait_for
+from helpers.h2server import H2Factory
 from helpers.http2 import h2_pools, up
-from helpers.tls import write_pair
-from hypercorn.asyncio import serve
-from hypercorn.config import Config as HypercornConfig
+from helpers.processes import ProcessFactory, all_follow, until
 
 from proxy.config import ConfigError, parse_config
-
-
-@dataclass
-class H2Server:
-    """A hypercorn server; every request's HTTP version and client port is recorded."""
-
-    name: str
-    port: int = 0
-    tls: bool = False
-    versions: list[str] = field(default_factory=list)
-    peers: set[int] = field(default_factory=set)
-    probes: list[str] = field(default_factory=list)  # HTTP versions of the health checks
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-
-    async def close(self) -> None:
-        self.stop.set()
-        if self.task is not None:
-            await asyncio.wait_for(self.task, 10)
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{HOST}:{self.port}"
-
-    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        path = scope["path"]
-        if path == "/healthz":
-            self.probes.append(scope["http_version"])
-        else:
-            self.versions.append(scope["http_version"])
-            self.peers.add(scope["client"][1])
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        status, payload = 200, b""
-        if path == "/echo":
-            payload = body
-        elif path.startswith("/bytes/"):
-            payload = bytes(i % 256 for i in range(int(path.rsplit("/", 1)[1])))
-        elif path.startswith("/status/"):
-            status = int(path.rsplit("/", 1)[1])
-        elif path.startswith("/delay/"):
-            await asyncio.sleep(int(path.rsplit("/", 1)[1]) / 1000)
-        elif path != "/healthz":
-            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-            payload = json.dumps({"upstream": self.name, "path": path, "headers": headers}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"x-upstream", self.name.encode()),
-                    (b"content-type", b"application/json"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
-
-
-H2Factory = Callable[..., Awaitable[H2Server]]
-
-
-@pytest.fixture
-async def h2_server(tmp_path: Path) -> AsyncIterator[H2Factory]:
-    servers: list[H2Server] = []
-    ca = trustme.CA()
-
-    async def make(name: str, *, tls: bool = False) -> H2Server:
-        server = H2Server(name, tls=tls)
-        sock = socket.socket()
-        sock.bind((HOST, 0))
-        server.port = sock.getsockname()[1]
-        config = HypercornConfig()
-        config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the socket from here
-        config.accesslog = None
-        config.errorlog = None
-        if tls:
-            cert, key = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, name)
-            config.certfile, config.keyfile = cert, key
-            ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-        server.task = asyncio.create_task(
-            serve(server.app, config, shutdown_trigger=server.stop.wait)  # type: ignore[arg-type]
-        )
-        servers.append(server)
-        await wait_for(lambda: _listening(server.port), timeout=10)
-        return server
-
-    yield make
-    for server in servers:
-        await server.close()
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection((HOST, port), 0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 async def test_http11_clients_reach_an_h2c_upstream_multiplexed(
@@ -246,3 +139,65 @@ async def test_grpc_timeout_is_the_calls_deadline(
     assert resp.headers["grpc-status"] == "4", said
     assert "grpc-timeout of 0.2s passed" in said
     assert blue.versions == ["2"]  # one attempt: the deadline is the call's
+
+
+async def test_a_reload_that_changes_a_pools_protocol_reaches_the_upstreams_it_keeps(
+    h2_server: H2Factory, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """An operator who moves a pool from HTTP/1.1 to h2c and reloads gets HTTP/2 towards the
+    same upstreams: a reload replaces an upstream whose protocol changed (its requests in
+    flight finish on the old one), rather than keeping it as it was."""
+    blue, green = await h2_server("blue"), await h2_server("green")
+    proxy = await make_proxy(proxy_config([blue.url], [green.url]))
+    await up(proxy)
+    old = proxy.router.pools["blue"][0]
+    url = f"http://{HOST}:{proxy.port}/"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as resp:
+            assert resp.status == 200
+        assert blue.versions == ["1.1"]
+        path = tmp_path / "turnout.yaml"
+        path.write_text(yaml.safe_dump(h2_pools(blue.url, green.url)))
+        proxy.config_path = str(path)
+        change = await proxy.control.reload()
+        assert change.after["blue"] == [blue.url]
+        (new,) = proxy.router.pools["blue"]
+        assert new is not old
+        assert (new.key, new.url) == ("blue/0", blue.url)
+        for _ in range(3):
+            async with session.get(url) as resp:
+                assert resp.status == 200
+    assert blue.versions == ["1.1", "2", "2", "2"]
+    await wait_for(lambda: old.drained)
+    assert not old.connections
+
+
+async def test_a_protocol_changed_by_reload_reaches_every_worker(
+    h2_server: H2Factory, turnout_process: ProcessFactory, tmp_path: Path
+) -> None:
+    """`turnout run`, alone and with two workers: the file moves blue to h2c, the operator
+    reloads, and from then on every request reaches blue over HTTP/2, whichever process serves
+    it. No request fails across the change."""
+    blue, green = await h2_server("blue"), await h2_server("green")
+    process = await turnout_process(proxy_config([blue.url], [green.url]))
+    async with aiohttp.ClientSession() as session:
+
+        async def get() -> None:
+            # A connection of its own, so the requests spread over the workers as they may.
+            async with aiohttp.ClientSession() as fresh, fresh.get(process.url + "/") as resp:
+                assert resp.status == 200
+                assert resp.headers["X-Upstream"] == "blue"
+
+        await asyncio.gather(*(get() for _ in range(4)))
+        assert set(blue.versions) == {"1.1"}
+        path = tmp_path / "turnout.yaml"
+        path.write_text(
+            yaml.safe_dump({"admin": {"host": HOST, "port": 0}, **h2_pools(blue.url, green.url)})
+        )
+        async with session.post(process.admin + "/reload") as resp:
+            assert resp.status == 200, await resp.text()
+        doc = await until(session, process, all_follow)
+        assert [u["url"] for u in doc["pools"]["blue"]["upstreams"]] == [blue.url]
+        seen = len(blue.versions)
+        await asyncio.gather(*(get() for _ in range(8)))
+    assert set(blue.versions[seen:]) == {"2"}

@@ -424,6 +424,38 @@ async def test_members_follow_drains_removals_splits_and_promotions() -> None:
     await leader.control.close()
 
 
+async def test_members_replace_an_upstream_whose_protocol_changed_and_move_the_rest() -> None:
+    """The leader reloads a configuration in which blue speaks h2c and green/0 weighs 3: a
+    member replaces blue/0 (the old one finishes what it has in flight) and keeps green/0 with
+    its new weight, in a rebuilt routing snapshot."""
+    a, g = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
+    config = parse_config(two_pools([a], [g]))
+    leader = supervisor_proxy(config, workers=1)
+    member = Member(config, member="worker-0")
+    member.follow(routing_state(leader, 1, 1, 0.0))
+    (old_blue,) = member.proxy.router.pools["blue"]
+    (green,) = member.proxy.router.pools["green"]
+    assert old_blue.mux is None
+    data = two_pools([a], [g])
+    data["pools"]["blue"]["protocol"] = "h2c"
+    data["pools"]["green"]["upstreams"][0]["weight"] = 3
+    leader.control.apply_config(parse_config(data))
+    before = member.proxy.router
+    member.follow(routing_state(leader, 2, 2, 0.0))
+    (new_blue,) = member.proxy.router.pools["blue"]
+    assert new_blue is not old_blue
+    assert new_blue.mux is not None
+    assert (new_blue.key, new_blue.url) == ("blue/0", a)
+    assert old_blue in member.retiring
+    assert old_blue.draining
+    assert member.proxy.router.pools["green"] == (green,)
+    assert green.weight == 3
+    assert member.proxy.router is not before
+    assert member.proxy.router.generation > before.generation
+    await member.shutdown(timeout=0)
+    await leader.control.close()
+
+
 def test_fewer_than_one_worker_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

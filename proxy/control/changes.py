@@ -30,7 +30,7 @@ from proxy.control.health import probe
 from proxy.http.accesslog import log_problems
 from proxy.http.router import Router
 from proxy.http.tls import TLSSetupError, client_context, tls_problems
-from proxy.http.upstream import ResponseSink, Upstream
+from proxy.http.upstream import ResponseSink, Upstream, upstream_ident
 from proxy.logic.routing import OTHER, POOLS, PoolName
 
 if TYPE_CHECKING:
@@ -113,7 +113,9 @@ class ControlHost(ProxyView, Protocol):
     def state_file(self) -> StateFile | None: ...
     @property
     def rollout(self) -> RolloutController: ...
-    def new_upstream(self, pool: PoolName, index: int, cfg: UpstreamConfig) -> Upstream: ...
+    def new_upstream(
+        self, pool: PoolName, index: int, cfg: UpstreamConfig, protocol: str
+    ) -> Upstream: ...
     def watch(self, upstream: Upstream, *, cold: bool = True) -> None: ...
     def unwatch(self, upstream: Upstream) -> None: ...
     def reconfigure(self, config: Config, pools: dict[PoolName, tuple[Upstream, ...]]) -> None: ...
@@ -473,7 +475,8 @@ class Control:
         until its first pass when `cold`)."""
         proxy = self.proxy
         router = proxy.router
-        upstream = proxy.new_upstream(pool, len(router.pools[pool]), cfg)
+        protocol = getattr(proxy.config.pools, pool).protocol
+        upstream = proxy.new_upstream(pool, len(router.pools[pool]), cfg, protocol)
         proxy.router = router.with_pools({pool: (*router.pools[pool], upstream)})
         proxy.watch(upstream, cold=cold)
         self.changed()
@@ -510,7 +513,7 @@ class Control:
         for u in renumbered:
             self.proxy.unwatch(u)
         for i, u in enumerate(remaining):
-            u.index = i
+            u.place(i, u.weight)
         self.proxy.router = router.with_pools({pool: remaining})
         for u in renumbered:
             self.proxy.watch(u, cold=False)
@@ -575,10 +578,10 @@ class Control:
         added: list[tuple[Endpoint, ssl.SSLContext | None]] = []
         for name in POOLS:
             pool = getattr(config.pools, name)
-            current = {(u.host, u.port) for u in router.pools[name]}
+            current = {u.ident for u in router.pools[name]}
             tls: ssl.SSLContext | None = None
             for cfg in pool.upstreams:
-                if (cfg.host, cfg.port) in current:
+                if upstream_ident(cfg.url, pool.protocol) in current:
                     continue
                 if cfg.scheme == "https" and tls is None:
                     try:
@@ -609,7 +612,8 @@ class Control:
     ) -> None:
         """Swap in a validated configuration in one synchronous step; added upstreams start
         out of rotation until their first passing check, except those in `warm` (checked
-        just before)."""
+        just before). An upstream whose URL or protocol changed is a new one: the old one
+        drains as a removed one does."""
         proxy = self.proxy
         old = proxy.config
         old_router = proxy.router
@@ -618,21 +622,20 @@ class Control:
         added: list[Upstream] = []
         renumbered: list[Upstream] = []
         for name in POOLS:
-            current = {(u.host, u.port): u for u in old_router.pools[name]}
+            current = {u.ident: u for u in old_router.pools[name]}
+            pool = getattr(config.pools, name)
             kept: list[Upstream] = []
-            for i, cfg in enumerate(getattr(config.pools, name).upstreams):
-                upstream = current.pop((cfg.host, cfg.port), None)
+            for i, cfg in enumerate(pool.upstreams):
+                upstream = current.pop(upstream_ident(cfg.url, pool.protocol), None)
                 if upstream is None:
-                    upstream = proxy.new_upstream(name, i, cfg)
+                    upstream = proxy.new_upstream(name, i, cfg, pool.protocol)
                     added.append(upstream)
                 else:
                     if upstream.index != i:
                         # Health checks know it by its key (pool/index): follow the new one.
                         proxy.unwatch(upstream)
                         renumbered.append(upstream)
-                    upstream.index = i
-                    upstream.weight = cfg.weight
-                    upstream.url = cfg.url
+                    upstream.place(i, cfg.weight)
                 kept.append(upstream)
             removed.extend(current.values())
             pools[name] = tuple(kept)

@@ -100,8 +100,16 @@ class UpstreamSnapshot:
 UPSTREAM_STATES: Final = ("up", "down", "draining", "drained", "breaker_open", "breaker_half_open")
 
 
+def upstream_ident(url: str, protocol: str) -> str:
+    """What an upstream is, as its URL and its pool's protocol say: a configuration that keeps
+    both keeps the upstream (with its live state); one that changes either replaces it."""
+    return f"{protocol} {url}"
+
+
 class Upstream:
-    """One endpoint of a pool: its live counters and its idle connection pool."""
+    """One endpoint of a pool: its live counters and its idle connection pool. What it is
+    (pool, URL, protocol) never changes; its place in the routing snapshot that holds it
+    (index, weight) is set by whoever builds that snapshot (`place`), in the same step."""
 
     __slots__ = (
         "admission",
@@ -115,6 +123,7 @@ class Upstream:
         "healthy",
         "host",
         "host_header",
+        "ident",
         "idle",
         "index",
         "mux",
@@ -135,14 +144,16 @@ class Upstream:
         port: int,
         weight: int,
         *,
+        protocol: str = "http1",
         breaker: Breaker | None = None,
         admission: Admission | None = None,
     ) -> None:
-        self.pool = pool
+        self.pool: Final = pool
         self.index = index
-        self.url = url
-        self.host = host
-        self.port = port
+        self.url: Final = url
+        self.ident: Final = upstream_ident(url, protocol)
+        self.host: Final = host
+        self.port: Final = port
         self.host_header = f"{host}:{port}".encode("latin-1")
         self.weight = weight
         self.breaker = breaker or Breaker(DEFAULT_BREAKER, clock=time.monotonic)
@@ -193,6 +204,13 @@ class Upstream:
     @property
     def key(self) -> str:
         return f"{self.pool}/{self.index}"
+
+    def place(self, index: int, weight: int) -> bool:
+        """Its place in the routing snapshot being built; True when that moved it."""
+        if (index, weight) == (self.index, self.weight):
+            return False
+        self.index, self.weight = index, weight
+        return True
 
     def pop_idle(self) -> UpstreamConnection | None:
         idle = self.idle

@@ -58,12 +58,13 @@ REPORT_INTERVAL = 0.05
 SHED_REASONS = ("queue_full", "queue_timeout", "rate_limited")
 _SEVERITY = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
-# An upstream as both ends name it: its pool and "host:port" (indexes move when one is removed).
+# An upstream as both ends name it: its pool and what it is (`Upstream.ident`: protocol and
+# URL); indexes move when one is removed.
 UpstreamKey = tuple[PoolName, str]
 
 
 def upstream_key(upstream: Upstream) -> UpstreamKey:
-    return upstream.pool, f"{upstream.host}:{upstream.port}"
+    return upstream.pool, upstream.ident
 
 
 # messages ----------------------------------------------------------------------------------

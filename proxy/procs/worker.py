@@ -20,7 +20,7 @@ from typing import Any
 import uvloop
 
 from proxy.config import Config, UpstreamConfig
-from proxy.http.upstream import Upstream
+from proxy.http.upstream import Upstream, upstream_ident
 from proxy.logic.routing import POOLS, PoolName
 from proxy.procs.shared import (
     REPORT_INTERVAL,
@@ -77,19 +77,16 @@ class Member:
         pools: dict[PoolName, tuple[Upstream, ...]] = {}
         rebuild = new_config
         for name in POOLS:
+            protocol = getattr(config.pools, name).protocol
             kept: list[Upstream] = []
             for index, route in enumerate(state.pools[name]):
-                cfg = self._upstream_config(route)
-                upstream = current.pop((name, f"{cfg.host}:{cfg.port}"), None)
+                upstream = current.pop((name, upstream_ident(route.url, protocol)), None)
                 if upstream is None:
-                    upstream = proxy.new_upstream(name, index, cfg)
+                    upstream = proxy.new_upstream(
+                        name, index, self._upstream_config(route), protocol
+                    )
                     rebuild = True
-                elif (upstream.index, upstream.weight, upstream.url) != (
-                    index,
-                    route.weight,
-                    route.url,
-                ):
-                    upstream.index, upstream.weight, upstream.url = index, route.weight, route.url
+                elif upstream.place(index, route.weight):
                     rebuild = True
                 self._route(upstream, route)
                 kept.append(upstream)
