@@ -526,15 +526,21 @@ class PoolConfig(_Model):
 
     @model_validator(mode="after")
     def _schemes_fit_the_protocol(self) -> Self:
-        want = {"h2c": "http", "h2": "https"}.get(self.protocol)
         problems: Problems = [
-            (("upstreams", index, "url"), f"protocol {self.protocol} needs {want}:// URLs")
+            (("upstreams", index, "url"), problem)
             for index, upstream in enumerate(self.upstreams)
-            if want is not None and upstream.scheme != want
+            if (problem := self.unfit(upstream)) is not None
         ]
         if problems:
             raise _problems_error("PoolConfig", problems)
         return self
+
+    def unfit(self, upstream: UpstreamConfig) -> str | None:
+        """Why this pool's protocol cannot reach `upstream` (None when it can)."""
+        want = {"h2c": "http", "h2": "https"}.get(self.protocol)
+        if want is not None and upstream.scheme != want:
+            return f"protocol {self.protocol} needs {want}:// URLs"
+        return None
 
     @field_validator("upstreams", mode="wrap")
     @classmethod

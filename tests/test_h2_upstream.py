@@ -172,6 +172,29 @@ async def test_a_reload_that_changes_a_pools_protocol_reaches_the_upstreams_it_k
     assert not old.connections
 
 
+async def test_an_upstream_added_by_the_admin_api_must_fit_the_pools_protocol(
+    h2_server: H2Factory, make_proxy: ProxyFactory
+) -> None:
+    """As the configuration file is checked: an h2c pool speaks cleartext HTTP/2, so an
+    https:// upstream added to it is refused with the reason, and nothing is added."""
+    blue, green = await h2_server("blue"), await h2_server("green")
+    proxy = await make_proxy(h2_pools(blue.url, green.url, admin={"host": HOST, "port": 0}))
+    await proxy.start_admin()
+    admin = f"http://{HOST}:{proxy.admin_port}"
+    async with aiohttp.ClientSession() as session:
+        added = {"url": f"https://{HOST}:9"}
+        async with session.post(f"{admin}/pools/blue/upstreams", json=added) as resp:
+            assert resp.status == 400
+            answer = await resp.json()
+        assert answer == {
+            "error": "invalid upstream",
+            "detail": "pool blue: protocol h2c needs http:// URLs",
+        }
+        async with session.get(f"{admin}/status") as resp:
+            shown = (await resp.json())["pools"]["blue"]["upstreams"]
+    assert [u["url"] for u in shown] == [blue.url]
+
+
 async def test_a_protocol_changed_by_reload_reaches_every_worker(
     h2_server: H2Factory, turnout_process: ProcessFactory, tmp_path: Path
 ) -> None:

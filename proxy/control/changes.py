@@ -302,6 +302,8 @@ class Control:
                 cfg = UpstreamConfig.model_validate(fields)
             except ValidationError:
                 continue
+            if getattr(proxy.config.pools, name).unfit(cfg) is not None:
+                continue  # this configuration's protocol cannot reach it
             if any((u.host, u.port) == (cfg.host, cfg.port) for u in proxy.router.pools[name]):
                 continue
             self._append(name, cfg, cold=item.get("healthy") is not True)
@@ -462,6 +464,9 @@ class Control:
             raise ControlError(400, "invalid upstream", validation_problems(exc)) from exc
         router = self.proxy.router
         name: PoolName = pool
+        unfit = getattr(self.proxy.config.pools, name).unfit(cfg)
+        if unfit is not None:
+            raise ControlError(400, "invalid upstream", f"pool {name}: {unfit}")
         for existing in router.pools[name]:
             if (existing.host, existing.port) == (cfg.host, cfg.port):
                 raise ControlError(
