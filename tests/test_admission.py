@@ -1,4 +1,5 @@
-"""Admission: fast path, FIFO queue, shedding, cancellation safety and the rate limit.
+"""Admission: fast path, FIFO queue, shedding, cancellation safety and the rate limit, and an
+exchange's attempt, which holds a slot and gives it back once.
 
 Most tests run on an event loop whose clock the test steps (FakeTimeLoop), so queue timeouts
 and token refills are exact and nothing sleeps; one test checks expiry on the real clock.
@@ -17,6 +18,8 @@ import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.http.exchange import Attempt
+from proxy.http.upstream import Upstream
 from proxy.logic.admission import Admission, Limits, Shed
 
 
@@ -513,3 +516,26 @@ def test_retune_keeps_slots_and_queue_and_admits_waiters_a_larger_limit_allows()
         assert info.value.reason == "rate_limited"
 
     run(scenario)
+
+
+def test_an_attempt_gives_back_its_slot_and_breaker_trial_once() -> None:
+    """An exchange's Attempt holds the breaker trial and, once admitted, the admission slot; a
+    second outcome reported for the same attempt gives nothing back twice."""
+    upstream = Upstream("blue", 0, "http://127.0.0.1:1", "127.0.0.1", 1, 1)
+    breaker, admission = upstream.breaker, upstream.admission
+    assert breaker.acquire()
+    attempt = Attempt(upstream, breaker.epoch)
+    assert admission.try_enter()
+    attempt.admit()
+    assert (admission.in_flight, breaker.snapshot().in_flight) == (1, 1)
+    attempt.settle(False)
+    attempt.settle(False)
+    snap = breaker.snapshot()
+    assert (admission.in_flight, snap.in_flight, snap.consecutive_failures) == (0, 0, 1)
+    # Shed before it was admitted: the breaker trial alone goes back, with no verdict.
+    assert breaker.acquire()
+    shed = Attempt(upstream, breaker.epoch)
+    shed.settle(None)
+    shed.settle(False)
+    snap = breaker.snapshot()
+    assert (admission.in_flight, snap.in_flight, snap.consecutive_failures) == (0, 0, 1)

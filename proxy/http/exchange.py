@@ -72,12 +72,46 @@ class Stage(Enum):
     FINISHED = "finished"  # recorded, its connection freed
 
 
+class Attempt:
+    """One try of an exchange on one upstream. It holds the upstream's breaker trial from the
+    moment the breaker grants it, and its admission slot once admitted, and gives back what it
+    holds exactly once (`settle`), whatever ends it: an outcome, a shed, a cancelled wait."""
+
+    __slots__ = ("admitted", "epoch", "reused", "settled", "started", "upstream")
+
+    def __init__(self, upstream: Upstream, epoch: int) -> None:
+        self.upstream: Final = upstream
+        self.epoch: Final = epoch  # the breaker's, when it granted the trial
+        self.admitted = False
+        self.settled = False
+        # When the request's first byte left (the upstream's time runs from there).
+        self.started = 0.0
+        self.reused = False  # sent on a pooled connection
+
+    def admit(self) -> None:
+        self.admitted = True
+        self.started = monotonic()
+
+    def settle(self, verdict: bool | None) -> None:
+        """Give back the admission slot (when admitted) and the breaker trial, with the
+        breaker's verdict (None: not the upstream's doing). Only the first call counts."""
+        if self.settled:
+            return
+        self.settled = True
+        upstream = self.upstream
+        try:
+            if self.admitted:
+                upstream.admission.leave()
+        finally:
+            upstream.breaker.release(verdict, epoch=self.epoch)
+
+
 class Exchange:
     """State of one request; callbacks from both connections meet here."""
 
     __slots__ = (
         "answered",
-        "attempt_started",
+        "attempt",
         "attempts",
         "attempts_left",
         "body_done",
@@ -88,7 +122,6 @@ class Exchange:
         "client",
         "conn",
         "detail",
-        "epoch",
         "error",
         "expect_continue",
         "head",
@@ -106,7 +139,6 @@ class Exchange:
         "resp_until_close",
         "response_started",
         "retry_to",
-        "reused_conn",
         "stage",
         "started",
         "status",
@@ -161,9 +193,9 @@ class Exchange:
         self.body_done = False
         self.conn: UpstreamConnection | None = None
         self.upstream: Upstream | None = None
+        # The attempt under way, or the last one.
+        self.attempt: Attempt | None = None
         self.stage = Stage.NEW
-        self.epoch = 0
-        self.attempt_started = 0.0
         self.status = 0
         self.answered = 0  # the status of the attempt's answer (0: none yet)
         self.attempts_left = 0
@@ -181,7 +213,6 @@ class Exchange:
         self.resp_chunked = False
         self.resp_close = False
         self.resp_until_close = False
-        self.reused_conn = False
         self.out: list[bytes] = []
         # For the access log.
         self.attempts = 0
@@ -281,51 +312,52 @@ class Exchange:
             # Opened, or out of half-open trial slots, since the candidates were built.
             self.tried = (*self.tried, upstream)
             upstream = self._untried(upstream)
-        epoch = breaker.epoch
+        attempt = Attempt(upstream, breaker.epoch)
         try:
             admitted = upstream.admission.try_enter()
         except Shed as exc:
-            breaker.release(None, epoch=epoch)
+            attempt.settle(None)
             self._shed(upstream, exc.reason)
             return
         if admitted:
-            self._admitted(upstream, epoch)
+            self._admitted(attempt)
         else:
-            self._spawn(self._queue(upstream, epoch))
+            self._spawn(self._queue(attempt))
 
-    async def _queue(self, upstream: Upstream, epoch: int) -> None:
+    async def _queue(self, attempt: Attempt) -> None:
         """Wait in the upstream's admission queue (bounded in places and in time)."""
         try:
             self.stage = Stage.QUEUED
             try:
-                await upstream.admission.enter()
+                await attempt.upstream.admission.enter()
             except Shed as exc:
-                upstream.breaker.release(None, epoch=epoch)
-                self._shed(upstream, exc.reason)
+                attempt.settle(None)
+                self._shed(attempt.upstream, exc.reason)
                 return
             except BaseException:
-                upstream.breaker.release(None, epoch=epoch)
+                attempt.settle(None)
                 raise
             finally:
                 if self.stage is Stage.QUEUED:
                     self.stage = Stage.STARTED
-            self._admitted(upstream, epoch)
+            self._admitted(attempt)
         except Exception as exc:
             self._crash(exc)
         except BaseException:
             self._finish()
             raise
 
-    def _admitted(self, upstream: Upstream, epoch: int) -> None:
+    def _admitted(self, attempt: Attempt) -> None:
         # From here the attempt holds the upstream's admission slot and breaker trial; _settle
-        # (or _abandon on the way out of an error) gives both back, exactly once.
+        # (or _abandon on the way out of an error) gives both back (Attempt.settle).
+        attempt.admit()
+        upstream = attempt.upstream
+        self.attempt = attempt
         self.upstream = upstream
-        self.epoch = epoch
         self.stage = Stage.HOLDING
         self.answered = 0
         upstream.requests += 1
         self.attempts += 1
-        self.attempt_started = monotonic()
         conn = upstream.pop_idle()
         if conn is None:
             self._spawn(self._connect(upstream))
@@ -359,12 +391,14 @@ class Exchange:
 
     def _send(self, conn: UpstreamConnection) -> None:
         """Send the request on `conn`; its outcome comes back through _finish_attempt."""
-        self.reused_conn = conn.reused
+        attempt = self.attempt
+        assert attempt is not None  # admitted
+        attempt.reused = conn.reused
         if not conn.reused:
             # The upstream's time runs from the request's first byte: opening the connection is
             # judged by connect errors and timeouts, and is the price of a pool's first steps
             # (a candidate's new connections would otherwise look like a slower candidate).
-            self.attempt_started = monotonic()
+            attempt.started = monotonic()
         conn.reused = True
         head = self.head.forward_head
         assert head is not None  # parse_request_head makes it unless the request was refused
@@ -407,13 +441,14 @@ class Exchange:
 
     def _settle_attempt(self, outcome: Outcome) -> None:
         """Give back what the attempt held, record it, then finish or try again."""
-        upstream = self.upstream
-        assert upstream is not None
+        attempt = self.attempt
+        assert attempt is not None
+        upstream = attempt.upstream
         self._end_wait()
         verdict = self._verdict(outcome)
         self._release(verdict)
         proxy = self.client.proxy
-        self.upstream_time = monotonic() - self.attempt_started
+        self.upstream_time = monotonic() - attempt.started
         answered = self.answered
         label = (
             CODE_LABELS[answered] if answered and outcome in ANSWERED_OUTCOMES else outcome.value
@@ -429,7 +464,7 @@ class Exchange:
                 self.note = "rescued"
             self._finish()
             return
-        if outcome is Outcome.RESET and self.reused_conn and self.buffered is not None:
+        if outcome is Outcome.RESET and attempt.reused and self.buffered is not None:
             # A pooled connection closed by the upstream just as it was reused: the
             # request never reached it, so a fresh connection to the same upstream is safe.
             self._reset_attempt()
@@ -463,12 +498,9 @@ class Exchange:
     def _release(self, verdict: bool | None) -> None:
         if self.stage is Stage.HOLDING:
             self.stage = Stage.STARTED
-            upstream = self.upstream
-            assert upstream is not None
-            try:
-                upstream.admission.leave()
-            finally:
-                upstream.breaker.release(verdict, epoch=self.epoch)
+            attempt = self.attempt
+            assert attempt is not None  # admitted
+            attempt.settle(verdict)
 
     def _abandon(self) -> None:
         """Leave the attempt under way without a verdict (an error, a cancellation)."""
@@ -511,7 +543,7 @@ class Exchange:
             return self.answered not in self.client.serving.settings.breaker_statuses
         if outcome is Outcome.CLIENT_GONE:
             return None
-        if outcome is Outcome.RESET and self.reused_conn:
+        if outcome is Outcome.RESET and self.attempt is not None and self.attempt.reused:
             return None
         return False
 
