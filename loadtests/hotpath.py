@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import gc
 import pstats
 import sys
 import time
@@ -33,7 +32,7 @@ from proxy import native
 from proxy.config import parse_config
 from proxy.http.server import ClientConnection
 from proxy.http.upstream import UpstreamConnection
-from proxy.runtime import Proxy
+from proxy.runtime import Proxy, freeze_startup_heap
 
 REQUEST = b"GET /b100 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 RESPONSE = (
@@ -160,8 +159,7 @@ async def measure(args: argparse.Namespace) -> None:
     proxy = Proxy(parse_config(yaml.safe_load(CONFIG)))
     step = serving(proxy)
     baseline = llhttp_alone()
-    gc.collect()
-    gc.freeze()  # as `turnout run` does after start
+    freeze_startup_heap()  # as `turnout run` does after start
     print(native.describe())
     if args.profile:
         if native.BUILD == "compiled":

@@ -52,13 +52,27 @@ RECENT = 5.0  # seconds of outcomes in /status "recent"
 FAILOVER_LOG_INTERVAL = 5.0
 
 
+# The youngest generation's collection threshold while serving (CPython's default is 700).
+GEN0_THRESHOLD = 20_000
+
+
 def freeze_startup_heap() -> None:
     """Move everything alive after start-up (modules, config, pools: some 50,000 objects) out
     of the garbage collector's reach. A full collection walks them all and stalls the loop for
     20-50 ms, which is every request's tail latency; the hot path's own objects are freed by
-    reference counting and never need a full collection."""
+    reference counting and never need a full collection.
+
+    Then raise the youngest generation's threshold. A collection runs whenever 700 more
+    objects are alive than at the previous one, and a few hundred requests in flight, each
+    holding a handful, cross that several times a second under load: each collection stalls
+    the loop, and moves the requests in flight to the older generations, whose collections
+    take longer. At GEN0_THRESHOLD steady serving starts none (measured: 350 collections in
+    8 s of 256 busy connections at 700, none at 20,000); the rare reference cycle waits
+    longer to be freed."""
     gc.collect()
     gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GEN0_THRESHOLD, middle, oldest)
 
 
 def bind_listener(host: str, port: int) -> socket.socket:

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.control.events import Event
 from proxy.http.upstream import Upstream
 from proxy.logic.breaker import BreakerState
-from proxy.runtime import Proxy
+from proxy.runtime import GEN0_THRESHOLD, Proxy, freeze_startup_heap
 from proxy.tools.sample import start as start_sample
 
 # Health checks far apart: an upstream that fails after the proxy started is met by the data
@@ -165,6 +165,20 @@ def quiet_gc() -> Iterator[None]:
     gc.freeze()
     yield
     gc.unfreeze()
+
+
+def test_serving_starts_no_young_collection_for_every_few_hundred_requests() -> None:
+    """After start-up Turnout freezes its heap and raises the youngest generation's threshold
+    from CPython's 700, which a few hundred requests in flight cross several times a second
+    (each collection a stall of the loop); loadtests.bench measures what it is worth."""
+    before = gc.get_threshold()
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GEN0_THRESHOLD, before[1], before[2])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 async def revive(upstream: Sample, runners: list[web.AppRunner]) -> None:
