@@ -605,8 +605,11 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
         process(upstream_cmds[0][0], upstream_cmds[0][1], LOAD_CORE),
         process(*upstream_cmds[1], LOAD_CORE) if len(upstream_cmds) > 1 else nullcontext(),
     ):
+        order = list(targets.items())
         for rnd in range(args.rounds):
-            for name, spec in targets.items():
+            # Each round starts with the next target: whatever favours the first (or the last)
+            # one measured in a round falls on each in turn.
+            for name, spec in order[rnd % len(order) :] + order[: rnd % len(order)]:
                 ctx = process(spec[0], spec[1], PROXY_CORE) if spec else nullcontext()
                 with ctx as proc:
                     port = spec[1] if spec else blue
