@@ -1,6 +1,7 @@
 """Python cost of one request on Turnout's data path, without sockets.
 
     python -m loadtests.hotpath                  # 20,000 requests a round, best of 7 rounds
+    python -m loadtests.hotpath --in-flight 256  # 256 requests in flight, taken in turn
     TURNOUT_PURE=1 python -m loadtests.hotpath --profile   # where the time goes (cProfile)
 
 Drives the real client and upstream protocols of a real proxy (every feature on: split,
@@ -9,8 +10,11 @@ transports: a GET with one header field in, an nginx-like 200 with eight fields 
 body back. What is left is the interpreter's own work: no system calls and no event-loop
 wakeups, so a change of a few percent shows here where wrk on a shared machine cannot see it.
 The baseline, timed in the same run, is llhttp (httptools) parsing the same two messages with
-empty callbacks, the floor under any proxy built on it. The benchmark (loadtests.bench) stays
-the judge; this says where the Python part of its figures goes.
+empty callbacks, the floor under any proxy built on it. With --in-flight N, N client
+connections each send a request before any answer comes back, as N busy connections do: the
+work of one request is then spread between the others' (caches, the heap), as under load.
+The benchmark (loadtests.bench) stays the judge; this says where the Python part of its
+figures goes.
 """
 
 from __future__ import annotations
@@ -83,33 +87,41 @@ class Transport(asyncio.Transport):
         pass
 
 
-def serving(proxy: Proxy) -> Callable[[], None]:
-    """A client connection and one pooled upstream connection per pool; returns a function
-    that runs one request through them and checks that it was answered."""
+def serving(proxy: Proxy, in_flight: int = 1) -> Callable[[], None]:
+    """`in_flight` client connections and as many pooled upstream connections per pool;
+    returns a function that runs one request on each (all sent, then all answered) and
+    checks that each was answered."""
     for pool in ("blue", "green"):
         for upstream in proxy.router.pools[pool]:
             upstream.healthy = True
-            conn = UpstreamConnection(upstream)
-            conn.connection_made(Transport())
-            conn.reused = True
-            upstream.idle.append(conn)
+            for _ in range(in_flight):
+                conn = UpstreamConnection(upstream)
+                conn.connection_made(Transport())
+                conn.reused = True
+                upstream.idle.append(conn)
     proxy.router.refresh()
-    client = ClientConnection(proxy)
-    to_client = Transport()
-    client.connection_made(to_client)
+    clients: list[tuple[ClientConnection, Transport]] = []
+    for _ in range(in_flight):
+        client, to_client = ClientConnection(proxy), Transport()
+        client.connection_made(to_client)
+        clients.append((client, to_client))
 
     def one() -> None:
-        client.data_received(REQUEST)
-        ex = client.active
-        if ex is None or ex.conn is None:
-            raise SystemExit("hotpath: the request did not reach an upstream connection")
-        ex.conn.data_received(RESPONSE)
+        for client, _ in clients:
+            client.data_received(REQUEST)
+        for client, _ in clients:
+            ex = client.active
+            if ex is None or ex.conn is None:
+                raise SystemExit("hotpath: the request did not reach an upstream connection")
+            ex.conn.data_received(RESPONSE)
 
     def checked() -> None:
-        before = to_client.writes
+        before = [to_client.writes for _, to_client in clients]
         one()
-        if to_client.writes != before + 1 or not to_client.last.startswith(b"HTTP/1.1 200 OK"):
-            raise SystemExit(f"hotpath: unexpected answer {to_client.last[:60]!r}")
+        for (_, to_client), writes in zip(clients, before, strict=True):
+            answer = to_client.last
+            if to_client.writes != writes + 1 or not answer.startswith(b"HTTP/1.1 200 OK"):
+                raise SystemExit(f"hotpath: unexpected answer {answer[:60]!r}")
 
     for _ in range(100):
         checked()
@@ -157,7 +169,8 @@ def best(step: Callable[[], None], requests: int, rounds: int) -> float:
 
 async def measure(args: argparse.Namespace) -> None:
     proxy = Proxy(parse_config(yaml.safe_load(CONFIG)))
-    step = serving(proxy)
+    step = serving(proxy, args.in_flight)
+    batches = max(1, args.requests // args.in_flight)
     baseline = llhttp_alone()
     freeze_startup_heap()  # as `turnout run` does after start
     print(native.describe())
@@ -166,7 +179,7 @@ async def measure(args: argparse.Namespace) -> None:
             print("the profiler cannot see into compiled modules: run with TURNOUT_PURE=1")
         profile = cProfile.Profile()
         profile.enable()
-        for _ in range(args.requests):
+        for _ in range(batches):
             step()
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile_lines)
@@ -174,9 +187,13 @@ async def measure(args: argparse.Namespace) -> None:
     # Interleaved, like the benchmark's rounds: both see the same moments of the machine.
     turnout = llhttp = float("inf")
     for _ in range(args.rounds):
-        turnout = min(turnout, best(step, args.requests, 1))
+        turnout = min(turnout, best(step, batches, 1) / args.in_flight)
         llhttp = min(llhttp, best(baseline, args.requests, 1))
-    print(f"turnout data path   {turnout * 1e6:6.2f} µs a request (Python, no system calls)")
+    in_flight = f", {args.in_flight} in flight" if args.in_flight > 1 else ""
+    print(
+        f"turnout data path   {turnout * 1e6:6.2f} µs a request (Python, no system calls"
+        f"{in_flight})"
+    )
     print(f"llhttp alone        {llhttp * 1e6:6.2f} µs a request (both messages parsed)")
     print(f"turnout / llhttp    {turnout / llhttp:6.2f}")
 
@@ -185,11 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20000, help="requests a round")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--in-flight", type=int, default=1, help="requests in flight at once (client connections)"
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile one round instead")
     parser.add_argument("--profile-lines", type=int, default=30)
     args = parser.parse_args(argv)
-    if args.requests < 1 or args.rounds < 1:
-        parser.error("--requests and --rounds must be at least 1")
+    if args.requests < 1 or args.rounds < 1 or args.in_flight < 1:
+        parser.error("--requests, --rounds and --in-flight must be at least 1")
     uvloop.run(measure(args))
     return 0
 

@@ -209,3 +209,8 @@ def test_hotpath_bench_runs_real_requests_through_the_protocols() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "turnout data path" in done.stdout
     assert "turnout / llhttp" in done.stdout
+    # Many requests in flight at once: every one of them answered, checked as above.
+    argv += ["--in-flight", "8"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "8 in flight" in done.stdout
