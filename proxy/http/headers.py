@@ -27,8 +27,18 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 
-# Most names are passed over on their length alone, without a lower().
-HOP_BY_HOP_LENGTHS: Final = frozenset(len(name) for name in HOP_BY_HOP)
+
+def length_mask(names: frozenset[bytes]) -> int:
+    """The lengths of `names` as bits: `mask >> len(name) & 1` says whether a name may be one
+    of them in two machine operations, where a set of lengths boxes and hashes each length."""
+    mask = 0
+    for name in names:
+        mask |= 1 << len(name)
+    return mask
+
+
+# Most names are passed over on their length alone, without a lower() or a hash.
+HOP_BY_HOP_LENGTHS: Final = length_mask(HOP_BY_HOP)
 
 # Never dropped because Connection names them: an HTTP/1.1 request must carry Host (framing
 # headers are hop-by-hop already, and the proxy sets them itself).
@@ -43,7 +53,7 @@ PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"C
 # here and another way further on (which credentials, which media type): a repeat is a 400.
 # Host is checked apart. Only names of these lengths are looked up.
 SINGLETONS: Final = frozenset({b"authorization", b"proxy-authorization", b"content-type"})
-SINGLETON_LENGTHS: Final = frozenset(len(name) for name in SINGLETONS)
+SINGLETON_LENGTHS: Final = length_mask(SINGLETONS)
 
 # A request head's limits are settings (listen.max_request_target, ...); a response head's:
 MAX_RESPONSE_HEAD: Final = 65536

@@ -471,13 +471,13 @@ class UpstreamConnection:
         if self.framing:
             # A trailer field (gRPC's status travels here), relayed at the end of the body;
             # their size is bounded in data_received.
-            if len(name) not in HOP_BY_HOP_LENGTHS or name.lower() not in HOP_BY_HOP:
+            if not HOP_BY_HOP_LENGTHS >> len(name) & 1 or name.lower() not in HOP_BY_HOP:
                 trailers = self.trailers
                 if trailers is None:
                     trailers = self.trailers = []
                 trailers += (name, b": ", value, b"\r\n")
             return
-        if len(name) in HOP_BY_HOP_LENGTHS:
+        if HOP_BY_HOP_LENGTHS >> len(name) & 1:
             lname = name.lower()
             if lname in HOP_BY_HOP:
                 if lname == b"content-length":
@@ -487,7 +487,13 @@ class UpstreamConnection:
                 elif lname in NAMING_HEADERS and value not in PLAIN_CONNECTION:
                     self.named = add_hop_names(self.named, value)
                 return
-        self.fields += (name, b": ", value, b"\r\n")
+        # Four appends: `+=` of a tuple builds the tuple, then goes through the generic
+        # in-place add (mypyc has no list-with-tuple primitive for it).
+        fields = self.fields
+        fields.append(name)
+        fields.append(b": ")
+        fields.append(value)
+        fields.append(b"\r\n")
 
     def on_headers_complete(self) -> None:
         parser = self.parser
