@@ -44,8 +44,6 @@ class Outcome(Enum):
 
 # A candidate's connection failures and broken answers are shielded like its failing statuses.
 SHIELDED_OUTCOMES: Final = frozenset({Outcome.CONNECT_ERROR, Outcome.RESET, Outcome.BAD_RESPONSE})
-# Outcomes whose attempt is labelled by the status of the upstream's answer, when one came.
-ANSWERED_OUTCOMES: Final = frozenset({Outcome.OK, Outcome.RETRY_STATUS, Outcome.CLIENT_GONE})
 
 
 class Phase(Enum):
@@ -450,16 +448,24 @@ class Exchange:
         proxy = self.client.proxy
         self.upstream_time = monotonic() - attempt.started
         answered = self.answered
-        label = (
-            CODE_LABELS[answered] if answered and outcome in ANSWERED_OUTCOMES else outcome.value
-        )
+        # Labelled by the status of the upstream's answer when one came. Compared by identity:
+        # an Enum's hash is Python code (a set of outcomes costs a call into the interpreter).
+        if answered and (
+            outcome is Outcome.OK
+            or outcome is Outcome.RETRY_STATUS
+            or outcome is Outcome.CLIENT_GONE
+        ):
+            label = CODE_LABELS[answered]
+        else:
+            label = outcome.value
         attempts = upstream.attempts
         attempts[label] = attempts.get(label, 0) + 1
         if verdict is not None:
             error = not verdict or answered >= 500
             proxy.record_outcome(upstream.pool, error, self.upstream_time)
         if outcome is Outcome.OK or outcome is Outcome.CLIENT_GONE:
-            if outcome is Outcome.OK and self.rescue_from not in (None, upstream.pool):
+            rescue_from = self.rescue_from
+            if outcome is Outcome.OK and rescue_from is not None and rescue_from != upstream.pool:
                 proxy.observed.rescued += 1
                 self.note = "rescued"
             self._finish()
