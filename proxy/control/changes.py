@@ -30,7 +30,7 @@ from proxy.control.health import probe
 from proxy.http.accesslog import log_problems
 from proxy.http.router import Router
 from proxy.http.tls import TLSSetupError, client_context, tls_problems
-from proxy.http.upstream import ResponseSink, Upstream, upstream_ident
+from proxy.http.upstream import Upstream, upstream_ident
 from proxy.logic.routing import OTHER, POOLS, PoolName
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from proxy.control.events import EventBus
     from proxy.control.rollout import RolloutController
     from proxy.control.statefile import StateFile
+    from proxy.http.exchange import Exchange
     from proxy.http.server import ClientConnection
     from proxy.http.serving import Settings
     from proxy.logic.routing import SplitSpreader
@@ -345,7 +346,7 @@ class Control:
         """A pool that gets no new requests keeps no idle connections, and no busy ones past
         drain.timeout. Only what is in flight when its share reaches 0 is timed: a request
         sent there later (override header, failover) is not the split change's to end."""
-        busy: set[ResponseSink] = set()
+        busy: set[Exchange] = set()
         for upstream in self.proxy.router.pools[pool]:
             upstream.close_idle()
             busy.update(conn.sink for conn in upstream.connections if conn.sink is not None)
@@ -353,7 +354,7 @@ class Control:
         self._spawn(self._expire_pool(pool, busy, tunnels))
 
     async def _expire_pool(
-        self, pool: PoolName, busy: set[ResponseSink], tunnels: set[ClientConnection]
+        self, pool: PoolName, busy: set[Exchange], tunnels: set[ClientConnection]
     ) -> None:
         # What was in flight there holds its upstream's admission slot until it ends (a
         # tunnel until it closes): wait until the pool's upstreams hold none (a request sent

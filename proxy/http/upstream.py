@@ -10,7 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
 
@@ -26,6 +26,9 @@ from proxy.http.headers import (
 from proxy.logic.admission import Admission, Limits
 from proxy.logic.breaker import Breaker, BreakerSettings, BreakerState
 from proxy.logic.routing import PoolName
+
+if TYPE_CHECKING:
+    from proxy.http.exchange import Exchange
 
 log = logging.getLogger("turnout.upstream")
 
@@ -53,19 +56,6 @@ class Multiplexer(Protocol):
     UpstreamConnection of the data path a transport of its own on one of them."""
 
     async def attach(self, conn: UpstreamConnection, timeout: float) -> None: ...
-
-
-class ResponseSink(Protocol):
-    """What an upstream connection reports to while it serves one exchange."""
-
-    def upstream_head(self, conn: UpstreamConnection, status: int) -> None: ...
-    def upstream_body(self, data: bytes) -> None: ...
-    def flush(self) -> None: ...
-    def upstream_done(self, conn: UpstreamConnection) -> None: ...
-    def upstream_failed(self, conn: UpstreamConnection, exc: Exception | None) -> None: ...
-    def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None: ...
-    def upstream_pause(self) -> None: ...
-    def upstream_resume(self) -> None: ...
 
 
 class TunnelPeer(Protocol):
@@ -341,7 +331,9 @@ class UpstreamConnection:
         self.upstream = upstream
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.sink: ResponseSink | None = None
+        # The exchange it serves: typed as the class itself (not a Protocol), so that the
+        # compiled data path calls it directly instead of looking each method up by name.
+        self.sink: Exchange | None = None
         self.tunnel: TunnelPeer | None = None
         # The response head being read, sorted as it arrives: the end-to-end fields as
         # (name, b": ", value, CRLF) runs, ready to relay; Content-Length; whether a
@@ -615,7 +607,7 @@ class UpstreamConnection:
         if sink is not None:
             sink.upstream_failed(self, exc)
 
-    def start(self, sink: ResponseSink, head: bytes, no_body: bool) -> None:
+    def start(self, sink: Exchange, head: bytes, no_body: bool) -> None:
         """Begin one exchange: send the request head; the body follows via write()."""
         self.sink = sink
         self.no_body = self.head_request = no_body
