@@ -112,11 +112,13 @@ def pinned(core: str, argv: list[str]) -> list[str]:
 
 
 @contextmanager
-def process(argv: list[str], port: int, core: str) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    argv: list[str], port: int, core: str, timeout: float = 10.0
+) -> Iterator[subprocess.Popen[bytes]]:
     log = open(os.devnull, "wb") if os.environ.get("BENCH_QUIET", "1") == "1" else None  # noqa: SIM115
     proc = subprocess.Popen(pinned(core, argv), stdout=log, stderr=log)
     try:
-        wait_port(port)
+        wait_port(port, timeout)
         yield proc
     finally:
         proc.terminate()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -214,3 +216,27 @@ def test_hotpath_bench_runs_real_requests_through_the_protocols() -> None:
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "8 in flight" in done.stdout
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None or shutil.which("h2load") is None,
+    reason="needs valgrind and h2load (apt-get install valgrind nghttp2-client)",
+)
+def test_instructions_counts_a_build_and_compares_it_with_another() -> None:
+    # The same build twice: every request is checked to succeed (the script exits non-zero
+    # otherwise), each build's count is a real callgrind total, and two counts of one build
+    # agree closely: what makes the figure worth quoting on a noisy machine.
+    argv = [sys.executable, "-m", "loadtests.instructions", "--requests", "400"]
+    argv += ["--warmup", "200", "--connections", "8", "--annotate", "5"]
+    argv += ["--turnout-build", f"again={sys.executable}"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert done.returncode == 0, done.stdout + done.stderr
+    pattern = r"^(turnout|again): ([\d,]+) instructions per request"
+    counts = dict(re.findall(pattern, done.stdout, re.M))
+    assert set(counts) == {"turnout", "again"}, done.stdout
+    first, second = (int(counts[n].replace(",", "")) for n in ("turnout", "again"))
+    assert first > 10_000  # a request through the proxy is tens of thousands of instructions
+    assert abs(first - second) / first < 0.05
+    assert "turnout / again:" in done.stdout
+    assert "instructions executed in each function itself" in done.stdout
