@@ -428,6 +428,65 @@ async def test_http10_request_is_forwarded_with_via_1_0(
     assert seen.values(b"via") == [b"1.0 turnout"]
 
 
+# Each request's version is its own however its head arrives: the proxy reads "HTTP/1.1"
+# from the request line where that line lies whole at the start of what it parses, and asks
+# the parser otherwise (split lines, blank lines first, a body that looks like a request).
+FAKE_LINE = b"x\n0\r\n\r\nGET /b HTTP/1.1\r\n"  # chunk data that ends a read where a head would
+VERSION_DELIVERIES: dict[str, tuple[list[bytes], list[tuple[bytes, bytes]]]] = {
+    "pipelined": (
+        [
+            b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"GET /b HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n"
+            b"GET /c HTTP/1.1\r\nHost: h\r\n\r\n"
+        ],
+        [(b"/a", b"1.1 turnout"), (b"/b", b"1.0 turnout"), (b"/c", b"1.1 turnout")],
+    ),
+    "line split in the version": (
+        [b"GET /a HTTP/1.", b"0\r\nHost: h\r\n\r\n"],
+        [(b"/a", b"1.0 turnout")],
+    ),
+    "line split in the target": (
+        [b"GET /a", b"b HTTP/1.1\r\nHost: h\r\n\r\n"],
+        [(b"/ab", b"1.1 turnout")],
+    ),
+    "blank lines first": (
+        [b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n\r\nGET /b HTTP/1.0\r\nHost: h\r\n\r\n"],
+        [(b"/a", b"1.1 turnout"), (b"/b", b"1.0 turnout")],
+    ),
+    "a chunk that looks like a request line": (
+        [
+            b"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"%x\r\n%b\r\n0\r\n\r\n"
+            % (len(FAKE_LINE), FAKE_LINE)
+            + b"GET /b HTTP/1.0\r\nHost: h\r\n\r\n"
+        ],
+        [(b"/a", b"1.1 turnout"), (b"/b", b"1.0 turnout")],
+    ),
+}
+
+
+@pytest.mark.parametrize("delivery", list(VERSION_DELIVERIES))
+async def test_each_request_is_forwarded_with_its_own_version(
+    raw_upstream: RawUpstreamFactory,
+    make_proxy: ProxyFactory,
+    clients: ClientFactory,
+    delivery: str,
+) -> None:
+    writes, expected = VERSION_DELIVERIES[delivery]
+    upstream, proxy = await raw_front(raw_upstream, make_proxy)
+    client = await clients(proxy.port)
+    for n, data in enumerate(writes):
+        await client.send(data)
+        if n < len(writes) - 1:
+            # The proxy has parsed this part: the rest arrives in a read of its own.
+            async with asyncio.timeout(5):
+                while not any(c.in_head for c in proxy.serving.connections):
+                    await asyncio.sleep(0.005)
+    for _ in expected:
+        assert (await client.response()).status == 200
+    assert [(seen.target, *seen.values(b"via")) for seen in upstream.requests] == expected
+
+
 async def test_client_half_close_after_request_still_gets_response(
     stack: Stack, clients: ClientFactory
 ) -> None:

@@ -58,10 +58,13 @@ class ClientConnection:
 
     __slots__ = (
         "active",
+        "between",
         "client_progress",
         "closed",
         "closing",
         "deadline",
+        "feeding",
+        "feeding_at",
         "forwarded",
         "fresh",
         "head_bytes",
@@ -75,6 +78,8 @@ class ClientConnection:
         "idle_since",
         "in_frame",
         "in_head",
+        "line",
+        "line_at",
         "parser",
         "parsing",
         "paused",
@@ -129,6 +134,14 @@ class ClientConnection:
         self.closed = False
         # No request completed yet: only now may the HTTP/2 preface come (RFC 9113 §3.4).
         self.fresh = True
+        # The parser is between two messages: the next piece fed starts the next one (see
+        # _version). `feeding` is that piece while it is fed, `line` the piece where the message
+        # under way began (at line_at), until its head is complete.
+        self.between = True
+        self.feeding: bytes | None = None
+        self.feeding_at = 0
+        self.line: bytes | None = None
+        self.line_at = 0
         self.deadline = 0.0
         self.tunnel: UpstreamConnection | None = None
         self.tunnel_exchange: Exchange | None = None
@@ -248,6 +261,10 @@ class ClientConnection:
             parser = self.parser
             if parser is None:
                 return  # a stream's connection is given requests, never bytes
+            first = data[pos]
+            if self.between and first != 13 and first != 10:
+                self.feeding = data
+                self.feeding_at = pos
             try:
                 parser.feed_data(data if pos == 0 and cut == end else memoryview(data)[pos:cut])
             except httptools.HttpParserUpgrade as exc:
@@ -270,6 +287,7 @@ class ClientConnection:
                 else:
                     self._reject(400, str(exc) or "malformed request")
                 return
+            self.feeding = None
             # A phase that began during this piece restarted the count: head_bytes holds only
             # pieces that were wholly inside the head (or chunk framing) still under way.
             if self.in_head:
@@ -365,6 +383,10 @@ class ClientConnection:
     # httptools callbacks ------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.between = False
+        self.line = self.feeding
+        self.line_at = self.feeding_at
+        self.feeding = None
         self.url = b""
         self.headers = []
         self.head_size = 0
@@ -407,11 +429,12 @@ class ClientConnection:
             # client pipelined behind it is not served.
             self.parsing = None
             return
+        method = parser.get_method()
         ex = Exchange(
             self,
-            parser.get_method(),
+            method,
             self.url,
-            parser.get_http_version(),
+            self._version(parser, method),
             self.headers,
             parser.should_keep_alive(),
         )
@@ -426,6 +449,30 @@ class ClientConnection:
         else:
             self.pipeline.append(ex)
             self.pause_reading(self.PAUSE_PIPELINE)
+
+    def _version(self, parser: httptools.HttpRequestParser, method: bytes) -> str:
+        """The request's HTTP version. httptools formats it anew for each request (str.format:
+        a twentieth of a request's instructions), so "1.1" is read from the request line
+        itself when it can be: the message began where a piece began (the parser was between
+        messages, no blank line first) and that piece holds the line whole, exactly as llhttp
+        reported its parts. Anything else asks the parser."""
+        line = self.line
+        if line is not None:
+            self.line = None
+            url = self.url
+            at = self.line_at
+            space = at + len(method)
+            end = space + 1 + len(url)
+            # Slices and ==: bytes.startswith with an offset parses its arguments from a tuple.
+            if (
+                end + 11 <= len(line)
+                and line[at:space] == method
+                and line[space] == 32
+                and line[space + 1 : end] == url
+                and line[end : end + 11] == b" HTTP/1.1\r\n"
+            ):
+                return "1.1"
+        return str(parser.get_http_version())
 
     def on_body(self, body: bytes) -> None:
         self.in_frame = False
@@ -444,6 +491,8 @@ class ClientConnection:
         self.head_bytes = 0
 
     def on_message_complete(self) -> None:
+        self.between = True
+        self.line = None
         self.in_frame = False
         self.fresh = False
         ex = self.parsing
