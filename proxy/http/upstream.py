@@ -471,10 +471,17 @@ class UpstreamConnection:
             return
         if HOP_BY_HOP_LENGTHS >> len(name) & 1:
             lname = name.lower()
+            # The two hop-by-hop fields nearly every response has, by == (a set lookup hashes
+            # each new name and value); the rarer ones through the sets.
+            if lname == b"content-length":
+                self.length = value
+                return
+            if lname == b"connection":
+                if value != b"keep-alive" and value != b"close" and value not in PLAIN_CONNECTION:
+                    self.named = add_hop_names(self.named, value)
+                return
             if lname in HOP_BY_HOP:
-                if lname == b"content-length":
-                    self.length = value
-                elif lname == b"transfer-encoding":
+                if lname == b"transfer-encoding":
                     self.te = True
                 elif lname in NAMING_HEADERS and value not in PLAIN_CONNECTION:
                     self.named = add_hop_names(self.named, value)
