@@ -793,9 +793,9 @@ class Exchange:
             return b"".join(parts)
         if self._body_framing(conn, status):
             if length is not None:
-                parts += (b"Content-Length: ", length, b"\r\n")
+                h.add_field(parts, b"Content-Length", length)
         elif length is not None and not te:
-            parts += (b"Content-Length: ", length, b"\r\n")
+            h.add_field(parts, b"Content-Length", length)
         elif self.version == "1.1":
             parts.append(b"Transfer-Encoding: chunked\r\n")
             self.resp_chunked = True

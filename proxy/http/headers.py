@@ -75,6 +75,22 @@ VIA_LINE: Final = b"Via: " + VIA + CRLF
 VIA_10_LINE: Final = b"Via: " + VIA_10 + CRLF
 
 
+def add_field(parts: list[bytes], name: bytes, value: bytes) -> None:
+    """Add one field to a head being built, as the (name, b": ", value, CRLF) run that
+    without_named reads. Four appends: `+=` of a tuple would build the tuple, then go
+    through the generic in-place add (mypyc has no list-with-tuple primitive for it)."""
+    parts.append(name)
+    parts.append(b": ")
+    parts.append(value)
+    parts.append(CRLF)
+
+
+def plain_connection(value: bytes) -> bool:
+    """Whether a Connection (or Keep-Alive...) value names no further field. The two usual
+    values are compared by ==: a set lookup hashes each new value."""
+    return value == b"keep-alive" or value == b"close" or value in PLAIN_CONNECTION
+
+
 def add_hop_names(named: set[bytes] | None, value: bytes) -> set[bytes] | None:
     """`named` with the header names one Connection/Keep-Alive/Proxy-Connection value lists."""
     for item in value.split(b","):

@@ -144,7 +144,7 @@ def parse_request_head(
             elif lname == b"upgrade":
                 upgrade = True
                 websocket = value.strip().lower() == b"websocket"
-            elif lname in h.NAMING_HEADERS and value not in h.PLAIN_CONNECTION:
+            elif lname in h.NAMING_HEADERS and not h.plain_connection(value):
                 named = h.add_hop_names(named, value)
             continue
         if lname == b"host":
@@ -171,10 +171,7 @@ def parse_request_head(
         elif lname == b"via":
             via = value if via is None else via + b", " + value
         elif lname != b"x-forwarded-proto" and lname != b"x-forwarded-host":
-            head.append(name)  # four appends: cheaper than `+=` of a tuple
-            head.append(b": ")
-            head.append(value)
-            head.append(b"\r\n")
+            h.add_field(head, name, value)
     if error is None:
         if absolute_host is not None:
             host = absolute_host
@@ -212,7 +209,7 @@ def parse_request_head(
         head += (b"X-Forwarded-For: ", xff, b", ", peer_ip, b"\r\n")
         head += (b"X-Forwarded-Proto: ", scheme, b"\r\n")
     if host is not None:
-        head += (b"X-Forwarded-Host: ", host, b"\r\n")
+        h.add_field(head, b"X-Forwarded-Host", host)
     if via is not None:
         ours = h.VIA if version == "1.1" else h.VIA_10
         head += (b"Via: ", via, b", ", ours, b"\r\n")
@@ -223,7 +220,7 @@ def parse_request_head(
     elif chunked:
         head.append(b"Transfer-Encoding: chunked\r\n")
     elif content_length or method in (b"POST", b"PUT", b"PATCH"):
-        head += (b"Content-Length: ", b"%d" % content_length, b"\r\n")
+        h.add_field(head, b"Content-Length", b"%d" % content_length)
     head.append(b"\r\n")
     call_timeout = 0.0
     if grpc:

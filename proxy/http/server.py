@@ -472,7 +472,7 @@ class ClientConnection:
                 and line[end : end + 11] == b" HTTP/1.1\r\n"
             ):
                 return "1.1"
-        return str(parser.get_http_version())
+        return parser.get_http_version()
 
     def on_body(self, body: bytes) -> None:
         self.in_frame = False

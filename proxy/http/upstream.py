@@ -20,8 +20,9 @@ from proxy.http.headers import (
     MAX_CHUNK_FRAMING,
     MAX_RESPONSE_HEAD,
     NAMING_HEADERS,
-    PLAIN_CONNECTION,
+    add_field,
     add_hop_names,
+    plain_connection,
 )
 from proxy.logic.admission import Admission, Limits
 from proxy.logic.breaker import Breaker, BreakerSettings, BreakerState
@@ -467,32 +468,26 @@ class UpstreamConnection:
                 trailers = self.trailers
                 if trailers is None:
                     trailers = self.trailers = []
-                trailers += (name, b": ", value, b"\r\n")
+                add_field(trailers, name, value)
             return
         if HOP_BY_HOP_LENGTHS >> len(name) & 1:
             lname = name.lower()
             # The two hop-by-hop fields nearly every response has, by == (a set lookup hashes
-            # each new name and value); the rarer ones through the sets.
+            # each new name); the rarer ones through the sets.
             if lname == b"content-length":
                 self.length = value
                 return
             if lname == b"connection":
-                if value != b"keep-alive" and value != b"close" and value not in PLAIN_CONNECTION:
+                if not plain_connection(value):
                     self.named = add_hop_names(self.named, value)
                 return
             if lname in HOP_BY_HOP:
                 if lname == b"transfer-encoding":
                     self.te = True
-                elif lname in NAMING_HEADERS and value not in PLAIN_CONNECTION:
+                elif lname in NAMING_HEADERS and not plain_connection(value):
                     self.named = add_hop_names(self.named, value)
                 return
-        # Four appends: `+=` of a tuple builds the tuple, then goes through the generic
-        # in-place add (mypyc has no list-with-tuple primitive for it).
-        fields = self.fields
-        fields.append(name)
-        fields.append(b": ")
-        fields.append(value)
-        fields.append(b"\r\n")
+        add_field(self.fields, name, value)
 
     def on_headers_complete(self) -> None:
         parser = self.parser
