@@ -44,7 +44,7 @@ SUCCEEDED = re.compile(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succe
 TOTALS = re.compile(r"^(?:summary|totals): (\d+)", re.M)
 
 
-def h2load(url: str, requests: int, connections: int) -> None:
+def send_requests(url: str, requests: int, connections: int) -> None:
     argv = ["h2load", "--h1", "-n", str(requests), "-c", str(min(connections, requests)), url]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600).stdout
     found = SUCCEEDED.search(out)
@@ -63,9 +63,9 @@ def count(
     argv += [python, "-P", "-m", "proxy", "run", "-c", str(conf)]
     url = f"http://{HOST}:{port}/b100"
     with process(argv, port, PROXY_CORE, timeout=120.0) as proc:
-        h2load(url, args.warmup, args.connections)
+        send_requests(url, args.warmup, args.connections)
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
-        h2load(url, args.requests, args.connections)
+        send_requests(url, args.requests, args.connections)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
     dump = out.with_name(out.name + ".1")  # the first dump callgrind_control asked for
     totals = TOTALS.search(dump.read_text(errors="replace")) if dump.exists() else None
