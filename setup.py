@@ -19,9 +19,8 @@ from setuptools import setup
 HERE = Path(__file__).parent
 # The data path, compiled whole: every module of logic/ (pure decisions) and http/ (accept,
 # parse, choose, admit, forward, relay, record), named relative to the package. Then the proxy
-# that composes them, whose attributes the data path reads per request, and the worker processes'
-# outcome recorder and the supervisor's views of their breakers and limits, which subclass
-# compiled classes (interpreted classes cannot inherit compiled ones).
+# that composes them, whose attributes the data path reads per request, and the module of the
+# worker processes' outcome recorder, which counts every request a worker serves.
 COMPILED_FOLDERS = ("logic", "http")
 COMPOSING = ("runtime", "procs.shared")
 COMPILED = (

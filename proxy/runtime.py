@@ -158,7 +158,7 @@ class Role:
     checks_health: bool = True
     writes_access_log: bool = True
     # Called on every upstream made (from the configuration, the admin API, a reload).
-    fit_upstream: Callable[[Proxy, Upstream], None] | None = None
+    fit_upstream: Callable[[Upstream], None] | None = None
     # Where the data path's outcomes for the analysis go; None: this process's windows.
     outcomes: OutcomeSink | None = None
 
@@ -277,7 +277,7 @@ class Proxy:
         )
         upstream.admission = Admission(self.admission_settings(), loop=self.loop)
         if self.role.fit_upstream is not None:
-            self.role.fit_upstream(self, upstream)
+            self.role.fit_upstream(upstream)
         return upstream
 
     def breaker_settings(self) -> BreakerSettings:
@@ -710,7 +710,7 @@ class LocalFront:
                 if upstream.idle:
                     upstream.close_idle(idle_before)
                 # Reading the state moves an open breaker whose time is up to half-open.
-                if upstream.breaker.state is BreakerState.HALF_OPEN and (
+                if upstream.breaker_state is BreakerState.HALF_OPEN and (
                     upstream not in router.candidates[upstream.pool]
                 ):
                     refresh = True
@@ -834,7 +834,7 @@ def _probe_fields(config: Config, pool: PoolName) -> tuple[str | None, ProbeFiel
 
 def _upstream_status(u: Upstream) -> dict[str, Any]:
     snap = u.snapshot()
-    limits = u.admission.snapshot()
+    limits = u.limits()
     return {
         "index": snap.index,
         "url": snap.url,

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.config import parse_config
+from proxy.logic.admission import SHED_REASONS
 from proxy.logic.breaker import BreakerState
 from proxy.logic.routing import POOLS
 from proxy.procs.shared import (
-    SHED_REASONS,
     OutcomeReport,
     PoolOutcomes,
     RoutingState,

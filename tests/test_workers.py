@@ -31,7 +31,7 @@ from helpers.processes import (
     status,
     until,
 )
-from helpers.raw_http import RawClient
+from helpers.raw_http import RawClient, RawUpstreamFactory, Seen, answer_ok
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -226,6 +226,50 @@ async def test_a_drain_reaches_every_worker(
         )
 
 
+async def test_a_drain_waits_for_what_the_workers_hold_there(
+    sample: SampleFactory, raw_upstream: RawUpstreamFactory, turnout_workers: ProcessFactory
+) -> None:
+    held_at = await raw_upstream(lambda seen: None)  # answers nothing until told
+    other, green = await sample("blue-b"), await sample("green")
+    process = await turnout_workers(proxy_config([held_at.url, other.url], [green.url]))
+    async with aiohttp.ClientSession() as session:
+        await until(session, process, lambda d: d["pools"]["blue"]["available"] == 2)
+        # One request at a time until one reaches the upstream that holds it.
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                held = asyncio.create_task(plain_get(session, process.url + "/held"))
+                while not (held.done() or held_at.requests):
+                    await asyncio.sleep(0.005)
+                if held_at.requests:
+                    break
+                assert (await held) == (200, "blue-b")
+        # The supervisor serves no request: it sees this one through the workers' reports, and
+        # so does its drain, which waits for it.
+        doc = await until(session, process, lambda d: blue0(d)["in_flight"] == 1)
+        assert blue0(doc)["state"] == "up"
+        async with session.post(process.admin + "/pools/blue/upstreams/0/drain") as resp:
+            assert resp.status == 200
+        doc = await until(session, process, all_follow)
+        assert (blue0(doc)["state"], blue0(doc)["in_flight"]) == ("draining", 1)
+        assert not held.done()
+        assert held_at.answer_held(answer_ok(Seen())) == 1
+        assert (await held) == (200, "raw")
+        doc = await until(session, process, lambda d: blue0(d)["state"] == "drained")
+        assert blue0(doc)["in_flight"] == 0
+        metrics = await (await session.get(process.admin + "/metrics")).text()
+        assert f'turnout_upstream_in_flight{{pool="blue",upstream="{held_at.url}"}} 0.0' in metrics
+
+
+def blue0(doc: dict[str, Any]) -> dict[str, Any]:
+    return dict(doc["pools"]["blue"]["upstreams"][0])
+
+
+async def plain_get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    async with session.get(url) as resp:
+        await resp.read()
+        return resp.status, resp.headers.get("X-Upstream", "")
+
+
 async def test_a_rollout_decides_on_the_outcomes_of_every_worker(
     sample: SampleFactory, turnout_workers: ProcessFactory
 ) -> None:
@@ -379,7 +423,7 @@ async def test_members_report_and_the_leader_adds_them_up() -> None:
     report = members[1].report()
     assert report is not None
     pool.merge(report)
-    assert green.breaker.state is BreakerState.OPEN
+    assert green.breaker_state is BreakerState.OPEN
     assert green.state_name() == "breaker_open"
     assert leader.events.history[-1].kind == "breaker"
     forget_member(leader.router.upstreams(), "worker-1")

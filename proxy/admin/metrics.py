@@ -128,7 +128,7 @@ class ProxyCollector(Collector):
             current = u.state_name()
             for name in UPSTREAM_STATES:
                 state.add_metric((u.pool, u.url, name), 1.0 if name == current else 0.0)
-            adm = u.admission.snapshot()
+            adm = u.limits()
             shed.add_metric((u.pool, u.url, "queue_full"), adm.shed_queue_full)
             shed.add_metric((u.pool, u.url, "queue_timeout"), adm.shed_queue_timeout)
             shed.add_metric((u.pool, u.url, "rate_limited"), adm.shed_rate_limited)

@@ -362,7 +362,7 @@ class Control:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.proxy.settings.drain_timeout):
                 for upstream in self.proxy.router.pools[pool]:
-                    await upstream.admission.until_idle()
+                    await upstream.until_idle()
         split = self.split
         if (pool == "green" and split == 0.0) or (pool == "blue" and split == 100.0):
             for client in tunnels:
@@ -441,7 +441,7 @@ class Control:
     async def _finish_drain(self, upstream: Upstream) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.proxy.settings.drain_timeout):
-                await upstream.admission.until_idle()
+                await upstream.until_idle()
         forced = upstream.in_flight
         upstream.close_idle()
         # WebSocket tunnels end politely (1001 to both ends); anything else left is cut.

@@ -9,7 +9,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
@@ -24,8 +24,9 @@ from proxy.http.headers import (
     add_hop_names,
     plain_connection,
 )
-from proxy.logic.admission import Admission, Limits
+from proxy.logic.admission import Admission, AdmissionSnapshot, Limits
 from proxy.logic.breaker import Breaker, BreakerSettings, BreakerState
+from proxy.logic.gauges import MemberGauges
 from proxy.logic.routing import PoolName
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ class Upstream:
         "ident",
         "idle",
         "index",
+        "members",
         "mux",
         "pool",
         "port",
@@ -149,6 +151,10 @@ class Upstream:
         self.weight = weight
         self.breaker = breaker or Breaker(DEFAULT_BREAKER, clock=time.monotonic)
         self.admission = admission or Admission(DEFAULT_LIMITS)
+        # In a process that serves none of its requests (a supervisor), what the processes
+        # that do hold there: the readouts below come from it, the admission and breaker above
+        # only hold the settings. None: this process's own admission and breaker are the truth.
+        self.members: MemberGauges | None = None
         # Client TLS towards an https:// upstream (None for http://).
         self.ssl: ssl.SSLContext | None = None
         # HTTP/2 towards the upstream (None: HTTP/1.1, a connection per request in flight).
@@ -171,12 +177,48 @@ class Upstream:
 
     @property
     def in_flight(self) -> int:
-        return self.admission.in_flight
+        members = self.members
+        return self.admission.in_flight if members is None else members.in_flight
+
+    @property
+    def queued(self) -> int:
+        members = self.members
+        return self.admission.queued if members is None else members.queued
+
+    @property
+    def breaker_state(self) -> BreakerState:
+        """Reading it moves an open breaker whose time is up to half-open."""
+        members = self.members
+        return self.breaker.state if members is None else members.breaker
+
+    def limits(self) -> AdmissionSnapshot:
+        """The admission's limits with the requests it holds and has shed."""
+        own = self.admission.snapshot()
+        members = self.members
+        if members is None:
+            return own
+        shed = members.shed
+        return replace(
+            own,
+            in_flight=members.in_flight,
+            queued=members.queued,
+            shed_queue_full=shed["queue_full"],
+            shed_queue_timeout=shed["queue_timeout"],
+            shed_rate_limited=shed["rate_limited"],
+        )
+
+    async def until_idle(self) -> None:
+        """Return once no request is in flight here (bound it with a timeout)."""
+        members = self.members
+        if members is None:
+            await self.admission.until_idle()
+        else:
+            await members.until_idle()
 
     @property
     def available(self) -> bool:
         """May take new requests (the breaker is asked again at pick time)."""
-        return self.healthy and not self.draining and self.breaker.state is not BreakerState.OPEN
+        return self.healthy and not self.draining and self.breaker_state is not BreakerState.OPEN
 
     def state_name(self) -> str:
         if self.drained:
@@ -185,7 +227,7 @@ class Upstream:
             return "draining"
         if not self.healthy:
             return "down"
-        state = self.breaker.state
+        state = self.breaker_state
         if state is BreakerState.OPEN:
             return "breaker_open"
         if state is BreakerState.HALF_OPEN:
@@ -278,9 +320,9 @@ class Upstream:
             healthy=self.healthy,
             draining=self.draining,
             drained=self.drained,
-            breaker=self.breaker.state.value,
+            breaker=self.breaker_state.value,
             in_flight=self.in_flight,
-            queued=self.admission.queued,
+            queued=self.queued,
             idle_connections=len(self.idle),
             requests=self.requests,
             failures=self.failures,

@@ -19,11 +19,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal, final
 
-__all__ = ["Admission", "AdmissionSnapshot", "Limits", "Shed", "ShedReason"]
+__all__ = ["SHED_REASONS", "Admission", "AdmissionSnapshot", "Limits", "Shed", "ShedReason"]
 
 ShedReason = Literal["queue_full", "queue_timeout", "rate_limited"]
+SHED_REASONS: Final[tuple[ShedReason, ...]] = ("queue_full", "queue_timeout", "rate_limited")
 
 
 class Shed(Exception):
@@ -86,6 +87,7 @@ class _TokenBucket:
         return False
 
 
+@final
 class Admission:
     """Per-upstream backpressure: at most max_in_flight admitted, then a FIFO queue of at most
     `queue` waiters, each waiting at most queue_timeout; past either bound, Shed at once."""
@@ -229,10 +231,10 @@ class Admission:
             raise RuntimeError("Admission.leave() without a matching enter()")
         self._in_flight -= 1
         if self._idle is not None:
-            self.idle_now()
+            self._wake_if_idle()
 
-    def idle_now(self) -> None:
-        """Nothing is in flight any more: wake whoever waits in until_idle()."""
+    def _wake_if_idle(self) -> None:
+        """When nothing is in flight any more, wake whoever waits in until_idle()."""
         idle = self._idle
         if idle is not None and not self.in_flight:
             self._idle = None

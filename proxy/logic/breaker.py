@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import final
 
 __all__ = ["Breaker", "BreakerSettings", "BreakerSnapshot", "BreakerState"]
 
@@ -80,6 +81,7 @@ def _secs(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+@final
 class Breaker:
     """Circuit breaker of one upstream; pure logic, time from the injected clock."""
 

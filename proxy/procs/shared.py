@@ -20,14 +20,14 @@ so any transport can carry them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from proxy.config import Config, ConfigError, parse_config
-from proxy.logic.admission import Admission, AdmissionSnapshot, Limits
+from proxy.logic.admission import SHED_REASONS
 from proxy.logic.analysis import latency_bin
-from proxy.logic.breaker import Breaker, BreakerSettings, BreakerState
+from proxy.logic.breaker import BreakerState
 from proxy.logic.routing import POOLS, PoolName
 from proxy.procs.wire import (
     BOOL,
@@ -55,8 +55,6 @@ if TYPE_CHECKING:
 # A member's outcomes reach the leader within this; with the push of routing state it bounds
 # how far one member's view may lag behind another's (100 ms).
 REPORT_INTERVAL = 0.05
-SHED_REASONS = ("queue_full", "queue_timeout", "rate_limited")
-_SEVERITY = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 # An upstream as both ends name it: its pool and what it is (`Upstream.ident`: protocol and
 # URL); indexes move when one is removed.
@@ -244,63 +242,6 @@ _OUTCOME_REPORT = record(
 # the leader's end --------------------------------------------------------------------------
 
 
-class SharedAdmission(Admission):
-    """The leader's view of an upstream's admission: the members' gauges and sheds, summed."""
-
-    __slots__ = ("members", "shed_totals")
-
-    def __init__(self, limits: Limits) -> None:
-        super().__init__(limits)
-        self.members: dict[str, tuple[int, int]] = {}  # member -> (in flight, queued)
-        self.shed_totals = dict.fromkeys(SHED_REASONS, 0)
-
-    @property
-    def in_flight(self) -> int:
-        return sum(f for f, _ in self.members.values())
-
-    @property
-    def queued(self) -> int:
-        return sum(q for _, q in self.members.values())
-
-    def snapshot(self) -> AdmissionSnapshot:
-        own = super().snapshot()
-        return AdmissionSnapshot(
-            in_flight=self.in_flight,
-            queued=self.queued,
-            max_in_flight=own.max_in_flight,
-            queue=own.queue,
-            queue_timeout=own.queue_timeout,
-            rate=own.rate,
-            shed_queue_full=self.shed_totals["queue_full"],
-            shed_queue_timeout=self.shed_totals["queue_timeout"],
-            shed_rate_limited=self.shed_totals["rate_limited"],
-        )
-
-    def __repr__(self) -> str:
-        return f"<SharedAdmission in_flight={self.in_flight} members={self.members}>"
-
-
-class SharedBreaker(Breaker):
-    """The leader's view of an upstream's breakers (one per member): the most severe state."""
-
-    __slots__ = ("members",)
-
-    def __init__(self, settings: BreakerSettings, *, clock: Callable[[], float]) -> None:
-        super().__init__(settings, clock=clock)
-        self.members: dict[str, BreakerState] = {}
-
-    @property
-    def state(self) -> BreakerState:
-        worst = BreakerState.CLOSED
-        for state in self.members.values():
-            if _SEVERITY[state] > _SEVERITY[worst]:
-                worst = state
-        return worst
-
-    def __repr__(self) -> str:
-        return f"<SharedBreaker {self.state.value} members={self.members}>"
-
-
 def routing_state(
     proxy: Proxy, generation: int, config_generation: int, now: float
 ) -> RoutingState:
@@ -359,16 +300,11 @@ def merge_report(
         upstream.failures += seen.failures
         _add_codes(upstream.codes, seen.codes)
         _add_attempts(upstream.attempts, seen.attempts)
-        admission = upstream.admission
-        if isinstance(admission, SharedAdmission):
-            admission.members[report.member] = (seen.in_flight, seen.queued)
-            for reason, count in seen.shed.items():
-                admission.shed_totals[reason] += count
-            admission.idle_now()
-        breaker = upstream.breaker
-        if isinstance(breaker, SharedBreaker):
-            before = breaker.members.get(report.member, BreakerState.CLOSED)
-            breaker.members[report.member] = seen.breaker
+        gauges = upstream.members
+        if gauges is not None:
+            before = gauges.report(
+                report.member, seen.in_flight, seen.queued, seen.breaker, seen.shed
+            )
             if before is not seen.breaker:
                 moved.append((upstream, before, seen.breaker))
     if candidate_failed:
@@ -379,12 +315,8 @@ def merge_report(
 def forget_member(upstreams: Iterable[Upstream], member: str) -> None:
     """A member is gone: its gauges no longer count."""
     for upstream in upstreams:
-        admission, breaker = upstream.admission, upstream.breaker
-        if isinstance(admission, SharedAdmission):
-            admission.members.pop(member, None)
-            admission.idle_now()
-        if isinstance(breaker, SharedBreaker):
-            breaker.members.pop(member, None)
+        if upstream.members is not None:
+            upstream.members.forget(member)
 
 
 def _add_codes(into: dict[int, int], codes: Mapping[int, int]) -> None:

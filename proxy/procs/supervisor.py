@@ -35,12 +35,11 @@ from proxy.admin.metrics import WorkerCollector
 from proxy.config import Config
 from proxy.control.events import BreakerChanged
 from proxy.http.upstream import Upstream
+from proxy.logic.gauges import MemberGauges
 from proxy.logic.routing import POOLS, PoolName
 from proxy.procs.shared import (
     OutcomeReport,
     RoutingState,
-    SharedAdmission,
-    SharedBreaker,
     UpstreamKey,
     forget_member,
     merge_report,
@@ -77,7 +76,7 @@ def supervisor_proxy(
 ) -> Proxy:
     """The supervisor's proxy: control, health, rollout and the shared state; its front is the
     worker processes (`WorkerPool`), which serve the clients. Its upstreams' in-flight gauges,
-    sheds and breakers are the workers' (`SharedUpstreams`); so is the access log."""
+    sheds and breaker states are the workers' (`SharedUpstreams`); so is the access log."""
     shared = SharedUpstreams()
     role = Role(
         front=lambda proxy: WorkerPool(proxy, shared, workers, command=command, clock=clock),
@@ -88,14 +87,14 @@ def supervisor_proxy(
 
 
 class SharedUpstreams:
-    """The supervisor's upstreams by key, each with views of what the workers count."""
+    """The supervisor's upstreams by key, each with a view of what the workers hold there
+    (`MemberGauges`)."""
 
     def __init__(self) -> None:
         self.by_key: dict[UpstreamKey, Upstream] = {}
 
-    def fit(self, proxy: Proxy, upstream: Upstream) -> None:
-        upstream.admission = SharedAdmission(proxy.admission_settings())
-        upstream.breaker = SharedBreaker(proxy.breaker_settings(), clock=proxy.loop.time)
+    def fit(self, upstream: Upstream) -> None:
+        upstream.members = MemberGauges()
         self.by_key[upstream_key(upstream)] = upstream
 
     def prune(self, live: Iterable[Upstream]) -> None:

@@ -149,7 +149,7 @@ class Member:
         try:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.proxy.settings.drain_timeout):
-                    await upstream.admission.until_idle()
+                    await upstream.until_idle()
             self._cut(upstream)
         finally:
             self.retiring.discard(upstream)

@@ -77,8 +77,8 @@ HEALTHY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 class RawUpstream:
     """A tiny HTTP/1.1 upstream on asyncio streams: counts connections, records requests and
-    answers each complete request with `answer(seen)` (None: never answer; a reply carrying
-    `Connection: close` closes the connection after it)."""
+    answers each complete request with `answer(seen)` (None: not yet, until `answer_held`; a
+    reply carrying `Connection: close` closes the connection after it)."""
 
     def __init__(self, answer: Answer = answer_ok) -> None:
         self.answer = answer
@@ -89,6 +89,7 @@ class RawUpstream:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._held: list[asyncio.StreamWriter] = []
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -126,7 +127,9 @@ class RawUpstream:
                         return
                     self.requests.append(seen)
                     reply = self.answer(seen)
-                    if reply is not None:
+                    if reply is None:
+                        self._held.append(writer)
+                    else:
                         writer.write(reply)
                         if b"\r\nConnection: close\r\n" in reply:
                             return
@@ -140,6 +143,14 @@ class RawUpstream:
                 self.closed += 1
             self._writers.discard(writer)
             writer.close()
+
+    def answer_held(self, reply: bytes) -> int:
+        """Answer every request left unanswered so far with `reply`; returns how many."""
+        held, self._held = self._held, []
+        for writer in held:
+            if not writer.is_closing():
+                writer.write(reply)
+        return len(held)
 
     async def stop(self) -> None:
         if self._server is not None:
