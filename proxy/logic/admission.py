@@ -21,7 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal, final
 
-__all__ = ["SHED_REASONS", "Admission", "AdmissionSnapshot", "Limits", "Shed", "ShedReason"]
+__all__ = [
+    "SHED_REASONS",
+    "Admission",
+    "AdmissionSnapshot",
+    "IdleWait",
+    "Limits",
+    "Shed",
+    "ShedReason",
+]
 
 ShedReason = Literal["queue_full", "queue_timeout", "rate_limited"]
 SHED_REASONS: Final[tuple[ShedReason, ...]] = ("queue_full", "queue_timeout", "rate_limited")
@@ -88,6 +96,35 @@ class _TokenBucket:
 
 
 @final
+class IdleWait:
+    """Wakes whoever waits for a count of requests in flight to reach zero: the owner calls
+    `wake()` when its count does."""
+
+    __slots__ = ("_loop", "_pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop
+        self._pending: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            if not pending.done():
+                pending.set_result(None)
+
+    async def until(self, busy: Callable[[], bool]) -> None:
+        """Return once `busy()` is false, checked again at every wake()."""
+        while busy():
+            pending = self._pending
+            if pending is None:
+                loop = self._loop if self._loop is not None else asyncio.get_running_loop()
+                pending = self._pending = loop.create_future()
+            # Shielded: one waiter given up (its timeout) leaves the others waiting.
+            await asyncio.shield(pending)
+
+
+@final
 class Admission:
     """Per-upstream backpressure: at most max_in_flight admitted, then a FIFO queue of at most
     `queue` waiters, each waiting at most queue_timeout; past either bound, Shed at once."""
@@ -121,8 +158,8 @@ class Admission:
         self._shed_rate = 0
         self._rate: float | None = None
         self._bucket: _TokenBucket | None = None
-        # Resolved when nothing is left in flight, while someone waits for that (a drain).
-        self._idle: asyncio.Future[None] | None = None
+        # Whoever waits for nothing to be left in flight (a drain).
+        self._idle = IdleWait(loop)
         self.retune(limits)
 
     def retune(self, limits: Limits) -> None:
@@ -230,26 +267,15 @@ class Admission:
         if self._in_flight <= 0:
             raise RuntimeError("Admission.leave() without a matching enter()")
         self._in_flight -= 1
-        if self._idle is not None:
-            self._wake_if_idle()
-
-    def _wake_if_idle(self) -> None:
-        """When nothing is in flight any more, wake whoever waits in until_idle()."""
-        idle = self._idle
-        if idle is not None and not self.in_flight:
-            self._idle = None
-            if not idle.done():
-                idle.set_result(None)
+        if not self._in_flight:
+            self._idle.wake()
 
     async def until_idle(self) -> None:
         """Return once no request holds a slot (bound it with a timeout)."""
-        while self.in_flight:
-            idle = self._idle
-            if idle is None:
-                loop = self._loop if self._loop is not None else asyncio.get_running_loop()
-                idle = self._idle = loop.create_future()
-            # Shielded: one waiter given up (its timeout) leaves the others waiting.
-            await asyncio.shield(idle)
+        await self._idle.until(self._busy)
+
+    def _busy(self) -> bool:
+        return self._in_flight > 0
 
     def snapshot(self) -> AdmissionSnapshot:
         return AdmissionSnapshot(

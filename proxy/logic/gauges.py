@@ -9,11 +9,10 @@ reports update. Nothing on the request path reads it.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Final
 
-from proxy.logic.admission import SHED_REASONS
+from proxy.logic.admission import SHED_REASONS, IdleWait
 from proxy.logic.breaker import BreakerState
 
 _SEVERITY: Final = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -29,7 +28,7 @@ class MemberGauges:
         # member -> (in flight, queued, breaker state)
         self._members: dict[str, tuple[int, int, BreakerState]] = {}
         self.shed = dict.fromkeys(SHED_REASONS, 0)
-        self._idle: asyncio.Future[None] | None = None
+        self._idle = IdleWait()
 
     def report(
         self,
@@ -73,19 +72,14 @@ class MemberGauges:
 
     async def until_idle(self) -> None:
         """Return once no member reports a request in flight (bound it with a timeout)."""
-        while self.in_flight:
-            idle = self._idle
-            if idle is None:
-                idle = self._idle = asyncio.get_running_loop().create_future()
-            # Shielded: one waiter given up (its timeout) leaves the others waiting.
-            await asyncio.shield(idle)
+        await self._idle.until(self._busy)
+
+    def _busy(self) -> bool:
+        return self.in_flight > 0
 
     def _wake_if_idle(self) -> None:
-        idle = self._idle
-        if idle is not None and not self.in_flight:
-            self._idle = None
-            if not idle.done():
-                idle.set_result(None)
+        if not self.in_flight:
+            self._idle.wake()
 
     def __repr__(self) -> str:
         return f"<MemberGauges in_flight={self.in_flight} members={self._members}>"
