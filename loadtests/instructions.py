@@ -3,6 +3,7 @@
     python -m loadtests.instructions                  # this build: 10,000 GETs, 64 connections
     python -m loadtests.instructions --turnout-build before=../old/.venv/bin/python
     python -m loadtests.instructions --annotate 25    # and where the instructions go
+    python -m loadtests.instructions --cache-sim      # and simulated cache and branch misses
 
 On a shared or virtual machine, requests/s moves by 10% from one run to the next, and the
 hardware counters that would count instructions are often missing. A count of executed
@@ -12,7 +13,10 @@ benchmark's config: a 10% split, nginx or the sample upstream behind it) under c
 After a warm-up, the counters are zeroed; h2load sends the requests over HTTP/1.1; then the
 count is read. What it counts is the proxy's own work in user space (its Python, llhttp,
 uvloop, the allocator), not the kernel's, and not what the work costs in cache misses or
-stalls: the benchmark (loadtests.bench) stays the judge of speed.
+stalls. `--cache-sim` adds callgrind's simulation of a cache hierarchy and branch predictor
+(modelled on this machine's, not measured on it; about four times slower): misses and
+mispredictions per request, a sign of what the instructions cost. The benchmark
+(loadtests.bench) stays the judge of speed.
 
 Needs valgrind and h2load (apt-get install valgrind nghttp2-client). Under valgrind a build
 starts in about 15 s and serves some 500 requests/s.
@@ -41,7 +45,16 @@ from loadtests.bench import (
 )
 
 SUCCEEDED = re.compile(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded")
-TOTALS = re.compile(r"^(?:summary|totals): (\d+)", re.M)
+EVENTS = re.compile(r"^events: (.+)$", re.M)
+TOTALS = re.compile(r"^(?:summary|totals): (.+)$", re.M)
+# With --cache-sim: what callgrind's simulated caches and branch predictor saw, summed into
+# the figures printed (valgrind's event names).
+SIMULATED = {
+    "L1 instruction misses": ("I1mr",),
+    "L1 data misses": ("D1mr", "D1mw"),
+    "last-level misses": ("ILmr", "DLmr", "DLmw"),
+    "branch mispredictions": ("Bcm", "Bim"),
+}
 
 
 def send_requests(url: str, requests: int, connections: int) -> None:
@@ -54,12 +67,14 @@ def send_requests(url: str, requests: int, connections: int) -> None:
 
 def count(
     name: str, python: str, conf: Path, port: int, args: argparse.Namespace, tmp: Path
-) -> tuple[int, Path]:
-    """The instructions `python -m proxy run` executed for args.requests requests, and the
-    callgrind file that holds them."""
+) -> tuple[dict[str, int], Path]:
+    """What `python -m proxy run` executed for args.requests requests, by callgrind's event
+    names ("Ir": instructions), and the callgrind file that holds it."""
     out = tmp / f"callgrind.{name}"
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"]
     argv += ["--compress-strings=no", "--compress-pos=no"]
+    if args.cache_sim:
+        argv += ["--cache-sim=yes", "--branch-sim=yes"]
     argv += [python, "-P", "-m", "proxy", "run", "-c", str(conf)]
     url = f"http://{HOST}:{port}/b100"
     with process(argv, port, PROXY_CORE, timeout=120.0) as proc:
@@ -68,10 +83,13 @@ def count(
         send_requests(url, args.requests, args.connections)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
     dump = out.with_name(out.name + ".1")  # the first dump callgrind_control asked for
-    totals = TOTALS.search(dump.read_text(errors="replace")) if dump.exists() else None
-    if totals is None:
+    text = dump.read_text(errors="replace") if dump.exists() else ""
+    events, totals = EVENTS.search(text), TOTALS.search(text)
+    if events is None or totals is None:
         raise SystemExit(f"instructions: callgrind wrote no counts for {name}")
-    return int(totals.group(1)), dump
+    names, values = events.group(1).split(), [int(v) for v in totals.group(1).split()]
+    values += [0] * (len(names) - len(values))  # callgrind may leave trailing zeros out
+    return dict(zip(names, values, strict=True)), dump
 
 
 def annotate(dump: Path, lines: int) -> str:
@@ -105,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         help="another build of Turnout (another checkout's virtualenv python), counted too",
     )
     ap.add_argument("--annotate", type=int, default=0, metavar="N", help="top N functions")
+    ap.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="simulate the caches and branch predictor too (slower): their misses per request",
+    )
     args = ap.parse_args(argv)
     if args.requests < 1 or args.warmup < 1 or args.connections < 1:
         ap.error("--requests, --warmup and --connections must be at least 1")
@@ -133,17 +156,26 @@ def main(argv: list[str] | None = None) -> int:
                     sample = [sys.executable, "-m", "proxy", "upstream", "--name", pool]
                     sample += ["--port", str(port)]
                     upstreams.enter_context(process(sample, port, LOAD_CORE))
-            counted: list[tuple[str, float, Path]] = []
+            counted: list[tuple[str, dict[str, float], Path]] = []
             for name, python in builds:
                 port = free_port()
                 conf = tmp / f"{name}.yaml"
                 conf.write_text(turnout_conf(port, blue, green))
-                total, dump = count(name, python, conf, port, args, tmp)
-                counted.append((name, total / args.requests, dump))
-                print(f"{name}: {total / args.requests:,.0f} instructions per request", flush=True)
+                totals, dump = count(name, python, conf, port, args, tmp)
+                figures = {"instructions": totals["Ir"] / args.requests}
+                if args.cache_sim:
+                    for figure, events in SIMULATED.items():
+                        figures[figure] = sum(totals[e] for e in events) / args.requests
+                counted.append((name, figures, dump))
+                print(
+                    f"{name}: {figures['instructions']:,.0f} instructions per request", flush=True
+                )
+                for figure, value in list(figures.items())[1:]:
+                    print(f"{name}: {value:,.0f} {figure} per request", flush=True)
         base = counted[0][1]
-        for name, per_request, _ in counted[1:]:
-            print(f"turnout / {name}: {base / per_request:.3f}")
+        for name, figures, _ in counted[1:]:
+            for figure, value in figures.items():
+                print(f"turnout / {name}: {base[figure] / value:.3f} ({figure})")
         for name, _, dump in counted if args.annotate else ():
             print(f"\n{name}, instructions executed in each function itself:")
             print(annotate(dump, args.annotate))

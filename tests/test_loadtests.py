@@ -228,7 +228,7 @@ def test_instructions_counts_a_build_and_compares_it_with_another() -> None:
     # otherwise), each build's count is a real callgrind total, and two counts of one build
     # agree closely: what makes the figure worth quoting on a noisy machine.
     argv = [sys.executable, "-m", "loadtests.instructions", "--requests", "400"]
-    argv += ["--warmup", "200", "--connections", "8", "--annotate", "5"]
+    argv += ["--warmup", "200", "--connections", "8", "--annotate", "5", "--cache-sim"]
     argv += ["--turnout-build", f"again={sys.executable}"]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -240,3 +240,10 @@ def test_instructions_counts_a_build_and_compares_it_with_another() -> None:
     assert abs(first - second) / first < 0.05
     assert "turnout / again:" in done.stdout
     assert "instructions executed in each function itself" in done.stdout
+    # The simulated caches and branch predictor saw the same requests miss somewhere.
+    pattern = r"^turnout: ([\d,]+) (L1 data misses|branch mispredictions) per request"
+    found = re.findall(pattern, done.stdout, re.M)
+    misses = {what: int(n.replace(",", "")) for n, what in found}
+    assert set(misses) == {"L1 data misses", "branch mispredictions"}, done.stdout
+    assert all(0 < n < first for n in misses.values())
+    assert re.search(r"^turnout / again: [\d.]+ \(branch mispredictions\)$", done.stdout, re.M)
