@@ -241,9 +241,9 @@ def test_instructions_counts_a_build_and_compares_it_with_another() -> None:
     assert "turnout / again:" in done.stdout
     assert "instructions executed in each function itself" in done.stdout
     # The simulated caches and branch predictor saw the same requests miss somewhere.
-    pattern = r"^turnout: ([\d,]+) (L1 data misses|branch mispredictions) per request"
+    pattern = r"^turnout: ([\d,.]+) (L1 data misses|branch mispredictions) per request"
     found = re.findall(pattern, done.stdout, re.M)
-    misses = {what: int(n.replace(",", "")) for n, what in found}
+    misses = {what: float(n.replace(",", "")) for n, what in found}
     assert set(misses) == {"L1 data misses", "branch mispredictions"}, done.stdout
     assert all(0 < n < first for n in misses.values())
     assert re.search(r"^turnout / again: [\d.]+ \(branch mispredictions\)$", done.stdout, re.M)
