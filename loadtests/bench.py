@@ -618,9 +618,9 @@ def run(args: argparse.Namespace, conns: list[int], sizes: list[int], tmp: Path)
                     for size in sizes:
                         for c in conns:
                             url = f"http://{HOST}:{port}{paths[size]}"
-                            popen = isinstance(proc, subprocess.Popen)
-                            idle = rss_mib(proc.pid) if popen else 0
-                            cpu = cpu_seconds(proc.pid) if popen else 0.0
+                            idle, cpu = 0.0, 0.0
+                            if isinstance(proc, subprocess.Popen):
+                                idle, cpu = rss_mib(proc.pid), cpu_seconds(proc.pid)
                             with (
                                 scraping(scrapes.get(name), args.scrape) as scraped,
                                 dashboard_open(dashboards.get(name)) as polled,

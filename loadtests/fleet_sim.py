@@ -43,8 +43,10 @@ async def _member(store: EtcdStore, index: int, stop: asyncio.Event, counts: lis
     key = f"/turnout/sim/outcomes/m{index}"
     next_renew = time.monotonic() + TTL / 3
     while not stop.is_set():
-        body = {"pools": {"green": {"requests": 12, "errors": 0, "latency": {"310": 12}}}}
-        body["sent"] = time.time()
+        body: dict[str, object] = {
+            "pools": {"green": {"requests": 12, "errors": 0, "latency": {"310": 12}}},
+            "sent": time.time(),
+        }
         try:
             await store.put(key, json.dumps(body).encode(), lease=lease)
             counts[index] += 1
