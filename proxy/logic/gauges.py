@@ -27,7 +27,7 @@ class MemberGauges:
     def __init__(self) -> None:
         # member -> (in flight, queued, breaker state)
         self._members: dict[str, tuple[int, int, BreakerState]] = {}
-        self.shed = dict.fromkeys(SHED_REASONS, 0)
+        self.shed: dict[str, int] = dict.fromkeys(SHED_REASONS, 0)
         self._idle = IdleWait()
 
     def report(
@@ -44,8 +44,7 @@ class MemberGauges:
         self._members[member] = (in_flight, queued, breaker)
         totals = self.shed
         for reason, count in shed.items():
-            if reason in totals:
-                totals[reason] += count
+            totals[reason] += count  # a reason the wire format allows (SHED_REASONS)
         self._wake_if_idle()
         return BreakerState.CLOSED if before is None else before[2]
 
